@@ -1,0 +1,15 @@
+"""The Prism core: partition and segment plans, per-rank forward, simulation and accounting."""
+
+from .plan import (
+                   PartitionPlan,
+                   PlanError,
+                   SegmentPlan,
+                   make_partition_plan,
+                   make_segment_plan,
+                   segments_for_cr,
+                   voltage_plan,
+)
+from .rank import RankForward, simulate, simulate_blocks
+
+__all__ = ["PartitionPlan", "PlanError", "SegmentPlan", "make_partition_plan", "make_segment_plan",
+           "segments_for_cr", "voltage_plan", "RankForward", "simulate", "simulate_blocks"]

@@ -1,0 +1,199 @@
+"""Partition plan (which tokens each rank owns) and segment plan (how each rank averages them).
+
+prism.md sections 2 and 3: contiguous partitions along the sequence, prefix tokens on rank 0;
+each partition's patch tokens cut into near-equal contiguous segments, prefix tokens as size-1
+segments; CR = ceil(N/P) / L.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class PlanError(ValueError):
+    """Arguments that cannot make a valid partition or segment plan."""
+
+
+@dataclass(frozen=True)
+class PartitionPlan:
+    """Contiguous token ranges per rank. sizes[p] = n_p; rank 0 starts with the prefix tokens."""
+
+    num_tokens: int
+    num_prefix_tokens: int
+    sizes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if sum(self.sizes) != self.num_tokens:
+            raise PlanError(f"partition sizes {self.sizes} sum to {sum(self.sizes)}, not {self.num_tokens} tokens")
+        if any(s < 1 for s in self.sizes):
+            raise PlanError(f"every rank needs at least one token, sizes are {self.sizes}")
+        if self.sizes[0] < self.num_prefix_tokens:
+            raise PlanError(f"rank 0 must hold all {self.num_prefix_tokens} prefix tokens, it has {self.sizes[0]}")
+
+    @property
+    def ranks(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in np.cumsum((0,) + self.sizes[:-1]))
+
+    def token_range(self, rank: int) -> tuple[int, int]:
+        """[start, stop) of the rank's tokens in the full sequence."""
+        start = self.starts[rank]
+        return start, start + self.sizes[rank]
+
+    def prefix_count(self, rank: int) -> int:
+        """Prefix tokens owned by the rank (all on rank 0)."""
+        start, stop = self.token_range(rank)
+        return max(0, min(stop, self.num_prefix_tokens) - start)
+
+    def patch_count(self, rank: int) -> int:
+        return self.sizes[rank] - self.prefix_count(rank)
+
+
+def _weighted_sizes(total: int, weights: Sequence[float]) -> list[int]:
+    """Largest-remainder apportionment of ``total`` by ``weights``, each share at least 1."""
+    shares = np.asarray(weights, dtype=float) / float(np.sum(weights)) * total
+    sizes = np.maximum(np.floor(shares).astype(int), 1)
+    remainders = shares - np.floor(shares)
+    while sizes.sum() < total:
+        i = int(np.argmax(remainders))
+        sizes[i] += 1
+        remainders[i] = -1.0
+    while sizes.sum() > total:  # only when the minimum of 1 pushed us over
+        candidates = np.where(sizes > 1)[0]
+        i = int(candidates[np.argmax(sizes[candidates] - shares[candidates])])
+        sizes[i] -= 1
+    return [int(s) for s in sizes]
+
+
+def make_partition_plan(num_tokens: int, num_prefix_tokens: int, ranks: int,
+                        weights: Sequence[float] | None = None) -> PartitionPlan:
+    """Near-equal partitions (sizes differ by at most one, larger first), or sizes proportional to
+    ``weights`` (one per rank, > 0) for boards of different speed."""
+    num_patches = num_tokens - num_prefix_tokens
+    if ranks < 1:
+        raise PlanError(f"ranks must be >= 1, got {ranks}")
+    if ranks > num_patches:
+        raise PlanError(f"{ranks} ranks but only {num_patches} patch tokens: every rank needs at least one patch")
+    if weights is None:
+        base, extra = divmod(num_tokens, ranks)
+        sizes = [base + 1] * extra + [base] * (ranks - extra)
+    else:
+        if len(weights) != ranks:
+            raise PlanError(f"got {len(weights)} weights for {ranks} ranks; give one weight per rank")
+        bad = [w for w in weights if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0)]
+        if bad:
+            raise PlanError(f"rank weights must be finite and > 0, got {list(weights)}")
+        sizes = _weighted_sizes(num_tokens, weights)
+    if sizes[0] <= num_prefix_tokens:  # rank 0 must also own at least one patch
+        need = num_prefix_tokens + 1 - sizes[0]
+        donor = int(np.argmax(sizes[1:])) + 1
+        if sizes[donor] - need < 1:
+            raise PlanError(f"cannot give rank 0 its {num_prefix_tokens} prefix tokens and a patch with sizes {sizes}")
+        sizes[0] += need
+        sizes[donor] -= need
+    return PartitionPlan(num_tokens, num_prefix_tokens, tuple(sizes))
+
+
+def array_split_sizes(n: int, parts: int) -> tuple[int, ...]:
+    """Sizes of numpy.array_split(range(n), parts): near-equal, larger first."""
+    base, extra = divmod(n, parts)
+    return tuple([base + 1] * extra + [base] * (parts - extra))
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """Per rank, the sizes of the segments whose means that rank sends after every block.
+
+    segments: requested patch segments per partition (L); a rank with fewer patch tokens uses one
+    segment per token. segment_sizes[p] lists rank p's segments in token order, prefix ones first.
+    """
+
+    partition: PartitionPlan
+    segments: int
+    segment_sizes: tuple[tuple[int, ...], ...] = field(repr=False)
+
+    @property
+    def ranks(self) -> int:
+        return self.partition.ranks
+
+    @property
+    def cr(self) -> float:
+        """Compression rate as in seed 000: ceil(N/P) / L."""
+        return math.ceil(self.partition.num_tokens / self.partition.ranks) / self.segments
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """L_p: entries rank p sends per block (its prefix tokens included)."""
+        return tuple(len(s) for s in self.segment_sizes)
+
+    @property
+    def max_count(self) -> int:
+        """The padded size of one all-gather slot."""
+        return max(self.counts)
+
+    @property
+    def is_lossless(self) -> bool:
+        """Every segment is one token: exchanging means equals exchanging features (Voltage)."""
+        return all(size == 1 for sizes in self.segment_sizes for size in sizes)
+
+    def remote_ranks(self, rank: int) -> list[int]:
+        return [q for q in range(self.ranks) if q != rank]
+
+    def remote_count(self, rank: int) -> int:
+        return sum(self.counts[q] for q in self.remote_ranks(rank))
+
+    def remote_log_sizes(self, rank: int) -> np.ndarray:
+        """ln(s) for every remote segment rank ``rank`` attends to, in rank order (float32)."""
+        sizes = [s for q in self.remote_ranks(rank) for s in self.segment_sizes[q]]
+        return np.log(np.asarray(sizes, dtype=np.float64)).astype(np.float32)
+
+    def averaging_matrix(self, rank: int) -> np.ndarray:
+        """(L_p, n_p) float32 matrix A with A @ x = the rank's segment means."""
+        sizes = self.segment_sizes[rank]
+        matrix = np.zeros((len(sizes), sum(sizes)), dtype=np.float32)
+        start = 0
+        for row, size in enumerate(sizes):
+            matrix[row, start:start + size] = 1.0 / size
+            start += size
+        return matrix
+
+    def describe(self) -> str:
+        return (f"P={self.ranks} tokens/rank={list(self.partition.sizes)} L={self.segments} CR={self.cr:.3g} "
+                f"sent/rank={list(self.counts)}")
+
+
+def segments_for_cr(partition: PartitionPlan, cr: float) -> int:
+    """L = round(ceil(N/P) / CR); CR must lie in [1, ceil(N/P)]."""
+    per_rank = math.ceil(partition.num_tokens / partition.ranks)
+    if not (isinstance(cr, (int, float)) and math.isfinite(cr)) or cr < 1 or cr > per_rank:
+        raise PlanError(f"CR must be between 1 (no compression) and ceil(N/P) = {per_rank} (one segment), got {cr}")
+    return max(1, round(per_rank / cr))
+
+
+def make_segment_plan(partition: PartitionPlan, segments: int | None = None, cr: float | None = None) -> SegmentPlan:
+    """Segments per partition from ``segments`` (L) or ``cr``; exactly one must be given."""
+    if (segments is None) == (cr is None):
+        raise PlanError("give exactly one of segments (L) or cr")
+    per_rank = math.ceil(partition.num_tokens / partition.ranks)
+    if cr is not None:
+        segments = segments_for_cr(partition, cr)
+    if not isinstance(segments, (int, np.integer)) or segments < 1 or segments > per_rank:
+        raise PlanError(f"segments per partition must be an integer in [1, ceil(N/P) = {per_rank}], got {segments}")
+    segment_sizes = []
+    for rank in range(partition.ranks):
+        patches = partition.patch_count(rank)
+        prefix = (1,) * partition.prefix_count(rank)
+        segment_sizes.append(prefix + array_split_sizes(patches, min(int(segments), patches)))
+    return SegmentPlan(partition, int(segments), tuple(segment_sizes))
+
+
+def voltage_plan(partition: PartitionPlan) -> SegmentPlan:
+    """CR = 1: every token is its own segment."""
+    return make_segment_plan(partition, segments=math.ceil(partition.num_tokens / partition.ranks))

@@ -1,0 +1,98 @@
+"""One rank's view of a Prism forward, and the single-process simulation of all ranks.
+
+:class:`RankForward` is the per-rank computation the export stages and the distributed runtime
+are built from (embed -> block_i ... -> head); :func:`simulate` runs every rank's partition in
+one process with the all-gather replaced by a list, and is the reference for everything later.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model.vit import MEANS_SOURCES, MeansSource, PrismViT
+from .plan import PlanError, SegmentPlan
+
+
+class RankForward(nn.Module):
+    """Rank ``rank``'s stages of a Prism forward over ``plan``.
+
+    ``embed`` and ``block`` also return the segment means this rank sends before the next block
+    (the *segment-means head*), so that one stage = compute + what to exchange.
+    """
+
+    def __init__(self, model: PrismViT, plan: SegmentPlan, rank: int, means_source: MeansSource = "ln1"):
+        super().__init__()
+        if means_source not in MEANS_SOURCES:
+            raise PlanError(f"means_source must be one of {MEANS_SOURCES}, got {means_source!r}")
+        if plan.partition.num_tokens != model.spec.num_tokens:
+            raise PlanError(f"plan is for {plan.partition.num_tokens} tokens, model {model.spec.name} has "
+                            f"{model.spec.num_tokens}")
+        if not 0 <= rank < plan.ranks:
+            raise PlanError(f"rank {rank} out of range for {plan.ranks} ranks")
+        if plan.ranks > 1 and model.head.tokens_needed > plan.partition.sizes[0]:
+            raise PlanError(f"pooling {model.spec.pool!r} reads {model.head.tokens_needed} tokens but rank 0 holds "
+                            f"{plan.partition.sizes[0]}: partitioned runs need token pooling")
+        self.model, self.plan, self.rank, self.means_source = model, plan, rank, means_source
+        self.token_range = plan.partition.token_range(rank)
+        self.register_buffer("averaging", torch.from_numpy(plan.averaging_matrix(rank)), persistent=False)
+        self.register_buffer("remote_log_sizes", torch.from_numpy(plan.remote_log_sizes(rank)), persistent=False)
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)
+
+    def segment_means(self, x: torch.Tensor, next_block: int) -> torch.Tensor | None:
+        """(B, L_p, D) means of what ``next_block`` averages, or None after the last block."""
+        if next_block >= self.depth or self.plan.ranks == 1:
+            return None
+        source = self.model.blocks[next_block].means_source_tokens(x, self.means_source)
+        return self.averaging @ source
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """images (B, C, H, W) -> own tokens (B, n_p, D) and the means for block 0."""
+        x = self.model.embed(images, *self.token_range)
+        return x, self.segment_means(x, 0)
+
+    def remote_means(self, gathered: list[torch.Tensor]) -> torch.Tensor:
+        """Concatenate the other ranks' means, in rank order, from one entry per rank."""
+        return torch.cat([gathered[q] for q in self.plan.remote_ranks(self.rank)], dim=1)
+
+    def block(self, index: int, x: torch.Tensor, remote_means: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Block ``index`` over own tokens attending to ``remote_means`` (B, sum L_q, D)."""
+        log_sizes = None if remote_means is None else self.remote_log_sizes
+        x = self.model.blocks[index](x, remote_means, log_sizes, self.means_source)
+        return x, self.segment_means(x, index + 1)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rank != 0:
+            raise PlanError("only rank 0 holds the prefix tokens and runs the head")
+        return self.model.head(x)
+
+
+@torch.no_grad()
+def simulate(model: PrismViT, images: torch.Tensor, plan: SegmentPlan, means_source: MeansSource = "ln1"
+             ) -> torch.Tensor:
+    """Logits of a Prism forward over ``plan``, every rank run in this process."""
+    ranks = [RankForward(model, plan, r, means_source) for r in range(plan.ranks)]
+    states = [rank.embed(images) for rank in ranks]
+    for index in range(model.spec.depth):
+        gathered = [means for _, means in states]
+        states = [rank.block(index, x, rank.remote_means(gathered) if plan.ranks > 1 else None)
+                  for rank, (x, _) in zip(ranks, states)]
+    return ranks[0].head(states[0][0])
+
+
+@torch.no_grad()
+def simulate_blocks(model: PrismViT, tokens: torch.Tensor, plan: SegmentPlan, means_source: MeansSource = "ln1"
+                    ) -> torch.Tensor:
+    """All blocks over given token features (B, N, D); returns the re-assembled (B, N, D)."""
+    ranks = [RankForward(model, plan, r, means_source) for r in range(plan.ranks)]
+    xs = [tokens[:, slice(*rank.token_range)] for rank in ranks]
+    means = [rank.segment_means(x, 0) for rank, x in zip(ranks, xs)]
+    for index in range(model.spec.depth):
+        states = [rank.block(index, x, rank.remote_means(means) if plan.ranks > 1 else None)
+                  for rank, x in zip(ranks, xs)]
+        xs, means = [x for x, _ in states], [m for _, m in states]
+    return torch.cat(xs, dim=1)

@@ -1,0 +1,59 @@
+"""Shared fixtures: small deterministic models, the shared MNIST data (skipped when absent)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prism_trt.data import data_dir
+from prism_trt.model import PrismViT, ViTSpec, from_timm
+from prism_trt.model.adapters import create_timm
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir():
+    root = data_dir() / "mnist"
+    if not (root / "vit_mnist.pt").is_file() or not (root / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"shared MNIST data not found at {root} (set PRISM_TRT_DATA to the folder holding mnist/)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist_model(mnist_dir):
+    from prism_trt.model import from_mnist_checkpoint
+
+    return from_mnist_checkpoint(mnist_dir / "vit_mnist.pt")
+
+
+@pytest.fixture(scope="session")
+def timm_pair():
+    """Cached (timm module, PrismViT) pairs by name, random init with a fixed seed."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            reference = create_timm(name, seed=0)
+            cache[name] = (reference, from_timm(reference, name))
+        return cache[name]
+
+    return get
+
+
+def small_spec(img: int = 32, patch: int = 8, dim: int = 32, depth: int = 2, heads: int = 2, head_dim: int = 16,
+               prefix: int = 1, act: str = "gelu") -> ViTSpec:
+    return ViTSpec(name="tiny-test", img_size=(img, img), patch_size=(patch, patch), in_chans=3,
+                   num_prefix_tokens=prefix, embed_dim=dim, depth=depth, num_heads=heads, head_dim=head_dim,
+                   mlp_hidden_dim=2 * dim, mlp_act=act, norm_eps=1e-6, qkv_bias=True, pre_norm=False,
+                   final_norm=True, pool="token", fc_norm=False, num_classes=5, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def random_model(spec: ViTSpec, seed: int = 0) -> PrismViT:
+    """A PrismViT whose every parameter (norms and embeddings too) is random."""
+    torch.manual_seed(seed)
+    model = PrismViT(spec).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.2 * torch.randn_like(param))
+    return model
