@@ -9,7 +9,7 @@ from .plan import (
                    segments_for_cr,
                    voltage_plan,
 )
-from .rank import RankForward, simulate, simulate_blocks
+from .rank import RankForward, concat_remote, run_ranks, simulate, simulate_blocks
 
 __all__ = ["PartitionPlan", "PlanError", "SegmentPlan", "make_partition_plan", "make_segment_plan",
-           "segments_for_cr", "voltage_plan", "RankForward", "simulate", "simulate_blocks"]
+           "segments_for_cr", "voltage_plan", "RankForward", "concat_remote", "run_ranks", "simulate", "simulate_blocks"]

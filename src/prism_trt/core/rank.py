@@ -14,6 +14,11 @@ from ..model.vit import MEANS_SOURCES, MeansSource, PrismViT
 from .plan import PlanError, SegmentPlan
 
 
+def concat_remote(gathered: list[torch.Tensor], rank: int) -> torch.Tensor:
+    """The other ranks' means, in rank order, from one all-gathered entry per rank."""
+    return torch.cat([means for q, means in enumerate(gathered) if q != rank], dim=1)
+
+
 class RankForward(nn.Module):
     """Rank ``rank``'s stages of a Prism forward over ``plan``.
 
@@ -55,8 +60,7 @@ class RankForward(nn.Module):
         return x, self.segment_means(x, 0)
 
     def remote_means(self, gathered: list[torch.Tensor]) -> torch.Tensor:
-        """Concatenate the other ranks' means, in rank order, from one entry per rank."""
-        return torch.cat([gathered[q] for q in self.plan.remote_ranks(self.rank)], dim=1)
+        return concat_remote(gathered, self.rank)
 
     def block(self, index: int, x: torch.Tensor, remote_means: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -71,17 +75,26 @@ class RankForward(nn.Module):
         return self.model.head(x)
 
 
+def run_ranks(ranks: list, images: torch.Tensor) -> torch.Tensor:
+    """Drive every rank's embed -> blocks -> head in this process, the all-gather being a list.
+
+    ``ranks`` are objects with ``embed``, ``block``, ``remote_means`` and ``head`` (a
+    :class:`RankForward`, or an engine chain with the same methods), in rank order.
+    """
+    distributed = len(ranks) > 1
+    states = [rank.embed(images) for rank in ranks]
+    for index in range(ranks[0].depth):
+        gathered = [means for _, means in states]
+        states = [rank.block(index, x, rank.remote_means(gathered) if distributed else None)
+                  for rank, (x, _) in zip(ranks, states)]
+    return ranks[0].head(states[0][0])
+
+
 @torch.no_grad()
 def simulate(model: PrismViT, images: torch.Tensor, plan: SegmentPlan, means_source: MeansSource = "ln1"
              ) -> torch.Tensor:
     """Logits of a Prism forward over ``plan``, every rank run in this process."""
-    ranks = [RankForward(model, plan, r, means_source) for r in range(plan.ranks)]
-    states = [rank.embed(images) for rank in ranks]
-    for index in range(model.spec.depth):
-        gathered = [means for _, means in states]
-        states = [rank.block(index, x, rank.remote_means(gathered) if plan.ranks > 1 else None)
-                  for rank, (x, _) in zip(ranks, states)]
-    return ranks[0].head(states[0][0])
+    return run_ranks([RankForward(model, plan, r, means_source) for r in range(plan.ranks)], images)
 
 
 @torch.no_grad()

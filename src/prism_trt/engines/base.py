@@ -1,0 +1,194 @@
+"""One interface for every engine backend, after Polygraphy's loader / runner split.
+
+A *backend* builds an engine file from a stage's ONNX file (``build``) and loads it into a
+*runner* (``load``). A runner has a small life cycle — ``activate`` -> ``input_metadata`` ->
+``infer(feed)`` -> ``deactivate`` — takes and returns ``name -> torch.Tensor`` mappings (host or
+device tensors; no positional guessing) and times its own ``infer``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+BATCH_AXIS = "batch"
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend's library or device is missing here; the message says what to install."""
+
+
+class EngineInputError(ValueError):
+    """A feed whose names, shapes or dtypes do not match the engine's inputs."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """An engine input or output. ``shape`` uses the string "batch" for the dynamic batch axis."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str  # numpy dtype name, e.g. "float32"
+
+    def concrete(self, batch: int) -> tuple[int, ...]:
+        return tuple(batch if d == BATCH_AXIS else int(d) for d in self.shape)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> TensorSpec:
+        return cls(data["name"], tuple(data["shape"]), data["dtype"])
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How engines are built. Batch profile min/opt/max applies to the dynamic batch axis.
+
+    fp16: reduced precision (TensorRT 10: builder flag; TensorRT 11+: strongly typed network
+        built from an fp16-cast ONNX; onnxruntime TensorRT EP: trt_fp16_enable).
+    workspace_mib: TensorRT memory pool limit for the workspace.
+    optimization_level: TensorRT builder optimization level (0..5, default 3).
+    timing_cache: file for TensorRT's timing cache, shared by every stage of a build.
+    device_id: CUDA device ordinal.
+    """
+
+    fp16: bool = False
+    min_batch: int = 1
+    opt_batch: int = 8
+    max_batch: int = 32
+    workspace_mib: int = 1024
+    optimization_level: int = 3
+    timing_cache: str | None = None
+    device_id: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError(f"batch profile must satisfy 1 <= min <= opt <= max, got "
+                             f"{self.min_batch}/{self.opt_batch}/{self.max_batch}")
+        if not 0 <= self.optimization_level <= 5:
+            raise ValueError(f"optimization level must be 0..5, got {self.optimization_level}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _synchronize(tensors: Mapping[str, torch.Tensor]) -> None:
+    if any(t.is_cuda for t in tensors.values()):
+        torch.cuda.synchronize()
+
+
+class Runner(ABC):
+    """Runs one loaded engine. Use as a context manager or call activate/deactivate."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.is_active = False
+        self.last_infer_time_s: float | None = None
+
+    # -- life cycle -----------------------------------------------------------------------------
+    def activate(self) -> Runner:
+        if not self.is_active:
+            self.activate_impl()
+            self.is_active = True
+        return self
+
+    def deactivate(self) -> None:
+        if self.is_active:
+            self.deactivate_impl()
+            self.is_active = False
+
+    def __enter__(self) -> Runner:
+        return self.activate()
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    # -- metadata and inference -----------------------------------------------------------------
+    @abstractmethod
+    def input_metadata(self) -> dict[str, TensorSpec]: ...
+
+    @abstractmethod
+    def output_metadata(self) -> dict[str, TensorSpec]: ...
+
+    def check_feed(self, feed: Mapping[str, torch.Tensor]) -> int:
+        """Validate names, ranks, static dims, dtypes and a common batch; return the batch size."""
+        expected = self.input_metadata()
+        missing, unknown = sorted(set(expected) - set(feed)), sorted(set(feed) - set(expected))
+        if missing or unknown:
+            raise EngineInputError(f"{self.name}: inputs {sorted(expected)} expected; missing {missing}, unknown {unknown}")
+        batch = None
+        for name, spec in expected.items():
+            tensor = feed[name]
+            if not isinstance(tensor, torch.Tensor):
+                raise EngineInputError(f"{self.name}: input {name!r} must be a torch.Tensor, got {type(tensor).__name__}")
+            if str(tensor.dtype).removeprefix("torch.") != spec.dtype:
+                raise EngineInputError(f"{self.name}: input {name!r} must be {spec.dtype}, got {tensor.dtype}")
+            if tensor.dim() != len(spec.shape):
+                raise EngineInputError(f"{self.name}: input {name!r} must have shape {spec.shape}, got {tuple(tensor.shape)}")
+            for axis, (want, got) in enumerate(zip(spec.shape, tensor.shape)):
+                if want == BATCH_AXIS:
+                    if batch is not None and got != batch:
+                        raise EngineInputError(f"{self.name}: inputs disagree on the batch size ({batch} vs {got})")
+                    batch = got
+                elif want != got:
+                    raise EngineInputError(f"{self.name}: input {name!r} must have shape {spec.shape}, "
+                                           f"got {tuple(tensor.shape)} (axis {axis})")
+        return batch if batch is not None else 1
+
+    def infer(self, feed: Mapping[str, torch.Tensor], check: bool = True) -> dict[str, torch.Tensor]:
+        """Run the engine; ``last_infer_time_s`` holds the wall time including device sync."""
+        if not self.is_active:
+            raise RuntimeError(f"{self.name}: activate() the runner before infer()")
+        if check:
+            self.check_feed(feed)
+        start = time.perf_counter()
+        outputs = self.infer_impl(feed)
+        _synchronize(outputs)
+        self.last_infer_time_s = time.perf_counter() - start
+        return outputs
+
+    @abstractmethod
+    def activate_impl(self) -> None: ...
+
+    @abstractmethod
+    def deactivate_impl(self) -> None: ...
+
+    @abstractmethod
+    def infer_impl(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+
+class Backend(ABC):
+    """Builds engine files from stage ONNX files and loads them into runners."""
+
+    name: ClassVar[str]
+    engine_suffix: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def check_available(cls) -> None:
+        """Raise BackendUnavailable (naming what to install) when this backend cannot run here."""
+
+    @abstractmethod
+    def version(self) -> str:
+        """Library version that built / runs the engines (part of the engine cache key)."""
+
+    @abstractmethod
+    def device(self) -> str:
+        """Where engines run, e.g. "cpu" or "cuda:0 NVIDIA Orin (sm_87)" (part of the cache key)."""
+
+    @abstractmethod
+    def build(self, onnx_path: Path, engine_path: Path, inputs: list[TensorSpec], options: BuildOptions) -> None:
+        """Compile ``onnx_path`` into ``engine_path`` for the given inputs and options."""
+
+    @abstractmethod
+    def load(self, engine_path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec],
+             options: BuildOptions) -> Runner:
+        """A runner (not yet active) for an engine file built by this backend."""

@@ -1,0 +1,108 @@
+"""onnxruntime backend, building side: offline graph optimisation and session options per EP."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..base import Backend, BackendUnavailable, BuildOptions, Runner, TensorSpec
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def _profile_shapes(inputs: list[TensorSpec], batch: int) -> str:
+    return ",".join(f"{t.name}:{'x'.join(str(d) for d in t.concrete(batch))}" for t in inputs)
+
+
+class OnnxRuntimeBackend(Backend):
+    """ONNX Runtime on the CPU EP (x86 and fallback), or the CUDA / TensorRT EPs where installed.
+
+    provider: "cpu", "cuda" or "tensorrt". threads: intra-op threads (None: onnxruntime default).
+    cache_dir: where the TensorRT EP keeps its engine and timing caches.
+    """
+
+    name = "onnxruntime"
+    engine_suffix = ".ort.onnx"
+
+    def __init__(self, provider: str = "cpu", threads: int | None = None, cache_dir: Path | None = None):
+        if provider not in PROVIDERS:
+            raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
+        self.provider, self.threads, self.cache_dir = provider, threads, cache_dir
+
+    @classmethod
+    def check_available(cls, provider: str = "cpu") -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as error:
+            raise BackendUnavailable(f"the onnxruntime backend needs `pip install onnxruntime`: {error}") from error
+        if PROVIDERS[provider] not in ort.get_available_providers():
+            raise BackendUnavailable(
+                f"onnxruntime {ort.__version__} here has no {PROVIDERS[provider]} (available: "
+                f"{', '.join(ort.get_available_providers())}); install `pip install .[gpu]` (onnxruntime-gpu) on a "
+                f"machine with an NVIDIA GPU, or use --provider cpu")
+
+    def version(self) -> str:
+        import onnxruntime as ort
+
+        return ort.__version__
+
+    def device(self) -> str:
+        if self.provider == "cpu":
+            return "cpu"
+        import torch
+
+        name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cuda"
+        return f"{self.provider}:{name}"
+
+    def session_options(self):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+        return options
+
+    def providers(self, inputs: list[TensorSpec], options: BuildOptions) -> list:
+        """Execution providers with their options; always ending with the CPU EP as fallback."""
+        providers: list = []
+        if self.provider == "tensorrt":
+            cache = str(self.cache_dir or Path(options.timing_cache or ".").parent / "ort_trt_cache")
+            os.makedirs(cache, exist_ok=True)
+            providers.append((PROVIDERS["tensorrt"], {
+                "device_id": options.device_id,
+                "trt_fp16_enable": options.fp16,
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": cache,
+                "trt_timing_cache_enable": True,
+                "trt_timing_cache_path": cache,
+                "trt_max_workspace_size": options.workspace_mib << 20,
+                "trt_builder_optimization_level": options.optimization_level,
+                "trt_profile_min_shapes": _profile_shapes(inputs, options.min_batch),
+                "trt_profile_opt_shapes": _profile_shapes(inputs, options.opt_batch),
+                "trt_profile_max_shapes": _profile_shapes(inputs, options.max_batch),
+            }))
+        if self.provider in ("tensorrt", "cuda"):
+            providers.append((PROVIDERS["cuda"], {"device_id": options.device_id}))
+        providers.append(PROVIDERS["cpu"])
+        return providers
+
+    def build(self, onnx_path: Path, engine_path: Path, inputs: list[TensorSpec], options: BuildOptions) -> None:
+        """Save the graph after onnxruntime's basic (EP independent) optimisations; the session
+        applies the EP specific ones when it loads."""
+        import onnxruntime as ort
+
+        self.check_available(self.provider)
+        session_options = self.session_options()
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        session_options.optimized_model_filepath = str(engine_path)
+        ort.InferenceSession(str(onnx_path), session_options, providers=["CPUExecutionProvider"])
+        if not Path(engine_path).is_file():
+            raise RuntimeError(f"onnxruntime did not write the optimised model {engine_path}")
+
+    def load(self, engine_path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec],
+             options: BuildOptions) -> Runner:
+        from .runner import OnnxRuntimeRunner
+
+        return OnnxRuntimeRunner(Path(engine_path), self, inputs, outputs, options)

@@ -1,0 +1,3 @@
+from .runner import TorchRunner
+
+__all__ = ["TorchRunner"]

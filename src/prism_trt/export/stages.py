@@ -1,0 +1,116 @@
+"""Stage modules: the seams of the model a rank compiles into engines (prism.md section 5).
+
+``embed`` (images -> own tokens [+ means for block 0]), ``block_NN`` (own tokens [+ the other
+ranks' means] -> next tokens [+ means for the next block], i.e. the block with its segment-means
+head) and ``head`` (rank 0 only: logits). They are the seams of timm's ``forward_features`` /
+``forward_head``, so a stage file maps to model code at a glance.
+
+Every rank embeds its own patches from the full image: the image is needed anyway to start a
+request, the patch projection is split P ways like the rest of the compute, and no token features
+cross the network before block 0. ``ln(s)`` of the remote segments is fixed by the plan, so it is
+baked into each block stage as a constant instead of being one more input to bind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core.plan import SegmentPlan
+from ..core.rank import RankForward
+from ..engines.base import BATCH_AXIS, TensorSpec
+from ..model.vit import MeansSource, PrismViT
+
+TOKENS, NEXT_TOKENS, REMOTE_MEANS, MEANS, IMAGES, LOGITS = (
+    "tokens", "next_tokens", "remote_means", "means", "images", "logits")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Name, kind and I/O of one stage; ``block`` is the block index for block stages."""
+
+    name: str
+    kind: str  # "embed" | "block" | "head" | "model"
+    block: int | None
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "block": self.block,
+                "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> StageSpec:
+        return cls(data["name"], data["kind"], data["block"], tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
+                   tuple(TensorSpec.from_dict(t) for t in data["outputs"]))
+
+
+def _tensor(name: str, *dims: int) -> TensorSpec:
+    return TensorSpec(name, (BATCH_AXIS, *dims), "float32")
+
+
+class EmbedStage(nn.Module):
+    def __init__(self, rank: RankForward):
+        super().__init__()
+        self.rank = rank
+
+    def forward(self, images: torch.Tensor):
+        tokens, means = self.rank.embed(images)
+        return tokens if means is None else (tokens, means)
+
+
+class BlockStage(nn.Module):
+    def __init__(self, rank: RankForward, index: int):
+        super().__init__()
+        self.rank, self.index = rank, index
+
+    def forward(self, tokens: torch.Tensor, remote_means: torch.Tensor | None = None):
+        tokens, means = self.rank.block(self.index, tokens, remote_means)
+        return tokens if means is None else (tokens, means)
+
+
+class HeadStage(nn.Module):
+    def __init__(self, rank: RankForward):
+        super().__init__()
+        self.rank = rank
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.rank.head(tokens)
+
+
+def rank_stages(model: PrismViT, plan: SegmentPlan, rank: int, means_source: MeansSource = "ln1"
+                ) -> list[tuple[StageSpec, nn.Module]]:
+    """The stages rank ``rank`` runs over ``plan``, in execution order, with their I/O."""
+    spec = model.spec
+    forward = RankForward(model, plan, rank, means_source).eval()
+    D, n_p = spec.embed_dim, plan.partition.sizes[rank]
+    exchanging = plan.ranks > 1
+    sent, received = plan.counts[rank], plan.remote_count(rank)
+    means_out = (_tensor(MEANS, sent, D),)
+
+    stages = [(StageSpec("embed", "embed", None, (_tensor(IMAGES, spec.in_chans, *spec.img_size),),
+                         (_tensor(NEXT_TOKENS, n_p, D),) + (means_out if exchanging else ())), EmbedStage(forward))]
+    for index in range(spec.depth):
+        inputs = (_tensor(TOKENS, n_p, D),) + ((_tensor(REMOTE_MEANS, received, D),) if exchanging else ())
+        sends_means = exchanging and index + 1 < spec.depth
+        outputs = (_tensor(NEXT_TOKENS, n_p, D),) + (means_out if sends_means else ())
+        stages.append((StageSpec(f"block_{index:02d}", "block", index, inputs, outputs), BlockStage(forward, index)))
+    if rank == 0:
+        stages.append((StageSpec("head", "head", None, (_tensor(TOKENS, n_p, D),),
+                                 (_tensor(LOGITS, spec.num_classes),)), HeadStage(forward)))
+    return stages
+
+
+def monolithic_stage(model: PrismViT) -> tuple[StageSpec, nn.Module]:
+    """The whole unpartitioned model as one stage, for P=1 comparisons."""
+    spec = model.spec
+    return (StageSpec("model", "model", None, (_tensor(IMAGES, spec.in_chans, *spec.img_size),),
+                      (_tensor(LOGITS, spec.num_classes),)), model.eval())
+
+
+def example_feed(stage: StageSpec, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random inputs of the stage's shapes (deterministic), for tracing and verification."""
+    generator = torch.Generator().manual_seed(seed)
+    return {t.name: torch.randn(t.concrete(batch), generator=generator) for t in stage.inputs}
