@@ -170,11 +170,16 @@ class SegmentPlan:
 
 
 def segments_for_cr(partition: PartitionPlan, cr: float) -> int:
-    """L = round(ceil(N/P) / CR); CR must lie in [1, ceil(N/P)]."""
+    """L = ceil(N/P) / CR rounded half up; CR must lie in [1, ceil(N/P)]."""
     per_rank = math.ceil(partition.num_tokens / partition.ranks)
     if not (isinstance(cr, (int, float)) and math.isfinite(cr)) or cr < 1 or cr > per_rank:
         raise PlanError(f"CR must be between 1 (no compression) and ceil(N/P) = {per_rank} (one segment), got {cr}")
-    return max(1, round(per_rank / cr))
+    return segments_for(partition.num_tokens, partition.ranks, cr)
+
+
+def segments_for(num_tokens: int, ranks: int, cr: float) -> int:
+    """The segment count a compression rate stands for: round(ceil(N/P) / CR), at least 1."""
+    return max(1, math.floor(math.ceil(num_tokens / ranks) / cr + 0.5))
 
 
 def make_segment_plan(partition: PartitionPlan, segments: int | None = None, cr: float | None = None) -> SegmentPlan:

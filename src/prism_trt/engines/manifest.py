@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..core.plan import segments_for
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
@@ -91,14 +93,15 @@ def load_manifest(directory: Path, backend: str | None = None, device: str | Non
 
 
 def find_config(manifest: dict, mode: str, cr: float | None = None) -> dict:
-    """The config for a mode ("local" | "voltage" | "prism") and, for prism, the closest built CR."""
+    """The config for a mode ("local" | "voltage" | "prism"); for prism, the one whose segment
+    count a requested CR maps to (L = round(ceil(N/P) / CR), as when the plan was made)."""
     candidates = [c for c in manifest["configs"] if c["mode"] == mode]
     if not candidates:
         built = sorted({c["mode"] for c in manifest["configs"]})
         raise ManifestError(f"no {mode!r} engines in this directory (built modes: {', '.join(built)})")
     if mode != "prism" or cr is None:
         return candidates[0]
-    best = min(candidates, key=lambda c: abs(c["cr"] - cr))
-    if abs(best["cr"] - cr) > 1e-6 * max(1.0, cr):
-        raise ManifestError(f"no prism engines for CR {cr}; built CRs: {sorted(c['cr'] for c in candidates)}")
-    return best
+    for config in candidates:
+        if cr > 0 and segments_for(sum(config["partition"]), config["ranks"], cr) == config["segments"]:
+            return config
+    raise ManifestError(f"no prism engines for CR {cr}; built CRs: {sorted(round(c['cr'], 3) for c in candidates)}")

@@ -1,0 +1,158 @@
+"""ONNX stages: export, onnx.checker, onnxruntime chains equal to the reference forward."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from prism_trt.core import make_partition_plan, make_segment_plan, simulate, voltage_plan
+from prism_trt.engines import BuildOptions, EngineInputError, get_backend
+from prism_trt.export.build import Builder, config_plans
+from prism_trt.export.onnx_export import check_onnx, export_stage, verify_onnx
+from prism_trt.export.stages import monolithic_stage, rank_stages
+from prism_trt.runtime import load_chain, run_chains_in_process
+
+TOLERANCE = 1e-4
+CRS = [9.9, 3.3]
+
+
+def build(model, source, out: Path, ranks: int, crs=CRS, exporter="torchscript", segments=()):
+    spec = model.spec
+    configs = config_plans(spec.num_tokens, spec.num_prefix_tokens, ranks, list(crs), list(segments))
+    builder = Builder(model, source, get_backend("onnxruntime", threads=2), BuildOptions(), exporter=exporter)
+    return builder.build(out, ranks, configs, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_builds(timm_pair, tmp_path_factory):
+    """vit_tiny_patch16_224 built for P = 1, 2, 3 (local, voltage, CR 9.9 and 3.3)."""
+    _, model = timm_pair("vit_tiny_patch16_224")
+    root = tmp_path_factory.mktemp("tiny")
+    for ranks in (1, 2, 3):
+        build(model, {"timm": "vit_tiny_patch16_224"}, root / f"p{ranks}", ranks)
+    return root
+
+
+def _chains(directory: Path, ranks: int, mode: str, cr=None):
+    return [load_chain(directory / f"rank{r}", mode, cr, threads=2).__enter__() for r in range(ranks)]
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_every_stage_verified(tiny_builds, ranks):
+    import json
+
+    for rank in range(ranks):
+        manifest = json.loads((tiny_builds / f"p{ranks}" / f"rank{rank}" / "manifest.json").read_text())
+        modes = {c["mode"] for c in manifest["configs"]}
+        assert modes == ({"local"} if ranks == 1 else ({"local", "voltage", "prism"} if rank == 0 else
+                                                       {"voltage", "prism"}))
+        for config in manifest["configs"]:
+            assert [s["name"] for s in config["stages"]][:2] == ["embed", "block_00"]
+            assert all(s["max_abs_diff"] <= TOLERANCE for s in config["stages"])
+
+
+@pytest.mark.parametrize("ranks, mode, cr", [(1, "local", None), (2, "voltage", None), (3, "voltage", None),
+                                             (2, "prism", 9.9), (2, "prism", 3.3), (3, "prism", 9.9),
+                                             (3, "prism", 3.3)])
+def test_chained_engines_equal_reference(timm_pair, tiny_builds, ranks, mode, cr):
+    reference, model = timm_pair("vit_tiny_patch16_224")
+    torch.manual_seed(3)
+    images = torch.randn(3, 3, 224, 224)
+    chains = _chains(tiny_builds / f"p{ranks}", ranks if mode != "local" else 1, mode, cr)
+    got = run_chains_in_process(chains, images)
+    with torch.no_grad():
+        if mode == "prism":
+            segments = chains[0].config["segments"]
+            expected = simulate(model, images, make_segment_plan(make_partition_plan(197, 1, ranks), segments=segments))
+        else:
+            expected = reference(images)
+    assert (got - expected).abs().max().item() <= TOLERANCE
+
+
+def test_monolithic_equals_reference(timm_pair, tiny_builds):
+    reference, _ = timm_pair("vit_tiny_patch16_224")
+    images = torch.randn(2, 3, 224, 224)
+    with load_chain(tiny_builds / "p1" / "rank0", "local", use_monolithic=True, threads=2) as chain:
+        got = chain.monolithic(images)
+    with torch.no_grad():
+        assert (got - reference(images)).abs().max().item() <= TOLERANCE
+
+
+def test_dynamo_exporter_each_stage_kind(mnist_model, tmp_path):
+    """The default exporter on every kind of stage (embed, block with/without means out, head, model)."""
+    plan = make_segment_plan(make_partition_plan(50, 1, 2), segments=5)
+    stages = rank_stages(mnist_model, plan, 0)
+    chosen = [stages[0], stages[1], stages[-2], stages[-1], monolithic_stage(mnist_model)]
+    for stage, module in chosen:
+        path = tmp_path / f"{stage.name}.onnx"
+        export_stage(module, stage, path, "dynamo")
+        check_onnx(path, stage)
+        assert verify_onnx(path, module, stage) <= TOLERANCE
+
+
+def test_runner_rejects_bad_feeds(tiny_builds):
+    with load_chain(tiny_builds / "p2" / "rank1", "prism", 9.9, threads=2) as chain:
+        _, runner = chain.stages["block_00"]
+        good = {"tokens": torch.zeros(2, 98, 192), "remote_means": torch.zeros(2, 11, 192)}
+        runner.infer(good)
+        with pytest.raises(EngineInputError, match="missing"):
+            runner.infer({"tokens": good["tokens"]})
+        with pytest.raises(EngineInputError, match="must have shape"):
+            runner.infer({**good, "tokens": torch.zeros(2, 97, 192)})
+        with pytest.raises(EngineInputError, match="must be float32"):
+            runner.infer({**good, "tokens": good["tokens"].double()})
+        with pytest.raises(EngineInputError, match="disagree on the batch size"):
+            runner.infer({**good, "tokens": torch.zeros(3, 98, 192)})
+
+
+def test_mnist_local_chain_full_test_set(mnist_model, mnist_dir, tmp_path):
+    """The real checkpoint through onnxruntime stage engines: 9721/10000 at P=1."""
+    from prism_trt.data import MnistTestSet
+
+    build(mnist_model, {"checkpoint": "vit_mnist.pt"}, tmp_path, 1)
+    correct = 0
+    with load_chain(tmp_path / "rank0", "local", threads=2) as chain:
+        for images, labels in MnistTestSet(mnist_dir).batches(500):
+            correct += int((run_chains_in_process([chain], images).argmax(-1) == labels).sum())
+    assert correct == 9721
+
+
+def test_mnist_p2_chains_agree(mnist_model, mnist_dir, tmp_path):
+    from prism_trt.data import MnistTestSet
+
+    build(mnist_model, {"checkpoint": "vit_mnist.pt"}, tmp_path, 2, crs=[5.0])
+    images, labels = next(MnistTestSet(mnist_dir, limit=256).batches(256))
+    with torch.no_grad():
+        reference = mnist_model(images)
+    voltage = run_chains_in_process(_chains(tmp_path, 2, "voltage"), images)
+    assert (voltage - reference).abs().max().item() <= TOLERANCE
+    prism = run_chains_in_process(_chains(tmp_path, 2, "prism", 5.0), images)
+    expected = simulate(mnist_model, images, make_segment_plan(make_partition_plan(50, 1, 2), cr=5.0))
+    assert (prism - expected).abs().max().item() <= TOLERANCE
+
+
+def test_rebuild_skips_unchanged_stages(mnist_model, tmp_path):
+    first = build(mnist_model, {"checkpoint": "vit_mnist.pt"}, tmp_path, 2, crs=[5.0])
+    assert all(s.exported and s.built for s in first.stages)
+    again = build(mnist_model, {"checkpoint": "vit_mnist.pt"}, tmp_path, 2, crs=[5.0])
+    assert not any(s.exported or s.built for s in again.stages)
+    # a changed plan rebuilds only what changed: the CR 5 chains are reused, CR 2.5 is new
+    more = build(mnist_model, {"checkpoint": "vit_mnist.pt"}, tmp_path, 2, crs=[5.0, 2.5])
+    assert {s.config for s in more.stages if s.exported} == {"prism-cr2.5"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_dynamo_full_build_vit_tiny(timm_pair, tmp_path, ranks):
+    reference, model = timm_pair("vit_tiny_patch16_224")
+    build(model, {"timm": "vit_tiny_patch16_224"}, tmp_path, ranks, exporter="dynamo")
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = reference(images)
+    mode = "local" if ranks == 1 else "voltage"
+    got = run_chains_in_process(_chains(tmp_path, ranks if ranks > 1 else 1, mode), images)
+    assert (got - expected).abs().max().item() <= TOLERANCE
+    if ranks > 1:
+        plan = voltage_plan(make_partition_plan(197, 1, ranks))
+        assert plan.is_lossless

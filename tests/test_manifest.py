@@ -1,0 +1,119 @@
+"""Engine directories are verified on load: every corruption gets an error naming file and reason."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import random_model, small_spec
+
+from prism_trt.engines import BuildOptions, ManifestError, get_backend, load_manifest
+from prism_trt.export.build import Builder, config_plans
+from prism_trt.runtime import load_chain
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    model = random_model(small_spec(img=32, depth=2))
+    spec = model.spec
+    out = tmp_path_factory.mktemp("engines")
+    configs = config_plans(spec.num_tokens, spec.num_prefix_tokens, 2, [3.0], [])
+    Builder(model, {"timm": "test"}, get_backend("onnxruntime"), BuildOptions(), exporter="torchscript").build(
+        out, 2, configs, progress=False)
+    return out
+
+
+@pytest.fixture
+def rank_dir(built, tmp_path):
+    copy = tmp_path / "rank1"
+    shutil.copytree(built / "rank1", copy)
+    return copy
+
+
+def _edit_manifest(rank_dir, change):
+    path = rank_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_intact_directory_loads(rank_dir):
+    manifest = load_manifest(rank_dir, backend="onnxruntime", device="cpu")
+    assert manifest["rank"] == 1 and len(manifest["files"]) > 0
+
+
+def test_missing_file(rank_dir):
+    victim = rank_dir / "voltage" / "block_01.ort.onnx"
+    victim.unlink()
+    with pytest.raises(ManifestError, match=r"block_01\.ort\.onnx: missing"):
+        load_manifest(rank_dir)
+
+
+def test_hash_mismatch(rank_dir):
+    victim = rank_dir / "prism-cr3" / "embed.onnx"
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    with pytest.raises(ManifestError, match=r"embed\.onnx: SHA-256 mismatch"):
+        load_manifest(rank_dir)
+
+
+def test_other_schema_version(rank_dir):
+    _edit_manifest(rank_dir, lambda m: m.update(schema_version=99))
+    with pytest.raises(ManifestError, match=r"manifest\.json: schema version 99, this prism-trt reads version 1"):
+        load_manifest(rank_dir)
+
+
+def test_other_backend(rank_dir):
+    _edit_manifest(rank_dir, lambda m: m["backend"].update(name="tensorrt"))
+    with pytest.raises(ManifestError, match="built for backend 'tensorrt', not 'onnxruntime'"):
+        load_manifest(rank_dir, backend="onnxruntime")
+
+
+def test_other_device(rank_dir):
+    _edit_manifest(rank_dir, lambda m: m["backend"].update(device="cuda:NVIDIA Orin"))
+    with pytest.raises(ManifestError, match="built for device 'cuda:NVIDIA Orin', this device is 'cpu'"):
+        load_chain(rank_dir, "voltage")
+
+
+def test_not_an_engine_directory(tmp_path):
+    with pytest.raises(ManifestError, match="not an engine directory"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        load_manifest(tmp_path)
+
+
+def test_missing_mode(rank_dir):
+    with pytest.raises(ManifestError, match="no 'local' engines in this directory"):
+        load_chain(rank_dir, "local")
+    with pytest.raises(ManifestError, match=r"no prism engines for CR 9\.9; built CRs: \[3\.0\]"):
+        load_chain(rank_dir, "prism", 9.9)
+
+
+def test_build_and_inspect_cli(mnist_dir, tmp_path):
+    out = tmp_path / "engines"
+    cli = [sys.executable, "-m", "prism_trt.cli"]
+    result = subprocess.run(cli + ["build", "--checkpoint", str(mnist_dir / "vit_mnist.pt"), "--ranks", "2",
+                                   "--segments", "5", "--exporter", "torchscript", "--out", str(out), "-q"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "prism-cr5" in result.stdout and "rank1" in result.stdout
+    shown = subprocess.run(cli + ["inspect", str(out)], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "SHA-256 verified" in shown.stdout
+    (out / "rank1" / "voltage" / "head.onnx").write_text("x") if (out / "rank1" / "voltage" / "head.onnx").exists() \
+        else (out / "rank1" / "voltage" / "block_02.onnx").write_text("x")
+    broken = subprocess.run(cli + ["inspect", str(out)], capture_output=True, text=True, timeout=120)
+    assert broken.returncode != 0 and "SHA-256 mismatch" in broken.stderr and "Traceback" not in broken.stderr
+
+
+def test_build_cli_bad_backend_names_the_fix(tmp_path):
+    pytest.importorskip("onnxruntime")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is installed here")
+    except ImportError:
+        pass
+    result = subprocess.run([sys.executable, "-m", "prism_trt.cli", "build", "--model", "vit_tiny_patch16_224",
+                             "--backend", "tensorrt", "--out", str(tmp_path)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0 and ".[trt]" in result.stderr and "Traceback" not in result.stderr
