@@ -63,10 +63,11 @@ class EngineChain:
         return out[NEXT_TOKENS], out.get(MEANS)
 
     def head(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._run("head", {TOKENS: tokens})[LOGITS]
+        # Runners reuse their output buffers; what leaves the chain must outlive the next request.
+        return self._run("head", {TOKENS: tokens})[LOGITS].clone()
 
     def monolithic(self, images: torch.Tensor) -> torch.Tensor:
-        return self._run("model", {IMAGES: images})[LOGITS]
+        return self._run("model", {IMAGES: images})[LOGITS].clone()
 
 
 def backend_for(manifest: dict, threads: int | None = None) -> Backend:

@@ -1,4 +1,9 @@
-"""onnxruntime backend, running side: a session per stage; CUDA tensors bound without copies."""
+"""onnxruntime backend, running side: one session per stage, inputs and outputs bound in place.
+
+Outputs are written into buffers the runner keeps per batch size (IOBinding), on the CPU as on
+CUDA: no output copy and no allocation in the steady state. They stay valid until the runner's
+next ``infer`` — the chain consumes them before that, and clones what it returns to callers.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ class OnnxRuntimeRunner(Runner):
         self._inputs = {t.name: t for t in inputs}
         self._outputs = {t.name: t for t in outputs}
         self.session = None
+        self._binding = None
+        self._buffers: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 
     def input_metadata(self) -> dict[str, TensorSpec]:
         return dict(self._inputs)
@@ -31,29 +38,34 @@ class OnnxRuntimeRunner(Runner):
 
         self.session = ort.InferenceSession(str(self.path), self.backend.session_options(),
                                             providers=self.backend.providers(list(self._inputs.values()), self.options))
+        self._binding = self.session.io_binding()
 
     def deactivate_impl(self) -> None:
-        self.session = None
+        self.session, self._binding = None, None
+        self._buffers.clear()
+
+    def output_buffers(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """The reused output tensors for one batch size on one device (allocated on first use)."""
+        key = (str(device), batch)
+        if key not in self._buffers:
+            self._buffers[key] = {name: torch.empty(spec.concrete(batch), dtype=torch.float32, device=device)
+                                  for name, spec in self._outputs.items()}
+        return self._buffers[key]
 
     def infer_impl(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if any(t.is_cuda for t in feed.values()):
-            return self._infer_bound(feed)
-        arrays = {name: np.ascontiguousarray(t.detach().numpy()) for name, t in feed.items()}
-        results = self.session.run(list(self._outputs), arrays)
-        return {name: torch.from_numpy(array) for name, array in zip(self._outputs, results)}
-
-    def _infer_bound(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """IOBinding on device memory: inputs and outputs stay on the GPU."""
-        binding = self.session.io_binding()
-        batch = next(iter(feed.values())).shape[0]
-        device = next(iter(feed.values())).device
+        first = next(iter(feed.values()))
+        device = first.device
+        kind, index = ("cuda", device.index or 0) if device.type == "cuda" else ("cpu", 0)
+        binding = self._binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        keep_alive = []
         for name, tensor in feed.items():
             tensor = tensor.contiguous()
-            binding.bind_input(name, "cuda", device.index or 0, np.float32, list(tensor.shape), tensor.data_ptr())
-        outputs = {}
-        for name, spec in self._outputs.items():
-            out = torch.empty(spec.concrete(batch), dtype=torch.float32, device=device)
-            binding.bind_output(name, "cuda", device.index or 0, np.float32, list(out.shape), out.data_ptr())
-            outputs[name] = out
+            keep_alive.append(tensor)
+            binding.bind_input(name, kind, index, np.float32, list(tensor.shape), tensor.data_ptr())
+        outputs = self.output_buffers(first.shape[0], device)
+        for name, out in outputs.items():
+            binding.bind_output(name, kind, index, np.float32, list(out.shape), out.data_ptr())
         self.session.run_with_iobinding(binding)
-        return outputs
+        return dict(outputs)
