@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -298,6 +299,130 @@ def inspect(directory, no_verify, as_json):
                                        rows).replace("\n", "\n  "))
         state = "not verified" if no_verify else "SHA-256 verified"
         click.echo(f"  {len(manifest['files'])} files, {state}")
+
+
+def group_options(func):
+    """Process-group flags, shared by `run` and `serve`; torchrun's environment fills the gaps."""
+    @click.option("--rank", type=click.IntRange(min=0), default=None, help="This board's rank [env RANK].")
+    @click.option("--world-size", type=click.IntRange(min=1), default=None, help="Number of boards [env WORLD_SIZE].")
+    @click.option("--master-addr", default=None, help="Rank 0's address [env MASTER_ADDR, default 127.0.0.1].")
+    @click.option("--master-port", type=click.IntRange(1, 65535), default=None,
+                  help="Rank 0's rendezvous port [env MASTER_PORT, default 29500].")
+    @click.option("--iface", default=None, help="Network interface for GLOO [env GLOO_SOCKET_IFNAME].")
+    @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+                  help="Seconds before a collective (or joining the group) fails.")
+    @functools.wraps(func)
+    def wrapper(*args, rank, world_size, master_addr, master_port, iface, timeout_s, **kwargs):
+        from .runtime.group import GroupConfig
+
+        if rank is None and world_size is None and "RANK" not in os.environ:
+            rank, world_size = 0, 1  # a single board
+        try:
+            group = GroupConfig.from_env_or_flags(rank, world_size, master_addr, master_port, timeout_s, iface)
+        except ValueError as error:
+            raise click.UsageError(str(error)) from None
+        return func(*args, group=group, **kwargs)
+    return wrapper
+
+
+def _rank_dir(engines: Path, rank: int) -> Path:
+    candidate = engines / f"rank{rank}"
+    return candidate if candidate.is_dir() else engines
+
+
+def _choice(mode: str, cr: float | None):
+    from .runtime.api import Choice
+
+    try:
+        return Choice(mode, cr)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+
+
+def _breakdown_table(result: dict) -> str:
+    from .report import format_table
+
+    rows = []
+    for rank, times in enumerate(result["per_rank"]):
+        total = times["total"] or 1.0
+        row = [f"rank{rank}"]
+        for phase in ("compute", "d2h", "h2d", "wait", "comm", "other"):
+            value = times[phase]
+            row.append(None if value is None else f"{value:.2f} ({100 * value / total:.0f}%)")
+        rows.append(row + [f"{times['total']:.2f}", int(times["bytes_sent"]), int(times["bytes_received"])])
+    return format_table(["rank", "compute ms", "D2H ms", "H2D ms", "wait ms", "comm ms", "other ms", "total ms",
+                         "sent B", "recv B"], rows)
+
+
+@main.command()
+@click.option("--engines", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
+              help="A build directory (rankN/ is picked by rank) or one rank's engine directory.")
+@group_options
+@click.option("--mode", type=click.Choice(["local", "voltage", "prism"]), default="prism", show_default=True)
+@click.option("--cr", type=float, default=None, help="Compression rate for prism mode (one that was built).")
+@click.option("--batch", "-B", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--repeat", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--profile-barrier", is_flag=True,
+              help="Barrier before every collective: splits comm into wait (rank skew) and transfer.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Engine intra-op threads.")
+@click.option("--device", default="cpu", show_default=True, help="Where engine tensors live (cpu, cuda:0).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the result as JSON here (rank 0).")
+@click.option("--trace", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a torch profiler Chrome trace of the timed runs (rank 0).")
+def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, threads, device, json_out, trace):
+    """Time inferences and print the per-rank breakdown (compute / staging / comm / other).
+
+    Start the same command on every board with its --rank (or under torchrun); rank 0 drives and
+    prints, the others follow until rank 0 is done. Example for two ranks on one host:
+
+    \b
+      prism-trt run --engines engines/ --rank 1 --world-size 2 &
+      prism-trt run --engines engines/ --rank 0 --world-size 2 --mode prism --cr 9.9 --batch 8
+    """
+    import logging
+
+    from .engines.manifest import ManifestError
+    from .runtime.distributed import DistributedExecutor, run_worker
+    from .runtime.local import LocalExecutor
+    from .runtime.measure import measure
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank_dir = _rank_dir(engines, group.rank)
+    choice = _choice(mode, cr) if group.rank == 0 else None  # workers follow rank 0's choices
+    try:
+        if group.rank != 0:
+            batches = run_worker(rank_dir, group, threads, device)
+            click.echo(f"rank {group.rank}: ran {batches} batches, stopped by rank 0")
+            return
+        if group.world_size == 1:
+            if mode != "local":
+                raise click.UsageError(f"{mode} mode needs --world-size >= 2 (one process per rank)")
+            executor = LocalExecutor(rank_dir, threads)
+        else:
+            executor = DistributedExecutor(rank_dir, group, threads, device, profile_barrier)
+        try:
+            result = measure(executor, choice, batch, warmup, repeat, trace=trace)
+        finally:
+            executor.close()
+    except (ManifestError, ValueError, RuntimeError) as error:
+        _fail(error)
+    latency = result["latency"]
+    click.echo(f"{executor.model_name} {choice.label} batch {batch}: mean {latency['mean_ms']:.2f} ms "
+               f"(p50 {latency['p50_ms']:.2f}, p90 {latency['p90_ms']:.2f}, sd {latency['stdev_ms']:.2f}), "
+               f"{latency['per_sample_ms']:.2f} ms/sample over {repeat} runs"
+               + (" -- FELL BACK to local" if result["fell_back"] else ""))
+    click.echo(_breakdown_table(result))
+    wait_note = "comm is transfer only; wait = skew at the barrier" if profile_barrier else \
+        "comm includes waiting for the slowest rank (use --profile-barrier to split it)"
+    click.echo(f"({wait_note}; staging = D2H + H2D copies around each all-gather)")
+    if json_out:
+        from .engines.manifest import write_json_atomic
+
+        write_json_atomic(json_out, result)
+    if trace:
+        click.echo(f"trace written to {trace} (open in chrome://tracing or ui.perfetto.dev)")
 
 
 if __name__ == "__main__":

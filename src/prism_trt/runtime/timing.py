@@ -6,6 +6,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 
+import torch
+
 PHASES = ("compute", "d2h", "h2d", "wait", "comm", "other")
 
 
@@ -67,7 +69,8 @@ class Stopwatch:
     def phase(self, name: str):
         start = time.perf_counter()
         try:
-            yield
+            with torch.profiler.record_function(f"prism::{name}"):  # labels the --trace flame graph
+                yield
         finally:
             elapsed = (time.perf_counter() - start) * 1e3
             setattr(self.times, name, (getattr(self.times, name) or 0.0) + elapsed)

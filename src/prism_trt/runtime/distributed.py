@@ -1,0 +1,258 @@
+"""Distributed inference over a GLOO group: rank 0 drives, workers follow.
+
+Per batch, rank 0 broadcasts a header ``[op, config, batch, barrier]`` and the images (workers
+follow the header, so only rank 0's flags matter); every rank embeds
+its own patches, and after every block the ranks all-gather their segment means (padded to the
+largest rank, sliced by the plan) with explicit, timed staging around the collective. Only rank 0
+runs the head. While idle, rank 0 sends heartbeats so that workers (and rank 0 itself) learn of a
+dead peer within the collective timeout instead of at the next request.
+
+If a collective fails (a worker died or stopped answering), rank 0 answers the batch with its
+local chain, keeps doing so for every later batch and reports degraded readiness. The GLOO group
+cannot be repaired in place (its membership is fixed when it is created): the operator restarts
+the workers and rank 0 together, e.g. with the same `prism-trt serve` command on every board.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..engines.manifest import find_config, load_manifest
+from ..model.spec import ViTSpec
+from .api import Choice, Health, InferenceResult
+from .chain import EngineChain, backend_for, run_chains_in_process
+from .group import GroupConfig, init_group, leave_group
+from .staging import make_staging
+from .timing import PhaseTimes, Stopwatch
+
+log = logging.getLogger(__name__)
+
+OP_STOP, OP_INFER, OP_HEARTBEAT, OP_INFER_TIMED = 0, 1, 2, 3
+
+
+class DistributedRank:
+    """This rank's engine chains for every distributed config, and the exchange between blocks."""
+
+    def __init__(self, rank_dir: Path, rank: int, world_size: int, threads: int | None = None,
+                 device: str = "cpu"):
+        manifest = load_manifest(rank_dir, verify=False)
+        backend = backend_for(manifest, threads)
+        manifest = load_manifest(rank_dir, backend=backend.name, device=backend.device())
+        if manifest["rank"] != rank or manifest["world_size"] != world_size:
+            raise ValueError(f"{rank_dir} holds engines for rank {manifest['rank']} of {manifest['world_size']}, "
+                             f"this process is rank {rank} of {world_size}")
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.spec = ViTSpec.from_dict(manifest["model"]["spec"])
+        self.weights = manifest["model"]["weights_sha256"]
+        self.max_batch = manifest["build_options"]["max_batch"]
+        self.configs = [c for c in manifest["configs"] if c["mode"] != "local"]
+        self.chains = {c["name"]: EngineChain(rank_dir, manifest, c, backend).__enter__() for c in self.configs}
+        self.staging = {c["name"]: make_staging(c["counts"], rank, self.spec.embed_dim, device) for c in self.configs}
+        local = [c for c in manifest["configs"] if c["mode"] == "local"]
+        self.local_chain = EngineChain(rank_dir, manifest, local[0], backend).__enter__() if local else None
+        self._images: dict[int, torch.Tensor] = {}
+
+    def signature(self) -> dict:
+        """What every rank must agree on before the first collective."""
+        return {"weights": self.weights, "world_size": self.world_size,
+                "configs": [(c["name"], c["counts"], c["partition"]) for c in self.configs]}
+
+    def check_consistent(self) -> None:
+        signatures: list = [None] * self.world_size
+        dist.all_gather_object(signatures, self.signature())
+        for rank, other in enumerate(signatures):
+            if other != signatures[0]:
+                raise RuntimeError(f"rank {rank}'s engines do not match rank 0's (weights, configs or plan "
+                                   f"differ): {other} vs {signatures[0]}; build all ranks from one `prism-trt build`")
+
+    def image_buffer(self, batch: int) -> torch.Tensor:
+        """The receive buffer for a broadcast batch of images (one per batch size, reused)."""
+        if batch not in self._images:
+            self._images[batch] = torch.empty((batch, self.spec.in_chans, *self.spec.img_size), dtype=torch.float32)
+        return self._images[batch]
+
+    def config_index(self, choice: Choice) -> int:
+        """Position of the choice's config; raises ManifestError (not a fallback) when not built."""
+        return self.configs.index(find_config({"configs": self.configs}, choice.mode, choice.cr))
+
+    def run(self, index: int, images: torch.Tensor, barrier: bool = False) -> tuple[torch.Tensor | None, PhaseTimes]:
+        """One forward of config ``index`` with the all-gathers; logits on rank 0, None elsewhere.
+        ``barrier``: a barrier before each all-gather, timed as ``wait`` (every rank must agree)."""
+        config = self.configs[index]
+        chain, staging = self.chains[config["name"]], self.staging[config["name"]]
+        watch = Stopwatch()
+        start = time.perf_counter()
+        with watch.phase("h2d"):
+            images = images.to(self.device, non_blocking=True)
+        with watch.phase("compute"):
+            tokens, means = chain.embed(images)
+        for index_ in range(chain.depth):
+            remote = self._exchange(config["name"], staging, means, images.shape[0], watch, barrier)
+            with watch.phase("compute"):
+                tokens, means = chain.block(index_, tokens, remote)
+        logits = None
+        if self.rank == 0:
+            with watch.phase("compute"):
+                logits = chain.head(tokens).cpu()
+        return logits, watch.times.close((time.perf_counter() - start) * 1e3)
+
+    def _exchange(self, name: str, staging, means: torch.Tensor, batch: int, watch: Stopwatch, barrier: bool
+                  ) -> torch.Tensor:
+        buffers = staging.buffers((name, batch), batch)
+        with watch.phase("d2h"):
+            send = staging.to_host(means, buffers)
+        if barrier:
+            with watch.phase("wait"):
+                dist.barrier()
+        with watch.phase("comm"):
+            dist.all_gather(buffers.gathered, send)
+        with watch.phase("h2d"):
+            remote = staging.to_device(buffers)
+        entry = batch * self.spec.embed_dim * 4
+        watch.times.bytes_sent += staging.counts[self.rank] * entry
+        watch.times.bytes_received += remote.shape[1] * entry
+        watch.times.collectives += 1
+        return remote
+
+    def close(self) -> None:
+        for chain in [*self.chains.values(), self.local_chain]:
+            if chain is not None:
+                chain.__exit__(None, None, None)
+
+
+def worker_loop(rank: DistributedRank, stop: threading.Event | None = None) -> int:
+    """Follow rank 0 until it says stop; returns the number of batches run. Raises on a failed
+    collective (rank 0 gone, timeout) so the caller can log it and exit non-zero."""
+    header = torch.zeros(4, dtype=torch.int64)
+    batches = 0
+    while stop is None or not stop.is_set():
+        dist.broadcast(header, src=0)
+        op, index, batch, barrier = (int(v) for v in header.tolist())
+        if op == OP_STOP:
+            log.info("rank %d: stop from rank 0 after %d batches", rank.rank, batches)
+            return batches
+        if op == OP_HEARTBEAT:
+            continue
+        images = rank.image_buffer(batch)
+        dist.broadcast(images, src=0)
+        _, times = rank.run(index, images, bool(barrier))
+        if op == OP_INFER_TIMED:
+            dist.gather_object(times.to_dict(), None, dst=0)
+        batches += 1
+    return batches
+
+
+class DistributedExecutor:
+    """Rank 0's :class:`~prism_trt.runtime.api.Executor` over a GLOO group of ``world_size`` ranks."""
+
+    def __init__(self, rank_dir: Path, group: GroupConfig, threads: int | None = None, device: str = "cpu",
+                 profile_barrier: bool = False, heartbeat_s: float | None = None):
+        if group.rank != 0:
+            raise ValueError("the executor runs on rank 0; other ranks run worker_loop")
+        self.group, self.profile_barrier = group, profile_barrier
+        self.rank = DistributedRank(rank_dir, 0, group.world_size, threads, device)
+        if self.rank.local_chain is None:
+            raise ValueError(f"{rank_dir} has no local chain: rank 0 needs it as the fallback")
+        self.spec, self.max_batch = self.rank.spec, self.rank.max_batch
+        self.model_name = self.spec.name
+        self._lock = threading.Lock()  # collectives must be issued in the same order on every rank
+        self._degraded = ""
+        self._closed = threading.Event()
+        init_group(group)
+        self.rank.check_consistent()
+        self._heartbeat_s = heartbeat_s if heartbeat_s is not None else group.timeout_s / 3
+        self._last_collective = time.monotonic()
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="prism-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def choices(self) -> list[Choice]:
+        return [Choice("local")] + [Choice(c["mode"], c["cr"] if c["mode"] == "prism" else None)
+                                    for c in self.rank.configs]
+
+    def health(self) -> Health:
+        return Health(live=True, ready=not self._closed.is_set(), degraded=bool(self._degraded),
+                      reason=self._degraded)
+
+    def _broadcast_header(self, op: int, index: int = 0, batch: int = 0) -> None:
+        header = torch.tensor([op, index, batch, int(self.profile_barrier)], dtype=torch.int64)
+        dist.broadcast(header, src=0)
+        self._last_collective = time.monotonic()
+
+    def _degrade(self, why: str) -> None:
+        if not self._degraded:
+            self._degraded = why
+            log.error("distributed inference failed, serving with rank 0's local chain from now on: %s", why)
+
+    def _local(self, images: torch.Tensor, fell_back: bool) -> InferenceResult:
+        watch = Stopwatch()
+        start = time.perf_counter()
+        with watch.phase("compute"):
+            logits = run_chains_in_process([self.rank.local_chain], images)
+        return InferenceResult(logits, Choice("local"), watch.times.close((time.perf_counter() - start) * 1e3),
+                               fell_back=fell_back)
+
+    def infer(self, images: torch.Tensor, choice: Choice, gather_timings: bool = False) -> InferenceResult:
+        if images.shape[0] > self.max_batch:
+            raise ValueError(f"batch {images.shape[0]} is over the engines' max batch {self.max_batch}")
+        with self._lock:
+            if choice.mode == "local" or self._degraded or self._closed.is_set():
+                return self._local(images, fell_back=choice.mode != "local")
+            index = self.rank.config_index(choice)
+            try:
+                self._broadcast_header(OP_INFER_TIMED if gather_timings else OP_INFER, index, images.shape[0])
+                dist.broadcast(images.contiguous(), src=0)
+                logits, times = self.rank.run(index, images, self.profile_barrier)
+                per_rank = []
+                if gather_timings:
+                    gathered: list = [None] * self.group.world_size
+                    dist.gather_object(times.to_dict(), gathered, dst=0)
+                    per_rank = [PhaseTimes(**t) for t in gathered]
+                self._last_collective = time.monotonic()
+                return InferenceResult(logits, choice, times, per_rank=per_rank)
+            except RuntimeError as error:  # GLOO reports peer loss and timeouts as RuntimeError
+                self._degrade(f"{choice.label} batch of {images.shape[0]} failed: {error}")
+        return self._local(images, fell_back=True)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._closed.wait(self._heartbeat_s / 2):
+            if self._degraded or time.monotonic() - self._last_collective < self._heartbeat_s:
+                continue
+            with self._lock:
+                if self._closed.is_set() or self._degraded:
+                    return
+                try:
+                    self._broadcast_header(OP_HEARTBEAT)
+                except RuntimeError as error:
+                    self._degrade(f"heartbeat to the workers failed: {error}")
+
+    def close(self) -> None:
+        """Tell the workers to stop, then leave the group (safe to call twice)."""
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            if not self._degraded:
+                try:
+                    self._broadcast_header(OP_STOP)
+                except RuntimeError as error:
+                    log.warning("could not tell the workers to stop: %s", error)
+        self.rank.close()
+        leave_group()
+
+
+def run_worker(rank_dir: Path, group: GroupConfig, threads: int | None = None, device: str = "cpu") -> int:
+    """A worker board's whole life: load, join, check, follow rank 0, leave."""
+    rank = DistributedRank(rank_dir, group.rank, group.world_size, threads, device)
+    init_group(group)
+    try:
+        rank.check_consistent()
+        return worker_loop(rank)
+    finally:
+        rank.close()
+        leave_group()

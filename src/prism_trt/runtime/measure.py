@@ -1,0 +1,51 @@
+"""Repeated timed inferences of one (mode, CR, batch) point: latency statistics and the per-rank
+phase breakdown (seed 000 Table 2), shared by `prism-trt run` and the profiler sweep."""
+
+from __future__ import annotations
+
+import statistics
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from .api import Choice
+from .timing import PHASES, PhaseTimes
+
+
+def latency_stats(samples_ms: list[float], batch: int) -> dict:
+    ordered = sorted(samples_ms)
+
+    def quantile(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+    mean = statistics.fmean(ordered)
+    return {"mean_ms": mean, "p50_ms": quantile(0.5), "p90_ms": quantile(0.9),
+            "stdev_ms": statistics.stdev(ordered) if len(ordered) > 1 else 0.0,
+            "per_sample_ms": mean / batch, "samples_ms": samples_ms}
+
+
+def measure(executor, choice: Choice, batch: int, warmup: int = 3, repeat: int = 20, seed: int = 0,
+            trace: Path | None = None) -> dict:
+    """Run ``warmup`` + ``repeat`` batches; per-rank phase means come from every rank when the
+    executor can gather them (distributed), else from rank 0 alone."""
+    spec = executor.spec
+    images = torch.randn((batch, spec.in_chans, *spec.img_size), generator=torch.Generator().manual_seed(seed))
+    distributed = choice.mode != "local" and hasattr(executor, "group")
+    kwargs = {"gather_timings": True} if distributed else {}
+    for _ in range(warmup):
+        executor.infer(images, choice, **kwargs)
+    runs, fell_back = [], False
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if trace else nullcontext()
+    with profiler:
+        for _ in range(repeat):
+            result = executor.infer(images, choice, **kwargs)
+            fell_back |= result.fell_back
+            runs.append(result.per_rank or [result.timings])
+    if trace:
+        profiler.export_chrome_trace(str(trace))
+    ranks = len(runs[0])
+    per_rank = [PhaseTimes.mean([run[r] for run in runs if len(run) == ranks]) for r in range(ranks)]
+    return {"mode": choice.mode, "cr": choice.cr, "batch": batch, "warmup": warmup, "repeat": repeat,
+            "fell_back": fell_back, "latency": latency_stats([run[0].total for run in runs], batch),
+            "per_rank": [t.to_dict() for t in per_rank], "phases": list(PHASES)}

@@ -1,0 +1,171 @@
+"""The distributed runtime with real processes and a real GLOO group over loopback.
+
+Rank 0 runs in the test process (DistributedExecutor); workers are real `prism-trt run`
+subprocesses. Every wait is bounded: the collective timeout is short and subprocesses are
+waited for with a timeout and killed on failure.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from prism_trt.core import make_partition_plan, make_segment_plan, simulate
+from prism_trt.engines import BuildOptions, get_backend
+from prism_trt.export.build import Builder, config_plans
+from prism_trt.runtime.api import Choice
+from prism_trt.runtime.distributed import DistributedExecutor
+from prism_trt.runtime.group import GroupConfig, free_port
+
+TOLERANCE = 1e-4
+TIMEOUT_S = 20.0
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def engines(mnist_model, tmp_path_factory):
+    """MNIST engines for P = 2 and 3 (local, voltage, prism CR 5)."""
+    spec = mnist_model.spec
+    root = tmp_path_factory.mktemp("dist")
+    for ranks in (2, 3):
+        configs = config_plans(spec.num_tokens, spec.num_prefix_tokens, ranks, [5.0], [])
+        Builder(mnist_model, {"checkpoint": "vit_mnist.pt"}, get_backend("onnxruntime", threads=1),
+                BuildOptions(max_batch=16), exporter="torchscript").build(root / f"p{ranks}", ranks, configs,
+                                                                           progress=False)
+    return root
+
+
+def start_workers(directory, ranks: int, port: int, extra=()) -> list[subprocess.Popen]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return [subprocess.Popen([sys.executable, "-m", "prism_trt.cli", "run", "--engines", str(directory),
+                              "--rank", str(rank), "--world-size", str(ranks), "--master-port", str(port),
+                              "--threads", "1", "--timeout", str(TIMEOUT_S), *extra],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            for rank in range(1, ranks)]
+
+
+def finish(workers: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    results = []
+    for worker in workers:
+        try:
+            out, _ = worker.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            out, _ = worker.communicate()
+        results.append((worker.returncode, out))
+    return results
+
+
+@pytest.fixture
+def cluster(engines):
+    """Start P-1 workers and rank 0; always tear down, even when the test fails."""
+    made = []
+
+    def make(ranks: int, **kwargs):
+        port = free_port()
+        workers = start_workers(engines / f"p{ranks}", ranks, port)
+        executor = DistributedExecutor(engines / f"p{ranks}" / "rank0", GroupConfig(0, ranks, "127.0.0.1", port,
+                                                                                   TIMEOUT_S), threads=1, **kwargs)
+        made.append((executor, workers))
+        return executor, workers
+
+    yield make
+    for executor, workers in made:
+        executor.close()
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+            worker.communicate()
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_voltage_and_prism_equal_reference(mnist_model, mnist_dir, cluster, ranks):
+    from prism_trt.data import MnistTestSet
+
+    executor, workers = cluster(ranks)
+    images, _ = next(MnistTestSet(mnist_dir, limit=12).batches(12))
+    with torch.no_grad():
+        reference = mnist_model(images)
+    voltage = executor.infer(images, Choice("voltage"))
+    assert not voltage.fell_back and voltage.choice.mode == "voltage"
+    assert (voltage.logits - reference).abs().max().item() <= TOLERANCE
+    plan = make_segment_plan(make_partition_plan(50, 1, ranks), cr=5.0)
+    prism = executor.infer(images, Choice("prism", 5.0), gather_timings=True)
+    assert (prism.logits - simulate(mnist_model, images, plan)).abs().max().item() <= TOLERANCE
+    # every rank reports its breakdown; bytes follow the plan (B * L_p * D * 4 per block)
+    assert len(prism.per_rank) == ranks
+    for rank, times in enumerate(prism.per_rank):
+        assert times.collectives == mnist_model.spec.depth
+        assert times.bytes_sent == mnist_model.spec.depth * 12 * plan.counts[rank] * 64 * 4
+        assert times.compute > 0 and times.total >= times.compute
+    local = executor.infer(images, Choice("local"))
+    assert (local.logits - reference).abs().max().item() <= TOLERANCE
+    executor.close()
+    for code, out in finish(workers):
+        assert code == 0, out
+        assert "stopped by rank 0" in out
+
+
+def test_profile_barrier_is_followed_by_workers(mnist_model, cluster):
+    executor, workers = cluster(2, profile_barrier=True)
+    images = torch.randn(3, 1, 28, 28)
+    result = executor.infer(images, Choice("prism", 5.0), gather_timings=True)
+    assert all(t.wait is not None and t.wait >= 0 for t in result.per_rank)
+    plan = make_segment_plan(make_partition_plan(50, 1, 2), cr=5.0)
+    assert (result.logits - simulate(mnist_model, images, plan)).abs().max().item() <= TOLERANCE
+
+
+def test_dead_worker_falls_back_to_local(mnist_model, cluster):
+    executor, workers = cluster(2)
+    images = torch.randn(4, 1, 28, 28)
+    assert not executor.infer(images, Choice("prism", 5.0)).fell_back
+    workers[0].send_signal(signal.SIGKILL)
+    workers[0].wait(timeout=30)
+    result = executor.infer(images, Choice("prism", 5.0))
+    with torch.no_grad():
+        expected = mnist_model(images)
+    assert result.fell_back and result.choice.mode == "local"
+    assert (result.logits - expected).abs().max().item() <= TOLERANCE
+    health = executor.health()
+    assert health.live and health.degraded and "failed" in health.reason
+    again = executor.infer(images, Choice("voltage"))  # later batches go straight to the local chain
+    assert again.fell_back and (again.logits - expected).abs().max().item() <= TOLERANCE
+
+
+def test_unbuilt_cr_is_an_error_not_a_fallback(cluster):
+    from prism_trt.engines import ManifestError
+
+    executor, _ = cluster(2)
+    with pytest.raises(ManifestError, match="no prism engines for CR 9.9"):
+        executor.infer(torch.randn(1, 1, 28, 28), Choice("prism", 9.9))
+    assert not executor.health().degraded
+
+
+def test_wrong_rank_directory_is_refused(engines):
+    from prism_trt.runtime.distributed import DistributedRank
+
+    with pytest.raises(ValueError, match="holds engines for rank 1 of 2, this process is rank 0 of 2"):
+        DistributedRank(engines / "p2" / "rank1", 0, 2)
+
+
+def test_run_cli_two_ranks(engines, tmp_path):
+    port = free_port()
+    workers = start_workers(engines / "p2", 2, port)
+    out_json = tmp_path / "run.json"
+    rank0 = subprocess.run([sys.executable, "-m", "prism_trt.cli", "run", "--engines", str(engines / "p2"),
+                            "--rank", "0", "--world-size", "2", "--master-port", str(port), "--mode", "prism",
+                            "--cr", "5", "--batch", "4", "--repeat", "3", "--warmup", "1", "--threads", "1",
+                            "--timeout", str(TIMEOUT_S), "--json", str(out_json)],
+                           capture_output=True, text=True, timeout=180)
+    assert rank0.returncode == 0, rank0.stderr
+    assert "rank1" in rank0.stdout and "compute ms" in rank0.stdout
+    for code, out in finish(workers):
+        assert code == 0, out
+    import json
+
+    result = json.loads(out_json.read_text())
+    assert result["batch"] == 4 and len(result["per_rank"]) == 2 and not result["fell_back"]
+    assert len(result["latency"]["samples_ms"]) == 3
