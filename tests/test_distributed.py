@@ -169,3 +169,48 @@ def test_run_cli_two_ranks(engines, tmp_path):
     result = json.loads(out_json.read_text())
     assert result["batch"] == 4 and len(result["per_rank"]) == 2 and not result["fell_back"]
     assert len(result["latency"]["samples_ms"]) == 3
+
+
+def test_torchrun_launch(engines, tmp_path):
+    """torchrun sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; the same command runs every rank."""
+    out_json = tmp_path / "torchrun.json"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                             "-m", "prism_trt.cli", "run", "--engines", str(engines / "p2"), "--mode", "voltage",
+                             "--batch", "2", "--repeat", "2", "--warmup", "0", "--threads", "1",
+                             "--timeout", str(TIMEOUT_S), "--json", str(out_json)],
+                            capture_output=True, text=True, timeout=180,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "stopped by rank 0" in result.stdout + result.stderr
+    import json
+
+    assert len(json.loads(out_json.read_text())["per_rank"]) == 2
+
+
+def test_steady_state_allocates_nothing(cluster):
+    executor, _ = cluster(2)
+    images = torch.randn(5, 1, 28, 28)
+    executor.infer(images, Choice("prism", 5.0))
+    staging = executor.rank.staging
+    before = {name: s.allocations for name, s in staging.items()}
+    buffers = {name: id(s.buffers((name, 5), 5).send) for name, s in staging.items() if name.startswith("prism")}
+    for _ in range(4):
+        executor.infer(images, Choice("prism", 5.0))
+    assert {name: s.allocations for name, s in staging.items()} == before
+    assert buffers == {name: id(s.buffers((name, 5), 5).send) for name, s in staging.items() if name.startswith("prism")}
+
+
+def test_group_config_from_torchrun_env(monkeypatch):
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29555")
+    config = GroupConfig.from_env_or_flags(timeout_s=5)
+    assert (config.rank, config.world_size, config.master_addr, config.master_port) == (2, 3, "10.0.0.1", 29555)
+    assert GroupConfig.from_env_or_flags(rank=1).rank == 1  # flags win
+    monkeypatch.setenv("WORLD_SIZE", "three")
+    with pytest.raises(ValueError, match="WORLD_SIZE='three' is not a valid value"):
+        GroupConfig.from_env_or_flags()
+    with pytest.raises(ValueError, match="rank 3 is not in"):
+        GroupConfig(3, 3)
