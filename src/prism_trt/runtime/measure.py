@@ -26,7 +26,7 @@ def latency_stats(samples_ms: list[float], batch: int) -> dict:
 
 
 def measure(executor, choice: Choice, batch: int, warmup: int = 3, repeat: int = 20, seed: int = 0,
-            trace: Path | None = None) -> dict:
+            trace: Path | None = None, meter=None) -> dict:
     """Run ``warmup`` + ``repeat`` batches; per-rank phase means come from every rank when the
     executor can gather them (distributed), else from rank 0 alone."""
     spec = executor.spec
@@ -37,15 +37,19 @@ def measure(executor, choice: Choice, batch: int, warmup: int = 3, repeat: int =
         executor.infer(images, choice, **kwargs)
     runs, fell_back = [], False
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if trace else nullcontext()
+    if meter is not None:
+        meter.start()
     with profiler:
         for _ in range(repeat):
             result = executor.infer(images, choice, **kwargs)
             fell_back |= result.fell_back
             runs.append(result.per_rank or [result.timings])
+    energy = meter.stop() if meter is not None else None
     if trace:
         profiler.export_chrome_trace(str(trace))
     ranks = len(runs[0])
     per_rank = [PhaseTimes.mean([run[r] for run in runs if len(run) == ranks]) for r in range(ranks)]
     return {"mode": choice.mode, "cr": choice.cr, "batch": batch, "warmup": warmup, "repeat": repeat,
             "fell_back": fell_back, "latency": latency_stats([run[0].total for run in runs], batch),
+            "energy_j": energy, "energy_per_sample_j": None if energy is None else energy / (repeat * batch),
             "per_rank": [t.to_dict() for t in per_rank], "phases": list(PHASES)}

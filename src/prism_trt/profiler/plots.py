@@ -1,0 +1,146 @@
+"""`prism-trt plot`: the seed 000 figures from a performance map (PNG via matplotlib)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+PHASES = ("compute", "d2h", "h2d", "wait", "comm", "other")
+
+
+def _label(point: dict) -> str:
+    return f"prism CR {point['cr']:g}" if point["mode"] == "prism" else point["mode"]
+
+
+def _bandwidths(data: dict) -> list:
+    return sorted({p["bandwidth_mbit"] for p in data["points"] if p["mode"] != "local"},
+                  key=lambda b: (b is None, b or 0))
+
+
+def _series(data: dict, bandwidth) -> dict[str, list[dict]]:
+    series: dict[str, list[dict]] = {}
+    for point in data["points"]:
+        if point["mode"] == "local" or point["bandwidth_mbit"] == bandwidth:
+            series.setdefault(_label(point), []).append(point)
+    return {k: sorted(v, key=lambda p: p["batch"]) for k, v in series.items()}
+
+
+def breakdown(data: dict, bandwidth, path: Path) -> None:
+    """Fig. 4a: rank 0's latency breakdown, stacked, per batch for each mode."""
+    series = _series(data, bandwidth)
+    batches = sorted({p["batch"] for points in series.values() for p in points})
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(batches)), 4))
+    width = 0.8 / len(series)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for s, (label, points) in enumerate(series.items()):
+        by_batch = {p["batch"]: p for p in points}
+        bottom = np.zeros(len(batches))
+        for k, phase in enumerate(PHASES):
+            values = np.array([(by_batch[b]["per_rank"][0][phase] or 0.0) if b in by_batch else 0.0 for b in batches])
+            ax.bar(np.arange(len(batches)) + s * width, values, width, bottom=bottom, color=colors[k % len(colors)],
+                   label=phase if s == 0 else None, edgecolor="white", linewidth=0.3)
+            bottom += values
+        for x, total in zip(np.arange(len(batches)) + s * width, bottom):
+            ax.text(x, total, label.replace("prism ", ""), rotation=90, fontsize=6, ha="center", va="bottom")
+    ax.set_xticks(np.arange(len(batches)) + width * (len(series) - 1) / 2, [str(b) for b in batches])
+    ax.set_xlabel("batch")
+    ax.set_ylabel("rank 0 latency (ms)")
+    ax.set_title(f"latency breakdown at {bandwidth or 'loopback'} Mbit/s")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def per_sample(data: dict, bandwidth, path: Path) -> None:
+    """Fig. 5: per-sample latency and energy vs batch."""
+    series = _series(data, bandwidth)
+    fig, (lat, energy) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, points in series.items():
+        lat.plot([p["batch"] for p in points], [p["latency"]["per_sample_ms"] for p in points], marker="o", label=label)
+        joules = [p.get("energy_per_sample_j") for p in points]
+        if any(j is not None for j in joules):
+            energy.plot([p["batch"] for p, j in zip(points, joules) if j is not None], [j for j in joules if j is not None],
+                        marker="o", label=label)
+    lat.set(xlabel="batch", ylabel="ms / sample", xscale="log", title="per-sample latency")
+    energy.set(xlabel="batch", ylabel="J / sample", xscale="log", title="per-sample energy")
+    if not energy.lines:
+        energy.text(0.5, 0.5, "energy n/a\n(no meter on this machine)", ha="center", va="center",
+                    transform=energy.transAxes)
+    lat.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def vs_bandwidth(data: dict, batch: int, path: Path) -> None:
+    """Fig. 6: latency vs bandwidth at a fixed batch (local as a flat line)."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    local = [p for p in data["points"] if p["mode"] == "local" and p["batch"] == batch]
+    shaped = [b for b in _bandwidths(data) if b is not None]
+    labels = sorted({_label(p) for p in data["points"] if p["mode"] != "local"})
+    for label in labels:
+        points = sorted([p for p in data["points"] if _label(p) == label and p["batch"] == batch and
+                         p["bandwidth_mbit"] is not None], key=lambda p: p["bandwidth_mbit"])
+        if points:
+            ax.plot([p["bandwidth_mbit"] for p in points], [p["latency"]["mean_ms"] for p in points], marker="o",
+                    label=label)
+    if local and shaped:
+        ax.hlines(local[0]["latency"]["mean_ms"], min(shaped), max(shaped), colors="black", linestyles="--",
+                  label="local")
+    ax.set(xlabel="bandwidth (Mbit/s)", ylabel="latency (ms)", title=f"latency vs bandwidth, batch {batch}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def decision_map(selector, batches: list[int], bandwidths: list[float], path: Path) -> None:
+    """The selector's choice over (batch, bandwidth)."""
+    labels, grid = [], np.zeros((len(bandwidths), len(batches)), dtype=int)
+    for i, bandwidth in enumerate(bandwidths):
+        for j, batch in enumerate(batches):
+            label = selector.decide(batch, bandwidth).choice.label
+            if label not in labels:
+                labels.append(label)
+            grid[i, j] = labels.index(label)
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    cmap = plt.get_cmap("tab10", max(len(labels), 1))
+    ax.imshow(grid, aspect="auto", origin="lower", cmap=cmap, vmin=-0.5, vmax=len(labels) - 0.5)
+    ax.set_xticks(range(len(batches)), [str(b) for b in batches])
+    ax.set_yticks(range(len(bandwidths)), ["loopback" if b is None else f"{b:g}" for b in bandwidths])
+    ax.set(xlabel="batch", ylabel="bandwidth (Mbit/s)", title=f"selector choice ({selector.objective})")
+    for k, label in enumerate(labels):
+        ax.plot([], [], "s", color=cmap(k), label=label)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_all(data: dict, out: Path, selector=None) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    bandwidths = _bandwidths(data) or [None]
+    for bandwidth in bandwidths:
+        tag = "loopback" if bandwidth is None else f"{bandwidth:g}mbit"
+        for name, fn in (("breakdown", breakdown), ("per_sample", per_sample)):
+            path = out / f"{name}_{tag}.png"
+            fn(data, bandwidth, path)
+            written.append(path)
+    batches = sorted({p["batch"] for p in data["points"]})
+    if len([b for b in bandwidths if b is not None]) > 1:
+        path = out / f"vs_bandwidth_b{batches[-1]}.png"
+        vs_bandwidth(data, batches[-1], path)
+        written.append(path)
+    if selector is not None:
+        shaped = [b for b in bandwidths if b is not None] or [None]
+        path = out / "decision_map.png"
+        decision_map(selector, batches, shaped, path)
+        written.append(path)
+    return written
