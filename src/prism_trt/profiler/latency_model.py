@@ -3,10 +3,10 @@
     compute(mode, B)   = c0 + c1 * B                        per (mode, CR) chain, linear correction
     staging(bytes, n)  = s0 * n + s1 * bytes                 D2H + H2D, linear in bytes
     comm(bytes, n, bw) = a * n + bytes * (b + g * 8 / bw)    first-packet latency + per-byte cost
-    rest(B, n)         = r0 + r1 * n + r2 * B                wait (skew) + other
+    rest(B)            = r0 + r1 * B                         wait (skew) + other
 
 with n the collectives per inference, bytes what rank 0 sends + receives, bw in bit/ms (Mbit/s *
-1e3). Loopback points (no configured bandwidth) fit b alone. Rank 0's timings are modelled: its
+1e3). n is fixed by the model depth, so it cannot be told apart from a constant in ``rest``. Loopback points (no configured bandwidth) fit b alone. Rank 0's timings are modelled: its
 total is the request latency.
 """
 
@@ -39,7 +39,7 @@ def _design(term: str, f: dict) -> list[float]:
         return [f["n"], f["bytes"]]
     if term == "comm":
         return [f["n"], f["bytes"], f["bytes"] * f["inv_bw"]]
-    return [1.0, f["n"], f["batch"]]  # rest
+    return [1.0, f["batch"]]  # rest
 
 
 def _lstsq(rows: list[list[float]], targets: list[float]) -> np.ndarray:

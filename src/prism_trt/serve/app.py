@@ -1,0 +1,296 @@
+"""The HTTP inference server: a Starlette app speaking KServe v2 / Open Inference Protocol over
+one :class:`~prism_trt.runtime.api.Executor`, with dynamic batching and Prometheus metrics.
+
+The app does not own the executor: whoever made it closes it after the server stops (the
+batcher waits for an in-flight batch on shutdown, so closing afterwards is safe).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .. import __version__
+from ..runtime.api import Executor, Health, Selector
+from .batcher import Batcher, BatcherStopped, InferenceFailed, QueueFull
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .protocol import (
+    OUTPUT_NAMES,
+    RequestError,
+    decode_image,
+    infer_response,
+    model_metadata,
+    parse_infer_request,
+    server_metadata,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_WAIT_MS = 5.0
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def default_max_body_bytes(executor: Executor) -> int:
+    """A full batch written as JSON by a verbose client (~32 bytes a value), and room for a photo upload."""
+    height, width = executor.spec.img_size
+    values = executor.max_batch * executor.spec.in_chans * height * width
+    return max(32 * values + (1 << 20), 16 << 20)
+
+
+class _Server:
+    def __init__(self, executor: Executor, selector: Selector, token: str | None, max_wait_ms: float,
+                 max_body_bytes: int, max_queue_images: int | None):
+        if token is not None and (not token or not token.isascii() or not token.isprintable() or " " in token):
+            # HTTP headers arrive as latin-1 text; a token outside printable ASCII could never match
+            raise ValueError("the bearer token must be non-empty printable ASCII without spaces")
+        if max_body_bytes <= 0:
+            raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
+        self.executor, self.token, self.max_body_bytes = executor, token, max_body_bytes
+        self.model_name = executor.model_name
+        self.metrics = ServerMetrics(executor.max_batch)
+        self.batcher = Batcher(executor, selector, max_wait_s=max_wait_ms / 1e3, max_queue_images=max_queue_images,
+                               metrics=self.metrics)
+
+    # ---------------------------------------------------------------- plumbing
+
+    def endpoint(self, name: str, handler: Handler, public: bool = False) -> Handler:
+        """Auth (unless public), error-to-JSON mapping and request/error metrics around one route."""
+
+        async def wrapped(request: Request) -> Response:
+            try:
+                if not public:
+                    self._authorize(request)
+                response = await handler(request)
+            except RequestError as exc:
+                response = self.error_response(name, exc)
+            except ClientDisconnect:
+                response = self.error_response(name, RequestError(400, "client_disconnected",
+                                                                  "the client went away mid-request"))
+            except Exception as exc:  # a bug answers 500 for this request; the server goes on
+                log.exception("%s %s failed", request.method, request.url.path)
+                response = self.error_response(name, RequestError(500, "internal", f"internal error: {exc!r}"))
+            self.metrics.requests.inc(endpoint=name, code=str(response.status_code))
+            return response
+
+        return wrapped
+
+    def error_response(self, endpoint: str, error: RequestError) -> JSONResponse:
+        self.metrics.errors.inc(endpoint=endpoint, code=str(error.status), reason=error.reason)
+        level = logging.ERROR if error.status >= 500 else logging.INFO
+        log.log(level, "%s -> %d %s: %s", endpoint, error.status, error.reason, error.message)
+        return JSONResponse({"error": error.message}, status_code=error.status, headers=error.headers)
+
+    def _authorize(self, request: Request) -> None:
+        if self.token is None:
+            return
+        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+        challenge = {"WWW-Authenticate": 'Bearer realm="prism-trt"'}
+        if scheme.lower() != "bearer" or not credentials.strip():
+            raise RequestError(401, "unauthorized", "this server needs an 'Authorization: Bearer <token>' header",
+                               challenge)
+        if not hmac.compare_digest(credentials.strip().encode(), self.token.encode()):
+            raise RequestError(401, "unauthorized", "the bearer token is wrong", challenge)
+
+    def _check_model(self, request: Request) -> None:
+        name = request.path_params["name"]
+        if name != self.model_name:
+            raise RequestError(404, "unknown_model", f"model '{name}' is not served here; this server serves "
+                                                     f"'{self.model_name}'")
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise RequestError(400, "bad_header", f"Content-Length must be a number of bytes, got {declared!r}")
+            if int(declared) > limit:
+                raise RequestError(413, "body_too_large", f"request body is {int(declared)} bytes; this server "
+                                                          f"accepts at most {limit}")
+        chunks, received = [], 0
+        async for chunk in request.stream():  # also bounds chunked bodies, which declare no length
+            received += len(chunk)
+            if received > limit:
+                raise RequestError(413, "body_too_large", f"request body exceeds {limit} bytes, the most this "
+                                                          f"server accepts")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _health(self) -> Health:
+        try:
+            health = await run_in_threadpool(self.executor.health)  # a distributed executor may ask its ranks
+        except Exception as exc:
+            log.exception("executor health check failed")
+            return Health(live=True, ready=False, reason=f"health check raised {exc!r}")
+        if not self.batcher.healthy:
+            return Health(live=health.live, ready=False, degraded=health.degraded, reason="the batch worker stopped")
+        return health
+
+    async def _infer(self, images, request_id: str, outputs: tuple[str, ...]) -> JSONResponse:
+        started = time.perf_counter()
+        try:
+            outcome = await self.batcher.submit(images)
+        except QueueFull as exc:
+            raise RequestError(503, "overloaded", f"server busy: {exc}; retry later", {"Retry-After": "1"}) from None
+        except BatcherStopped as exc:
+            raise RequestError(503, "shutting_down", str(exc)) from None
+        except InferenceFailed as exc:
+            raise RequestError(500, "executor_error", f"inference failed: {exc}") from None
+        body = infer_response(self.model_name, request_id, outputs, outcome.logits, outcome.choice,
+                              outcome.fell_back, outcome.batch_size, outcome.queue_s * 1e3, outcome.executor_s * 1e3)
+        self.metrics.latency.observe(time.perf_counter() - started, mode=outcome.choice.label)
+        return JSONResponse(body)
+
+    # ---------------------------------------------------------------- routes
+
+    async def live(self, request: Request) -> Response:
+        health = await self._health()
+        return JSONResponse({"live": health.live}, status_code=200 if health.live else 503)
+
+    async def ready(self, request: Request) -> Response:
+        return await self._readiness({})
+
+    async def _readiness(self, extra: dict) -> Response:
+        health = await self._health()
+        body = {**extra, "ready": health.ready, "degraded": health.degraded}
+        if health.reason:
+            body["reason"] = health.reason
+        state = "not-ready" if not health.ready else "degraded" if health.degraded else "ready"
+        # Degraded (e.g. a worker rank lost, serving locally) still serves, so it stays 200: a
+        # load balancer must not pull the only replica; the header and body make it visible.
+        return JSONResponse(body, status_code=200 if health.ready else 503, headers={"X-Prism-Health": state})
+
+    async def server_metadata(self, request: Request) -> Response:
+        return JSONResponse(server_metadata(__version__))
+
+    async def model_metadata(self, request: Request) -> Response:
+        self._check_model(request)
+        return JSONResponse(model_metadata(self.model_name, self.executor.spec, self.executor.max_batch,
+                                           self.executor.choices()))
+
+    async def model_ready(self, request: Request) -> Response:
+        self._check_model(request)
+        return await self._readiness({"name": self.model_name})
+
+    async def infer(self, request: Request) -> Response:
+        self._check_model(request)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type == "application/octet-stream" or "inference-header-content-length" in request.headers:
+            raise RequestError(400, "binary_data", "the binary tensor data extension is not supported; send a JSON "
+                                                   "body with the tensor in 'data'")
+        body = await self._read_body(request)
+        # JSON parsing of a large batch takes a while; off the loop, so the batch worker keeps going
+        parsed = await run_in_threadpool(parse_infer_request, body, self.executor.spec, self.executor.max_batch)
+        return await self._infer(parsed.images, parsed.request_id, parsed.outputs)
+
+    async def infer_image(self, request: Request) -> Response:
+        self._check_model(request)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        body = await self._read_body(request)
+        if content_type == "multipart/form-data":
+            data = await self._uploaded_file(request, body)
+        elif content_type.startswith("image/") or content_type == "application/octet-stream":
+            data = body
+        else:
+            raise RequestError(415, "content_type", f"expected a multipart/form-data upload with a 'file' field or a "
+                                                    f"raw image body (Content-Type image/*), got "
+                                                    f"{content_type or 'no Content-Type'}")
+        images = await run_in_threadpool(decode_image, data, self.executor.spec)
+        request_id = request.headers.get("x-request-id") or request.query_params.get("id") or ""
+        return await self._infer(images, request_id or uuid.uuid4().hex, OUTPUT_NAMES)
+
+    async def _uploaded_file(self, request: Request, body: bytes) -> bytes:
+        async def replay() -> dict:  # the body was already read under the size limit; parse it from memory
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=1, max_fields=16)
+        except HTTPException as exc:
+            raise RequestError(400, "bad_multipart", f"could not parse the multipart body: {exc.detail}") from None
+        try:
+            upload = form.get("file")
+            if upload is None:
+                raise RequestError(400, "bad_multipart", f"the multipart body has no 'file' field; fields found: "
+                                                         f"{sorted(form.keys())}")
+            if not isinstance(upload, UploadFile):
+                raise RequestError(400, "bad_multipart", "the 'file' field must be a file upload, not a text field")
+            return await upload.read()
+        finally:
+            await form.close()
+
+    async def metrics_text(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def not_found(self, request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        message = (f"no route {request.method} {request.url.path}; see GET /v2 and /v2/models/{self.model_name}"
+                   if status == 404 else f"{request.method} is not allowed on {request.url.path}")
+        reason = "no_route" if status == 404 else "method_not_allowed"
+        self.metrics.requests.inc(endpoint="unknown", code=str(status))
+        return self.error_response("unknown", RequestError(status, reason, message))
+
+
+def create_app(executor: Executor, selector: Selector, token: str | None = None,
+               max_wait_ms: float = DEFAULT_MAX_WAIT_MS, max_body_bytes: int | None = None,
+               max_queue_images: int | None = None) -> Starlette:
+    """The KServe v2 app for one executor.
+
+    token: when set, every endpoint but ``/v2/health/live`` wants ``Authorization: Bearer <token>``.
+    max_wait_ms: how long a batch waits for more requests after its oldest one arrived.
+    max_body_bytes: request body limit (default :func:`default_max_body_bytes`), 413 above it.
+    max_queue_images: images allowed to wait (default 16 full batches), 503 above it.
+    ``app.state.server`` holds the batcher and metrics.
+    """
+    server = _Server(executor, selector, token, max_wait_ms,
+                     max_body_bytes if max_body_bytes is not None else default_max_body_bytes(executor),
+                     max_queue_images)
+    e = server.endpoint
+    routes = [
+        # liveness probes (kubelet, systemd) carry no credentials, and liveness tells nothing about the model
+        Route("/v2/health/live", e("live", server.live, public=True), methods=["GET"]),
+        Route("/v2/health/ready", e("ready", server.ready), methods=["GET"]),
+        Route("/v2", e("server_metadata", server.server_metadata), methods=["GET"]),
+        Route("/v2/models/{name}", e("model_metadata", server.model_metadata), methods=["GET"]),
+        Route("/v2/models/{name}/ready", e("model_ready", server.model_ready), methods=["GET"]),
+        Route("/v2/models/{name}/infer", e("infer", server.infer), methods=["POST"]),
+        Route("/v2/models/{name}/infer/image", e("infer_image", server.infer_image), methods=["POST"]),
+        Route("/metrics", e("metrics", server.metrics_text), methods=["GET"]),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        server.batcher.start()
+        log.info("serving model '%s' (max batch %d, batching wait %g ms, auth %s)", server.model_name,
+                 executor.max_batch, max_wait_ms, "on" if token else "off")
+        try:
+            yield
+        finally:
+            await server.batcher.stop()
+
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={404: server.not_found, 405: server.not_found})
+    app.state.server = server
+    return app
+
+
+def serve(app: Starlette, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Run ``app`` with uvicorn until interrupted: one process, since the executor lives in it."""
+    server = getattr(app.state, "server", None)
+    if host not in LOOPBACK_HOSTS and (server is None or server.token is None):
+        log.warning("serving on %s without a bearer token: anyone who can reach this port can run inference", host)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, workers=None, proxy_headers=False,
+                server_header=False, timeout_graceful_shutdown=30)

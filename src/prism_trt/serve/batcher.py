@@ -1,0 +1,248 @@
+"""Dynamic batching: requests queue up, one worker merges them into executor batches.
+
+Guarantees, and what gives them:
+
+* FIFO fairness: the worker only ever takes requests from the head of the queue, and stops
+  filling a batch at the first request that would overflow ``max_batch`` (that request heads the
+  next batch) rather than skipping ahead to smaller ones, so no request can be starved.
+* Bounded wait: a batch waits for company at most ``max_wait_s`` after its *oldest* request
+  arrived, so a request that already queued behind a running batch is not held any longer.
+* Exactly once: each request owns one future. Once popped from the queue it is either answered
+  with its rows of the logits or failed with an exception, through ``_answer``, which never
+  touches a future twice; a ``finally`` fails whatever a batch left unanswered (worker cancelled,
+  a bug), and ``stop`` fails what is still queued. A caller that gave up (its future cancelled)
+  is skipped, not computed.
+* Isolation: when a merged batch raises, each of its requests is rerun alone, so one request the
+  executor chokes on fails only itself; a request fails only when it fails on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from ..runtime.api import Choice, Executor, InferenceResult, Selector
+from .metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The queue holds as many images as the server accepts; the client should retry later."""
+
+
+class BatcherStopped(RuntimeError):
+    """The server is shutting down and will not run this request."""
+
+
+class InferenceFailed(RuntimeError):
+    """The executor (or selector) raised while running the batch holding this request."""
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    logits: torch.Tensor  # this request's rows
+    choice: Choice  # what actually ran
+    fell_back: bool
+    batch_size: int  # images in the executor batch this request rode in
+    queue_s: float  # from submit to the batch starting
+    executor_s: float
+
+
+@dataclass
+class _Pending:
+    images: torch.Tensor
+    future: asyncio.Future
+    enqueued: float  # loop time
+
+    @property
+    def count(self) -> int:
+        return int(self.images.shape[0])
+
+
+class Batcher:
+    def __init__(self, executor: Executor, selector: Selector, *, max_wait_s: float = 0.005,
+                 max_queue_images: int | None = None, metrics: ServerMetrics | None = None):
+        if max_wait_s < 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        self.executor, self.selector = executor, selector
+        self.max_batch = int(executor.max_batch)
+        self.max_wait_s = max_wait_s
+        self.max_queue_images = max_queue_images if max_queue_images is not None else 16 * self.max_batch
+        if self.max_queue_images < self.max_batch:
+            raise ValueError(f"max_queue_images ({self.max_queue_images}) must hold at least one full batch "
+                             f"({self.max_batch})")
+        self.metrics = metrics or ServerMetrics(self.max_batch)
+        self._pending: deque[_Pending] = deque()
+        self._queued_images = 0
+        self._arrived: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._stopped = False
+        # One thread: the executor runs one batch at a time, and the event loop stays free meanwhile.
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prism-infer")
+
+    @property
+    def healthy(self) -> bool:
+        """False once stopped or if the worker died (it is written not to, this is the alarm)."""
+        return not self._stopped and (self._worker is None or not self._worker.done())
+
+    def start(self) -> None:
+        """Start the worker on the running loop; idempotent, and ``submit`` calls it too."""
+        if self._stopped:
+            raise BatcherStopped("the batcher was stopped")
+        if self._worker is None:
+            self._arrived = asyncio.Event()
+            self._worker = asyncio.get_running_loop().create_task(self._work(), name="prism-batcher")
+
+    async def stop(self) -> None:
+        """Fail what is queued, stop the worker (failing its batch), wait for the executor thread."""
+        self._stopped = True
+        while self._pending:
+            self._answer(self._pop(), error=BatcherStopped("the server is shutting down"))
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+        # Wait out a batch still inside the executor, so the caller may close the executor next.
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.shutdown, True)
+
+    async def submit(self, images: torch.Tensor) -> BatchOutcome:
+        """Queue (B, C, H, W) images, 1 <= B <= max_batch, and wait for their logits."""
+        count = int(images.shape[0])
+        if not 1 <= count <= self.max_batch:
+            raise ValueError(f"a request holds 1 to {self.max_batch} images, got {count}")
+        if self._queued_images + count > self.max_queue_images:
+            raise QueueFull(f"the queue already holds {self._queued_images} images (limit {self.max_queue_images})")
+        self.start()
+        loop = asyncio.get_running_loop()
+        pending = _Pending(images, loop.create_future(), loop.time())
+        self._pending.append(pending)
+        self._queued_images += count
+        self._report_queue()
+        self._arrived.set()
+        return await pending.future
+
+    def _pop(self) -> _Pending:
+        pending = self._pending.popleft()
+        self._queued_images -= pending.count
+        self._report_queue()
+        return pending
+
+    def _report_queue(self) -> None:
+        self.metrics.queue_depth.set(len(self._pending))
+        self.metrics.queue_images.set(self._queued_images)
+
+    @staticmethod
+    def _answer(pending: _Pending, outcome: BatchOutcome | None = None, error: BaseException | None = None) -> None:
+        if pending.future.done():  # the caller gave up, or it was already answered
+            return
+        if error is not None:
+            pending.future.set_exception(error)
+        else:
+            pending.future.set_result(outcome)
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch: list[_Pending] = []  # owned here, so a cancel while collecting still answers what was popped
+            try:
+                await self._collect(batch, loop)
+                await self._run(batch, loop)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug here must not kill the worker and strand every later request
+                log.exception("batch worker error")
+                for pending in batch:
+                    self._answer(pending, error=InferenceFailed(f"internal batching error: {exc!r}"))
+            finally:
+                for pending in batch:
+                    self._answer(pending, error=BatcherStopped("the server is shutting down"))
+
+    async def _collect(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
+        """Fill ``batch`` from the head of the queue (see the module docstring for the policy)."""
+        size = 0
+        deadline = None
+        while True:
+            while self._pending and self._pending[0].future.done():
+                self._pop()  # its caller is gone; computing it would only delay the others
+            if self._pending:
+                head = self._pending[0]
+                if size + head.count > self.max_batch:
+                    return
+                batch.append(self._pop())
+                size += head.count
+                if deadline is None:
+                    deadline = head.enqueued + self.max_wait_s
+                if size == self.max_batch:
+                    return
+                continue
+            self._arrived.clear()
+            if not batch:
+                await self._arrived.wait()
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _infer(self, images: torch.Tensor, size: int) -> tuple[InferenceResult, Choice, float]:
+        choice = self.selector.choose(size)
+        start = time.perf_counter()
+        result = self.executor.infer(images, choice)
+        elapsed = time.perf_counter() - start
+        shape = tuple(result.logits.shape)
+        if shape != (size, self.executor.spec.num_classes):
+            raise RuntimeError(f"executor returned logits of shape {list(shape)} for a batch of {size}; expected "
+                               f"[{size}, {self.executor.spec.num_classes}]")
+        if not torch.isfinite(result.logits).all():
+            raise RuntimeError("executor returned non-finite logits")
+        return result, choice, elapsed
+
+    async def _run(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
+        batch = [pending for pending in batch if not pending.future.done()]
+        if not batch:
+            return
+        size = sum(pending.count for pending in batch)
+        images = batch[0].images if len(batch) == 1 else torch.cat([pending.images for pending in batch])
+        started = loop.time()
+        try:
+            # the selector runs in the thread too: an adaptive one may consult profiles
+            result, chosen, executor_s = await loop.run_in_executor(self._thread, self._infer, images, size)
+        except Exception as exc:
+            if len(batch) > 1:
+                log.warning("batch of %d requests (%d images) failed (%r); rerunning them one at a time",
+                            len(batch), size, exc)
+                self.metrics.isolations.inc()
+                for pending in batch:
+                    await self._run([pending], loop)
+                return
+            log.error("inference of %d image(s) failed: %r", size, exc)
+            self._answer(batch[0], error=InferenceFailed(f"{type(exc).__name__}: {exc}"))
+            return
+        log.debug("batch of %d request(s), %d image(s): %s in %.2f ms", len(batch), size, result.choice.label,
+                  executor_s * 1e3)
+        self.metrics.batch_size.observe(size)
+        self.metrics.batch_requests.observe(len(batch))
+        self.metrics.chosen.inc(mode=chosen.label)
+        self.metrics.executor_seconds.observe(executor_s, mode=result.choice.label)
+        if result.fell_back:
+            self.metrics.fallbacks.inc()
+            log.warning("%s failed for a batch of %d; the local chain answered", chosen.label, size)
+        logits = result.logits.detach().to("cpu", torch.float32)
+        offset = 0
+        for pending in batch:
+            rows = logits[offset:offset + pending.count]
+            offset += pending.count
+            self._answer(pending, BatchOutcome(rows, result.choice, result.fell_back, size,
+                                               started - pending.enqueued, executor_s))

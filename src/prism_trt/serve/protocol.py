@@ -1,0 +1,249 @@
+"""KServe v2 / Open Inference Protocol over JSON: request validation, response and metadata
+shapes, and image decoding for the image endpoint.
+
+Only the JSON tensor form is spoken. The binary tensor data extension (``binary_data_size`` on an
+input, ``application/octet-stream`` bodies) is refused with a 400 that says so; an output's
+``binary_data`` request is answered in JSON, which clients of that extension also read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..model.spec import ViTSpec
+from ..runtime.api import Choice
+
+INPUT_NAME = "input"
+LOGITS_OUTPUT = "logits"
+LABEL_OUTPUT = "label"
+OUTPUT_NAMES = (LOGITS_OUTPUT, LABEL_OUTPUT)
+PLATFORM = "prism_trt"
+PROTOCOL_EXTENSIONS: list[str] = []  # no OIP extensions (binary data, sequences, ...) are implemented
+
+# Pillow refuses ~179 Mpx by itself; an image endpoint of a small ViT needs far less, and a
+# decompression bomb inside a small PNG must not get to allocate its full size.
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+class RequestError(Exception):
+    """A request the server refuses. ``reason`` is a short fixed slug for the error metric."""
+
+    def __init__(self, status: int, reason: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+        self.headers = headers or {}
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    images: torch.Tensor  # (B, C, H, W) float32, finite
+    request_id: str
+    outputs: tuple[str, ...]  # requested outputs, in response order
+
+
+def server_metadata(version: str) -> dict:
+    return {"name": "prism-trt", "version": version, "extensions": PROTOCOL_EXTENSIONS}
+
+
+def model_metadata(model_name: str, spec: ViTSpec, max_batch: int, choices: list[Choice]) -> dict:
+    height, width = spec.img_size
+    return {
+        "name": model_name,
+        "versions": [],
+        "platform": PLATFORM,
+        "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, spec.in_chans, height, width]}],
+        "outputs": [
+            {"name": LOGITS_OUTPUT, "datatype": "FP32", "shape": [-1, spec.num_classes]},
+            {"name": LABEL_OUTPUT, "datatype": "INT64", "shape": [-1]},
+        ],
+        # OIP parameters are scalars, hence the joined strings.
+        "parameters": {
+            "max_batch_size": max_batch,
+            "modes": ",".join(choice.label for choice in choices),
+            "mean": ",".join(f"{m:g}" for m in spec.mean),
+            "std": ",".join(f"{s:g}" for s in spec.std),
+            "image_endpoint": f"/v2/models/{model_name}/infer/image",
+        },
+    }
+
+
+def _shape_text(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _check_shape(shape, spec: ViTSpec, max_batch: int) -> list[int]:
+    expected = [spec.in_chans, *spec.img_size]
+    expected_text = f"[B, {spec.in_chans}, {spec.img_size[0]}, {spec.img_size[1]}] with 1 <= B <= {max_batch}"
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise RequestError(400, "shape", f"input '{INPUT_NAME}' shape must be a list of integers {expected_text}, "
+                                         f"got {json.dumps(shape)}")
+    if len(shape) != 4:
+        raise RequestError(400, "shape", f"input '{INPUT_NAME}' has rank {len(shape)} (shape {_shape_text(shape)}); "
+                                         f"expected rank 4, {expected_text}")
+    if shape[1:] != expected:
+        names = ("channels C", "height H", "width W")
+        wrong = [f"{name} {got} (expected {want})" for name, got, want in zip(names, shape[1:], expected) if got != want]
+        raise RequestError(400, "shape", f"input '{INPUT_NAME}' shape {_shape_text(shape)} does not fit this model: "
+                                         f"{', '.join(wrong)}; expected {expected_text}")
+    if shape[0] < 1:
+        raise RequestError(400, "shape", f"input '{INPUT_NAME}' batch size is {shape[0]}; expected {expected_text}")
+    if shape[0] > max_batch:
+        raise RequestError(413, "batch_too_large", f"input '{INPUT_NAME}' batch size {shape[0]} exceeds this "
+                                                   f"server's max batch {max_batch}; split the request")
+    return shape
+
+
+def _tensor_from_data(data, shape: list[int]) -> torch.Tensor:
+    if not isinstance(data, list):
+        raise RequestError(400, "data", f"input '{INPUT_NAME}' data must be a JSON list of numbers "
+                                        f"(flat or nested), got {type(data).__name__}")
+    try:
+        array = np.asarray(data)
+    except ValueError as exc:  # ragged nesting
+        raise RequestError(400, "data_shape", f"input '{INPUT_NAME}' data is not a regular nested list: {exc}") from None
+    if array.dtype.kind not in "iuf":
+        raise RequestError(400, "data", f"input '{INPUT_NAME}' data must hold only numbers; found values numpy "
+                                        f"reads as {array.dtype} (strings, booleans, nulls or huge integers?)")
+    expected_count = math.prod(shape)
+    if array.ndim == 1:
+        if array.size != expected_count:
+            raise RequestError(400, "data_length", f"input '{INPUT_NAME}' data has {array.size} values; shape "
+                                                   f"{_shape_text(shape)} needs {expected_count}")
+    elif list(array.shape) != shape:
+        raise RequestError(400, "data_shape", f"input '{INPUT_NAME}' nested data has shape {_shape_text(array.shape)}; "
+                                              f"declared shape is {_shape_text(shape)}")
+    with np.errstate(over="ignore"):  # out-of-range values become inf and are reported just below
+        values = array.astype(np.float32).reshape(shape)
+    finite = np.isfinite(values)
+    if not finite.all():
+        index = int(np.flatnonzero(~finite)[0])
+        raise RequestError(400, "non_finite", f"input '{INPUT_NAME}' has a non-finite value ({values.flat[index]}) at "
+                                              f"flat index {index}; values must be finite and within FP32 range")
+    return torch.from_numpy(np.ascontiguousarray(values))
+
+
+def _requested_outputs(payload: dict) -> tuple[str, ...]:
+    requested = payload.get("outputs")
+    if requested is None:
+        return OUTPUT_NAMES
+    if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
+                                                  for o in requested):
+        raise RequestError(400, "outputs", "'outputs' must be a list of objects with a 'name'")
+    names = tuple(o["name"] for o in requested)
+    unknown = [name for name in names if name not in OUTPUT_NAMES]
+    if unknown:
+        raise RequestError(400, "outputs", f"unknown output(s) {unknown}; this model has outputs {list(OUTPUT_NAMES)}")
+    return tuple(dict.fromkeys(names)) or OUTPUT_NAMES
+
+
+def parse_infer_request(body: bytes, spec: ViTSpec, max_batch: int) -> InferRequest:
+    """Validate an OIP JSON inference request for this model, or raise :class:`RequestError`."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RequestError(400, "malformed_json", f"request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise RequestError(400, "malformed_request", f"request body must be a JSON object with an 'inputs' list, "
+                                                     f"got a JSON {type(payload).__name__}")
+    request_id = payload.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise RequestError(400, "malformed_request", f"'id' must be a string, got {json.dumps(request_id)}")
+    if "inputs" not in payload:
+        raise RequestError(400, "missing_inputs", f"request has no 'inputs'; expected a list holding one FP32 tensor "
+                                                  f"named '{INPUT_NAME}'")
+    inputs = payload["inputs"]
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        found = f"a list of {len(inputs)}" if isinstance(inputs, list) else f"a JSON {type(inputs).__name__}"
+        raise RequestError(400, "missing_inputs", f"'inputs' must be a list holding exactly one tensor object "
+                                                  f"named '{INPUT_NAME}', got {found}")
+    tensor = inputs[0]
+    missing = [key for key in ("name", "shape", "datatype", "data") if key not in tensor]
+    if "binary_data_size" in (tensor.get("parameters") or {}):
+        raise RequestError(400, "binary_data", "the binary tensor data extension is not supported; send the "
+                                               "tensor as JSON in 'data'")
+    if missing:
+        raise RequestError(400, "malformed_request", f"input tensor lacks field(s) {missing}; an OIP tensor has "
+                                                     f"name, shape, datatype and data")
+    if tensor["name"] != INPUT_NAME:
+        raise RequestError(400, "input_name", f"unknown input {json.dumps(tensor['name'])}; this model has one input "
+                                              f"named '{INPUT_NAME}'")
+    if tensor["datatype"] != "FP32":
+        raise RequestError(400, "datatype", f"input '{INPUT_NAME}' has datatype {json.dumps(tensor['datatype'])}; "
+                                            f"this model takes FP32")
+    shape = _check_shape(tensor["shape"], spec, max_batch)
+    images = _tensor_from_data(tensor["data"], shape)
+    return InferRequest(images, request_id or uuid.uuid4().hex, _requested_outputs(payload))
+
+
+def infer_response(model_name: str, request_id: str, outputs: tuple[str, ...], logits: torch.Tensor,
+                   choice: Choice, fell_back: bool, batch_size: int, queue_ms: float, executor_ms: float) -> dict:
+    """An OIP inference response; ``parameters`` says how the batch holding this request ran."""
+    batch, classes = logits.shape
+    tensors = {
+        LOGITS_OUTPUT: {"name": LOGITS_OUTPUT, "datatype": "FP32", "shape": [batch, classes],
+                        "data": logits.reshape(-1).tolist()},
+        LABEL_OUTPUT: {"name": LABEL_OUTPUT, "datatype": "INT64", "shape": [batch],
+                       "data": logits.argmax(dim=1).tolist()},
+    }
+    parameters = {"mode": choice.mode, "choice": choice.label, "fell_back": fell_back, "batch_size": batch_size,
+                  "queue_ms": round(queue_ms, 3), "executor_ms": round(executor_ms, 3)}
+    if choice.cr is not None:  # OIP parameter values cannot be null
+        parameters["cr"] = choice.cr
+    return {"model_name": model_name, "id": request_id, "parameters": parameters,
+            "outputs": [tensors[name] for name in outputs]}
+
+
+def decode_image(data: bytes, spec: ViTSpec) -> torch.Tensor:
+    """Image file bytes -> (1, C, H, W) float32, as the model expects it: C channels, img_size, mean/std."""
+    if not data:
+        raise RequestError(400, "bad_image", "the image is empty (0 bytes)")
+    if spec.in_chans not in (1, 3):
+        raise RequestError(400, "bad_image", f"this model takes {spec.in_chans} channels; images can only be "
+                                             f"turned into 1 (grayscale) or 3 (RGB); send an FP32 tensor to /infer")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise RequestError(400, "bad_image", f"could not decode the image: {len(data)} bytes starting "
+                                             f"{data[:8].hex()} are no image format Pillow reads") from None
+    except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+        raise RequestError(400, "bad_image", f"could not decode the image: {exc}") from None
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise RequestError(413, "image_too_large", f"the image is {width}x{height} pixels; at most "
+                                                   f"{MAX_IMAGE_PIXELS} pixels are decoded")
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)  # phone photos are stored sideways with an orientation tag
+        pixels = _resized_unit_pixels(image, spec)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # truncated or corrupt data
+        raise RequestError(400, "bad_image", f"the {image.format or 'image'} data is corrupt or truncated: "
+                                             f"{exc}") from None
+    mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
+    return torch.from_numpy(np.ascontiguousarray((pixels - mean) / std))[None]
+
+
+def _resized_unit_pixels(image: Image.Image, spec: ViTSpec) -> np.ndarray:
+    """(C, H, W) float32 in [0, 1] at the model's size."""
+    height, width = spec.img_size
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        # 16-bit grayscale: convert("L") would clip at 255, so scale in float instead
+        gray = Image.fromarray(np.asarray(image, dtype=np.float32) / 65535.0)  # float32 array -> mode "F"
+        plane = np.asarray(gray.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+        return np.repeat(plane[None], spec.in_chans, axis=0)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # transparent areas read as white, not as whatever colour the hidden pixels happen to have
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    converted = image.convert("L" if spec.in_chans == 1 else "RGB").resize((width, height), Image.Resampling.BILINEAR)
+    pixels = np.asarray(converted, dtype=np.float32) / 255.0
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
