@@ -574,5 +574,98 @@ def plot(map_path, out, min_agreement):
         click.echo(str(path))
 
 
+class _Stopped(Exception):
+    """SIGTERM reached rank 0's server."""
+
+
+@main.command()
+@click.option("--engines", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
+              help="A build directory (rankN/ is picked by rank) or one rank's engine directory.")
+@group_options
+@click.option("--mode", type=click.Choice(["local", "voltage", "prism", "auto"]), default="local", show_default=True,
+              help="How batches run; auto chooses per batch from a performance map (--map).")
+@click.option("--cr", type=float, default=None, help="Compression rate for --mode prism.")
+@click.option("--map", "map_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Performance map for --mode auto (from `prism-trt profile`).")
+@click.option("--objective", type=click.Choice(["latency", "energy"]), default="latency", show_default=True)
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (rank 0); 0.0.0.0 exposes it.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--token", envvar="PRISM_TRT_TOKEN", default=None,
+              help="Require `Authorization: Bearer TOKEN` [env PRISM_TRT_TOKEN].")
+@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="How long a batch waits for more requests.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Engine intra-op threads.")
+@click.option("--device", default="cpu", show_default=True, help="Where engine tensors live (cpu, cuda:0).")
+def serve(engines, group, mode, cr, map_path, objective, min_agreement, host, port, token, max_wait_ms, threads,
+          device):
+    """Serve classifications over the KServe v2 / Open Inference Protocol HTTP API.
+
+    Run the same command on every board with its --rank (or under torchrun): rank 0 loads its
+    engines, joins the group and serves HTTP; the other ranks follow rank 0. If a worker dies,
+    rank 0 answers with its local chain and reports degraded readiness; restart all ranks to
+    distribute again. Ctrl-C / SIGTERM on rank 0 stops every rank.
+    """
+    import logging
+    import signal
+
+    from .engines.manifest import ManifestError
+    from .runtime.api import FixedSelector
+    from .runtime.distributed import DistributedExecutor, run_worker
+    from .runtime.local import LocalExecutor
+    from .serve import create_app
+    from .serve import serve as run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank_dir = _rank_dir(engines, group.rank)
+    if group.rank != 0:
+        def stop(signum, frame):
+            raise SystemExit(f"rank {group.rank}: signal {signum}, leaving the group")
+
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            batches = run_worker(rank_dir, group, threads, device)
+        except (ManifestError, ValueError, RuntimeError) as error:
+            _fail(error)
+        click.echo(f"rank {group.rank}: served {batches} batches, stopped by rank 0")
+        return
+    if mode == "auto" and map_path is None:
+        raise click.UsageError("--mode auto needs --map PERFMAP.json (make one with `prism-trt profile`)")
+    if mode in ("voltage", "prism") and group.world_size == 1:
+        raise click.UsageError(f"{mode} mode needs --world-size >= 2")
+    try:
+        if group.world_size == 1:
+            executor = LocalExecutor(rank_dir, threads)
+        else:
+            executor = DistributedExecutor(rank_dir, group, threads, device)
+    except (ManifestError, ValueError, RuntimeError) as error:
+        _fail(error)
+    try:
+        if mode == "auto":
+            from .profiler import perfmap
+            from .profiler.selector import LiveSelector, MapSelector
+
+            data = perfmap.load(map_path, engines_dir=engines)
+            selector = LiveSelector(MapSelector(data, objective, min_agreement), executor)
+        else:
+            selector = FixedSelector(_choice(mode, cr))
+        app = create_app(executor, selector, token=token, max_wait_ms=max_wait_ms)
+        click.echo(f"serving {executor.model_name} ({mode}) on http://{host}:{port}/v2/models/{executor.model_name}")
+
+        # uvicorn shuts down gracefully on SIGTERM/SIGINT, then restores the handlers it found and
+        # re-raises the signal: with this handler in place that ends here, so the workers get stopped.
+        def stopped(signum, frame):
+            raise _Stopped(signum)
+
+        signal.signal(signal.SIGTERM, stopped)
+        run_server(app, host=host, port=port)
+    except (_Stopped, KeyboardInterrupt):
+        click.echo("rank 0: stopping every rank")
+    except (ValueError, OSError) as error:
+        _fail(error)
+    finally:
+        executor.close()
+
+
 if __name__ == "__main__":
     main()

@@ -103,3 +103,14 @@ class MapSelector:
 
     def choose(self, batch: int) -> Choice:
         return self.decide(batch).choice
+
+
+class LiveSelector:
+    """The server's ``--mode auto``: a MapSelector fed the executor's current bandwidth estimate."""
+
+    def __init__(self, selector: MapSelector, executor):
+        self.selector, self.executor = selector, executor
+
+    def choose(self, batch: int) -> Choice:
+        bandwidth = getattr(self.executor, "bandwidth_mbit", None) or self.selector.bandwidth
+        return self.selector.decide(batch, bandwidth).choice

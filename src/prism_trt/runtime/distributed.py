@@ -168,6 +168,7 @@ class DistributedExecutor:
         self.rank.check_consistent()
         self._heartbeat_s = heartbeat_s if heartbeat_s is not None else group.timeout_s / 3
         self._last_collective = time.monotonic()
+        self.bandwidth_mbit: float | None = None  # estimated from the collectives actually run
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="prism-heartbeat", daemon=True)
         self._heartbeat.start()
 
@@ -214,10 +215,18 @@ class DistributedExecutor:
                     dist.gather_object(times.to_dict(), gathered, dst=0)
                     per_rank = [PhaseTimes(**t) for t in gathered]
                 self._last_collective = time.monotonic()
+                self._update_bandwidth(times)
                 return InferenceResult(logits, choice, times, per_rank=per_rank)
             except RuntimeError as error:  # GLOO reports peer loss and timeouts as RuntimeError
                 self._degrade(f"{choice.label} batch of {images.shape[0]} failed: {error}")
         return self._local(images, fell_back=True)
+
+    def _update_bandwidth(self, times: PhaseTimes) -> None:
+        """Moving average of the rate the all-gathers achieved (bits moved / time in the collective);
+        an underestimate of the link, since comm also holds latency and, without a barrier, skew."""
+        if times.comm > 0 and times.bytes_sent + times.bytes_received > 0:
+            rate = (times.bytes_sent + times.bytes_received) * 8 / (times.comm * 1e3)
+            self.bandwidth_mbit = rate if self.bandwidth_mbit is None else 0.8 * self.bandwidth_mbit + 0.2 * rate
 
     def _heartbeat_loop(self) -> None:
         while not self._closed.wait(self._heartbeat_s / 2):

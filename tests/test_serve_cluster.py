@@ -1,0 +1,155 @@
+"""`prism-trt serve` on two real ranks (GLOO over loopback), driven by real HTTP clients."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from prism_trt.core import make_partition_plan, make_segment_plan, simulate
+from prism_trt.engines import BuildOptions, get_backend
+from prism_trt.export.build import Builder, config_plans
+from prism_trt.runtime.group import free_port
+
+TOLERANCE = 1e-4
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def engines(mnist_model, tmp_path_factory):
+    spec = mnist_model.spec
+    out = tmp_path_factory.mktemp("serve-engines")
+    configs = config_plans(spec.num_tokens, spec.num_prefix_tokens, 2, [5.0], [])
+    Builder(mnist_model, {"checkpoint": "vit_mnist.pt"}, get_backend("onnxruntime", threads=1),
+            BuildOptions(max_batch=16), exporter="torchscript").build(out, 2, configs, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(mnist_dir):
+    from prism_trt.data import MnistTestSet
+
+    batch, _ = next(MnistTestSet(mnist_dir, limit=64).batches(64))
+    return batch
+
+
+def _serve(engines, rank: int, master_port: int, http_port: int) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "prism_trt.cli", "serve", "--engines", str(engines), "--rank", str(rank),
+            "--world-size", "2", "--master-port", str(master_port), "--threads", "1", "--timeout", "10",
+            "--mode", "prism", "--cr", "5", "--port", str(http_port), "--max-wait-ms", "2"]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.fixture
+def cluster(engines):
+    master, http = free_port(), free_port()
+    worker = _serve(engines, 1, master, http)
+    server = _serve(engines, 0, master, http)
+    url = f"http://127.0.0.1:{http}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            server.kill()
+            worker.kill()
+            pytest.fail(f"server did not become ready: {server.communicate()[0][-3000:]}")
+        time.sleep(0.3)
+    yield url, server, worker
+    for process in (server, worker):
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in (server, worker):
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_triton_client_talks_to_the_server(cluster, mnist_model, images):
+    import tritonclient.http as triton
+
+    url, server, worker = cluster
+    client = triton.InferenceServerClient(url.removeprefix("http://"), connection_timeout=30, network_timeout=30)
+    assert client.is_server_live() and client.is_server_ready()
+    name = mnist_model.spec.name
+    assert client.is_model_ready(name)
+    metadata = client.get_model_metadata(name)
+    assert metadata["inputs"][0]["datatype"] == "FP32" and metadata["inputs"][0]["shape"] == [-1, 1, 28, 28]
+    batch = images[:5].numpy()
+    request = triton.InferInput("input", list(batch.shape), "FP32")
+    request.set_data_from_numpy(batch, binary_data=False)
+    outputs = [triton.InferRequestedOutput("logits", binary_data=False),
+               triton.InferRequestedOutput("label", binary_data=False)]
+    result = client.infer(name, [request], outputs=outputs)
+    logits = result.as_numpy("logits")
+    plan = make_segment_plan(make_partition_plan(50, 1, 2), cr=5.0)
+    expected = simulate(mnist_model, images[:5], plan).numpy()
+    assert np.abs(logits - expected).max() <= TOLERANCE
+    assert (result.as_numpy("label") == expected.argmax(-1)).all()
+    client.close()
+    # SIGTERM on rank 0 stops every rank cleanly
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=60) == 0
+    assert worker.wait(timeout=60) == 0
+    assert "stopped by rank 0" in worker.communicate()[0]
+
+
+def test_killing_a_worker_under_load_loses_nothing(cluster, mnist_model, images):
+    url, server, worker = cluster
+    plan = make_segment_plan(make_partition_plan(50, 1, 2), cr=5.0)
+    with torch.no_grad():
+        expected = {"prism": simulate(mnist_model, images, plan), "local": mnist_model(images)}
+    requests_total, clients = 200, 4
+    answers: dict[int, dict] = {}
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def client(offset: int) -> None:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            for index in range(offset, requests_total, clients):
+                image = images[index % len(images)]
+                body = {"id": str(index), "inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                                                      "data": image.flatten().tolist()}]}
+                response = http.post(f"/v2/models/{mnist_model.spec.name}/infer", json=body)
+                with lock:
+                    if response.status_code != 200:
+                        errors.append(f"{index}: {response.status_code} {response.text}")
+                    else:
+                        answers[index] = response.json()
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 120
+    while len(answers) < 50 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGKILL)
+    for thread in threads:
+        thread.join(timeout=180)
+    assert not errors, errors[:5]
+    assert sorted(answers) == list(range(requests_total))  # counts in == counts out, each answered once
+    modes = {"prism": 0, "local": 0}
+    for index, answer in answers.items():
+        assert answer["id"] == str(index)
+        mode = answer["parameters"]["mode"]
+        modes[mode] += 1
+        logits = np.asarray(answer["outputs"][0]["data"], dtype=np.float32)
+        reference = expected[mode][index % len(images)].numpy()
+        assert np.abs(logits - reference).max() <= TOLERANCE, (index, mode)
+    assert modes["prism"] > 0 and modes["local"] > 0
+    ready = httpx.get(f"{url}/v2/health/ready", timeout=10)
+    assert ready.status_code == 200 and ready.json()["degraded"] is True
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    assert "prism_fallbacks_total" in metrics
