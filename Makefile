@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 CONSTRAINTS ?= constraints/x86-cpu.txt
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-all bench lint clean
+.PHONY: setup test test-all bench bench-profile lint clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,12 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	@mkdir -p benchmarks/results
-	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	@for script in benchmarks/bench_*.py; do echo "== $$script"; (cd benchmarks && ../$(BIN)/python $$(basename $$script)) || exit 1; done
+
+# The profiler study on a tc-shaped network-namespace testbed (needs root, ip, tc; several minutes).
+bench-profile: $(STAMP)
+	@mkdir -p benchmarks/results
+	cd benchmarks && ../$(BIN)/python profile_sweep.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
