@@ -667,5 +667,13 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, host, po
         executor.close()
 
 
+def _register_testbed() -> None:
+    from .profiler.testbed_cli import testbed
+
+    main.add_command(testbed)
+
+
+_register_testbed()
+
 if __name__ == "__main__":
     main()
