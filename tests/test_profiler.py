@@ -189,3 +189,26 @@ def test_select_and_model_cli(tmp_path):
     assert plots.returncode == 0, plots.stderr
     assert (tmp_path / "plots" / "decision_map.png").stat().st_size > 0
     assert (tmp_path / "plots" / "vs_bandwidth_b16.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(400)
+def test_small_sweep_on_the_testbed(small_engines, tmp_path):
+    """2 batch sizes x 1 CR x 1 shaped bandwidth, ranks in tc-shaped network namespaces."""
+    from prism_trt.profiler.testbed import Testbed, root_available
+
+    ok, why = root_available()
+    if not ok:
+        pytest.skip(f"testbed needs root with ip/tc: {why}")
+    out = tmp_path / "perfmap.json"
+    with Testbed(2, "300mbit", cpus_per_rank=1) as testbed:
+        def set_rate(rate: float) -> float | None:
+            testbed.set_bandwidth(f"{rate:g}mbit")
+            return testbed.measure_bandwidth(1, 0)
+
+        launcher = Launcher(2, testbed.address(0), None, testbed.command, set_rate)
+        data = profile(small_engines, out, SweepPlan([1, 4], [3.0], [300.0], warmup=1, repeat=3), launcher,
+                       threads=1, timeout=60, progress=False, accuracy=[])
+    shaped = [p for p in data["points"] if p["mode"] != "local"]
+    assert len(shaped) == 4 and all(p["bandwidth_mbit"] == 300.0 for p in shaped)
+    assert all(150 < p["measured_mbit"] < 330 for p in shaped)  # tbf at 300 Mbit/s, TCP goodput
+    assert not any(p["fell_back"] for p in data["points"])
