@@ -71,7 +71,7 @@ def main() -> int:
     crossing = None
     for (b0, g0), (b1, g1) in zip(zip(BANDWIDTHS, gaps), zip(BANDWIDTHS[1:], gaps[1:])):
         if g0 > 0 >= g1:
-            crossing = b0 + (b1 - b0) * g0 / (g0 - g1)
+            crossing = float(b0 + (b1 - b0) * g0 / (g0 - g1))
     if gaps[0] <= 0:
         crossing = f"below {BANDWIDTHS[0]:g} (prism already faster at the lowest rate)"
     selector = MapSelector(data, "latency", 0.0)
@@ -90,10 +90,10 @@ def main() -> int:
                "selector_regret": regrets, "max_regret": max(r["regret"] for r in regrets),
                "measured_mbit": {str(p["bandwidth_mbit"]): p["measured_mbit"] for p in data["points"]
                                  if p["mode"] != "local"},
-               "goals": {"prism_vs_local_b16_900 <= 0.60": prism_vs_local <= 0.60,
-                         "prism_vs_voltage_b16_200 <= 0.50": prism_vs_voltage <= 0.50,
-                         "model total MAPE <= 4%": (fit["total"]["mape_percent"] or 1e9) <= 4.0,
-                         "selector regret <= 3%": max(r["regret"] for r in regrets) <= 0.03}}
+               "goals": {"prism_vs_local_b16_900 <= 0.60": bool(prism_vs_local <= 0.60),
+                         "prism_vs_voltage_b16_200 <= 0.50": bool(prism_vs_voltage <= 0.50),
+                         "model total MAPE <= 4%": bool((fit["total"]["mape_percent"] or 1e9) <= 4.0),
+                         "selector regret <= 3%": bool(max(r["regret"] for r in regrets) <= 0.03)}}
     plot_all(data, out, selector)
     path = write_result("profile", results)
     for key, value in results.items():

@@ -41,6 +41,19 @@ def timm_pair():
     return get
 
 
+def build_engines(model: PrismViT, out, ranks: int, crs=(), segments=(), source: dict | None = None,
+                  max_batch: int = 32, threads: int = 1, exporter: str = "torchscript", backend=None):
+    """Real engine directories for ``ranks`` ranks (local, voltage and one prism chain per CR)."""
+    from prism_trt.engines import BuildOptions, get_backend
+    from prism_trt.export.build import Builder, config_plans
+
+    spec = model.spec
+    configs = config_plans(spec.num_tokens, spec.num_prefix_tokens, ranks, list(crs), list(segments))
+    builder = Builder(model, source or {"timm": spec.name}, backend or get_backend("onnxruntime", threads=threads),
+                      BuildOptions(max_batch=max_batch), exporter=exporter)
+    return builder.build(out, ranks, configs, progress=False)
+
+
 def small_spec(img: int = 32, patch: int = 8, dim: int = 32, depth: int = 2, heads: int = 2, head_dim: int = 16,
                prefix: int = 1, act: str = "gelu") -> ViTSpec:
     return ViTSpec(name="tiny-test", img_size=(img, img), patch_size=(patch, patch), in_chans=3,

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-from conftest import random_model, small_spec
+from conftest import build_engines, random_model, small_spec
 
 from prism_trt.core import make_partition_plan, make_segment_plan, simulate
-from prism_trt.engines import BuildOptions, get_backend
-from prism_trt.export.build import Builder, config_plans
+from prism_trt.engines import get_backend
 from prism_trt.runtime.chain import EngineChain, run_chains_in_process
 from prism_trt.runtime.staging import TorchCudaStaging
 
@@ -46,10 +45,8 @@ def test_torch_cuda_staging_round_trip():
 def test_ort_cuda_chain_on_device_tensors(tmp_path):
     model = random_model(small_spec(img=32, depth=2))
     spec = model.spec
-    configs = config_plans(spec.num_tokens, spec.num_prefix_tokens, 2, [3.0], [])
     backend = get_backend("onnxruntime", provider="cuda")
-    Builder(model, {"timm": "test"}, backend, BuildOptions(max_batch=8), exporter="torchscript").build(
-        tmp_path, 2, configs, progress=False)
+    build_engines(model, tmp_path, 2, [3.0], max_batch=8, backend=backend)
     from prism_trt.engines.manifest import find_config, load_manifest
 
     chains = []

@@ -12,10 +12,9 @@ import sys
 
 import pytest
 import torch
+from conftest import build_engines
 
 from prism_trt.core import make_partition_plan, make_segment_plan, simulate
-from prism_trt.engines import BuildOptions, get_backend
-from prism_trt.export.build import Builder, config_plans
 from prism_trt.runtime.api import Choice
 from prism_trt.runtime.distributed import DistributedExecutor
 from prism_trt.runtime.group import GroupConfig, free_port
@@ -28,13 +27,10 @@ pytestmark = pytest.mark.timeout(240)
 @pytest.fixture(scope="module")
 def engines(mnist_model, tmp_path_factory):
     """MNIST engines for P = 2 and 3 (local, voltage, prism CR 5)."""
-    spec = mnist_model.spec
     root = tmp_path_factory.mktemp("dist")
     for ranks in (2, 3):
-        configs = config_plans(spec.num_tokens, spec.num_prefix_tokens, ranks, [5.0], [])
-        Builder(mnist_model, {"checkpoint": "vit_mnist.pt"}, get_backend("onnxruntime", threads=1),
-                BuildOptions(max_batch=16), exporter="torchscript").build(root / f"p{ranks}", ranks, configs,
-                                                                           progress=False)
+        build_engines(mnist_model, root / f"p{ranks}", ranks, [5.0], source={"checkpoint": "vit_mnist.pt"},
+                      max_batch=16)
     return root
 
 

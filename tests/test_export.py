@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_engines
 
 from prism_trt.core import make_partition_plan, make_segment_plan, simulate, voltage_plan
-from prism_trt.engines import BuildOptions, EngineInputError, get_backend
-from prism_trt.export.build import Builder, config_plans
+from prism_trt.engines import EngineInputError
 from prism_trt.export.onnx_export import check_onnx, export_stage, verify_onnx
 from prism_trt.export.stages import monolithic_stage, rank_stages
 from prism_trt.runtime import load_chain, run_chains_in_process
@@ -17,10 +17,7 @@ CRS = [9.9, 3.3]
 
 
 def build(model, source, out: Path, ranks: int, crs=CRS, exporter="torchscript", segments=()):
-    spec = model.spec
-    configs = config_plans(spec.num_tokens, spec.num_prefix_tokens, ranks, list(crs), list(segments))
-    builder = Builder(model, source, get_backend("onnxruntime", threads=2), BuildOptions(), exporter=exporter)
-    return builder.build(out, ranks, configs, progress=False)
+    return build_engines(model, out, ranks, crs, segments, source=source, threads=2, exporter=exporter)
 
 
 @pytest.fixture(scope="module")

@@ -6,21 +6,17 @@ import subprocess
 import sys
 
 import pytest
-from conftest import random_model, small_spec
+from conftest import build_engines, random_model, small_spec
 
-from prism_trt.engines import BuildOptions, ManifestError, get_backend, load_manifest
-from prism_trt.export.build import Builder, config_plans
+from prism_trt.engines import ManifestError, load_manifest
 from prism_trt.runtime import load_chain
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     model = random_model(small_spec(img=32, depth=2))
-    spec = model.spec
     out = tmp_path_factory.mktemp("engines")
-    configs = config_plans(spec.num_tokens, spec.num_prefix_tokens, 2, [3.0], [])
-    Builder(model, {"timm": "test"}, get_backend("onnxruntime"), BuildOptions(), exporter="torchscript").build(
-        out, 2, configs, progress=False)
+    build_engines(model, out, 2, [3.0], source={"timm": "test"})
     return out
 
 

@@ -6,10 +6,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import random_model, small_spec
+from conftest import build_engines, random_model, small_spec
 
-from prism_trt.engines import BuildOptions, get_backend
-from prism_trt.export.build import Builder, config_plans
 from prism_trt.profiler import perfmap
 from prism_trt.profiler.latency_model import LatencyModel, leave_one_out
 from prism_trt.profiler.selector import MapSelector
@@ -138,11 +136,8 @@ def test_energy_objective_without_energy_is_an_error():
 @pytest.fixture(scope="module")
 def small_engines(tmp_path_factory):
     model = random_model(small_spec(img=32, depth=2))
-    spec = model.spec
     out = tmp_path_factory.mktemp("sweep-engines")
-    configs = config_plans(spec.num_tokens, spec.num_prefix_tokens, 2, [3.0], [])
-    Builder(model, {"timm": "vit_tiny_patch16_224"}, get_backend("onnxruntime", threads=1), BuildOptions(max_batch=8),
-            exporter="torchscript").build(out, 2, configs, progress=False)
+    build_engines(model, out, 2, [3.0], source={"timm": "vit_tiny_patch16_224"}, max_batch=8)
     return out
 
 

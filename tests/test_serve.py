@@ -19,11 +19,9 @@ import numpy as np
 import pytest
 import torch
 import uvicorn
-from conftest import random_model, small_spec
+from conftest import build_engines, random_model, small_spec
 from PIL import Image
 
-from prism_trt.engines import BuildOptions, get_backend
-from prism_trt.export.build import Builder, config_plans
 from prism_trt.runtime.api import Choice, FixedSelector, Health
 from prism_trt.runtime.local import LocalExecutor
 from prism_trt.serve import create_app
@@ -54,12 +52,8 @@ class VoltageForBatchOfThree:
 
 @pytest.fixture(scope="module")
 def engine_dir(tmp_path_factory):
-    model = random_model(small_spec(img=32, depth=2))
-    spec = model.spec
     out = tmp_path_factory.mktemp("serve-engines")
-    Builder(model, {"timm": "test"}, get_backend("onnxruntime"), BuildOptions(max_batch=MAX_BATCH),
-            exporter="torchscript").build(out, 1, config_plans(spec.num_tokens, spec.num_prefix_tokens, 1, [], []),
-                                          progress=False)
+    build_engines(random_model(small_spec(img=32, depth=2)), out, 1, source={"timm": "test"}, max_batch=MAX_BATCH)
     return out / "rank0"
 
 

@@ -11,10 +11,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from conftest import build_engines
 
 from prism_trt.core import make_partition_plan, make_segment_plan, simulate
-from prism_trt.engines import BuildOptions, get_backend
-from prism_trt.export.build import Builder, config_plans
 from prism_trt.runtime.group import free_port
 
 TOLERANCE = 1e-4
@@ -23,11 +22,8 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def engines(mnist_model, tmp_path_factory):
-    spec = mnist_model.spec
     out = tmp_path_factory.mktemp("serve-engines")
-    configs = config_plans(spec.num_tokens, spec.num_prefix_tokens, 2, [5.0], [])
-    Builder(mnist_model, {"checkpoint": "vit_mnist.pt"}, get_backend("onnxruntime", threads=1),
-            BuildOptions(max_batch=16), exporter="torchscript").build(out, 2, configs, progress=False)
+    build_engines(mnist_model, out, 2, [5.0], source={"checkpoint": "vit_mnist.pt"}, max_batch=16)
     return out
 
 
