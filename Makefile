@@ -31,7 +31,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	@mkdir -p benchmarks/results
-	@for script in benchmarks/bench_*.py; do echo "== $$script"; (cd benchmarks && ../$(BIN)/python $$(basename $$script)) || exit 1; done
+	@for script in benchmarks/bench_*.py benchmarks/staging_gpu.py; do echo "== $$script"; (cd benchmarks && ../$(BIN)/python $$(basename $$script)) || exit 1; done
 
 # The profiler study on a tc-shaped network-namespace testbed (needs root, ip, tc; several minutes).
 bench-profile: $(STAMP)

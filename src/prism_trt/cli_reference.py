@@ -1,0 +1,34 @@
+"""The README's CLI reference, generated from the click commands' own --help text.
+
+``python -m prism_trt.cli_reference`` prints it; a test keeps README.md in sync.
+"""
+
+from __future__ import annotations
+
+import click
+
+from .cli import main
+
+BEGIN, END = "<!-- cli-reference:begin -->", "<!-- cli-reference:end -->"
+WIDTH = 100
+
+
+def _walk(command: click.Command, path: list[str], parent: click.Context | None):
+    context = click.Context(command, info_name=" ".join(path), parent=parent, terminal_width=WIDTH,
+                            max_content_width=WIDTH)
+    yield path, command.get_help(context)
+    if isinstance(command, click.Group):
+        for name in sorted(command.list_commands(context)):
+            yield from _walk(command.get_command(context, name), path + [name], context)
+
+
+def reference() -> str:
+    parts = [BEGIN]
+    for path, text in _walk(main, ["prism-trt"], None):
+        parts.append(f"#### `{' '.join(path)}`\n\n```text\n{text.rstrip()}\n```\n")
+    parts.append(END)
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(reference())
