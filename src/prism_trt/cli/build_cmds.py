@@ -1,0 +1,127 @@
+"""Engine commands: build, inspect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .common import _choice, _fail, _numbers, _rank_dir, _spec, group_options, main, model_options, plan_options  # noqa: F401
+
+
+def _model_source(model_name, checkpoint) -> dict:
+    from ..engines.manifest import sha256_file
+
+    if model_name is not None:
+        return {"timm": model_name, "pretrained": False}
+    return {"checkpoint": str(checkpoint), "sha256": sha256_file(checkpoint)}
+
+
+@main.command()
+@model_options
+@plan_options
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="Engine backend: onnxruntime (x86, fallback) or native TensorRT (boards with an NVIDIA GPU).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+              help="onnxruntime execution provider the engines are prepared for.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output directory; gets one rankN/ directory per board.")
+@click.option("--means-source", type=click.Choice(["ln1", "input"]), default="ln1", show_default=True)
+@click.option("--fp16", is_flag=True, help="Reduced-precision engines (TensorRT / TensorRT EP).")
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
+              help="ONNX exporter; torchscript is much faster, dynamo gives leaner graphs.")
+@click.option("--min-batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--opt-batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--workspace-mib", type=click.IntRange(min=16), default=1024, show_default=True,
+              help="TensorRT workspace memory pool limit.")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
+              help="TensorRT builder optimization level.")
+@click.option("--no-voltage", is_flag=True, help="Skip the CR=1 (Voltage) chains.")
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime-vs-reference check of every stage.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def build(model_name, checkpoint, ranks, crs, segments, weights, backend, provider, out_dir, means_source, fp16,
+          exporter, min_batch, opt_batch, max_batch, workspace_mib, opt_level, no_voltage, no_verify, threads, quiet):
+    """Export per-block ONNX stages for every rank, verify them and compile engines.
+
+    Writes OUT/rankN/ for each of the P ranks (copy each to its board) with a manifest.json that
+    records the model, plans, stages, backend, device and the SHA-256 of every file. Without
+    --cr/--segments, CRs 9.9, 4.95 and 3.3 are built; rank 0 always gets the local (P=1) chain.
+    Unchanged stages are not rebuilt.
+    """
+    from ..core import PlanError
+    from ..engines import BackendUnavailable, BuildOptions, get_backend
+    from ..export.build import Builder, config_plans
+    from ..model import CheckpointMismatchError, UnsupportedModelError, load_model
+    from ..report import format_table
+
+    if not crs and not segments:
+        crs = (9.9, 4.95, 3.3)
+    try:
+        options = BuildOptions(fp16=fp16, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+                               workspace_mib=workspace_mib, optimization_level=opt_level,
+                               timing_cache=str(out_dir / "timing.cache"))
+        engine_backend = get_backend(backend, provider, threads)
+        model = load_model(model_name, checkpoint)
+        spec = model.spec
+        configs = config_plans(spec.num_tokens, spec.num_prefix_tokens, ranks, list(crs), list(segments), weights,
+                               include_voltage=not no_voltage)
+        builder = Builder(model, _model_source(model_name, checkpoint), engine_backend, options, means_source,
+                          exporter, verify=not no_verify)
+        result = builder.build(out_dir, ranks, configs, progress=not quiet)
+    except (PlanError, ValueError, FileNotFoundError, BackendUnavailable, CheckpointMismatchError,
+            UnsupportedModelError, RuntimeError) as error:
+        _fail(error)
+    groups: dict = {}
+    for stage in result.stages:
+        groups.setdefault((stage.rank, stage.config), []).append(stage)
+    rows = []
+    for (rank, config), stages in groups.items():
+        diffs = [s.max_abs_diff for s in stages if s.max_abs_diff is not None]
+        rows.append([f"rank{rank}", config, len(stages), sum(s.exported for s in stages),
+                     sum(s.built for s in stages), f"{max(diffs):.1e}" if diffs else None,
+                     f"{sum(s.bytes for s in stages) / 2**20:.1f}"])
+    click.echo(format_table(["rank", "config", "stages", "exported", "built", "max |diff|", "MiB"], rows))
+    click.echo(f"{backend} ({engine_backend.device()}) engines for {spec.name} in {out_dir} "
+               f"({result.seconds:.1f} s; unchanged stages reused)")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--no-verify", is_flag=True, help="Do not hash the files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest(s) as JSON.")
+def inspect(directory, no_verify, as_json):
+    """Show an engine directory (a build's OUT or one rankN/) and verify its file hashes."""
+    from ..engines.manifest import ManifestError, load_manifest
+    from ..report import format_table
+
+    rank_dirs = sorted(p for p in directory.glob("rank*") if p.is_dir()) if (directory / "build.json").is_file() \
+        else [directory]
+    manifests = []
+    try:
+        for rank_dir in rank_dirs:
+            manifests.append((rank_dir, load_manifest(rank_dir, verify=not no_verify)))
+    except ManifestError as error:
+        _fail(error)
+    if as_json:
+        click.echo(json.dumps([m for _, m in manifests], indent=2))
+        return
+    for rank_dir, manifest in manifests:
+        spec, backend = manifest["model"]["spec"], manifest["backend"]
+        click.echo(f"{rank_dir}: rank {manifest['rank']} of {manifest['world_size']}, model {spec['name']} "
+                   f"(weights {manifest['model']['weights_sha256'][:12]}), means {manifest['means_source']}")
+        click.echo(f"  backend {backend['name']} {backend['version']} on {backend['device']}, "
+                   f"exporter {manifest['export']['exporter']} (torch {manifest['export']['torch']}), "
+                   f"options {manifest['build_options']}")
+        rows = []
+        for config in manifest["configs"]:
+            diffs = [s["max_abs_diff"] for s in config["stages"] if s["max_abs_diff"] is not None]
+            rows.append([config["name"], config["mode"], config["ranks"], config["cr"], config["segments"],
+                         "/".join(map(str, config["counts"])), len(config["stages"]),
+                         f"{max(diffs):.1e}" if diffs else None])
+        click.echo("  " + format_table(["config", "mode", "P", "CR", "L", "sent/rank", "stages", "max |diff|"],
+                                       rows).replace("\n", "\n  "))
+        state = "not verified" if no_verify else "SHA-256 verified"
+        click.echo(f"  {len(manifest['files'])} files, {state}")

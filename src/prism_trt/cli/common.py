@@ -1,0 +1,118 @@
+"""The `prism-trt` group, and the option groups and helpers its commands share (defined once)."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import click
+
+from .. import __version__
+
+
+def model_options(func):
+    """--model / --checkpoint, shared by every command that needs a model."""
+    @click.option("--model", "model_name", metavar="NAME",
+                  help="timm ViT name, random init (e.g. vit_tiny_patch16_224, deit_small_patch16_224).")
+    @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
+                  help="Checkpoint in the bundled MNIST ViT format (e.g. ../shared/data/mnist/vit_mnist.pt).")
+    @functools.wraps(func)
+    def wrapper(*args, model_name, checkpoint, **kwargs):
+        if (model_name is None) == (checkpoint is None):
+            raise click.UsageError("give exactly one of --model NAME or --checkpoint PATH")
+        return func(*args, model_name=model_name, checkpoint=checkpoint, **kwargs)
+    return wrapper
+
+
+def plan_options(func):
+    """--ranks / --cr / --segments / --weights, shared by commands that take a partition."""
+    @click.option("--ranks", "-P", type=click.IntRange(min=1), default=2, show_default=True, help="Number of ranks (boards).")
+    @click.option("--cr", "crs", type=float, multiple=True,
+                  help="Compression rate ceil(N/P)/L; repeat for several (e.g. --cr 9.9 --cr 4.95).")
+    @click.option("--segments", "-L", "segments", type=click.IntRange(min=1), multiple=True,
+                  help="Segments per partition L instead of a CR; repeatable.")
+    @click.option("--weights", type=str, default=None,
+                  help="Comma-separated relative speed per rank for uneven partitions (e.g. 2,1).")
+    @functools.wraps(func)
+    def wrapper(*args, weights, **kwargs):
+        parsed = None
+        if weights is not None:
+            try:
+                parsed = [float(w) for w in weights.split(",")]
+            except ValueError:
+                raise click.BadParameter(f"expected comma-separated numbers, got {weights!r}", param_hint="--weights") from None
+        return func(*args, weights=parsed, **kwargs)
+    return wrapper
+
+
+def _spec(model_name: str | None, checkpoint: Path | None):
+    from ..model import load_model, timm_spec
+
+    if model_name is not None:
+        return timm_spec(model_name)
+    return load_model(checkpoint=checkpoint).spec
+
+
+def _fail(error: Exception) -> None:
+    raise click.ClickException(str(error))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="prism-trt")
+def main() -> None:
+    """Distributed ViT inference on edge boards with Prism segment means.
+
+    \b
+    Typical flow:
+      prism-trt info      --model vit_base_patch16_224
+      prism-trt flops     --model vit_base_patch16_224 --ranks 2 --cr 9.9 --cr 4.95 --cr 3.3
+      prism-trt accuracy  --checkpoint ../shared/data/mnist/vit_mnist.pt --ranks 2 --segments 5
+    """
+
+
+def group_options(func):
+    """Process-group flags, shared by `run` and `serve`; torchrun's environment fills the gaps."""
+    @click.option("--rank", type=click.IntRange(min=0), default=None, help="This board's rank [env RANK].")
+    @click.option("--world-size", type=click.IntRange(min=1), default=None, help="Number of boards [env WORLD_SIZE].")
+    @click.option("--master-addr", default=None, help="Rank 0's address [env MASTER_ADDR, default 127.0.0.1].")
+    @click.option("--master-port", type=click.IntRange(1, 65535), default=None,
+                  help="Rank 0's rendezvous port [env MASTER_PORT, default 29500].")
+    @click.option("--iface", default=None, help="Network interface for GLOO [env GLOO_SOCKET_IFNAME].")
+    @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+                  help="Seconds before a collective (or joining the group) fails.")
+    @functools.wraps(func)
+    def wrapper(*args, rank, world_size, master_addr, master_port, iface, timeout_s, **kwargs):
+        from ..runtime.group import GroupConfig
+
+        if rank is None and world_size is None and "RANK" not in os.environ:
+            rank, world_size = 0, 1  # a single board
+        try:
+            group = GroupConfig.from_env_or_flags(rank, world_size, master_addr, master_port, timeout_s, iface)
+        except ValueError as error:
+            raise click.UsageError(str(error)) from None
+        return func(*args, group=group, **kwargs)
+    return wrapper
+
+
+def _rank_dir(engines: Path, rank: int) -> Path:
+    candidate = engines / f"rank{rank}"
+    return candidate if candidate.is_dir() else engines
+
+
+def _choice(mode: str, cr: float | None):
+    from ..runtime.api import Choice
+
+    try:
+        return Choice(mode, cr)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+
+
+def _numbers(text: str | None, cast, name: str) -> list:
+    if not text:
+        return []
+    try:
+        return [cast(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=name) from None

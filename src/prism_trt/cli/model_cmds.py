@@ -1,0 +1,122 @@
+"""Model and accounting commands: info, flops, accuracy."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .common import _choice, _fail, _numbers, _rank_dir, _spec, group_options, main, model_options, plan_options  # noqa: F401
+
+
+@main.command()
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print the spec as JSON.")
+def info(model_name, checkpoint, as_json):
+    """Show a model's ViTSpec: tokens, widths, heads, pooling."""
+    from ..model import CheckpointMismatchError, UnsupportedModelError
+
+    try:
+        spec = _spec(model_name, checkpoint)
+    except (ValueError, FileNotFoundError, UnsupportedModelError, CheckpointMismatchError) as error:
+        _fail(error)
+    if as_json:
+        click.echo(json.dumps(spec.to_dict(), indent=2))
+        return
+    for key, value in spec.to_dict().items():
+        click.echo(f"{key:>18}: {value}")
+    click.echo(f"{'tokens (N)':>18}: {spec.num_tokens} ({spec.num_prefix_tokens} prefix + {spec.num_patches} patches)")
+    click.echo(f"{'attention width':>18}: {spec.attn_dim} (H*d_h)")
+
+
+@main.command()
+@model_options
+@plan_options
+@click.option("--batch", "-B", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Batch size for the byte counts.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Element type of the exchanged features.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object (local, voltage, prism[...]).")
+def flops(model_name, checkpoint, ranks, crs, segments, weights, batch, dtype, as_json):
+    """GFLOPs per device and bytes exchanged per block: local vs Voltage vs Prism.
+
+    Reproduces seed 000 Table 3 with
+    `prism-trt flops --model vit_base_patch16_224 --ranks 2 --cr 9.9 --cr 4.95 --cr 3.3`.
+    """
+    from ..core import PlanError
+    from ..core.accounting import flops_report
+    from ..report import format_table
+
+    try:
+        spec = _spec(model_name, checkpoint)
+        report = flops_report(spec, ranks, list(crs), list(segments), batch, 2 if dtype == "fp16" else 4, weights)
+    except (PlanError, ValueError, FileNotFoundError) as error:
+        _fail(error)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    local_gflops = report["local"]["gflops_per_device"]
+    rows = []
+    for entry in [report["local"], report["voltage"], *report["prism"]]:
+        speedup = None if entry["strategy"] == "local" else 1 - entry["gflops_per_device"] / local_gflops
+        reduction = entry["comm_reduction"] if entry["strategy"] == "prism" else None
+        rows.append([entry["strategy"], entry["ranks"], entry["cr"], entry["segments"], entry["gflops_per_device"],
+                     None if speedup is None else f"{100 * speedup:.2f}%",
+                     None if reduction is None else f"{100 * reduction:.1f}%",
+                     "/".join(str(b) for b in entry["bytes_per_block_per_rank"]) or None])
+    click.echo(f"{spec.name}: N={spec.num_tokens} tokens, partition {report['partition']}, batch {batch}, {dtype}")
+    click.echo(format_table(["strategy", "P", "CR", "L", "GFLOPs/dev", "compute saved", "comm reduction",
+                             "bytes/block/rank"], rows))
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Checkpoint in the bundled MNIST ViT format.")
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder with t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz "
+                   "[default: $PRISM_TRT_DATA/mnist or ../shared/data/mnist].")
+@plan_options
+@click.option("--means-source", type=click.Choice(["ln1", "input", "both"]), default="ln1", show_default=True,
+              help="Average LN1(x) (exact keys/values of the mean) or the block input x.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N test images.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+def accuracy(checkpoint, data, ranks, crs, segments, weights, means_source, limit, batch_size, threads, as_json):
+    """MNIST test accuracy of Prism plans, and agreement with the unpartitioned model.
+
+    Without --cr/--segments the plan is CR=1 (Voltage), which must equal the unpartitioned model.
+    """
+    import torch
+
+    from ..core import PlanError, make_partition_plan, make_segment_plan, voltage_plan
+    from ..core.accuracy import evaluate
+    from ..data import MnistTestSet, data_dir
+    from ..model import CheckpointMismatchError, load_model
+    from ..report import format_table
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        model = load_model(checkpoint=checkpoint)
+        spec = model.spec
+        partition = make_partition_plan(spec.num_tokens, spec.num_prefix_tokens, ranks, weights)
+        plans = [make_segment_plan(partition, cr=cr) for cr in crs]
+        plans += [make_segment_plan(partition, segments=L) for L in segments]
+        plans = plans or [voltage_plan(partition)]
+        dataset = MnistTestSet(data or data_dir() / "mnist", spec.mean[0], spec.std[0], limit)
+    except (PlanError, CheckpointMismatchError, FileNotFoundError, ValueError) as error:
+        _fail(error)
+    sources = ["ln1", "input"] if means_source == "both" else [means_source]
+    results = evaluate(model, dataset.batches(batch_size), plans, sources, total=len(dataset),
+                       progress=sys.stderr.isatty() or not as_json)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+        return
+    click.echo(f"unpartitioned: {results[0].reference_correct}/{results[0].total}")
+    click.echo(format_table(
+        ["P", "L", "CR", "means", "correct/total", "accuracy", "agreement"],
+        [[r.ranks, r.segments, r.cr, r.means_source, f"{r.correct}/{r.total}", f"{100 * r.accuracy:.2f}%",
+          f"{100 * r.agreement:.2f}%"] for r in results]))

@@ -1,0 +1,174 @@
+"""Profiler commands: profile, select, model fit, plot, and the end-to-end demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .common import _choice, _fail, _numbers, _rank_dir, _spec, group_options, main, model_options, plan_options  # noqa: F401
+
+
+@main.command()
+@click.option("--engines", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
+              help="The build directory (with rank0/ .. rankN/).")
+@click.option("--batch", "batches", default="1,2,4,8,16,32", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--cr", "crs", default=None, help="Compression rates to profile [default: every prism CR built].")
+@click.option("--bandwidth", "bandwidths", default=None,
+              help="Link rates in Mbit/s, e.g. 200,340,500,700,900: runs the ranks in a tc-shaped testbed "
+                   "(needs root). Without it, ranks talk over unshaped loopback.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--repeat", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Performance map JSON.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Threads (cores) per rank.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=60.0, show_default=True)
+@click.option("--calib-data", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Calibration images for the agreement of each CR [default: MNIST test set for the bundled "
+                   "checkpoint, random inputs for random-weight models].")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--energy", type=click.Choice(["jtop", "nvml", "rapl"]), default=None,
+              help="Energy meter [default: the first that works here; none -> energy is n/a].")
+@click.option("--quiet", "-q", is_flag=True)
+def profile(engines, batches, crs, bandwidths, warmup, repeat, out, threads, timeout_s, calib_data, calib_samples,
+            energy, quiet):
+    """Sweep batch x CR x bandwidth over local / voltage / prism into a performance map.
+
+    Resumable: points already in --out are skipped, and the map is written after every point.
+    """
+    from ..engines.manifest import ManifestError, read_manifest
+    from ..profiler.calibration import calibrate
+    from ..profiler.perfmap import PerfMapError
+    from ..profiler.sweep import SEED_BUDGET_PASSES, Launcher, SweepPlan
+    from ..profiler.sweep import profile as run_profile
+
+    batch_list, rates = _numbers(batches, int, "--batch"), _numbers(bandwidths, float, "--bandwidth")
+    try:
+        manifest = read_manifest(engines / "rank0")
+    except ManifestError as error:
+        _fail(error)
+    built = [c["cr"] for c in manifest["configs"] if c["mode"] == "prism"]
+    cr_list = _numbers(crs, float, "--cr") or built
+    world = manifest["world_size"]
+    plan = SweepPlan(batch_list, cr_list, rates or [None], warmup, repeat)
+    passes = plan.total_passes()
+    click.echo(f"{world} ranks, {len(batch_list)} batches x {len(cr_list)} CRs x {len(plan.bandwidths)} bandwidths: "
+               f"{passes} inference passes (seed 000 budget: about {SEED_BUDGET_PASSES})")
+    testbed = None
+    try:
+        launcher = Launcher(world)
+        if rates:
+            from ..profiler.testbed import Testbed
+
+            testbed = Testbed(world, f"{rates[0]:g}mbit", cpus_per_rank=threads)
+            testbed.up()
+
+            def set_rate(rate: float) -> float | None:
+                testbed.set_bandwidth(f"{rate:g}mbit")
+                return testbed.measure_bandwidth(1, 0)
+
+            launcher = Launcher(world, testbed.address(0), None, testbed.command, set_rate)
+        if not quiet:
+            click.echo("calibrating agreement of each plan with the local model ...")
+        accuracy = calibrate(engines, calib_data, calib_samples)
+        data = run_profile(engines, out, plan, launcher, threads, timeout_s, energy, progress=not quiet,
+                           accuracy=accuracy)
+    except (PerfMapError, ManifestError, RuntimeError, ValueError, OSError) as error:
+        _fail(error)
+    finally:
+        if testbed is not None:
+            testbed.down()
+    click.echo(f"{len(data['points'])} points in {out}; energy meter: {data['metadata']['energy_meter'] or 'n/a'}")
+
+
+@main.command()
+@click.option("--map", "map_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), required=True)
+@click.option("--batch", "-B", type=click.IntRange(min=1), required=True)
+@click.option("--bandwidth", type=float, default=None, help="Measured bandwidth in Mbit/s (omit for loopback).")
+@click.option("--objective", type=click.Choice(["latency", "energy"]), default="latency", show_default=True)
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+              help="Never pick a CR whose agreement with the local model is lower (0: latency only, as the paper).")
+@click.option("--engines", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Refuse a map measured with other engines than these.")
+def select(map_path, batch, bandwidth, objective, min_agreement, engines):
+    """Choose local / voltage / prism (and the CR) for a batch, and say why."""
+    from ..profiler import perfmap
+    from ..profiler.selector import MapSelector
+
+    try:
+        data = perfmap.load(map_path, engines_dir=engines)
+        decision = MapSelector(data, objective, min_agreement).decide(batch, bandwidth)
+    except (perfmap.PerfMapError, ValueError, KeyError) as error:
+        _fail(error)
+    click.echo(decision.explain())
+
+
+@main.group()
+def model():
+    """The latency model fitted from a performance map."""
+
+
+@model.command("fit")
+@click.argument("map_path", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def model_fit(map_path, as_json):
+    """Fit the model and report leave-one-out MAPE per term and for the total (goal <= 4 %)."""
+    from ..profiler import perfmap
+    from ..profiler.latency_model import leave_one_out, naive_total_mape
+    from ..report import format_table
+
+    try:
+        data = perfmap.load(map_path)
+    except perfmap.PerfMapError as error:
+        _fail(error)
+    report = leave_one_out(data["points"])
+    report["naive_total"] = {"mape_percent": naive_total_mape(data["points"]), "points": len(data["points"])}
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(format_table(["term", "LOO MAPE %", "points"],
+                            [[term, v["mape_percent"], v["points"]] for term, v in report.items()]))
+
+
+@main.command()
+@click.argument("map_path", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True)
+def plot(map_path, out, min_agreement):
+    """Breakdown, per-sample, bandwidth and decision-map PNGs from a performance map."""
+    from ..profiler import perfmap
+    from ..profiler.plots import plot_all
+    from ..profiler.selector import MapSelector
+
+    try:
+        data = perfmap.load(map_path)
+        selector = MapSelector(data, "latency", min_agreement)
+        written = plot_all(data, out, selector)
+    except (perfmap.PerfMapError, ValueError) as error:
+        _fail(error)
+    for path in written:
+        click.echo(str(path))
+
+
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("prism-demo"), show_default=True,
+              help="Where engines, the performance map, plots and the summary go.")
+@click.option("--quick", is_flag=True, help="Fewer batches and bandwidths (what CI runs).")
+def demo(out, quick):
+    """Run the whole pipeline here: build, testbed, profile, fit, plot, serve --mode auto, requests.
+
+    Uses the shared MNIST ViT when ../shared/data/mnist (or PRISM_TRT_DATA) is present, else
+    vit_tiny_patch16_224 with random weights. Network namespaces shape the links when run as
+    root with ip/tc, else ranks use loopback. Everything is torn down at the end, on Ctrl-C or on
+    failure.
+    """
+    from ..demo import main_demo
+
+    try:
+        code = main_demo(out, quick)
+    except (RuntimeError, ValueError, OSError) as error:
+        _fail(error)
+    sys.exit(code)

@@ -1,0 +1,192 @@
+"""Commands that run ranks: run, serve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import _choice, _fail, _numbers, _rank_dir, _spec, group_options, main, model_options, plan_options  # noqa: F401
+
+
+def _breakdown_table(result: dict) -> str:
+    from ..report import format_table
+
+    rows = []
+    for rank, times in enumerate(result["per_rank"]):
+        total = times["total"] or 1.0
+        row = [f"rank{rank}"]
+        for phase in ("compute", "d2h", "h2d", "wait", "comm", "other"):
+            value = times[phase]
+            row.append(None if value is None else f"{value:.2f} ({100 * value / total:.0f}%)")
+        rows.append(row + [f"{times['total']:.2f}", int(times["bytes_sent"]), int(times["bytes_received"])])
+    return format_table(["rank", "compute ms", "D2H ms", "H2D ms", "wait ms", "comm ms", "other ms", "total ms",
+                         "sent B", "recv B"], rows)
+
+
+
+
+@main.command()
+@click.option("--engines", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
+              help="A build directory (rankN/ is picked by rank) or one rank's engine directory.")
+@group_options
+@click.option("--mode", type=click.Choice(["local", "voltage", "prism"]), default="prism", show_default=True)
+@click.option("--cr", type=float, default=None, help="Compression rate for prism mode (one that was built).")
+@click.option("--batch", "-B", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--repeat", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--profile-barrier", is_flag=True,
+              help="Barrier before every collective: splits comm into wait (rank skew) and transfer.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Engine intra-op threads.")
+@click.option("--device", default="cpu", show_default=True, help="Where engine tensors live (cpu, cuda:0).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the result as JSON here (rank 0).")
+@click.option("--trace", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a torch profiler Chrome trace of the timed runs (rank 0).")
+def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, threads, device, json_out, trace):
+    """Time inferences and print the per-rank breakdown (compute / staging / comm / other).
+
+    Start the same command on every board with its --rank (or under torchrun); rank 0 drives and
+    prints, the others follow until rank 0 is done. Example for two ranks on one host:
+
+    \b
+      prism-trt run --engines engines/ --rank 1 --world-size 2 &
+      prism-trt run --engines engines/ --rank 0 --world-size 2 --mode prism --cr 9.9 --batch 8
+    """
+    import logging
+
+    from ..engines.manifest import ManifestError
+    from ..runtime.distributed import DistributedExecutor, run_worker
+    from ..runtime.local import LocalExecutor
+    from ..runtime.measure import measure
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank_dir = _rank_dir(engines, group.rank)
+    choice = _choice(mode, cr) if group.rank == 0 else None  # workers follow rank 0's choices
+    try:
+        if group.rank != 0:
+            batches = run_worker(rank_dir, group, threads, device)
+            click.echo(f"rank {group.rank}: ran {batches} batches, stopped by rank 0")
+            return
+        if group.world_size == 1:
+            if mode != "local":
+                raise click.UsageError(f"{mode} mode needs --world-size >= 2 (one process per rank)")
+            executor = LocalExecutor(rank_dir, threads)
+        else:
+            executor = DistributedExecutor(rank_dir, group, threads, device, profile_barrier)
+        try:
+            result = measure(executor, choice, batch, warmup, repeat, trace=trace)
+        finally:
+            executor.close()
+    except (ManifestError, ValueError, RuntimeError) as error:
+        _fail(error)
+    latency = result["latency"]
+    click.echo(f"{executor.model_name} {choice.label} batch {batch}: mean {latency['mean_ms']:.2f} ms "
+               f"(p50 {latency['p50_ms']:.2f}, p90 {latency['p90_ms']:.2f}, sd {latency['stdev_ms']:.2f}), "
+               f"{latency['per_sample_ms']:.2f} ms/sample over {repeat} runs"
+               + (" -- FELL BACK to local" if result["fell_back"] else ""))
+    click.echo(_breakdown_table(result))
+    wait_note = "comm is transfer only; wait = skew at the barrier" if profile_barrier else \
+        "comm includes waiting for the slowest rank (use --profile-barrier to split it)"
+    click.echo(f"({wait_note}; staging = D2H + H2D copies around each all-gather)")
+    if json_out:
+        from ..engines.manifest import write_json_atomic
+
+        write_json_atomic(json_out, result)
+    if trace:
+        click.echo(f"trace written to {trace} (open in chrome://tracing or ui.perfetto.dev)")
+
+
+
+
+class _Stopped(Exception):
+    """SIGTERM reached rank 0's server."""
+
+
+@main.command()
+@click.option("--engines", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
+              help="A build directory (rankN/ is picked by rank) or one rank's engine directory.")
+@group_options
+@click.option("--mode", type=click.Choice(["local", "voltage", "prism", "auto"]), default="local", show_default=True,
+              help="How batches run; auto chooses per batch from a performance map (--map).")
+@click.option("--cr", type=float, default=None, help="Compression rate for --mode prism.")
+@click.option("--map", "map_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Performance map for --mode auto (from `prism-trt profile`).")
+@click.option("--objective", type=click.Choice(["latency", "energy"]), default="latency", show_default=True)
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (rank 0); 0.0.0.0 exposes it.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--token", envvar="PRISM_TRT_TOKEN", default=None,
+              help="Require `Authorization: Bearer TOKEN` [env PRISM_TRT_TOKEN].")
+@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="How long a batch waits for more requests.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Engine intra-op threads.")
+@click.option("--device", default="cpu", show_default=True, help="Where engine tensors live (cpu, cuda:0).")
+def serve(engines, group, mode, cr, map_path, objective, min_agreement, host, port, token, max_wait_ms, threads,
+          device):
+    """Serve classifications over the KServe v2 / Open Inference Protocol HTTP API.
+
+    Run the same command on every board with its --rank (or under torchrun): rank 0 loads its
+    engines, joins the group and serves HTTP; the other ranks follow rank 0. If a worker dies,
+    rank 0 answers with its local chain and reports degraded readiness; restart all ranks to
+    distribute again. Ctrl-C / SIGTERM on rank 0 stops every rank.
+    """
+    import logging
+    import signal
+
+    from ..engines.manifest import ManifestError
+    from ..runtime.api import FixedSelector
+    from ..runtime.distributed import DistributedExecutor, run_worker
+    from ..runtime.local import LocalExecutor
+    from ..serve import create_app
+    from ..serve import serve as run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank_dir = _rank_dir(engines, group.rank)
+    if group.rank != 0:
+        def stop(signum, frame):
+            raise SystemExit(f"rank {group.rank}: signal {signum}, leaving the group")
+
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            batches = run_worker(rank_dir, group, threads, device)
+        except (ManifestError, ValueError, RuntimeError) as error:
+            _fail(error)
+        click.echo(f"rank {group.rank}: served {batches} batches, stopped by rank 0")
+        return
+    if mode == "auto" and map_path is None:
+        raise click.UsageError("--mode auto needs --map PERFMAP.json (make one with `prism-trt profile`)")
+    if mode in ("voltage", "prism") and group.world_size == 1:
+        raise click.UsageError(f"{mode} mode needs --world-size >= 2")
+    try:
+        if group.world_size == 1:
+            executor = LocalExecutor(rank_dir, threads)
+        else:
+            executor = DistributedExecutor(rank_dir, group, threads, device)
+    except (ManifestError, ValueError, RuntimeError) as error:
+        _fail(error)
+    try:
+        if mode == "auto":
+            from ..profiler import perfmap
+            from ..profiler.selector import LiveSelector, MapSelector
+
+            data = perfmap.load(map_path, engines_dir=engines)
+            selector = LiveSelector(MapSelector(data, objective, min_agreement), executor)
+        else:
+            selector = FixedSelector(_choice(mode, cr))
+        app = create_app(executor, selector, token=token, max_wait_ms=max_wait_ms)
+        click.echo(f"serving {executor.model_name} ({mode}) on http://{host}:{port}/v2/models/{executor.model_name}")
+
+        # uvicorn shuts down gracefully on SIGTERM/SIGINT, then restores the handlers it found and
+        # re-raises the signal: with this handler in place that ends here, so the workers get stopped.
+        def stopped(signum, frame):
+            raise _Stopped(signum)
+
+        signal.signal(signal.SIGTERM, stopped)
+        run_server(app, host=host, port=port)
+    except (_Stopped, KeyboardInterrupt):
+        click.echo("rank 0: stopping every rank")
+    except (ValueError, OSError) as error:
+        _fail(error)
+    finally:
+        executor.close()
