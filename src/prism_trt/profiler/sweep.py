@@ -76,7 +76,6 @@ def run_cluster(engines: Path, launcher: Launcher, points: list[tuple], threads:
     with tempfile.TemporaryDirectory(prefix="prism-sweep-") as scratch:
         lines = Path(scratch) / "points.jsonl"
         lines.touch()
-        os.chmod(scratch, 0o777)
         argv = [sys.executable, "-m", "prism_trt.profiler.rank0", "--engines", str(engines), "--world-size",
                 str(launcher.world_size), "--master-addr", launcher.master_addr, "--master-port", str(port),
                 "--threads", str(threads), "--warmup", str(warmup), "--repeat", str(repeat), "--timeout",

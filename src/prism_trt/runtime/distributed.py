@@ -81,10 +81,11 @@ class DistributedRank:
         """Position of the choice's config; raises ManifestError (not a fallback) when not built."""
         return self.configs.index(find_config({"configs": self.configs}, choice.mode, choice.cr))
 
-    def run(self, index: int, images: torch.Tensor, barrier: bool = False) -> tuple[torch.Tensor | None, PhaseTimes]:
-        """One forward of config ``index`` with the all-gathers; logits on rank 0, None elsewhere.
+    def run(self, config_index: int, images: torch.Tensor, barrier: bool = False
+            ) -> tuple[torch.Tensor | None, PhaseTimes]:
+        """One forward of config ``config_index`` with the all-gathers; logits on rank 0, None elsewhere.
         ``barrier``: a barrier before each all-gather, timed as ``wait`` (every rank must agree)."""
-        config = self.configs[index]
+        config = self.configs[config_index]
         chain, staging = self.chains[config["name"]], self.staging[config["name"]]
         watch = Stopwatch()
         start = time.perf_counter()
@@ -92,10 +93,10 @@ class DistributedRank:
             images = images.to(self.device, non_blocking=True)
         with watch.phase("compute"):
             tokens, means = chain.embed(images)
-        for index_ in range(chain.depth):
+        for block in range(chain.depth):
             remote = self._exchange(config["name"], staging, means, images.shape[0], watch, barrier)
             with watch.phase("compute"):
-                tokens, means = chain.block(index_, tokens, remote)
+                tokens, means = chain.block(block, tokens, remote)
         logits = None
         if self.rank == 0:
             with watch.phase("compute"):
