@@ -18,13 +18,9 @@ Needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN), ``ip`` and ``tc`` (iproute2) and `
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import os
-import re
-import select
-import shutil
 import subprocess
 import sys
 import time
@@ -32,257 +28,36 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .bandwidth_probe import _RECEIVER, _SENDER, _read_port
+from .netns import (
+    _COMMAND_TIMEOUT_S,
+    _NAME_PATTERN,
+    _RESERVED_NAMES,
+    MAX_RANKS,
+    SUBNET_BASE,
+    TESTBED_PREFIX,
+    THREAD_ENV_VARS,
+    TestbedError,
+    _delete_namespace,
+    _instance_counter,
+    _require_root,
+    _run,
+    _used_subnets,
+    cleanup_stale,
+    format_rate,
+    list_namespaces,
+    netem_available,
+    parse_delay,
+    parse_rate,
+    root_available,
+    state_dir,
+    state_path,
+    tbf_parameters,
+)
+
+__all__ = ['TESTBED_PREFIX', 'Testbed', 'TestbedError', 'cleanup_stale', 'format_rate', 'list_namespaces', 'netem_available', 'parse_delay', 'parse_rate', 'root_available', 'state_dir', 'state_path', 'tbf_parameters']
+
 log = logging.getLogger(__name__)
-
-#: Every namespace a testbed creates starts with this; ``cleanup_stale`` refuses any other prefix.
-TESTBED_PREFIX = "prism-tb-"
-#: Addresses are 10.77.X.(rank + 1)/24 with X in 1..254 picked per testbed.
-SUBNET_BASE = "10.77"
-MAX_RANKS = 253
-THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
-                   "VECLIB_MAXIMUM_THREADS")
-# Interface names are at most 15 bytes: NAME (<= 10) + "-r" + rank (<= 3 digits).
-_NAME_PATTERN = re.compile(r"^[a-z0-9]{1,10}$")
-_RESERVED_NAMES = {"probe"}
-_COMMAND_TIMEOUT_S = 20.0
-_instance_counter = itertools.count()
-_netem_cache: bool | None = None
-
-
-class TestbedError(RuntimeError):
-    """A testbed could not be built, changed, measured or removed; the message says what to do."""
-
-    __test__ = False  # not a pytest test class despite the name
-
-
-# ---------------------------------------------------------------- parsing
-
-
-_RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
-_DELAY_UNITS = {"us": 1e-6, "usec": 1e-6, "ms": 1e-3, "msec": 1e-3, "s": 1.0, "sec": 1.0}
-
-
-def parse_rate(rate: str | int | float) -> int:
-    """A rate in bit/s from "900mbit", "1gbit", "500kbit", "1.5gbit" or a plain number meaning Mbit/s.
-
-    Units are SI (kbit = 1000 bit), as in tc. Byte-based spellings ("mbps", "MB") are refused because tc
-    reads "mbps" as megaBYTES per second while most people mean megabits.
-    """
-    if isinstance(rate, bool):
-        raise TestbedError(f"expected a rate such as '900mbit' or a number of Mbit/s, found {rate!r}")
-    if isinstance(rate, (int, float)):
-        bits = float(rate) * 10**6
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(rate))
-        unit = match.group(2).lower() if match else ""
-        if not match or (unit and unit not in _RATE_UNITS):
-            raise TestbedError(f"expected a rate such as '900mbit', '1gbit', '500kbit' or a number of Mbit/s, "
-                               f"found {rate!r} (units: {', '.join(_RATE_UNITS)}; byte units like 'mbps' are "
-                               "ambiguous in tc and not accepted)")
-        bits = float(match.group(1)) * (_RATE_UNITS[unit] if unit else 10**6)
-    if not 8_000 <= bits <= 100 * 10**9:
-        raise TestbedError(f"expected a rate between 8kbit and 100gbit, found {rate!r} ({bits:.0f} bit/s)")
-    return int(round(bits))
-
-
-def format_rate(bits_per_s: int) -> str:
-    """The shortest exact spelling of a rate: 900000000 -> '900mbit'."""
-    for unit in ("tbit", "gbit", "mbit", "kbit"):
-        scale = _RATE_UNITS[unit]
-        if bits_per_s % scale == 0:
-            return f"{bits_per_s // scale}{unit}"
-    return f"{bits_per_s}bit"
-
-
-def parse_delay(delay: str | int | float) -> float:
-    """A one-way delay in seconds from "2ms", "500us", "0.1s" or a plain number meaning milliseconds."""
-    if isinstance(delay, bool):
-        raise TestbedError(f"expected a delay such as '2ms', found {delay!r}")
-    if isinstance(delay, (int, float)):
-        seconds = float(delay) * 1e-3
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(delay))
-        unit = match.group(2).lower() if match else ""
-        if not match or (unit and unit not in _DELAY_UNITS):
-            raise TestbedError(f"expected a delay such as '2ms', '500us', '0.1s' or a number of ms, found {delay!r}")
-        seconds = float(match.group(1)) * (_DELAY_UNITS[unit] if unit else 1e-3)
-    if not 0 <= seconds <= 10:
-        raise TestbedError(f"expected a delay between 0 and 10 s, found {delay!r}")
-    return seconds
-
-
-def tbf_parameters(bits_per_s: int, mtu: int = 1500) -> dict[str, int]:
-    """Burst and queue limit (bytes) for a tbf at this rate.
-
-    The bucket holds 5 ms of traffic (at least two full frames) so the shaper does not throttle below the
-    rate on coarse timers, yet stays small next to any transfer worth measuring. The queue holds 50 ms
-    more, about what an edge switch buffers, so TCP sees drops instead of seconds of bufferbloat.
-    """
-    bytes_per_s = bits_per_s / 8
-    burst = max(2 * (mtu + 14), int(bytes_per_s * 0.005))
-    limit = burst + max(2 * (mtu + 14), int(bytes_per_s * 0.050))
-    return {"burst": burst, "limit": limit}
-
-
-# ---------------------------------------------------------------- system helpers
-
-
-def _run(argv: Sequence[str], *, check: bool = True, timeout: float = _COMMAND_TIMEOUT_S,
-         input_text: str | None = None) -> subprocess.CompletedProcess:
-    """Run a command without a shell; on failure raise with the command line and its stderr."""
-    try:
-        result = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, input=input_text)
-    except FileNotFoundError as error:
-        raise TestbedError(f"`{argv[0]}` not found: {error}. Install iproute2 (ip, tc) and util-linux (taskset).") \
-            from None
-    except subprocess.TimeoutExpired:
-        raise TestbedError(f"`{' '.join(argv)}` did not finish within {timeout:.0f} s") from None
-    if check and result.returncode != 0:
-        raise TestbedError(f"`{' '.join(argv)}` failed with exit code {result.returncode}: "
-                           f"{(result.stderr or result.stdout).strip()}")
-    return result
-
-
-def _effective_capabilities() -> int | None:
-    """The CapEff mask of this process, or None where /proc does not say."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def root_available() -> tuple[bool, str]:
-    """Whether this process can build a testbed, and if not, what is missing (in words)."""
-    missing = [tool for tool in ("ip", "tc", "taskset") if shutil.which(tool) is None]
-    problems = []
-    if missing:
-        problems.append(f"missing tools: {', '.join(missing)} (install iproute2 and util-linux)")
-    cap_net_admin, cap_sys_admin = 1 << 12, 1 << 21
-    capabilities = _effective_capabilities()
-    # Capabilities, not the uid, decide: root in a locked-down container may lack them, and a non-root
-    # process granted both can do everything needed.
-    if capabilities is None:
-        privileged = os.geteuid() == 0
-    else:
-        privileged = bool(capabilities & cap_net_admin and capabilities & cap_sys_admin)
-    if not privileged:
-        problems.append(f"no CAP_NET_ADMIN + CAP_SYS_ADMIN (euid {os.geteuid()}); network namespaces and tc "
-                        "need them: run as root (sudo), or in a container add NET_ADMIN and SYS_ADMIN")
-    if problems:
-        return False, "; ".join(problems)
-    return True, "root and ip/tc/taskset available"
-
-
-def _require_root() -> None:
-    ok, reason = root_available()
-    if not ok:
-        raise TestbedError(f"cannot build a network testbed: {reason}")
-
-
-def list_namespaces() -> list[str]:
-    """Names of all network namespaces under /run/netns (only read; used to find testbed ones)."""
-    result = _run(["ip", "-j", "netns", "list"], check=False)
-    if result.returncode != 0:
-        raise TestbedError(f"`ip -j netns list` failed: {result.stderr.strip()}")
-    text = result.stdout.strip()
-    if not text:
-        return []
-    return [entry["name"] for entry in json.loads(text)]
-
-
-def _delete_namespace(namespace: str) -> bool:
-    """Delete one namespace; a missing one is fine (down must tolerate partial state)."""
-    result = _run(["ip", "netns", "delete", namespace], check=False)
-    if result.returncode == 0:
-        return True
-    if namespace not in list_namespaces():
-        return False
-    raise TestbedError(f"`ip netns delete {namespace}` failed: {result.stderr.strip()}")
-
-
-def netem_available(refresh: bool = False) -> bool:
-    """Whether this kernel has the netem qdisc (needed for ``delay``), probed once per process.
-
-    The probe adds netem to a veth in a scratch namespace of its own and removes it again. Without root the
-    probe cannot run and the answer is False.
-    """
-    global _netem_cache
-    if _netem_cache is not None and not refresh:
-        return _netem_cache
-    if not root_available()[0]:
-        return False
-    namespace = f"{TESTBED_PREFIX}probe-{os.getpid()}-{next(_instance_counter)}"
-    try:
-        _run(["ip", "netns", "add", namespace])
-        _run(["ip", "-n", namespace, "link", "add", "probe0", "type", "veth", "peer", "name", "probe1"])
-        result = _run(["tc", "-n", namespace, "qdisc", "add", "dev", "probe0", "root", "netem", "delay", "1ms"],
-                      check=False)
-        _netem_cache = result.returncode == 0
-        if not _netem_cache:
-            log.info("netem is not available: %s", result.stderr.strip())
-    finally:
-        _delete_namespace(namespace)
-    return _netem_cache
-
-
-def state_dir() -> Path:
-    """Where the CLI keeps testbed state: $PRISM_TRT_TESTBED_DIR, /run/prism-trt as root, else the runtime dir."""
-    if os.environ.get("PRISM_TRT_TESTBED_DIR"):
-        return Path(os.environ["PRISM_TRT_TESTBED_DIR"])
-    if os.geteuid() == 0 and Path("/run").is_dir():
-        return Path("/run/prism-trt")
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(runtime) / "prism-trt" if runtime else Path("/tmp") / f"prism-trt-{os.geteuid()}"
-
-
-def state_path(name: str) -> Path:
-    return state_dir() / f"testbed-{name}.json"
-
-
-def cleanup_stale(prefix: str = TESTBED_PREFIX) -> list[str]:
-    """Delete every network namespace whose name starts with ``prefix`` (a testbed prefix) and its state files.
-
-    Returns the deleted namespaces. The prefix must start with ``TESTBED_PREFIX`` so this can never touch
-    namespaces that other tools created. Live testbeds that match are removed too; that is what --all means.
-    """
-    if not prefix.startswith(TESTBED_PREFIX):
-        raise TestbedError(f"expected a prefix starting with {TESTBED_PREFIX!r}, found {prefix!r}; "
-                           "only testbed namespaces may be cleaned up")
-    _require_root()
-    deleted = [namespace for namespace in list_namespaces()
-               if namespace.startswith(prefix) and _delete_namespace(namespace)]
-    directory = state_dir()
-    if directory.is_dir():
-        for path in directory.glob("testbed-*.json"):
-            name = path.stem.removeprefix("testbed-")
-            if f"{TESTBED_PREFIX}{name}-".startswith(prefix):
-                path.unlink(missing_ok=True)
-    return deleted
-
-
-def _used_subnets(exclude_name: str) -> set[int]:
-    """Third octets already used by other testbeds (read from their rank-0 namespaces)."""
-    used = set()
-    for namespace in list_namespaces():
-        if not (namespace.startswith(TESTBED_PREFIX) and namespace.endswith("-r0")):
-            continue
-        if namespace == f"{TESTBED_PREFIX}{exclude_name}-r0":
-            continue
-        result = _run(["ip", "-n", namespace, "-j", "-4", "addr", "show"], check=False)
-        if result.returncode != 0 or not result.stdout.strip():
-            continue
-        for link in json.loads(result.stdout):
-            for info in link.get("addr_info", []):
-                parts = info.get("local", "").split(".")
-                if len(parts) == 4 and ".".join(parts[:2]) == SUBNET_BASE:
-                    used.add(int(parts[2]))
-    return used
-
-
-# ---------------------------------------------------------------- the testbed
 
 
 class Testbed:
@@ -679,76 +454,3 @@ class Testbed:
             "mbit_s": round(mbit_s, 3), "configured_mbit_s": self.rate_bit_s / 1e6, "bytes": report["bytes"],
             "seconds": round(report["seconds"], 4), "complete": report["bytes"] >= total}
         return mbit_s
-
-
-def _read_port(process: subprocess.Popen, timeout: float) -> int:
-    """The first stdout line of the receiver: its port, or an error naming what the receiver said."""
-    ready, _, _ = select.select([process.stdout], [], [], timeout)
-    line = process.stdout.readline() if ready else ""
-    try:
-        return int(line)
-    except ValueError:
-        process.kill()
-        _, stderr = process.communicate(timeout=5)
-        raise TestbedError(f"bandwidth receiver did not start (said {line.strip()!r}, stderr {stderr.strip()!r})") \
-            from None
-
-
-# The two ends run as `python -I -c` inside the namespaces: self-contained, so they start fast without
-# importing this package (or torch) and work whatever the namespace's mounts look like.
-_RECEIVER = """
-import json, socket, sys, time
-host, limit, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-deadline = time.monotonic() + timeout
-server = socket.create_server((host, 0))
-server.settimeout(timeout)
-print(server.getsockname()[1], flush=True)
-connection, _ = server.accept()
-server.close()
-start = last = time.monotonic()
-received = 0
-# Timing starts after the first quarter: by then the token buckets' bursts and TCP slow start are spent,
-# which otherwise inflate short transfers on fast links.
-warm_bytes, warm_time = 0, start
-with connection:
-    while received < limit:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        connection.settimeout(remaining)
-        try:
-            chunk = connection.recv(min(1 << 20, limit - received))
-        except socket.timeout:
-            break
-        if not chunk:
-            break
-        if received < limit // 4 <= received + len(chunk):
-            warm_bytes, warm_time = received + len(chunk), time.monotonic()
-        received += len(chunk)
-        last = time.monotonic()
-if received - warm_bytes < limit // 4:  # cut short by the time bound: use the whole transfer
-    warm_bytes, warm_time = 0, start
-print(json.dumps({"bytes": received, "seconds": last - start, "timed_bytes": received - warm_bytes,
-                  "timed_seconds": last - warm_time}), flush=True)
-"""
-
-_SENDER = """
-import socket, sys, time
-host, port, total, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-deadline = time.monotonic() + timeout
-block = bytes(256 * 1024)
-sent = 0
-with socket.create_connection((host, port), timeout=timeout) as connection:
-    while sent < total:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        connection.settimeout(remaining)
-        piece = block[:min(len(block), total - sent)]
-        try:
-            connection.sendall(piece)
-        except (socket.timeout, BrokenPipeError, ConnectionResetError):
-            break
-        sent += len(piece)
-print(sent, flush=True)
-"""
