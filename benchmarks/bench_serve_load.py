@@ -26,6 +26,7 @@ from prism_trt.engines import BuildOptions, get_backend  # noqa: E402
 from prism_trt.export.build import Builder, config_plans  # noqa: E402
 from prism_trt.model import load_model  # noqa: E402
 from prism_trt.runtime.group import free_port  # noqa: E402
+from prism_trt.serve.client import wait_until_ready  # noqa: E402
 
 DURATION_S, CLIENTS, MAX_REQUESTS, CR = 40.0, 4, 20000, 5.0
 
@@ -47,13 +48,8 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     latencies, errors, lock = [], [], threading.Lock()
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
+        if not wait_until_ready(url, ranks):
+            raise RuntimeError("the server did not become ready within 120 s")
         image = torch.randn(1, spec.in_chans, *spec.img_size).flatten().tolist()
         body = {"inputs": [{"name": "input", "shape": [1, spec.in_chans, *spec.img_size], "datatype": "FP32",
                             "data": image}]}

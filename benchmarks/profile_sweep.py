@@ -51,11 +51,7 @@ def main() -> int:
     out = RESULTS / "profile"
     out.mkdir(parents=True, exist_ok=True)
     with Testbed(2, "900mbit", cpus_per_rank=1) as testbed:
-        def set_rate(rate: float) -> float | None:
-            testbed.set_bandwidth(f"{rate:g}mbit")
-            return testbed.measure_bandwidth(1, 0)
-
-        launcher = Launcher(2, testbed.address(0), None, testbed.command, set_rate)
+        launcher = Launcher.on_testbed(testbed)
         accuracy = [{"ranks": 2, "cr": CR, "segments": None, "agreement": 1.0, "accuracy": None,
                      "calibration": "random weights: latency-only study (min agreement 0)"}]
         data = profile(engines, out / "perfmap.json", SweepPlan(BATCHES, [CR], BANDWIDTHS, WARMUP, REPEAT), launcher,

@@ -196,11 +196,7 @@ def test_small_sweep_on_the_testbed(small_engines, tmp_path):
         pytest.skip(f"testbed needs root with ip/tc: {why}")
     out = tmp_path / "perfmap.json"
     with Testbed(2, "300mbit", cpus_per_rank=1) as testbed:
-        def set_rate(rate: float) -> float | None:
-            testbed.set_bandwidth(f"{rate:g}mbit")
-            return testbed.measure_bandwidth(1, 0)
-
-        launcher = Launcher(2, testbed.address(0), None, testbed.command, set_rate)
+        launcher = Launcher.on_testbed(testbed)
         data = profile(small_engines, out, SweepPlan([1, 4], [3.0], [300.0], warmup=1, repeat=3), launcher,
                        threads=1, timeout=60, progress=False, accuracy=[])
     shaped = [p for p in data["points"] if p["mode"] != "local"]

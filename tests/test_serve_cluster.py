@@ -15,6 +15,7 @@ from conftest import build_engines
 
 from prism_trt.core import make_partition_plan, make_segment_plan, simulate
 from prism_trt.runtime.group import free_port
+from prism_trt.serve.client import wait_until_ready
 
 TOLERANCE = 1e-4
 pytestmark = pytest.mark.timeout(300)
@@ -49,18 +50,10 @@ def cluster(engines):
     worker = _serve(engines, 1, master, http)
     server = _serve(engines, 0, master, http)
     url = f"http://127.0.0.1:{http}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or server.poll() is not None:
-            server.kill()
-            worker.kill()
-            pytest.fail(f"server did not become ready: {server.communicate()[0][-3000:]}")
-        time.sleep(0.3)
+    if not wait_until_ready(url, [server, worker]):
+        server.kill()
+        worker.kill()
+        pytest.fail(f"server did not become ready: {server.communicate()[0][-3000:]}")
     yield url, server, worker
     for process in (server, worker):
         if process.poll() is None:

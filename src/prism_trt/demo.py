@@ -33,6 +33,7 @@ from .profiler.selector import MapSelector
 from .profiler.sweep import Launcher, SweepPlan, profile
 from .report import format_table
 from .runtime.group import free_port
+from .serve.client import wait_until_ready
 
 CRS = (9.9, 4.95)
 
@@ -85,14 +86,7 @@ def _testbed_or_loopback():
 
 
 def _launcher(testbed) -> Launcher:
-    if testbed is None:
-        return Launcher(2)
-
-    def set_rate(rate: float) -> float | None:
-        testbed.set_bandwidth(f"{rate:g}mbit")
-        return testbed.measure_bandwidth(1, 0)
-
-    return Launcher(2, testbed.address(0), None, testbed.command, set_rate)
+    return Launcher(2) if testbed is None else Launcher.on_testbed(testbed)
 
 
 def _serve(engines: Path, perfmap: Path, min_agreement: float) -> tuple[list[subprocess.Popen], str]:
@@ -104,14 +98,9 @@ def _serve(engines: Path, perfmap: Path, min_agreement: float) -> tuple[list[sub
     ranks = [subprocess.Popen(argv + ["--rank", str(rank)], stdout=log, stderr=subprocess.STDOUT)
              for rank in (1, 0)]
     url = f"http://127.0.0.1:{http}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if any(r.poll() is not None for r in ranks):
-            break
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                return ranks, url
-        time.sleep(0.3)
+    if wait_until_ready(url, ranks):
+        return ranks, url
+    _stop(ranks)
     raise RuntimeError(f"the server did not become ready; see {perfmap.parent / 'serve.log'}")
 
 

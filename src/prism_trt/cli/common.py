@@ -95,11 +95,6 @@ def group_options(func):
     return wrapper
 
 
-def _rank_dir(engines: Path, rank: int) -> Path:
-    candidate = engines / f"rank{rank}"
-    return candidate if candidate.is_dir() else engines
-
-
 def _choice(mode: str, cr: float | None):
     from ..runtime.api import Choice
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .common import _choice, _fail, _numbers, _rank_dir, _spec, group_options, main, model_options, plan_options  # noqa: F401
+from .common import _choice, _fail, _numbers, _spec, group_options, main, model_options, plan_options  # noqa: F401
 
 
 @main.command()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .common import _choice, _fail, _numbers, _rank_dir, _spec, group_options, main, model_options, plan_options  # noqa: F401
+from .common import _choice, _fail, _numbers, _spec, group_options, main, model_options, plan_options  # noqa: F401
 
 
 @main.command()
@@ -63,12 +63,7 @@ def profile(engines, batches, crs, bandwidths, warmup, repeat, out, threads, tim
 
             testbed = Testbed(world, f"{rates[0]:g}mbit", cpus_per_rank=threads)
             testbed.up()
-
-            def set_rate(rate: float) -> float | None:
-                testbed.set_bandwidth(f"{rate:g}mbit")
-                return testbed.measure_bandwidth(1, 0)
-
-            launcher = Launcher(world, testbed.address(0), None, testbed.command, set_rate)
+            launcher = Launcher.on_testbed(testbed)
         if not quiet:
             click.echo("calibrating agreement of each plan with the local model ...")
         accuracy = calibrate(engines, calib_data, calib_samples)

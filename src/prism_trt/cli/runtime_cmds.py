@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from .common import _choice, _fail, _numbers, _rank_dir, _spec, group_options, main, model_options, plan_options  # noqa: F401
+from ..engines.manifest import rank_directory
+from .common import _choice, _fail, _numbers, _spec, group_options, main, model_options, plan_options  # noqa: F401
 
 
 def _breakdown_table(result: dict) -> str:
@@ -61,7 +62,7 @@ def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, thread
     from ..runtime.measure import measure
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    rank_dir = _rank_dir(engines, group.rank)
+    rank_dir = rank_directory(engines, group.rank)
     choice = _choice(mode, cr) if group.rank == 0 else None  # workers follow rank 0's choices
     try:
         if group.rank != 0:
@@ -142,7 +143,7 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, host, po
     from ..serve import serve as run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    rank_dir = _rank_dir(engines, group.rank)
+    rank_dir = rank_directory(engines, group.rank)
     if group.rank != 0:
         def stop(signum, frame):
             raise SystemExit(f"rank {group.rank}: signal {signum}, leaving the group")

@@ -42,6 +42,12 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(temporary, path)
 
 
+def rank_directory(engines: Path, rank: int = 0) -> Path:
+    """``engines/rankN`` when ``engines`` is a build directory, else ``engines`` itself (one rank's)."""
+    candidate = Path(engines) / f"rank{rank}"
+    return candidate if candidate.is_dir() else Path(engines)
+
+
 def read_manifest(directory: Path) -> dict:
     """Parse ``directory/manifest.json`` and check its schema version (no file hashing)."""
     path = Path(directory) / MANIFEST_NAME

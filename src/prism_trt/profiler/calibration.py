@@ -12,13 +12,12 @@ import torch
 from ..core.accuracy import evaluate
 from ..core.plan import make_partition_plan, make_segment_plan
 from ..data import MnistTestSet, data_dir
-from ..engines.manifest import read_manifest
+from ..engines.manifest import rank_directory, read_manifest
 from ..model import load_model
 
 
 def model_from_manifest(engines: Path):
-    rank0 = engines / "rank0" if (engines / "rank0").is_dir() else engines
-    manifest = read_manifest(rank0)
+    manifest = read_manifest(rank_directory(engines))
     source = manifest["model"]["source"]
     model = load_model(source.get("timm"), source.get("checkpoint"))
     return model, manifest

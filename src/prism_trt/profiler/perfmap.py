@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from .. import __version__
-from ..engines.manifest import MANIFEST_NAME, sha256_json, write_json_atomic
+from ..engines.manifest import MANIFEST_NAME, rank_directory, sha256_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,7 @@ class PerfMapError(ValueError):
 
 def engines_fingerprint(engines_dir: Path) -> dict:
     """Identity of a build: the SHA-256 of rank 0's file hashes, backend and device."""
-    rank0 = engines_dir / "rank0" if (engines_dir / "rank0").is_dir() else engines_dir
-    manifest = json.loads((rank0 / MANIFEST_NAME).read_text())
+    manifest = json.loads((rank_directory(engines_dir) / MANIFEST_NAME).read_text())
     return {"manifest_sha256": sha256_json(manifest["files"]), "backend": manifest["backend"]["name"],
             "device": manifest["backend"]["device"], "world_size": manifest["world_size"],
             "model": manifest["model"]["spec"]["name"], "weights_sha256": manifest["model"]["weights_sha256"]}
@@ -150,15 +149,18 @@ def save(path: Path, data: dict) -> None:
     write_json_atomic(Path(path), data)
 
 
+def key_of(point: dict) -> tuple:
+    return point_key(point["mode"], point.get("cr"), point["batch"], point.get("bandwidth_mbit"))
+
+
 def find_point(data: dict, mode: str, cr: float | None, batch: int, bandwidth: float | None) -> dict | None:
     key = point_key(mode, cr, batch, bandwidth)
     for point in data["points"]:
-        if point_key(point["mode"], point.get("cr"), point["batch"], point.get("bandwidth_mbit")) == key:
+        if key_of(point) == key:
             return point
     return None
 
 
 def upsert_point(data: dict, point: dict) -> None:
-    key = point_key(point["mode"], point.get("cr"), point["batch"], point.get("bandwidth_mbit"))
-    data["points"] = [p for p in data["points"]
-                      if point_key(p["mode"], p.get("cr"), p["batch"], p.get("bandwidth_mbit")) != key] + [point]
+    key = key_of(point)
+    data["points"] = [p for p in data["points"] if key_of(p) != key] + [point]

@@ -10,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+from ..engines.manifest import rank_directory
 from ..runtime.api import Choice
 from ..runtime.distributed import DistributedExecutor
 from ..runtime.group import GroupConfig
@@ -35,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     meter, meter_note = detect_meter(args.energy)
     group = GroupConfig(0, args.world_size, args.master_addr, args.master_port, args.timeout, args.iface)
-    rank_dir = args.engines / "rank0" if (args.engines / "rank0").is_dir() else args.engines
-    executor = DistributedExecutor(rank_dir, group, args.threads, profile_barrier=True)
+    executor = DistributedExecutor(rank_directory(args.engines), group, args.threads, profile_barrier=True)
     try:
         for mode, cr, batch in json.loads(args.points):
             result = measure(executor, Choice(mode, cr), batch, args.warmup, args.repeat, meter=meter)

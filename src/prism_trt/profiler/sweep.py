@@ -57,6 +57,15 @@ class Launcher:
     wrap: Callable[[int, list[str]], list[str]] = field(default=lambda rank, argv: argv)
     set_bandwidth: Callable[[float], float | None] | None = None  # returns the measured Mbit/s
 
+    @classmethod
+    def on_testbed(cls, testbed) -> Launcher:
+        """Ranks inside a testbed's namespaces; setting a rate re-shapes every link and measures it."""
+        def set_rate(rate: float) -> float | None:
+            testbed.set_bandwidth(f"{rate:g}mbit")
+            return testbed.measure_bandwidth(1, 0)
+
+        return cls(testbed.ranks, testbed.address(0), None, testbed.command, set_rate)
+
 
 def _worker_argv(engines: Path, rank: int, launcher: Launcher, port: int, threads: int, timeout: float) -> list[str]:
     argv = [sys.executable, "-m", "prism_trt.cli", "run", "--engines", str(engines), "--rank", str(rank),
