@@ -56,20 +56,29 @@ class PartitionPlan:
         return self.sizes[rank] - self.prefix_count(rank)
 
 
-def _weighted_sizes(total: int, weights: Sequence[float]) -> list[int]:
-    """Largest-remainder apportionment of ``total`` by ``weights``, each share at least 1."""
-    shares = np.asarray(weights, dtype=float) / float(np.sum(weights)) * total
-    sizes = np.maximum(np.floor(shares).astype(int), 1)
-    remainders = shares - np.floor(shares)
-    while sizes.sum() < total:
-        i = int(np.argmax(remainders))
+def _weighted_sizes(total: int, weights: Sequence[float], minimums: Sequence[int]) -> list[int]:
+    """Largest-remainder apportionment of ``total`` by ``weights`` with a minimum per share.
+
+    Ranks whose share falls below their minimum get exactly the minimum; the rest of ``total`` is
+    shared among the others in proportion to their weights, so every other rank stays within one
+    token of its share of what is left.
+    """
+    weights = np.asarray(weights, dtype=float)
+    minimums = np.asarray(minimums, dtype=int)
+    fixed = np.zeros(len(weights), dtype=bool)
+    while True:
+        free = ~fixed
+        budget = total - minimums[fixed].sum()
+        shares = np.where(fixed, minimums, weights / weights[free].sum() * budget)
+        below = free & (shares < minimums)
+        if not below.any():
+            break
+        fixed |= below
+    sizes = np.where(fixed, minimums, np.floor(shares)).astype(int)
+    remainders = np.where(fixed, -1.0, shares - np.floor(shares))
+    for i in np.argsort(-remainders, kind="stable")[: total - int(sizes.sum())]:
         sizes[i] += 1
-        remainders[i] = -1.0
-    while sizes.sum() > total:  # only when the minimum of 1 pushed us over
-        candidates = np.where(sizes > 1)[0]
-        i = int(candidates[np.argmax(sizes[candidates] - shares[candidates])])
-        sizes[i] -= 1
-    return [int(s) for s in sizes]
+    return [int(v) for v in sizes]
 
 
 def make_partition_plan(num_tokens: int, num_prefix_tokens: int, ranks: int,
@@ -81,23 +90,20 @@ def make_partition_plan(num_tokens: int, num_prefix_tokens: int, ranks: int,
         raise PlanError(f"ranks must be >= 1, got {ranks}")
     if ranks > num_patches:
         raise PlanError(f"{ranks} ranks but only {num_patches} patch tokens: every rank needs at least one patch")
+    # rank 0 holds the prefix tokens and at least one patch; every other rank at least one patch
+    minimums = [num_prefix_tokens + 1] + [1] * (ranks - 1)
     if weights is None:
         base, extra = divmod(num_tokens, ranks)
         sizes = [base + 1] * extra + [base] * (ranks - extra)
+        if sizes[0] < minimums[0]:
+            sizes = _weighted_sizes(num_tokens, [1.0] * ranks, minimums)
     else:
         if len(weights) != ranks:
             raise PlanError(f"got {len(weights)} weights for {ranks} ranks; give one weight per rank")
         bad = [w for w in weights if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0)]
         if bad:
             raise PlanError(f"rank weights must be finite and > 0, got {list(weights)}")
-        sizes = _weighted_sizes(num_tokens, weights)
-    if sizes[0] <= num_prefix_tokens:  # rank 0 must also own at least one patch
-        need = num_prefix_tokens + 1 - sizes[0]
-        donor = int(np.argmax(sizes[1:])) + 1
-        if sizes[donor] - need < 1:
-            raise PlanError(f"cannot give rank 0 its {num_prefix_tokens} prefix tokens and a patch with sizes {sizes}")
-        sizes[0] += need
-        sizes[donor] -= need
+        sizes = _weighted_sizes(num_tokens, weights, minimums)
     return PartitionPlan(num_tokens, num_prefix_tokens, tuple(sizes))
 
 
