@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from prism_trt.core import PlanError, make_partition_plan, make_segment_plan, segments_for_cr, voltage_plan
 
-DETERMINISTIC = settings(derandomize=True, max_examples=60, deadline=None)
+DETERMINISTIC = settings(max_examples=60)  # derandomized, no database: conftest's profile
 
 
 @DETERMINISTIC
@@ -98,6 +98,15 @@ def test_voltage_plan_is_lossless():
         plan = voltage_plan(make_partition_plan(197, 1, ranks))
         assert plan.is_lossless and plan.cr == 1.0
         assert plan.counts == make_partition_plan(197, 1, ranks).sizes
+
+
+@DETERMINISTIC
+@given(weights=st.lists(st.floats(0.1, 10), min_size=2, max_size=5), tokens=st.integers(20, 400))
+def test_voltage_plan_is_lossless_on_weighted_partitions(weights, tokens):
+    # A rank given more than ceil(N/P) tokens must still send every one of them (it used to average pairs).
+    partition = make_partition_plan(tokens, 1, len(weights), weights)
+    plan = voltage_plan(partition)
+    assert plan.is_lossless and plan.cr == 1.0 and plan.counts == partition.sizes
 
 
 @pytest.mark.parametrize("kwargs, message", [

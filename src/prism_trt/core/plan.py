@@ -131,8 +131,9 @@ class SegmentPlan:
 
     @property
     def cr(self) -> float:
-        """Compression rate as in seed 000: ceil(N/P) / L."""
-        return math.ceil(self.partition.num_tokens / self.partition.ranks) / self.segments
+        """Compression rate as in seed 000: ceil(N/P) / L (1 for Voltage, even on a weighted
+        partition whose largest rank needs L > ceil(N/P) to send every token)."""
+        return max(1.0, math.ceil(self.partition.num_tokens / self.partition.ranks) / self.segments)
 
     @property
     def counts(self) -> tuple[int, ...]:
@@ -192,11 +193,13 @@ def make_segment_plan(partition: PartitionPlan, segments: int | None = None, cr:
     """Segments per partition from ``segments`` (L) or ``cr``; exactly one must be given."""
     if (segments is None) == (cr is None):
         raise PlanError("give exactly one of segments (L) or cr")
-    per_rank = math.ceil(partition.num_tokens / partition.ranks)
     if cr is not None:
         segments = segments_for_cr(partition, cr)
-    if not isinstance(segments, (int, np.integer)) or segments < 1 or segments > per_rank:
-        raise PlanError(f"segments per partition must be an integer in [1, ceil(N/P) = {per_rank}], got {segments}")
+    # ceil(N/P), or more on a weighted partition: one segment per patch of its largest rank.
+    most = max(math.ceil(partition.num_tokens / partition.ranks), *map(partition.patch_count, range(partition.ranks)))
+    if not isinstance(segments, (int, np.integer)) or segments < 1 or segments > most:
+        raise PlanError(f"segments per partition must be an integer in [1, {most}] (one segment per token of the "
+                        f"largest partition), got {segments}")
     segment_sizes = []
     for rank in range(partition.ranks):
         patches = partition.patch_count(rank)
@@ -206,5 +209,7 @@ def make_segment_plan(partition: PartitionPlan, segments: int | None = None, cr:
 
 
 def voltage_plan(partition: PartitionPlan) -> SegmentPlan:
-    """CR = 1: every token is its own segment."""
-    return make_segment_plan(partition, segments=math.ceil(partition.num_tokens / partition.ranks))
+    """CR = 1: every token is its own segment. L is the largest rank's patch count, which on a
+    weighted partition can exceed ceil(N/P) (with L = ceil(N/P) that rank would average pairs)."""
+    most = max(math.ceil(partition.num_tokens / partition.ranks), *map(partition.patch_count, range(partition.ranks)))
+    return make_segment_plan(partition, segments=most)
