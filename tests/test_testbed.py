@@ -27,11 +27,12 @@ from prism_trt.profiler.testbed import (
     parse_rate,
     root_available,
     tbf_parameters,
+    testbed_support,
 )
 from prism_trt.profiler.testbed_cli import testbed as bed_cli
 
-ROOT_OK, ROOT_REASON = root_available()
-needs_root = pytest.mark.skipif(not ROOT_OK, reason=f"testbed needs root with ip/tc/taskset: {ROOT_REASON}")
+ROOT_OK, ROOT_REASON = testbed_support()
+needs_root = pytest.mark.skipif(not ROOT_OK, reason=f"no network testbed here: {ROOT_REASON}")
 _counter = itertools.count()
 
 
@@ -110,7 +111,23 @@ def test_construction_validates_without_touching_the_system():
 def test_helpers_report_plainly():
     ok, reason = root_available()
     assert isinstance(ok, bool) and reason
-    assert isinstance(netem_available(), bool)
+    supported, why = testbed_support()
+    assert isinstance(supported, bool) and why and (ok or not supported)
+    assert isinstance(netem_available(), bool) and (supported or not netem_available())
+
+
+def test_missing_tools_are_detected_not_crashed_on(monkeypatch):
+    # As on a machine (or container) without iproute2: the probe says so instead of raising.
+    monkeypatch.setenv("PATH", "/nonexistent")
+    try:
+        ok, reason = root_available()
+        assert not ok and "missing tools: ip, tc, taskset" in reason
+        supported, why = testbed_support(refresh=True)
+        assert not supported and "missing tools" in why
+        assert netem_available() is False
+    finally:
+        monkeypatch.undo()
+        testbed_support(refresh=True)  # the real answer again for the tests that follow
 
 
 def test_cleanup_stale_refuses_foreign_prefixes():

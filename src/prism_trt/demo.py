@@ -72,17 +72,26 @@ def _pick_model():
 
 @contextlib.contextmanager
 def _testbed_or_loopback():
-    """A 2-board testbed when this process may create namespaces, else plain loopback."""
-    from .profiler.testbed import Testbed, root_available
+    """A 2-board testbed where this machine can build one (tools, privileges and a probe namespace
+    that really works), else plain loopback; either way it says which and why."""
+    from .profiler.testbed import Testbed, TestbedError, testbed_support
 
-    ok, why = root_available()
+    ok, why = testbed_support()
+    testbed = None
+    if ok:
+        try:
+            testbed = Testbed(2, "900mbit", cpus_per_rank=1).up()
+        except TestbedError as error:  # Testbed.up() removes what it made before raising
+            ok, why = False, str(error)
     if not ok:
         click.echo(f"(no testbed: {why}; ranks talk over unshaped loopback)")
         yield None
         return
-    with Testbed(2, "900mbit", cpus_per_rank=1) as testbed:
+    try:
         click.echo(f"testbed up: ranks at {testbed.address(0)} and {testbed.address(1)}, links shaped with tc")
         yield testbed
+    finally:
+        testbed.down()
 
 
 def _launcher(testbed) -> Launcher:

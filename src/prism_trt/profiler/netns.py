@@ -27,6 +27,7 @@ _RESERVED_NAMES = {"probe"}
 _COMMAND_TIMEOUT_S = 20.0
 _instance_counter = itertools.count()
 _netem_cache: bool | None = None
+_support_cache: tuple[bool, str] | None = None
 
 
 class TestbedError(RuntimeError):
@@ -157,7 +158,7 @@ def root_available() -> tuple[bool, str]:
 
 
 def _require_root() -> None:
-    ok, reason = root_available()
+    ok, reason = testbed_support()
     if not ok:
         raise TestbedError(f"cannot build a network testbed: {reason}")
 
@@ -183,29 +184,53 @@ def _delete_namespace(namespace: str) -> bool:
     raise TestbedError(f"`ip netns delete {namespace}` failed: {result.stderr.strip()}")
 
 
-def netem_available(refresh: bool = False) -> bool:
-    """Whether this kernel has the netem qdisc (needed for ``delay``), probed once per process.
+def _probe_namespace() -> tuple[bool, str, bool]:
+    """Create a scratch namespace with a veth pair and a tbf qdisc, try netem, remove it all.
 
-    The probe adds netem to a veth in a scratch namespace of its own and removes it again. Without root the
-    probe cannot run and the answer is False.
+    Returns (namespaces and tbf work, why not, netem works). Tools and privileges are not enough:
+    a container may grant CAP_NET_ADMIN yet forbid mounting /run/netns, or lack the veth module.
     """
-    global _netem_cache
-    if _netem_cache is not None and not refresh:
-        return _netem_cache
-    if not root_available()[0]:
-        return False
     namespace = f"{TESTBED_PREFIX}probe-{os.getpid()}-{next(_instance_counter)}"
     try:
         _run(["ip", "netns", "add", namespace])
         _run(["ip", "-n", namespace, "link", "add", "probe0", "type", "veth", "peer", "name", "probe1"])
-        result = _run(["tc", "-n", namespace, "qdisc", "add", "dev", "probe0", "root", "netem", "delay", "1ms"],
-                      check=False)
-        _netem_cache = result.returncode == 0
-        if not _netem_cache:
-            log.info("netem is not available: %s", result.stderr.strip())
+        _run(["tc", "-n", namespace, "qdisc", "add", "dev", "probe0", "root", "tbf", "rate", "1mbit",
+              "burst", "32kbit", "latency", "50ms"])
+        netem = _run(["tc", "-n", namespace, "qdisc", "add", "dev", "probe1", "root", "netem", "delay", "1ms"],
+                     check=False)
+        if netem.returncode != 0:
+            log.info("netem is not available: %s", netem.stderr.strip())
+        return True, "", netem.returncode == 0
+    except TestbedError as error:
+        return False, f"network namespaces with veth and tc tbf do not work here ({error})", False
     finally:
-        _delete_namespace(namespace)
-    return _netem_cache
+        try:
+            _delete_namespace(namespace)
+        except TestbedError as error:  # the probe namespace may never have been created
+            log.info("probe namespace %s: %s", namespace, error)
+
+
+def testbed_support(refresh: bool = False) -> tuple[bool, str]:
+    """Whether this process can build a testbed here, and if not why (in words), probed once per
+    process: tools and privileges (:func:`root_available`), then a real namespace, veth and tbf."""
+    global _support_cache, _netem_cache
+    if _support_cache is not None and not refresh:
+        return _support_cache
+    ok, reason = root_available()
+    if ok:
+        ok, problem, _netem_cache = _probe_namespace()
+        reason = problem or "root, ip/tc/taskset and network namespaces with veth and tbf available"
+    else:
+        _netem_cache = False
+    _support_cache = (ok, reason)
+    return _support_cache
+
+
+def netem_available(refresh: bool = False) -> bool:
+    """Whether this kernel has the netem qdisc (needed for ``delay``), probed with :func:`testbed_support`.
+    Without a working testbed the probe cannot run and the answer is False."""
+    testbed_support(refresh)
+    return bool(_netem_cache)
 
 
 def state_dir() -> Path:

@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..engines.manifest import rank_directory
+from ..engines.manifest import compute_device, load_manifest, rank_directory
 from ..runtime.api import Choice
 from ..runtime.distributed import DistributedExecutor
 from ..runtime.group import GroupConfig
@@ -34,9 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--energy", default=None, help="jtop, nvml or rapl (default: the first that works)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    meter, meter_note = detect_meter(args.energy)
+    rank_dir = rank_directory(args.engines)
+    device = compute_device(load_manifest(rank_dir, verify=False)["backend"])
+    meter, meter_note = detect_meter(args.energy, device)
     group = GroupConfig(0, args.world_size, args.master_addr, args.master_port, args.timeout, args.iface)
-    executor = DistributedExecutor(rank_directory(args.engines), group, args.threads, profile_barrier=True)
+    executor = DistributedExecutor(rank_dir, group, args.threads, profile_barrier=True)
     try:
         for mode, cr, batch in json.loads(args.points):
             result = measure(executor, Choice(mode, cr), batch, args.warmup, args.repeat, meter=meter)

@@ -53,9 +53,10 @@ from .netns import (
     state_dir,
     state_path,
     tbf_parameters,
+    testbed_support,
 )
 
-__all__ = ['TESTBED_PREFIX', 'Testbed', 'TestbedError', 'cleanup_stale', 'format_rate', 'list_namespaces', 'netem_available', 'parse_delay', 'parse_rate', 'root_available', 'state_dir', 'state_path', 'tbf_parameters']
+__all__ = ['TESTBED_PREFIX', 'Testbed', 'TestbedError', 'cleanup_stale', 'format_rate', 'list_namespaces', 'netem_available', 'parse_delay', 'parse_rate', 'root_available', 'state_dir', 'state_path', 'tbf_parameters', 'testbed_support']
 
 log = logging.getLogger(__name__)
 
