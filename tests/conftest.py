@@ -4,12 +4,33 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import settings
 
+from prism_trt.core.precision import Comparison, compare
 from prism_trt.data import data_dir
+from prism_trt.export.onnx_export import DYNAMO_MIN_TORCH, default_exporter
 from prism_trt.model import PrismViT, ViTSpec, from_timm
 from prism_trt.model.adapters import create_timm
 
 torch.set_num_threads(2)
+
+# Reproducible property tests: examples derived from the test itself, none replayed from a database.
+settings.register_profile("prism-trt", derandomize=True, database=None, deadline=None)
+settings.load_profile("prism-trt")
+
+
+needs_dynamo = pytest.mark.skipif(
+    default_exporter() != "dynamo",
+    reason=f"torch {torch.__version__}'s dynamo ONNX exporter cannot export the stages (needs torch >= "
+           f"{'.'.join(map(str, DYNAMO_MIN_TORCH))}); the torchscript exporter is tested instead")
+
+
+def assert_close(got, want, precision: str = "fp32", name: str = "output") -> Comparison:
+    """Assert ``got`` matches ``want`` under the precision's tolerance (prism_trt.core.precision),
+    failing with the comparison report: errors, where the worst one is, the margin."""
+    result = compare(got, want, precision, name)
+    assert result.passed, result.describe()
+    return result
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import random_model, small_spec
+from conftest import assert_close, random_model, small_spec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,8 +17,7 @@ from prism_trt.core import (
     simulate_blocks,
     voltage_plan,
 )
-
-TOLERANCE = 1e-4
+from prism_trt.core.precision import compare
 
 
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_small_patch16_224"])
@@ -31,7 +30,7 @@ def test_cr1_equals_timm(timm_pair, name, ranks, means_source):
     plan = voltage_plan(make_partition_plan(model.spec.num_tokens, 1, ranks))
     with torch.no_grad():
         expected = reference(images)
-    assert (simulate(model, images, plan, means_source) - expected).abs().max().item() <= TOLERANCE
+    assert_close(simulate(model, images, plan, means_source), expected)
 
 
 def test_weighted_cr1_equals_unpartitioned(timm_pair):
@@ -39,16 +38,17 @@ def test_weighted_cr1_equals_unpartitioned(timm_pair):
     images = torch.randn(1, 3, 224, 224)
     plan = voltage_plan(make_partition_plan(197, 1, 3, [3, 1, 2]))
     with torch.no_grad():
-        assert (simulate(model, images, plan) - model(images)).abs().max().item() <= TOLERANCE
+        assert_close(simulate(model, images, plan), model(images))
 
 
 def test_compression_changes_logits(timm_pair):
-    """Guards the property test below: with real (non-constant) tokens, CR > 1 is not exact."""
+    """Guards the property test below: with real (non-constant) tokens, CR > 1 is not exact, and
+    the difference is far outside the fp32 tolerance that test uses."""
     _, model = timm_pair("vit_tiny_patch16_224")
     images = torch.randn(1, 3, 224, 224)
     plan = make_segment_plan(make_partition_plan(197, 1, 2), cr=9.9)
     with torch.no_grad():
-        assert (simulate(model, images, plan) - model(images)).abs().max().item() > 1e-3
+        assert compare(simulate(model, images, plan), model(images)).used > 10
 
 
 def segment_constant_tokens(plan, batch: int, dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -60,7 +60,7 @@ def segment_constant_tokens(plan, batch: int, dim: int, generator: torch.Generat
     return torch.cat(pieces, dim=1)
 
 
-@settings(derandomize=True, max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(grid=st.integers(2, 5), prefix=st.integers(0, 2), seed=st.integers(0, 2**16),
        means_source=st.sampled_from(["ln1", "input"]), data=st.data())
 def test_segment_constant_inputs_are_exact_at_any_cr(grid, prefix, seed, means_source, data):
@@ -76,7 +76,7 @@ def test_segment_constant_inputs_are_exact_at_any_cr(grid, prefix, seed, means_s
         for block in model.blocks:
             expected = block(expected)
     got = simulate_blocks(model, tokens, plan, means_source)
-    assert (got - expected).abs().max().item() <= TOLERANCE
+    assert_close(got, expected)
 
 
 def test_rank_forward_validates():

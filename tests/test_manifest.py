@@ -9,6 +9,7 @@ import pytest
 from conftest import build_engines, random_model, small_spec
 
 from prism_trt.engines import ManifestError, load_manifest
+from prism_trt.engines.manifest import SCHEMA_VERSION
 from prism_trt.runtime import load_chain
 
 
@@ -55,7 +56,7 @@ def test_hash_mismatch(rank_dir):
 
 def test_other_schema_version(rank_dir):
     _edit_manifest(rank_dir, lambda m: m.update(schema_version=99))
-    with pytest.raises(ManifestError, match=r"manifest\.json: schema version 99, this prism-trt reads version 1"):
+    with pytest.raises(ManifestError, match=rf"manifest\.json: schema version 99, this prism-trt reads version {SCHEMA_VERSION}"):
         load_manifest(rank_dir)
 
 

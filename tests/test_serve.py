@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import uvicorn
-from conftest import build_engines, random_model, small_spec
+from conftest import assert_close, build_engines, random_model, small_spec
 from PIL import Image
 
 from prism_trt.runtime.api import Choice, FixedSelector, Health
@@ -132,8 +132,7 @@ def expected_logits(executor, x: torch.Tensor) -> np.ndarray:
 
 def assert_still_serving(client: httpx.Client, executor) -> None:
     x = images(1, seed=99)
-    np.testing.assert_allclose(logits_of(client.post("/v2/models/tiny-test/infer", json=infer_body(x))),
-                               expected_logits(executor, x), rtol=0, atol=1e-5)
+    assert_close(logits_of(client.post("/v2/models/tiny-test/infer", json=infer_body(x))), expected_logits(executor, x))
 
 
 # ------------------------------------------------------------------ metrics parsing
@@ -308,7 +307,7 @@ def test_concurrent_requests_are_batched_and_answered_once(client, executor):
         after = scrape(client)
         for rid, response in responses.items():
             assert response.json()["id"] == rid
-            np.testing.assert_allclose(logits_of(response), expected[rid], rtol=0, atol=1e-5)
+            assert_close(logits_of(response), expected[rid])
             assert outputs_of(response)["label"]["data"] == expected[rid].argmax(axis=1).tolist()
 
         def delta(family, sample=None, before=before, after=after, **labels):
@@ -332,7 +331,7 @@ def test_executor_failure_answers_500_and_isolates(flaky_client, executor):
     assert "ValueError" in failed.json()["error"] and "only local mode, not voltage" in failed.json()["error"]
     x1, x2 = images(1, seed=8), images(2, seed=9)
     ok = flaky_client.post("/v2/models/tiny-test/infer", json=infer_body(x1))
-    np.testing.assert_allclose(logits_of(ok), expected_logits(executor, x1), rtol=0, atol=1e-5)
+    assert_close(logits_of(ok), expected_logits(executor, x1))
 
     # 1 + 2 images merge into a batch of 3, which fails; each request then runs alone and succeeds
     for _attempt in range(3):
@@ -342,7 +341,7 @@ def test_executor_failure_answers_500_and_isolates(flaky_client, executor):
                        for x in (x1, x2)]
             responses = [f.result(timeout=30) for f in futures]
         for x, response in zip((x1, x2), responses):
-            np.testing.assert_allclose(logits_of(response), expected_logits(executor, x), rtol=0, atol=1e-5)
+            assert_close(logits_of(response), expected_logits(executor, x))
         if metric_value(scrape(flaky_client), "prism_batch_isolations_total") > before:
             break
     else:
@@ -428,7 +427,7 @@ def test_image_endpoint_matches_manual_preprocessing(client, executor):
     raw = client.post("/v2/models/tiny-test/infer/image", content=data, headers={"content-type": "image/png"})
     upload = client.post("/v2/models/tiny-test/infer/image", files={"file": ("digit.png", data, "image/png")})
     for response in (raw, upload):
-        np.testing.assert_allclose(logits_of(response), expected, rtol=0, atol=1e-5)
+        assert_close(logits_of(response), expected)
         assert outputs_of(response)["label"]["data"] == expected.argmax(axis=1).tolist()
         assert response.json()["parameters"]["mode"] == "local"
 
@@ -479,7 +478,7 @@ def test_bearer_token(auth_client, executor):
     assert auth_client.post("/v2/models/tiny-test/infer", json=infer_body(x)).status_code == 401
     assert auth_client.post("/v2/models/tiny-test/infer/image", content=b"x").status_code == 401
     authorised = auth_client.post("/v2/models/tiny-test/infer", json=infer_body(x), headers=good)
-    np.testing.assert_allclose(logits_of(authorised), expected_logits(executor, x), rtol=0, atol=1e-5)
+    assert_close(logits_of(authorised), expected_logits(executor, x))
     metrics = scrape(auth_client, **good)
     assert metric_value(metrics, "prism_request_errors_total", code="401", reason="unauthorized") >= 12
 

@@ -11,13 +11,12 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import build_engines
+from conftest import assert_close, build_engines
 
 from prism_trt.core import make_partition_plan, make_segment_plan, simulate
 from prism_trt.runtime.group import free_port
 from prism_trt.serve.client import wait_until_ready
 
-TOLERANCE = 1e-4
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -85,7 +84,7 @@ def test_triton_client_talks_to_the_server(cluster, mnist_model, images):
     logits = result.as_numpy("logits")
     plan = make_segment_plan(make_partition_plan(50, 1, 2), cr=5.0)
     expected = simulate(mnist_model, images[:5], plan).numpy()
-    assert np.abs(logits - expected).max() <= TOLERANCE
+    assert_close(logits, expected)
     assert (result.as_numpy("label") == expected.argmax(-1)).all()
     client.close()
     # SIGTERM on rank 0 stops every rank cleanly
@@ -136,7 +135,7 @@ def test_killing_a_worker_under_load_loses_nothing(cluster, mnist_model, images)
         modes[mode] += 1
         logits = np.asarray(answer["outputs"][0]["data"], dtype=np.float32)
         reference = expected[mode][index % len(images)].numpy()
-        assert np.abs(logits - reference).max() <= TOLERANCE, (index, mode)
+        assert_close(logits, reference, name=f"request {index} ({mode}) logits")
     assert modes["prism"] > 0 and modes["local"] > 0
     ready = httpx.get(f"{url}/v2/health/ready", timeout=10)
     assert ready.status_code == 200 and ready.json()["degraded"] is True

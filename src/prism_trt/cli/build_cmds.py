@@ -28,9 +28,12 @@ def _model_source(model_name, checkpoint) -> dict:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output directory; gets one rankN/ directory per board.")
 @click.option("--means-source", type=click.Choice(["ln1", "input"]), default="ln1", show_default=True)
-@click.option("--fp16", is_flag=True, help="Reduced-precision engines (TensorRT / TensorRT EP).")
-@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
-              help="ONNX exporter; torchscript is much faster, dynamo gives leaner graphs.")
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16"]), default=None,
+              help="What the engines compute in; verification uses its tolerance. [default: the runtime's own: "
+                   "fp32 on the CPU, tf32 on CUDA and TensorRT (Ampere+ GPUs such as Jetson Orin)]")
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
+              help="ONNX exporter; torchscript is much faster, dynamo gives leaner graphs but needs torch >= 2.11; "
+                   "auto: dynamo where torch has it, else torchscript.")
 @click.option("--min-batch", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--opt-batch", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True)
@@ -39,31 +42,38 @@ def _model_source(model_name, checkpoint) -> dict:
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
               help="TensorRT builder optimization level.")
 @click.option("--no-voltage", is_flag=True, help="Skip the CR=1 (Voltage) chains.")
-@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime-vs-reference check of every stage.")
+@click.option("--no-verify", is_flag=True, help="Skip the check of every engine (and ONNX file) against the torch "
+                                                 "reference.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def build(model_name, checkpoint, ranks, crs, segments, weights, backend, provider, out_dir, means_source, fp16,
+def build(model_name, checkpoint, ranks, crs, segments, weights, backend, provider, out_dir, means_source, precision,
           exporter, min_batch, opt_batch, max_batch, workspace_mib, opt_level, no_voltage, no_verify, threads, quiet):
     """Export per-block ONNX stages for every rank, verify them and compile engines.
 
     Writes OUT/rankN/ for each of the P ranks (copy each to its board) with a manifest.json that
-    records the model, plans, stages, backend, device and the SHA-256 of every file. Without
-    --cr/--segments, CRs 9.9, 4.95 and 3.3 are built; rank 0 always gets the local (P=1) chain.
-    Unchanged stages are not rebuilt.
+    records the model, plans, stages, backend, device, precision, verification reports and the
+    SHA-256 of every file. Every engine is run where it will run and compared with the torch
+    reference under its precision's tolerance (|err| <= atol + rtol*|ref|, scaled to the outputs);
+    the table shows the share of the tolerance the worst element used. Without --cr/--segments,
+    CRs 9.9, 4.95 and 3.3 are built; rank 0 always gets the local (P=1) chain. Unchanged stages
+    are not rebuilt.
     """
     from ..core import PlanError
     from ..engines import BackendUnavailable, BuildOptions, get_backend
+    from ..engines.onnx_format import OnnxFormatError
     from ..export.build import Builder, config_plans
+    from ..export.onnx_export import ExportError
+    from ..export.verify import VerificationError
     from ..model import CheckpointMismatchError, UnsupportedModelError, load_model
     from ..report import format_table
 
     if not crs and not segments:
         crs = (9.9, 4.95, 3.3)
     try:
-        options = BuildOptions(fp16=fp16, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
-                               workspace_mib=workspace_mib, optimization_level=opt_level,
-                               timing_cache=str(out_dir / "timing.cache"))
         engine_backend = get_backend(backend, provider, threads)
+        options = BuildOptions(precision=engine_backend.resolve_precision(precision), min_batch=min_batch,
+                               opt_batch=opt_batch, max_batch=max_batch, workspace_mib=workspace_mib,
+                               optimization_level=opt_level, timing_cache=str(out_dir / "timing.cache"))
         model = load_model(model_name, checkpoint)
         spec = model.spec
         configs = config_plans(spec.num_tokens, spec.num_prefix_tokens, ranks, list(crs), list(segments), weights,
@@ -72,20 +82,26 @@ def build(model_name, checkpoint, ranks, crs, segments, weights, backend, provid
                           exporter, verify=not no_verify)
         result = builder.build(out_dir, ranks, configs, progress=not quiet)
     except (PlanError, ValueError, FileNotFoundError, BackendUnavailable, CheckpointMismatchError,
-            UnsupportedModelError, RuntimeError) as error:
+            UnsupportedModelError, OnnxFormatError, ExportError, VerificationError, RuntimeError) as error:
         _fail(error)
     groups: dict = {}
     for stage in result.stages:
         groups.setdefault((stage.rank, stage.config), []).append(stage)
     rows = []
     for (rank, config), stages in groups.items():
-        diffs = [s.max_abs_diff for s in stages if s.max_abs_diff is not None]
+        errors = [s.max_abs_error for s in stages if s.max_abs_error is not None]
+        used = [s.tolerance_used for s in stages if s.tolerance_used is not None]
         rows.append([f"rank{rank}", config, len(stages), sum(s.exported for s in stages),
-                     sum(s.built for s in stages), f"{max(diffs):.1e}" if diffs else None,
-                     f"{sum(s.bytes for s in stages) / 2**20:.1f}"])
-    click.echo(format_table(["rank", "config", "stages", "exported", "built", "max |diff|", "MiB"], rows))
-    click.echo(f"{backend} ({engine_backend.device()}) engines for {spec.name} in {out_dir} "
-               f"({result.seconds:.1f} s; unchanged stages reused)")
+                     sum(s.built for s in stages), f"{max(errors):.1e}" if errors else None,
+                     _percent(max(used)) if used else None, f"{sum(s.bytes for s in stages) / 2**20:.1f}"])
+    click.echo(format_table(["rank", "config", "stages", "exported", "built", "max |err|", "tol. used", "MiB"], rows))
+    click.echo(f"{backend} ({engine_backend.device()}, {options.precision}) engines for {spec.name} in {out_dir} "
+               f"({result.seconds:.1f} s; unchanged stages reused). tol. used: the largest share of the "
+               f"{options.precision} tolerance any output element needed (100 % fails).")
+
+
+def _percent(share: float) -> str:
+    return f"{100 * share:.2g} %"
 
 
 @main.command()
@@ -112,16 +128,21 @@ def inspect(directory, no_verify, as_json):
         spec, backend = manifest["model"]["spec"], manifest["backend"]
         click.echo(f"{rank_dir}: rank {manifest['rank']} of {manifest['world_size']}, model {spec['name']} "
                    f"(weights {manifest['model']['weights_sha256'][:12]}), means {manifest['means_source']}")
-        click.echo(f"  backend {backend['name']} {backend['version']} on {backend['device']}, "
-                   f"exporter {manifest['export']['exporter']} (torch {manifest['export']['torch']}), "
-                   f"options {manifest['build_options']}")
+        export = manifest["export"]
+        options = manifest["build_options"]
+        click.echo(f"  backend {backend['name']} {backend['version']} on {backend['device']}, precision "
+                   f"{options['precision']}, exporter {export['exporter']} (torch {export['torch']}, ONNX opset "
+                   f"{export['opset']}, IR {export['ir_version']}), batch {options['min_batch']}/{options['opt_batch']}/"
+                   f"{options['max_batch']}")
         rows = []
         for config in manifest["configs"]:
-            diffs = [s["max_abs_diff"] for s in config["stages"] if s["max_abs_diff"] is not None]
+            checks = [s["verification"]["engine"] for s in config["stages"] if s.get("verification")]
+            errors = [o["max_abs_error"] for check in checks for o in check["outputs"]]
             rows.append([config["name"], config["mode"], config["ranks"], config["cr"], config["segments"],
                          "/".join(map(str, config["counts"])), len(config["stages"]),
-                         f"{max(diffs):.1e}" if diffs else None])
-        click.echo("  " + format_table(["config", "mode", "P", "CR", "L", "sent/rank", "stages", "max |diff|"],
-                                       rows).replace("\n", "\n  "))
+                         f"{len(checks)}/{len(config['stages'])}", f"{max(errors):.1e}" if errors else None,
+                         _percent(max(c["used"] for c in checks)) if checks else None])
+        click.echo("  " + format_table(["config", "mode", "P", "CR", "L", "sent/rank", "stages", "verified",
+                                        "max |err|", "tol. used"], rows).replace("\n", "\n  "))
         state = "not verified" if no_verify else "SHA-256 verified"
         click.echo(f"  {len(manifest['files'])} files, {state}")

@@ -18,6 +18,9 @@ from typing import ClassVar
 
 import torch
 
+from ..core.precision import check_precision
+from .onnx_format import OnnxFormat, format_for
+
 BATCH_AXIS = "batch"
 
 
@@ -52,15 +55,18 @@ class TensorSpec:
 class BuildOptions:
     """How engines are built. Batch profile min/opt/max applies to the dynamic batch axis.
 
-    fp16: reduced precision (TensorRT 10: builder flag; TensorRT 11+: strongly typed network
-        built from an fp16-cast ONNX; onnxruntime TensorRT EP: trt_fp16_enable).
+    precision: what the engines compute in: "fp32" (TF32 switched off on GPUs), "tf32" (fp32
+        storage, matmul inputs rounded to TF32 on Ampere and newer: Jetson Orin, A100, H100) or
+        "fp16" (TensorRT 10: FP16 builder flag; TensorRT 11+ and onnxruntime's CPU / CUDA EPs: an
+        fp16-cast copy of the ONNX; onnxruntime's TensorRT EP: trt_fp16_enable). Engine inputs and
+        outputs stay float32 in every precision; verification uses the precision's tolerance.
     workspace_mib: TensorRT memory pool limit for the workspace.
     optimization_level: TensorRT builder optimization level (0..5, default 3).
     timing_cache: file for TensorRT's timing cache, shared by every stage of a build.
     device_id: CUDA device ordinal.
     """
 
-    fp16: bool = False
+    precision: str = "fp32"
     min_batch: int = 1
     opt_batch: int = 8
     max_batch: int = 32
@@ -70,6 +76,7 @@ class BuildOptions:
     device_id: int = 0
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
             raise ValueError(f"batch profile must satisfy 1 <= min <= opt <= max, got "
                              f"{self.min_batch}/{self.opt_batch}/{self.max_batch}")
@@ -175,6 +182,31 @@ class Backend(ABC):
     @abstractmethod
     def check_available(cls) -> None:
         """Raise BackendUnavailable (naming what to install) when this backend cannot run here."""
+
+    def default_precision(self) -> str:
+        """The precision builds get when none is asked for: what the runtime itself defaults to."""
+        return "fp32"
+
+    def unsupported_precisions(self) -> dict[str, str]:
+        """Precisions this backend cannot build, each with the reason."""
+        return {}
+
+    def resolve_precision(self, requested: str | None) -> str:
+        """``requested`` (or the default) after checking this backend can build it."""
+        precision = self.default_precision() if requested is None else check_precision(requested)
+        reason = self.unsupported_precisions().get(precision)
+        if reason:
+            raise ValueError(f"precision {precision} is not available with {self.name} on {self.device()}: {reason}")
+        return precision
+
+    @property
+    def runs_on_cuda(self) -> bool:
+        """Whether engines run on a CUDA device (verification then feeds device tensors when it can)."""
+        return False
+
+    def onnx_format(self) -> OnnxFormat:
+        """The opset and IR version to write for this backend's runtime."""
+        return format_for(self.name, self.version())
 
     @abstractmethod
     def version(self) -> str:

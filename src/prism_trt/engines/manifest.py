@@ -12,7 +12,7 @@ from typing import Any
 
 from ..core.plan import segments_for
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: build_options.precision, per-stage verification reports
 MANIFEST_NAME = "manifest.json"
 
 
@@ -40,6 +40,12 @@ def write_json_atomic(path: Path, data: Any) -> None:
         stream.write("\n")
         temporary = Path(stream.name)
     os.replace(temporary, path)
+
+
+def compute_device(backend: dict) -> str:
+    """Where a manifest's engines compute: "cpu" (onnxruntime's CPU EP) or "cuda" (every other)."""
+    on_cpu = backend.get("name") == "onnxruntime" and (backend.get("provider") or "cpu") == "cpu"
+    return "cpu" if on_cpu else "cuda"
 
 
 def rank_directory(engines: Path, rank: int = 0) -> Path:

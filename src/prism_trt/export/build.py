@@ -9,9 +9,10 @@ Layout of a build directory (one sub-directory per board; copy ``rankN/`` to boa
     OUT/rank0/prism-cr9.9/...         one directory per compression rate
     OUT/rank1/...
 
-A stage is re-exported only when its export key (weights, spec, plan, rank, exporter, versions)
-changed, and its engine rebuilt only when its cache key (ONNX hash, backend, version, device,
-build options) changed and the files on disk still match the manifest.
+A stage is re-exported only when its export key (weights, spec, plan, rank, exporter, ONNX format,
+versions) changed, and its engine rebuilt only when its cache key (ONNX hash, backend, version,
+device, build options incl. precision) changed and the files on disk still match the manifest.
+Every new engine is verified on its target at its precision (:mod:`.verify`) before it is listed.
 """
 
 from __future__ import annotations
@@ -37,10 +38,9 @@ from ..engines.manifest import (
 )
 from ..model import PrismViT, weights_hash
 from ..model.vit import MeansSource
-from .onnx_export import OPSET, check_onnx, export_stage, verify_onnx
+from .onnx_export import check_onnx, export_stage, resolve_exporter
 from .stages import StageSpec, monolithic_stage, rank_stages
-
-FP32_TOLERANCE = 1e-4
+from .verify import reference_cases, require_passed, summary, verification_batches, verify_engine, verify_onnx
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,18 @@ class StageReport:
     stage: str
     exported: bool
     built: bool
-    max_abs_diff: float | None
+    verification: dict | None  # the engine check's summary (see export.verify.summary)
     bytes: int
+
+    @property
+    def max_abs_error(self) -> float | None:
+        if not self.verification:
+            return None
+        return max(output["max_abs_error"] for output in self.verification["outputs"])
+
+    @property
+    def tolerance_used(self) -> float | None:
+        return self.verification["used"] if self.verification else None
 
 
 @dataclass
@@ -123,12 +133,15 @@ class Builder:
     """Builds the engine directories of one model for every rank."""
 
     def __init__(self, model: PrismViT, source: dict, backend: Backend, options: BuildOptions,
-                 means_source: MeansSource = "ln1", exporter: str = "dynamo", verify: bool = True):
+                 means_source: MeansSource = "ln1", exporter: str = "auto", verify: bool = True):
         self.model, self.source, self.backend, self.options = model, source, backend, options
-        self.means_source, self.exporter, self.verify = means_source, exporter, verify
+        self.means_source, self.exporter, self.verify = means_source, resolve_exporter(exporter), verify
         self.weights_sha256 = weights_hash(model)
+        self.onnx_format = backend.onnx_format()
         self.backend_info = {"name": backend.name, "version": backend.version(), "device": backend.device(),
                              "provider": getattr(backend, "provider", None)}
+        # The ONNX file needs a check of its own only where the engine check does not run it at fp32 on the CPU.
+        self.check_export_separately = options.precision != "fp32" or backend.runs_on_cuda
 
     def build(self, out_dir: Path, ranks: int, configs: list[ConfigPlan], progress: bool = True) -> BuildResult:
         started = time.perf_counter()
@@ -158,7 +171,7 @@ class Builder:
             "rank": rank, "world_size": ranks, "means_source": self.means_source,
             "model": {"source": self.source, "spec": self.model.spec.to_dict(), "weights_sha256": self.weights_sha256},
             "backend": self.backend_info, "build_options": self.options.to_dict(),
-            "export": {"exporter": self.exporter, "opset": OPSET, "torch": torch.__version__},
+            "export": {"exporter": self.exporter, **self.onnx_format.to_dict(), "torch": torch.__version__},
             "configs": [], "monolithic": None, "files": {},
         }
         for config in configs:
@@ -181,30 +194,47 @@ class Builder:
         engine_rel = f"{config.name}/{stage.name}{self.backend.engine_suffix}"
         export_key = sha256_json({"weights": self.weights_sha256, "spec": self.model.spec.to_dict(),
                                   "config": config.to_dict(), "rank": rank, "stage": stage.to_dict(),
-                                  "means_source": self.means_source, "exporter": self.exporter, "opset": OPSET,
-                                  "torch": torch.__version__, "tool": __version__})
+                                  "means_source": self.means_source, "exporter": self.exporter,
+                                  "format": self.onnx_format.to_dict(), "torch": torch.__version__, "tool": __version__})
         onnx_path, engine_path = rank_dir / onnx_rel, rank_dir / engine_rel
         exported = not _unchanged(rank_dir, old, "export_key", export_key, "onnx")
-        max_abs_diff = None if exported else old.get("max_abs_diff")
         if exported:
-            export_stage(module, stage, onnx_path, self.exporter, self.options.max_batch)
+            export_stage(module, stage, onnx_path, self.exporter, self.options.max_batch, self.onnx_format.opset)
             check_onnx(onnx_path, stage)
-            if self.verify:
-                max_abs_diff = verify_onnx(onnx_path, module, stage)
-                if max_abs_diff > FP32_TOLERANCE:
-                    raise ManifestError(f"{onnx_path}: onnxruntime differs from the reference by {max_abs_diff:.3g} "
-                                        f"(> {FP32_TOLERANCE})")
         onnx_sha = sha256_file(onnx_path)
         cache_key = sha256_json({"onnx": onnx_sha, "backend": self.backend_info, "options": self.options.to_dict()})
         built = not _unchanged(rank_dir, old, "cache_key", cache_key, "engine")
         if built:
             self.backend.build(onnx_path, engine_path, list(stage.inputs), self.options)
+        verification = None if built else (old or {}).get("verification")
+        if built and self.verify:
+            verification = self._verify(module, stage, onnx_path, engine_path, f"rank{rank}/{config.name}/")
         entry = {**stage.to_dict(), "onnx": onnx_rel, "onnx_sha256": onnx_sha, "engine": engine_rel,
                  "engine_sha256": sha256_file(engine_path), "export_key": export_key, "cache_key": cache_key,
-                 "max_abs_diff": max_abs_diff}
+                 "verification": verification}
         manifest["files"][onnx_rel] = onnx_sha
         manifest["files"][engine_rel] = entry["engine_sha256"]
-        result.stages.append(StageReport(rank, config.name, stage.name, exported, built, max_abs_diff,
+        engine_check = verification["engine"] if verification else None
+        result.stages.append(StageReport(rank, config.name, stage.name, exported, built, engine_check,
                                          onnx_path.stat().st_size + engine_path.stat().st_size))
         bar.update(1)
         return entry
+
+    def _verify(self, module, stage: StageSpec, onnx_path: Path, engine_path: Path, where: str) -> dict:
+        """The engine on its target at the build's precision (and the ONNX file on the CPU at fp32
+        where the engine check does not cover it); raises VerificationError naming the culprit."""
+        cases = reference_cases(module, stage, verification_batches(self.options))
+        export_check = None
+        if self.check_export_separately:
+            export_check = verify_onnx(onnx_path, module, stage, cases=cases)
+            require_passed(export_check, f"{where}{onnx_path.name} (exported ONNX, onnxruntime CPU, fp32)",
+                           "The export itself is wrong, whatever the engine's precision; please report it.")
+        engine_check = verify_engine(self.backend, engine_path, stage, self.options, cases)
+        precision = self.options.precision
+        hint = (f"The fp32 ONNX passed, so {precision} is too coarse for this stage: build it with a wider "
+                f"--precision." if export_check is not None else
+                "The exported graph does not compute what the model does; please report it.")
+        require_passed(engine_check, f"{where}{engine_path.name} ({self.backend.name} on {self.backend_info['device']}, "
+                                     f"{precision})", hint)
+        return {"batches": [case.batch for case in cases], "device": self.backend_info["device"],
+                "engine": summary(engine_check), "export": summary(export_check) if export_check else None}

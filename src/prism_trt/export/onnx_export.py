@@ -1,9 +1,12 @@
-"""ONNX export of stage modules, checking with onnx.checker and verification with onnxruntime.
+"""ONNX export of stage modules and their check with onnx.checker (verification: :mod:`.verify`).
 
-Two exporters, both verified with the pinned torch: ``dynamo`` (torch.export + onnxscript; the
-maintained path, and about half the nodes of the other) and ``torchscript`` (the legacy tracer;
-much faster to run, handy for large sweeps). Our attention is explicit matmul/softmax, so both
-trace it; timm's fused SDPA attention is never exported.
+Two exporters: ``dynamo`` (torch.export + onnxscript; the maintained path, and about half the
+nodes of the other) and ``torchscript`` (the legacy tracer; much faster to run, handy for large
+sweeps). ``torchscript`` works from the lowest torch we support (2.5, JetPack 6.1's) up; ``dynamo``
+needs a recent torch: torch 2.5's exporter fails on every Linear over the token axis with a dynamic
+batch, and torch 2.6 (onnxscript 0.2) writes sequence ops that onnx's full shape inference rejects.
+``auto`` picks dynamo where it is verified (torch >= 2.11) and torchscript elsewhere. Our attention
+is explicit matmul/softmax, so both trace it; timm's fused SDPA attention is never exported.
 """
 
 from __future__ import annotations
@@ -14,16 +17,39 @@ import logging
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
 
 from ..engines.base import BATCH_AXIS
+from ..engines.onnx_format import PREFERRED_OPSET, stamp_ir_version
 from .stages import StageSpec, example_feed
 
 EXPORTERS = ("dynamo", "torchscript")
-OPSET = 18
+#: The first torch release whose dynamo exporter passes our checks (seen: 2.11 on the GPU image, 2.14 in CI).
+DYNAMO_MIN_TORCH = (2, 11)
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def default_exporter() -> str:
+    """dynamo where this torch's exporter is verified, else torchscript."""
+    return "dynamo" if torch_version() >= DYNAMO_MIN_TORCH else "torchscript"
+
+
+def resolve_exporter(exporter: str) -> str:
+    """``auto`` -> :func:`default_exporter`; an exporter this torch cannot run is refused with the reason."""
+    if exporter == "auto":
+        return default_exporter()
+    if exporter not in EXPORTERS:
+        raise ExportError(f"exporter must be auto or one of {EXPORTERS}, got {exporter!r}")
+    if exporter == "dynamo" and torch_version() < DYNAMO_MIN_TORCH:
+        raise ExportError(f"the dynamo exporter of torch {torch.__version__} cannot export prism-trt's stages (it "
+                          f"needs torch >= {'.'.join(map(str, DYNAMO_MIN_TORCH))}); use --exporter torchscript")
+    return exporter
 
 
 class ExportError(RuntimeError):
@@ -47,11 +73,11 @@ def _quiet():
             logger.setLevel(level)
 
 
-def export_stage(module: nn.Module, stage: StageSpec, path: Path, exporter: str = "dynamo",
-                 max_batch: int = 32) -> None:
-    """Write ``stage`` to ``path`` with a dynamic batch axis (1..max_batch) and static token axes."""
-    if exporter not in EXPORTERS:
-        raise ExportError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+def export_stage(module: nn.Module, stage: StageSpec, path: Path, exporter: str = "auto",
+                 max_batch: int = 32, opset: int = PREFERRED_OPSET) -> None:
+    """Write ``stage`` to ``path`` with a dynamic batch axis (1..max_batch) and static token axes, at
+    ``opset`` and the lowest IR version that opset allows (see :mod:`prism_trt.engines.onnx_format`)."""
+    exporter = resolve_exporter(exporter)
     feed = example_feed(stage, batch=2)
     args = tuple(feed[t.name] for t in stage.inputs)
     input_names = [t.name for t in stage.inputs]
@@ -63,21 +89,22 @@ def export_stage(module: nn.Module, stage: StageSpec, path: Path, exporter: str 
                 batch = torch.export.Dim("batch", min=1, max=max_batch)
                 dynamic = {name: {0: batch} for name in input_names}
                 program = torch.onnx.export(module, args, input_names=input_names, output_names=output_names,
-                                            dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic)
+                                            dynamo=True, opset_version=opset, dynamic_shapes=dynamic)
                 program.save(str(path))
             else:
                 axes = {name: {0: BATCH_AXIS} for name in input_names + output_names}
                 torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
-                                  dynamo=False, opset_version=OPSET, dynamic_axes=axes)
+                                  dynamo=False, opset_version=opset, dynamic_axes=axes)
     except Exception as error:  # the exporters raise many types; name the stage and keep the cause
         raise ExportError(f"exporting {stage.name} with the {exporter} exporter failed: {error}") from error
-    _stamp_io_shapes(path, stage)
+    _stamp(path, stage)
 
 
-def _stamp_io_shapes(path: Path, stage: StageSpec) -> None:
+def _stamp(path: Path, stage: StageSpec) -> None:
     """Write the stage's exact I/O shapes into the graph: every dynamic batch dim gets the same
     name ("batch") and token axes become static even where an exporter left them symbolic;
-    the full shape inference in check_onnx then proves the graph agrees."""
+    the full shape inference in check_onnx then proves the graph agrees. The exporters stamp the
+    newest IR version they know; the file gets the lowest its opset allows."""
     model = onnx.load(str(path))
     specs = {t.name: t for t in stage.inputs + stage.outputs}
     for value in list(model.graph.input) + list(model.graph.output):
@@ -87,7 +114,7 @@ def _stamp_io_shapes(path: Path, stage: StageSpec) -> None:
                 dim.dim_param = BATCH_AXIS
             else:
                 dim.dim_value = int(want)
-    onnx.save(model, str(path))
+    onnx.save(stamp_ir_version(model), str(path))
 
 
 def check_onnx(path: Path, stage: StageSpec) -> None:
@@ -102,26 +129,3 @@ def check_onnx(path: Path, stage: StageSpec) -> None:
         want = {t.name: t.shape for t in expected}
         if found != want:
             raise ExportError(f"{path}: I/O {found} does not match the stage spec {want}")
-
-
-def verify_onnx(path: Path, module: nn.Module, stage: StageSpec, batches: tuple[int, ...] = (1, 3),
-                threads: int = 1) -> float:
-    """Max abs difference between onnxruntime (CPU) and the torch module, over a few batch sizes."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    worst = 0.0
-    for batch in batches:
-        feed = example_feed(stage, batch, seed=batch)
-        with torch.no_grad():
-            expected = module(*(feed[t.name] for t in stage.inputs))
-        expected = expected if isinstance(expected, tuple) else (expected,)
-        got = session.run([t.name for t in stage.outputs], {k: v.numpy() for k, v in feed.items()})
-        for want, have in zip(expected, got):
-            if want.shape != have.shape:
-                raise ExportError(f"{path}: output shape {have.shape} != reference {tuple(want.shape)}")
-            worst = max(worst, float(np.abs(want.numpy() - have).max()))
-    return worst

@@ -141,8 +141,15 @@ def create_timm(name: str, **kwargs) -> nn.Module:
 
 
 def timm_spec(name: str) -> ViTSpec:
-    """The spec of a timm model without allocating its weights."""
-    with torch.device("meta"):
+    """The spec of a timm model, without allocating its weights where timm allows it."""
+    try:
+        with torch.device("meta"):
+            return spec_from_timm(create_timm(name), name)
+    except RuntimeError as error:
+        # timm before 1.0.10 or so calls .item() on a tensor in VisionTransformer.__init__ (the drop-path
+        # schedule), which meta tensors refuse: build it for real then (slower, same spec).
+        if "meta" not in str(error):
+            raise
         return spec_from_timm(create_timm(name), name)
 
 

@@ -1,4 +1,5 @@
-"""onnxruntime backend, building side: offline graph optimisation and session options per EP."""
+"""onnxruntime backend, building side: offline graph optimisation (or the fp16 cast) and session
+options per EP, following the build's precision."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 from pathlib import Path
 
 from ..base import Backend, BackendUnavailable, BuildOptions, Runner, TensorSpec
+from ..fp16 import cast_onnx_to_fp16
+from ..onnx_format import OnnxFormat, format_for, stamp_ir_version
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
@@ -40,6 +43,25 @@ class OnnxRuntimeBackend(Backend):
                 f"onnxruntime {ort.__version__} here has no {PROVIDERS[provider]} (available: "
                 f"{', '.join(ort.get_available_providers())}); install `pip install .[gpu]` (onnxruntime-gpu) on a "
                 f"machine with an NVIDIA GPU, or use --provider cpu")
+
+    def default_precision(self) -> str:
+        # onnxruntime's own defaults: fp32 on the CPU, TF32 matmuls on CUDA (use_tf32=1) and TensorRT.
+        return "fp32" if self.provider == "cpu" else "tf32"
+
+    def unsupported_precisions(self) -> dict[str, str]:
+        if self.provider == "cpu":
+            return {"tf32": "TF32 is a math mode of NVIDIA GPUs (Ampere and newer); the CPU EP computes in fp32"}
+        if self.provider == "tensorrt":
+            return {"fp32": "the TensorRT EP has no switch for TensorRT's default TF32 math; use --provider cuda "
+                            "or the native tensorrt backend for strict fp32"}
+        return {}
+
+    @property
+    def runs_on_cuda(self) -> bool:
+        return self.provider != "cpu"
+
+    def onnx_format(self) -> OnnxFormat:
+        return format_for("onnxruntime")  # probed from the installed runtime
 
     def version(self) -> str:
         import onnxruntime as ort
@@ -78,7 +100,7 @@ class OnnxRuntimeBackend(Backend):
             os.makedirs(cache, exist_ok=True)
             providers.append((PROVIDERS["tensorrt"], {
                 "device_id": options.device_id,
-                "trt_fp16_enable": options.fp16,
+                "trt_fp16_enable": options.precision == "fp16",
                 "trt_engine_cache_enable": True,
                 "trt_engine_cache_path": cache,
                 "trt_timing_cache_enable": True,
@@ -90,22 +112,33 @@ class OnnxRuntimeBackend(Backend):
                 "trt_profile_max_shapes": _profile_shapes(inputs, options.max_batch),
             }))
         if self.provider in ("tensorrt", "cuda"):
-            providers.append((PROVIDERS["cuda"], {"device_id": options.device_id}))
+            # The CUDA EP rounds fp32 matmul inputs to TF32 unless told not to (use_tf32 defaults to 1).
+            providers.append((PROVIDERS["cuda"], {"device_id": options.device_id,
+                                                  "use_tf32": int(options.precision == "tf32")}))
         providers.append(PROVIDERS["cpu"])
         return providers
 
     def build(self, onnx_path: Path, engine_path: Path, inputs: list[TensorSpec], options: BuildOptions) -> None:
-        """Save the graph after onnxruntime's basic (EP independent) optimisations; the session
-        applies the EP specific ones when it loads."""
+        """fp32 / tf32: save the graph after onnxruntime's basic (EP independent) optimisations; the
+        session applies the EP specific ones when it loads. fp16 on the CPU / CUDA EPs: the engine
+        is the fp16-cast graph (float32 I/O), left for the session to optimise: an optimisation pass
+        on the CPU EP would insert casts back to fp32 wherever the CPU lacks an fp16 kernel."""
+        import onnx
         import onnxruntime as ort
 
         self.check_available(self.provider)
+        if options.precision == "fp16" and self.provider != "tensorrt":
+            cast_onnx_to_fp16(onnx_path, engine_path)
+            return
         session_options = self.session_options()
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         session_options.optimized_model_filepath = str(engine_path)
         ort.InferenceSession(str(onnx_path), session_options, providers=["CPUExecutionProvider"])
         if not Path(engine_path).is_file():
             raise RuntimeError(f"onnxruntime did not write the optimised model {engine_path}")
+        # onnxruntime stamps the IR version it was built with; older runtimes refuse that needlessly.
+        optimised = onnx.load(str(engine_path))
+        onnx.save(stamp_ir_version(optimised), str(engine_path))
 
     def load(self, engine_path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec],
              options: BuildOptions) -> Runner:

@@ -4,8 +4,7 @@ Needs ``pip install .[trt]`` (tensorrt>=10, pycuda) and an NVIDIA GPU; importing
 does not, so the rest of prism-trt works (and can report what is missing) without them.
 """
 
-from .fp16 import cast_onnx_to_fp16
 from .loader import EngineBuildError, TensorRTBackend
 from .runner import TensorRTRunner
 
-__all__ = ["EngineBuildError", "TensorRTBackend", "TensorRTRunner", "cast_onnx_to_fp16"]
+__all__ = ["EngineBuildError", "TensorRTBackend", "TensorRTRunner"]

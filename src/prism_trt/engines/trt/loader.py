@@ -1,9 +1,10 @@
 """The native TensorRT backend: ONNX -> serialized engine (``.plan``) -> :class:`TensorRTRunner`.
 
-Precision: TensorRT 10 builds fp16 engines from the fp32 ONNX with the FP16 builder flag. TensorRT
-11 removed that flag and types every network strongly, so an fp16 build parses an fp16-cast copy of
-the ONNX (float32 inputs and outputs kept, see :mod:`.fp16`). Either way the engine's I/O stays
-float32 and the batch axis is dynamic over ``BuildOptions.min_batch..max_batch``.
+Precision (``BuildOptions.precision``): "fp32" clears the TF32 builder flag (TensorRT sets it by
+default), "tf32" keeps it, "fp16" on TensorRT 10 sets the FP16 builder flag on the fp32 ONNX;
+TensorRT 11 removed that flag and types every network strongly, so an fp16 build parses an
+fp16-cast copy of the ONNX (float32 inputs and outputs kept, see :mod:`..fp16`). Either way the
+engine's I/O stays float32 and the batch axis is dynamic over ``BuildOptions.min_batch..max_batch``.
 
 The timing cache file, when given, is shared by every stage of a build: it is loaded if it exists
 and saved back after each engine, so later stages (and rebuilds) skip tactic timing already done.
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from ..base import BATCH_AXIS, Backend, BackendUnavailable, BuildOptions, TensorSpec
-from .fp16 import cast_onnx_to_fp16
+from ..fp16 import cast_onnx_to_fp16
 from .runner import (
     INSTALL_HINT,
     TensorRTRunner,
@@ -62,6 +63,13 @@ class TensorRTBackend(Backend):
             raise BackendUnavailable(f"{INSTALL_HINT}; tensorrt is installed but no CUDA device is visible "
                                      f"(torch.cuda.is_available() is False and pycuda counts 0 GPUs)")
 
+    def default_precision(self) -> str:
+        return "tf32"  # TensorRT's own default: the TF32 builder flag is set unless cleared
+
+    @property
+    def runs_on_cuda(self) -> bool:
+        return True
+
     def version(self) -> str:
         return import_tensorrt().__version__
 
@@ -83,7 +91,7 @@ class TensorRTBackend(Backend):
         strongly_typed = tensorrt_major(trt) >= STRONGLY_TYPED_FROM_MAJOR
         with cuda_device(options.device_id), tempfile.TemporaryDirectory(prefix="prism-trt-") as scratch:
             parse_path = onnx_path
-            if options.fp16 and strongly_typed:
+            if options.precision == "fp16" and strongly_typed:
                 parse_path = Path(scratch) / f"{onnx_path.stem}.fp16.onnx"
                 cast_onnx_to_fp16(onnx_path, parse_path)
             # In a function of its own so every TensorRT object is gone before the CUDA context is left.
@@ -108,14 +116,14 @@ def _build_engine(trt: Any, onnx_path: Path, parse_path: Path, engine_path: Path
         raise EngineBuildError(f"TensorRT could not parse {parse_path}{copy_note}:\n  "
                                + "\n  ".join(errors or [tensorrt_errors()]))
     _check_network_inputs(network, inputs, onnx_path)
-    config = _builder_config(trt, builder, inputs, options, weak_fp16=options.fp16 and not strongly_typed)
+    config = _builder_config(trt, builder, inputs, options, weak_fp16=options.precision == "fp16" and not strongly_typed)
     cache_path = Path(options.timing_cache) if options.timing_cache else None
     if cache_path is not None:
         _attach_timing_cache(config, cache_path)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(
-            f"TensorRT built no engine from {onnx_path} (fp16={options.fp16}, batch {options.min_batch}/"
+            f"TensorRT built no engine from {onnx_path} ({options.precision}, batch {options.min_batch}/"
             f"{options.opt_batch}/{options.max_batch}, workspace {options.workspace_mib} MiB); {tensorrt_errors()}. "
             f"If it mentions memory, raise workspace_mib or lower max_batch.")
     _write_atomically(engine_path, bytes(serialized))
@@ -157,8 +165,9 @@ def _builder_config(trt: Any, builder: Any, inputs: list[TensorSpec], options: B
     config.builder_optimization_level = options.optimization_level
     if weak_fp16:
         config.set_flag(trt.BuilderFlag.FP16)
-    elif not options.fp16 and hasattr(trt.BuilderFlag, "TF32"):
-        # TensorRT runs fp32 matmuls in TF32 (10-bit mantissa) on Ampere+ by default; fp32 means fp32 here.
+    if options.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        # TensorRT runs fp32 matmuls in TF32 (10-bit mantissa) on Ampere+ by default (the flag is set):
+        # "tf32" and "fp16" keep that default, fp32 means fp32.
         config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     for spec in inputs:
