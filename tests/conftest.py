@@ -63,7 +63,8 @@ def timm_pair():
 
 
 def build_engines(model: PrismViT, out, ranks: int, crs=(), segments=(), source: dict | None = None,
-                  max_batch: int = 32, threads: int = 1, exporter: str = "torchscript", backend=None):
+                  max_batch: int = 32, threads: int = 1, exporter: str = "torchscript", backend=None,
+                  precision: str = "fp32"):
     """Real engine directories for ``ranks`` ranks (local, voltage and one prism chain per CR)."""
     from prism_trt.engines import BuildOptions, get_backend
     from prism_trt.export.build import Builder, config_plans
@@ -71,7 +72,7 @@ def build_engines(model: PrismViT, out, ranks: int, crs=(), segments=(), source:
     spec = model.spec
     configs = config_plans(spec.num_tokens, spec.num_prefix_tokens, ranks, list(crs), list(segments))
     builder = Builder(model, source or {"timm": spec.name}, backend or get_backend("onnxruntime", threads=threads),
-                      BuildOptions(max_batch=max_batch), exporter=exporter)
+                      BuildOptions(max_batch=max_batch, precision=precision), exporter=exporter)
     return builder.build(out, ranks, configs, progress=False)
 
 

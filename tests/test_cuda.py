@@ -42,20 +42,43 @@ def test_torch_cuda_staging_round_trip():
 
 
 @needs_ort_cuda
-def test_ort_cuda_chain_on_device_tensors(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "fp16"])
+def test_ort_cuda_chain_on_device_tensors(tmp_path, precision):
+    """A 2-rank prism chain on the CUDA EP, fed device tensors, equal to the reference under the
+    precision's tolerance (onnxruntime's CUDA EP computes fp32 matmuls in TF32 unless told not to)."""
     model = random_model(small_spec(img=32, depth=2))
     spec = model.spec
     backend = get_backend("onnxruntime", provider="cuda")
-    build_engines(model, tmp_path, 2, [3.0], max_batch=8, backend=backend)
+    build_engines(model, tmp_path, 2, [3.0], max_batch=8, backend=backend, precision=precision)
     from prism_trt.engines.manifest import find_config, load_manifest
 
     chains = []
     for rank in range(2):
         manifest = load_manifest(tmp_path / f"rank{rank}")
+        assert manifest["build_options"]["precision"] == precision
         chains.append(EngineChain(tmp_path / f"rank{rank}", manifest, find_config(manifest, "prism", 3.0),
                                   backend).__enter__())
     images = torch.randn(3, 3, 32, 32)
     got = run_chains_in_process(chains, images.cuda())
     assert got.is_cuda
     plan = make_segment_plan(make_partition_plan(spec.num_tokens, 1, 2), cr=3.0)
-    assert_close(got.cpu(), simulate(model, images, plan))
+    assert_close(got.cpu(), simulate(model, images, plan), precision)
+
+
+@needs_ort_cuda
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("precision", ["tf32", "fp16"])
+def test_mnist_accuracy_of_reduced_precision_gpu_builds(mnist_model, mnist_dir, tmp_path, precision):
+    """The shipped checkpoint built for the CUDA EP in tf32 / fp16: every stage verified on the GPU
+    and the full test set within 10 images of the fp32 result (9721/10000)."""
+    from prism_trt.data import MnistTestSet
+    from prism_trt.runtime import load_chain
+
+    backend = get_backend("onnxruntime", provider="cuda")
+    build_engines(mnist_model, tmp_path, 1, source={"checkpoint": "vit_mnist.pt"}, backend=backend,
+                  precision=precision)
+    correct = 0
+    with load_chain(tmp_path / "rank0", "local") as chain:
+        for images, labels in MnistTestSet(mnist_dir).batches(500):
+            correct += int((run_chains_in_process([chain], images.cuda()).argmax(-1).cpu() == labels).sum())
+    assert abs(correct - 9721) <= 10, correct

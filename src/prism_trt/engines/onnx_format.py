@@ -121,8 +121,32 @@ def minimal_ir_version(opset_imports) -> int:
     return helper.find_min_ir_version_for(list(opset_imports), ignore_unknown=True)
 
 
+def _used_domains(model: ModelProto) -> set[str]:
+    """Operator domains the model's nodes use, in the graph, its subgraphs and its functions."""
+    domains = {""}
+
+    def visit(nodes) -> None:
+        for node in nodes:
+            domains.add(node.domain)
+            for attribute in node.attribute:
+                for graph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                    visit(graph.node)
+
+    visit(model.graph.node)
+    for function in model.functions:
+        domains.add(function.domain)
+        visit(function.node)
+    return domains
+
+
 def stamp_ir_version(model: ModelProto) -> ModelProto:
-    """Set ``model.ir_version`` to the lowest its opsets allow (in place; returns ``model``)."""
+    """Drop opset imports no node uses, then set ``model.ir_version`` to the lowest the remaining
+    opsets allow (in place; returns ``model``). onnxruntime's optimised models import every domain
+    it knows (ai.onnx.ml 5 alone demands IR 10), whether used or not."""
+    used = _used_domains(model)
+    kept = [entry for entry in model.opset_import if entry.domain in used or entry.domain == "ai.onnx"]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
     model.ir_version = minimal_ir_version(model.opset_import)
     return model
 
