@@ -23,7 +23,15 @@ def test_readme_cli_reference_matches_help():
 
 
 @pytest.mark.timeout(900)
+def _testbed_namespaces() -> set[str]:
+    if not shutil.which("ip"):
+        return set()
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30)
+    return {line.split()[0] for line in listing.stdout.splitlines() if line.startswith("prism-tb")}
+
+
 def test_demo_quick(tmp_path, mnist_dir):
+    before = _testbed_namespaces()
     result = subprocess.run([sys.executable, "-m", "prism_trt.cli", "demo", "--quick", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=880)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -36,9 +44,7 @@ def test_demo_quick(tmp_path, mnist_dir):
     for path in [summary["perfmap"], *summary["plots"], tmp_path / "engines" / "rank1" / "manifest.json"]:
         assert Path(path).is_file() and Path(path).stat().st_size > 0
     assert "6/6 summary" in result.stdout
-    if shutil.which("ip"):
-        listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-        assert "prism-tb" not in listing.stdout  # the testbed (if any) was torn down
+    assert _testbed_namespaces() <= before  # the demo's testbed (if any) was torn down
 
 
 @pytest.mark.timeout(900)

@@ -27,11 +27,13 @@ from prism_trt.profiler.testbed import (
     parse_rate,
     root_available,
     tbf_parameters,
-    testbed_support,
+)
+from prism_trt.profiler.testbed import (
+    testbed_support as probe_testbed,  # aliased: pytest collects any module-level name starting with "test"
 )
 from prism_trt.profiler.testbed_cli import testbed as bed_cli
 
-ROOT_OK, ROOT_REASON = testbed_support()
+ROOT_OK, ROOT_REASON = probe_testbed()
 needs_root = pytest.mark.skipif(not ROOT_OK, reason=f"no network testbed here: {ROOT_REASON}")
 _counter = itertools.count()
 
@@ -111,7 +113,7 @@ def test_construction_validates_without_touching_the_system():
 def test_helpers_report_plainly():
     ok, reason = root_available()
     assert isinstance(ok, bool) and reason
-    supported, why = testbed_support()
+    supported, why = probe_testbed()
     assert isinstance(supported, bool) and why and (ok or not supported)
     assert isinstance(netem_available(), bool) and (supported or not netem_available())
 
@@ -122,12 +124,12 @@ def test_missing_tools_are_detected_not_crashed_on(monkeypatch):
     try:
         ok, reason = root_available()
         assert not ok and "missing tools: ip, tc, taskset" in reason
-        supported, why = testbed_support(refresh=True)
+        supported, why = probe_testbed(refresh=True)
         assert not supported and "missing tools" in why
         assert netem_available() is False
     finally:
         monkeypatch.undo()
-        testbed_support(refresh=True)  # the real answer again for the tests that follow
+        probe_testbed(refresh=True)  # the real answer again for the tests that follow
 
 
 def test_cleanup_stale_refuses_foreign_prefixes():
@@ -272,12 +274,14 @@ def test_tcp_connection_between_two_rank_namespaces(bed_name):
 def test_failed_up_with_a_conflicting_name_removes_only_what_it_made(bed_name):
     conflicting = f"{TESTBED_PREFIX}{bed_name}-r1"
     subprocess.run(["ip", "netns", "add", conflicting], check=True, capture_output=True)
-    bed = Testbed(3, bandwidth="100mbit", name=bed_name)
-    with pytest.raises(TestbedError, match="already exists"):
-        bed.up()
-    assert namespaces_of(bed_name) == [conflicting]  # hub and r0 were removed, the foreign r1 kept
-    assert not bed.is_up
-    subprocess.run(["ip", "netns", "delete", conflicting], check=True, capture_output=True)
+    try:
+        bed = Testbed(3, bandwidth="100mbit", name=bed_name)
+        with pytest.raises(TestbedError, match="already exists"):
+            bed.up()
+        assert namespaces_of(bed_name) == [conflicting]  # hub and r0 were removed, the foreign r1 kept
+        assert not bed.is_up
+    finally:  # the test's own namespace goes even when an assertion fails
+        subprocess.run(["ip", "netns", "delete", conflicting], check=True, capture_output=True)
 
 
 class _FailsWhileShaping(Testbed):

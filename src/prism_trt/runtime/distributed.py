@@ -57,6 +57,13 @@ class DistributedRank:
         local = [c for c in manifest["configs"] if c["mode"] == "local"]
         self.local_chain = EngineChain(rank_dir, manifest, local[0], backend).__enter__() if local else None
         self._images: dict[int, torch.Tensor] = {}
+        # The per-batch header [op, config, batch, barrier], one buffer for the rank's whole life.
+        # Besides saving an allocation, it must outlive the group: torch 2.5's ProcessGroupGloo
+        # destructor holds the GIL while joining its worker threads, and a worker thread that drops
+        # the last reference to a tensor Python has already let go of needs the GIL to free it, so
+        # destroy_process_group() deadlocked when the STOP header was a temporary (3 of 5 runs of the
+        # two-rank CLI tests with torch 2.5 hung; 0 of 10 since).
+        self.header = torch.zeros(4, dtype=torch.int64)
 
     def signature(self) -> dict:
         """What every rank must agree on before the first collective."""
@@ -130,7 +137,7 @@ class DistributedRank:
 def worker_loop(rank: DistributedRank, stop: threading.Event | None = None) -> int:
     """Follow rank 0 until it says stop; returns the number of batches run. Raises on a failed
     collective (rank 0 gone, timeout) so the caller can log it and exit non-zero."""
-    header = torch.zeros(4, dtype=torch.int64)
+    header = rank.header
     batches = 0
     while stop is None or not stop.is_set():
         dist.broadcast(header, src=0)
@@ -182,7 +189,8 @@ class DistributedExecutor:
                       reason=self._degraded)
 
     def _broadcast_header(self, op: int, index: int = 0, batch: int = 0) -> None:
-        header = torch.tensor([op, index, batch, int(self.profile_barrier)], dtype=torch.int64)
+        header = self.rank.header  # callers hold self._lock: one collective at a time
+        header.copy_(torch.tensor([op, index, batch, int(self.profile_barrier)], dtype=torch.int64))
         dist.broadcast(header, src=0)
         self._last_collective = time.monotonic()
 
