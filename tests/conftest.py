@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-from prism_trt.core.precision import Comparison, compare
+from prism_trt.core.precision import Comparison, require_close
 from prism_trt.data import data_dir
 from prism_trt.export.onnx_export import DYNAMO_MIN_TORCH, default_exporter
 from prism_trt.model import PrismViT, ViTSpec, from_timm
@@ -27,10 +27,8 @@ needs_dynamo = pytest.mark.skipif(
 
 def assert_close(got, want, precision: str = "fp32", name: str = "output") -> Comparison:
     """Assert ``got`` matches ``want`` under the precision's tolerance (prism_trt.core.precision),
-    failing with the comparison report: errors, where the worst one is, the margin."""
-    result = compare(got, want, precision, name)
-    assert result.passed, result.describe()
-    return result
+    failing (ToleranceError is an AssertionError) with the report: errors, worst element, margin."""
+    return require_close(got, want, precision, name)
 
 
 @pytest.fixture(scope="session")

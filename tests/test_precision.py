@@ -25,7 +25,8 @@ from prism_trt.export.stages import example_feed, rank_stages
 def test_tolerances_come_from_the_precision():
     for precision in PRECISIONS:
         tolerance = Tolerance.for_precision(precision)
-        assert tolerance.rtol == tolerance.scale_factor == ALLOWED_ROUNDOFFS[precision] * UNIT_ROUNDOFF[precision]
+        assert tolerance.rtol == tolerance.atol(1.0) == ALLOWED_ROUNDOFFS[precision] * UNIT_ROUNDOFF[precision]
+        assert tolerance.atol(40.0) == 40.0 * tolerance.rtol
     fp32, tf32, fp16 = (Tolerance.for_precision(p).rtol for p in ("fp32", "tf32", "fp16"))
     assert fp32 < 1e-4 < tf32 <= fp16 < 0.05  # ordered, and none so loose it could not tell models apart
     with pytest.raises(ValueError, match="precision must be one of fp32, tf32, fp16"):

@@ -137,7 +137,7 @@ def inspect(directory, no_verify, as_json):
         rows = []
         for config in manifest["configs"]:
             checks = [s["verification"]["engine"] for s in config["stages"] if s.get("verification")]
-            errors = [o["max_abs_error"] for check in checks for o in check["outputs"]]
+            errors = [check["max_abs_error"] for check in checks]
             rows.append([config["name"], config["mode"], config["ranks"], config["cr"], config["segments"],
                          "/".join(map(str, config["counts"])), len(config["stages"]),
                          f"{len(checks)}/{len(config['stages'])}", f"{max(errors):.1e}" if errors else None,

@@ -56,20 +56,18 @@ def check_precision(precision: str) -> Precision:
 
 @dataclass(frozen=True)
 class Tolerance:
-    """``atol = scale_factor * max|want|`` and ``rtol`` for one precision."""
+    """``rtol = k*u`` and ``atol = rtol * max|want|`` for one precision."""
 
     precision: str
     rtol: float
-    scale_factor: float
 
     @classmethod
     def for_precision(cls, precision: str) -> Tolerance:
-        factor = ALLOWED_ROUNDOFFS[check_precision(precision)] * UNIT_ROUNDOFF[precision]
-        return cls(precision, rtol=factor, scale_factor=factor)
+        return cls(precision, ALLOWED_ROUNDOFFS[check_precision(precision)] * UNIT_ROUNDOFF[precision])
 
     def atol(self, scale: float) -> float:
         # A reference of all zeros still gets an absolute tolerance (as if its scale were 1).
-        return self.scale_factor * (scale if scale > 0 else 1.0)
+        return self.rtol * (scale if scale > 0 else 1.0)
 
 
 @dataclass(frozen=True)

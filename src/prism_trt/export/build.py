@@ -71,9 +71,7 @@ class StageReport:
 
     @property
     def max_abs_error(self) -> float | None:
-        if not self.verification:
-            return None
-        return max(output["max_abs_error"] for output in self.verification["outputs"])
+        return self.verification["max_abs_error"] if self.verification else None
 
     @property
     def tolerance_used(self) -> float | None:

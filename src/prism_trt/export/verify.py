@@ -112,7 +112,8 @@ def verification_batches(options: BuildOptions) -> tuple[int, ...]:
 def summary(comparisons: Sequence[Comparison]) -> dict:
     """What the manifest keeps of a check: the worst output's report and every output's."""
     return {"precision": comparisons[0].precision, "passed": all(c.passed for c in comparisons),
-            "used": max(c.used for c in comparisons), "outputs": [c.to_dict() for c in comparisons]}
+            "used": max(c.used for c in comparisons), "max_abs_error": max(c.max_abs_error for c in comparisons),
+            "outputs": [c.to_dict() for c in comparisons]}
 
 
 def require_passed(comparisons: Sequence[Comparison], what: str, hint: str) -> None:
