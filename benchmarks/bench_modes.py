@@ -19,10 +19,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from common import RESULTS, write_result  # noqa: E402
 
-from prism_trt.engines import BuildOptions, get_backend  # noqa: E402
+from prism_trt.engines import BuildOptions, ChainKey, get_backend  # noqa: E402
 from prism_trt.export.build import Builder, config_plans  # noqa: E402
 from prism_trt.model import load_model  # noqa: E402
-from prism_trt.runtime.api import Choice  # noqa: E402
 from prism_trt.runtime.distributed import DistributedExecutor  # noqa: E402
 from prism_trt.runtime.group import GroupConfig, free_port  # noqa: E402
 from prism_trt.runtime.measure import measure  # noqa: E402
@@ -48,7 +47,7 @@ def main() -> int:
                                        profile_barrier=True)
         try:
             for batch in BATCHES:
-                for choice in (Choice("local"), Choice("voltage"), Choice("prism", CR)):
+                for choice in (ChainKey.local(), ChainKey.voltage(), executor.key_for("prism", CR)):
                     result = measure(executor, choice, batch, WARMUP, REPEAT)
                     rows.append(result)
                     lat = result["latency"]
@@ -65,7 +64,7 @@ def main() -> int:
     fig, axes = plt.subplots(1, len(BATCHES), figsize=(10, 3.8))
     for ax, batch in zip(np.atleast_1d(axes), BATCHES):
         subset = [r for r in rows if r["batch"] == batch]
-        labels = [f"{r['mode']}" + (f"\nCR {r['cr']:g}" if r["cr"] else "") for r in subset]
+        labels = [f"{r['mode']}" + (f"\nCR {r['cr']:.3g}" if r["mode"] == "prism" else "") for r in subset]
         bottom = np.zeros(len(subset))
         for phase in PHASES:
             values = np.array([r["per_rank"][0][phase] or 0.0 for r in subset])

@@ -14,12 +14,11 @@ import sys
 import numpy as np
 from common import RESULTS, write_result
 
-from prism_trt.engines import BuildOptions, get_backend
+from prism_trt.engines import AccuracyEntry, BuildOptions, PerfMap, get_backend
 from prism_trt.export.build import Builder, config_plans
 from prism_trt.model import load_model
-from prism_trt.profiler.latency_model import leave_one_out, naive_total_mape
-from prism_trt.profiler.plots import plot_all
-from prism_trt.profiler.selector import MapSelector
+from prism_trt.profiler.adaptive import MapSelector, leave_one_out, naive_total_mape
+from prism_trt.profiler.adaptive.plots import plot_all
 from prism_trt.profiler.sweep import Launcher, SweepPlan, profile
 
 MODEL, CR = "vit_tiny_patch16_224", 9.9
@@ -28,10 +27,10 @@ HELD_OUT_BATCHES, HELD_OUT_BANDWIDTHS = [3, 12], [700.0]
 WARMUP, REPEAT = 2, 6
 
 
-def per_sample(data: dict, mode: str, batch: int, bandwidth: float | None) -> float:
-    for p in data["points"]:
-        if p["mode"] == mode and p["batch"] == batch and (mode == "local" or p["bandwidth_mbit"] == bandwidth):
-            return p["latency"]["per_sample_ms"]
+def per_sample(data: PerfMap, mode: str, batch: int, bandwidth: float | None) -> float:
+    for p in data.points:
+        if p.mode == mode and p.batch == batch and (mode == "local" or p.bandwidth_mbit == bandwidth):
+            return p.latency["per_sample_ms"]
     raise KeyError((mode, batch, bandwidth))
 
 
@@ -52,12 +51,12 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     with Testbed(2, "900mbit", cpus_per_rank=1) as testbed:
         launcher = Launcher.on_testbed(testbed)
-        accuracy = [{"ranks": 2, "cr": CR, "segments": None, "agreement": 1.0, "accuracy": None,
-                     "calibration": "random weights: latency-only study (min agreement 0)"}]
-        data = profile(engines, out / "perfmap.json", SweepPlan(BATCHES, [CR], BANDWIDTHS, WARMUP, REPEAT), launcher,
-                       accuracy=accuracy)
-        held = profile(engines, out / "held_out.json", SweepPlan(HELD_OUT_BATCHES, [CR], HELD_OUT_BANDWIDTHS, WARMUP,
-                                                                 REPEAT), launcher, accuracy=accuracy)
+        plan = SweepPlan.for_build(engines, BATCHES, [CR], BANDWIDTHS, WARMUP, REPEAT)
+        accuracy = [AccuracyEntry(plan.prism[0], 2, 1.0, calibration="random weights: latency-only study "
+                                                                      "(min agreement 0)")]
+        data = profile(engines, out / "perfmap.json", plan, launcher, accuracy=accuracy)
+        held = profile(engines, out / "held_out.json", SweepPlan(HELD_OUT_BATCHES, plan.prism, HELD_OUT_BANDWIDTHS,
+                                                                 WARMUP, REPEAT), launcher, accuracy=accuracy)
     top = max(BANDWIDTHS)
     crossover = next((b for b in BATCHES if per_sample(data, "prism", b, top) < per_sample(data, "local", b, None)),
                      None)
@@ -79,13 +78,12 @@ def main() -> int:
             oracle = min(measured.values())
             regrets.append({"batch": batch, "bandwidth": bandwidth, "chosen": chosen,
                             "oracle": min(measured, key=measured.get), "regret": measured[chosen] / oracle - 1})
-    fit = leave_one_out(data["points"])
+    fit = leave_one_out(data.points)
     results = {"model": MODEL, "cr": CR, "crossover_batch_at_900": crossover, "prism_vs_local_b16_900": prism_vs_local,
                "prism_vs_voltage_b16_200": prism_vs_voltage, "prism_crosses_local_mbit_b16": crossing,
-               "model_loo_mape": fit, "naive_total_mape": naive_total_mape(data["points"]),
+               "model_loo_mape": fit, "naive_total_mape": naive_total_mape(data.points),
                "selector_regret": regrets, "max_regret": max(r["regret"] for r in regrets),
-               "measured_mbit": {str(p["bandwidth_mbit"]): p["measured_mbit"] for p in data["points"]
-                                 if p["mode"] != "local"},
+               "measured_mbit": {str(p.bandwidth_mbit): p.measured_mbit for p in data.points if p.mode != "local"},
                "goals": {"prism_vs_local_b16_900 <= 0.60": bool(prism_vs_local <= 0.60),
                          "prism_vs_voltage_b16_200 <= 0.50": bool(prism_vs_voltage <= 0.50),
                          "model total MAPE <= 4%": bool((fit["total"]["mape_percent"] or 1e9) <= 4.0),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+
 import pytest
 import torch
 from hypothesis import settings
@@ -90,3 +93,73 @@ def random_model(spec: ViTSpec, seed: int = 0) -> PrismViT:
         for param in model.parameters():
             param.add_(0.2 * torch.randn_like(param))
     return model
+
+
+_testbed_names = itertools.count()
+
+
+@pytest.fixture
+def testbed_name():
+    """A testbed name unique to this process and test. Skips where this machine cannot build a
+    testbed (no root, no ip/tc, no veth or tbf: probed for real), and removes the testbed's
+    namespaces at teardown whatever the test did, so failures and parallel runs leave nothing."""
+    from prism_trt.profiler.testbed import TESTBED_PREFIX, cleanup_stale, testbed_support
+
+    ok, why = testbed_support()
+    if not ok:
+        pytest.skip(f"no network testbed here: {why}")
+    name = f"t{os.getpid() % 0xFFFFF:x}{next(_testbed_names)}"
+    yield name
+    cleanup_stale(f"{TESTBED_PREFIX}{name}-")
+
+
+# -- the inference server (tests/test_serve_app.py, tests/test_serve_inputs.py) -------------------------
+
+
+@pytest.fixture(scope="session")
+def serve_executor(tmp_path_factory):
+    """A real LocalExecutor over engines built here, reporting whatever health a test sets."""
+    from serving import MAX_BATCH, ReportingLocalExecutor
+
+    out = tmp_path_factory.mktemp("serve-engines")
+    build_engines(random_model(small_spec(img=32, depth=2)), out, 1, source={"timm": "test"}, max_batch=MAX_BATCH)
+    executor = ReportingLocalExecutor(out / "rank0", threads=1)
+    yield executor
+    executor.close()
+
+
+def _serving_client(executor, selector, **options):
+    import httpx
+    from serving import running
+
+    from prism_trt.serve import create_app
+
+    with running(create_app(executor, selector, **options)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def serve_client(serve_executor):
+    """The app with the fixed local chain, a short batching wait and a 1 MiB body limit."""
+    from serving import BODY_LIMIT, LOCAL
+
+    from prism_trt.runtime.api import FixedSelector
+
+    yield from _serving_client(serve_executor, FixedSelector(LOCAL), max_wait_ms=25, max_body_bytes=BODY_LIMIT)
+
+
+@pytest.fixture(scope="session")
+def flaky_client(serve_executor):
+    """Same executor, a selector the executor fails on for batches of 3, and a long batching wait."""
+    from serving import VoltageForBatchOfThree
+
+    yield from _serving_client(serve_executor, VoltageForBatchOfThree(), max_wait_ms=300)
+
+
+@pytest.fixture(scope="session")
+def auth_client(serve_executor):
+    from serving import LOCAL, TOKEN
+
+    from prism_trt.runtime.api import FixedSelector
+
+    yield from _serving_client(serve_executor, FixedSelector(LOCAL), token=TOKEN, max_wait_ms=1)

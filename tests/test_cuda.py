@@ -50,13 +50,13 @@ def test_ort_cuda_chain_on_device_tensors(tmp_path, precision):
     spec = model.spec
     backend = get_backend("onnxruntime", provider="cuda")
     build_engines(model, tmp_path, 2, [3.0], max_batch=8, backend=backend, precision=precision)
-    from prism_trt.engines.manifest import find_config, load_manifest
+    from prism_trt.engines import Manifest
 
     chains = []
     for rank in range(2):
-        manifest = load_manifest(tmp_path / f"rank{rank}")
-        assert manifest["build_options"]["precision"] == precision
-        chains.append(EngineChain(tmp_path / f"rank{rank}", manifest, find_config(manifest, "prism", 3.0),
+        manifest = Manifest.load(tmp_path / f"rank{rank}")
+        assert manifest.build_options.precision == precision
+        chains.append(EngineChain(tmp_path / f"rank{rank}", manifest, manifest.config(manifest.key_for("prism", 3.0)),
                                   backend).__enter__())
     images = torch.randn(3, 3, 32, 32)
     got = run_chains_in_process(chains, images.cuda())

@@ -15,7 +15,7 @@ import torch
 from conftest import assert_close, build_engines
 
 from prism_trt.core import make_partition_plan, make_segment_plan, simulate
-from prism_trt.runtime.api import Choice
+from prism_trt.engines import ChainKey
 from prism_trt.runtime.distributed import DistributedExecutor
 from prism_trt.runtime.group import GroupConfig, free_port
 
@@ -84,11 +84,11 @@ def test_voltage_and_prism_equal_reference(mnist_model, mnist_dir, cluster, rank
     images, _ = next(MnistTestSet(mnist_dir, limit=12).batches(12))
     with torch.no_grad():
         reference = mnist_model(images)
-    voltage = executor.infer(images, Choice("voltage"))
+    voltage = executor.infer(images, ChainKey.voltage())
     assert not voltage.fell_back and voltage.choice.mode == "voltage"
     assert_close(voltage.logits, reference)
     plan = make_segment_plan(make_partition_plan(50, 1, ranks), cr=5.0)
-    prism = executor.infer(images, Choice("prism", 5.0), gather_timings=True)
+    prism = executor.infer(images, executor.key_for("prism", 5.0), gather_timings=True)
     assert_close(prism.logits, simulate(mnist_model, images, plan))
     # every rank reports its breakdown; bytes follow the plan (B * L_p * D * 4 per block)
     assert len(prism.per_rank) == ranks
@@ -96,7 +96,7 @@ def test_voltage_and_prism_equal_reference(mnist_model, mnist_dir, cluster, rank
         assert times.collectives == mnist_model.spec.depth
         assert times.bytes_sent == mnist_model.spec.depth * 12 * plan.counts[rank] * 64 * 4
         assert times.compute > 0 and times.total >= times.compute
-    local = executor.infer(images, Choice("local"))
+    local = executor.infer(images, ChainKey.local())
     assert_close(local.logits, reference)
     executor.close()
     for code, out in finish(workers):
@@ -107,7 +107,7 @@ def test_voltage_and_prism_equal_reference(mnist_model, mnist_dir, cluster, rank
 def test_profile_barrier_is_followed_by_workers(mnist_model, cluster):
     executor, workers = cluster(2, profile_barrier=True)
     images = torch.randn(3, 1, 28, 28)
-    result = executor.infer(images, Choice("prism", 5.0), gather_timings=True)
+    result = executor.infer(images, executor.key_for("prism", 5.0), gather_timings=True)
     assert all(t.wait is not None and t.wait >= 0 for t in result.per_rank)
     plan = make_segment_plan(make_partition_plan(50, 1, 2), cr=5.0)
     assert_close(result.logits, simulate(mnist_model, images, plan))
@@ -116,27 +116,30 @@ def test_profile_barrier_is_followed_by_workers(mnist_model, cluster):
 def test_dead_worker_falls_back_to_local(mnist_model, cluster):
     executor, workers = cluster(2)
     images = torch.randn(4, 1, 28, 28)
-    assert not executor.infer(images, Choice("prism", 5.0)).fell_back
+    assert not executor.infer(images, executor.key_for("prism", 5.0)).fell_back
     workers[0].send_signal(signal.SIGKILL)
     workers[0].wait(timeout=30)
-    result = executor.infer(images, Choice("prism", 5.0))
+    result = executor.infer(images, executor.key_for("prism", 5.0))
     with torch.no_grad():
         expected = mnist_model(images)
     assert result.fell_back and result.choice.mode == "local"
     assert_close(result.logits, expected)
     health = executor.health()
     assert health.live and health.degraded and "failed" in health.reason
-    again = executor.infer(images, Choice("voltage"))  # later batches go straight to the local chain
+    again = executor.infer(images, ChainKey.voltage())  # later batches go straight to the local chain
     assert again.fell_back
     assert_close(again.logits, expected)
 
 
 def test_unbuilt_cr_is_an_error_not_a_fallback(cluster):
     from prism_trt.engines import ManifestError
+    from prism_trt.errors import UsageError
 
     executor, _ = cluster(2)
-    with pytest.raises(ManifestError, match="no prism engines for CR 9.9"):
-        executor.infer(torch.randn(1, 1, 28, 28), Choice("prism", 9.9))
+    with pytest.raises(UsageError, match=r"no prism-cr8\.33 chain is loaded here \(loaded: local, voltage, prism-cr5"):
+        executor.key_for("prism", 9.9)  # 50 tokens over 2 ranks: CR 9.9 is L = 3, i.e. CR 8.33
+    with pytest.raises(ManifestError, match=r"no prism-cr8\.33 engines in this directory"):
+        executor.infer(torch.randn(1, 1, 28, 28), ChainKey.for_cr(9.9, 50, 2))
     assert not executor.health().degraded
 
 
@@ -187,12 +190,12 @@ def test_torchrun_launch(engines, tmp_path):
 def test_steady_state_allocates_nothing(cluster):
     executor, _ = cluster(2)
     images = torch.randn(5, 1, 28, 28)
-    executor.infer(images, Choice("prism", 5.0))
+    executor.infer(images, executor.key_for("prism", 5.0))
     staging = executor.rank.staging
     before = {name: s.allocations for name, s in staging.items()}
     buffers = {name: id(s.buffers((name, 5), 5).send) for name, s in staging.items() if name.startswith("prism")}
     for _ in range(4):
-        executor.infer(images, Choice("prism", 5.0))
+        executor.infer(images, executor.key_for("prism", 5.0))
     assert {name: s.allocations for name, s in staging.items()} == before
     assert buffers == {name: id(s.buffers((name, 5), 5).send) for name, s in staging.items() if name.startswith("prism")}
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from prism_trt.engines.manifest import compute_device
+from prism_trt.engines.manifest import BackendRecord
 from prism_trt.profiler.energy import EnergyMeter, RaplMeter, detect_meter
 
 
@@ -65,6 +65,6 @@ def test_meters_follow_the_computing_device():
     meter.close()
     with pytest.raises(ValueError, match="device must be one of"):
         detect_meter(device="tpu")
-    assert compute_device({"name": "onnxruntime", "provider": "cpu"}) == "cpu"
-    assert compute_device({"name": "onnxruntime", "provider": "cuda"}) == "cuda"
-    assert compute_device({"name": "tensorrt", "provider": None}) == "cuda"
+    assert BackendRecord("onnxruntime", "1.18", "cpu", "cpu").compute_device == "cpu"
+    assert BackendRecord("onnxruntime", "1.20", "cuda:Orin", "cuda").compute_device == "cuda"
+    assert BackendRecord("tensorrt", "10.3", "cuda:0 Orin", None).compute_device == "cuda"

@@ -169,12 +169,12 @@ def test_cast_onnx_to_fp16_constants_casts_and_reused_outputs(tmp_path):
 def test_check_available_says_what_to_install_without_tensorrt(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` fail, installed or not
     with pytest.raises(BackendUnavailable, match=r"pip install \.\[trt\].*import tensorrt"):
-        TensorRTBackend.check_available()
+        TensorRTBackend().check_available()
 
 
-def test_loader_imports_without_tensorrt_or_pycuda():
+def test_backend_imports_without_tensorrt_or_pycuda():
     code = ("import sys; sys.modules['tensorrt'] = None; sys.modules['pycuda'] = None\n"
-            "from prism_trt.engines.trt.loader import TensorRTBackend\n"
+            "from prism_trt.engines.trt.backend import TensorRTBackend\n"
             "assert TensorRTBackend.name == 'tensorrt' and TensorRTBackend.engine_suffix == '.plan'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
@@ -184,7 +184,7 @@ def test_loader_imports_without_tensorrt_or_pycuda():
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "fp16"])
 def test_engine_matches_torch(block_stage, stage_onnx, tmp_path, precision):
     backend = TensorRTBackend()
-    TensorRTBackend.check_available()
+    backend.check_available()
     cache = tmp_path / "timing.cache"
     options = BuildOptions(precision=precision, min_batch=1, opt_batch=4, max_batch=8, workspace_mib=256,
                            optimization_level=1, timing_cache=str(cache))

@@ -36,19 +36,19 @@ def _chains(directory: Path, ranks: int, mode: str, cr=None):
 
 @pytest.mark.parametrize("ranks", [1, 2, 3])
 def test_every_stage_verified(tiny_builds, ranks):
-    import json
+    from prism_trt.engines import Manifest
 
     for rank in range(ranks):
-        manifest = json.loads((tiny_builds / f"p{ranks}" / f"rank{rank}" / "manifest.json").read_text())
-        modes = {c["mode"] for c in manifest["configs"]}
+        manifest = Manifest.load(tiny_builds / f"p{ranks}" / f"rank{rank}")
+        modes = {c.mode for c in manifest.configs}
         assert modes == ({"local"} if ranks == 1 else ({"local", "voltage", "prism"} if rank == 0 else
                                                        {"voltage", "prism"}))
-        for config in manifest["configs"]:
-            assert [s["name"] for s in config["stages"]][:2] == ["embed", "block_00"]
-            for stage in config["stages"]:
-                check = stage["verification"]["engine"]
+        for config in manifest.configs:
+            assert [s.name for s in config.stages][:2] == ["embed", "block_00"]
+            for stage in config.stages:
+                check = stage.verification["engine"]
                 assert check["precision"] == "fp32" and check["passed"] and check["used"] <= 1
-                assert stage["verification"]["export"] is None  # a CPU fp32 engine check covers the export
+                assert stage.verification["export"] is None  # a CPU fp32 engine check covers the export
 
 
 @pytest.mark.parametrize("ranks, mode, cr", [(1, "local", None), (2, "voltage", None), (3, "voltage", None),
@@ -62,7 +62,7 @@ def test_chained_engines_equal_reference(timm_pair, tiny_builds, ranks, mode, cr
     got = run_chains_in_process(chains, images)
     with torch.no_grad():
         if mode == "prism":
-            segments = chains[0].config["segments"]
+            segments = chains[0].config.segments
             expected = simulate(model, images, make_segment_plan(make_partition_plan(197, 1, ranks), segments=segments))
         else:
             expected = reference(images)

@@ -8,8 +8,9 @@ import sys
 import pytest
 from conftest import build_engines, random_model, small_spec
 
-from prism_trt.engines import ManifestError, load_manifest
+from prism_trt.engines import ChainKey, Manifest, ManifestError
 from prism_trt.engines.manifest import SCHEMA_VERSION
+from prism_trt.errors import UsageError
 from prism_trt.runtime import load_chain
 
 
@@ -36,34 +37,38 @@ def _edit_manifest(rank_dir, change):
 
 
 def test_intact_directory_loads(rank_dir):
-    manifest = load_manifest(rank_dir, backend="onnxruntime", device="cpu")
-    assert manifest["rank"] == 1 and len(manifest["files"]) > 0
+    manifest = Manifest.load(rank_dir, backend="onnxruntime", device="cpu")
+    assert manifest.rank == 1 and len(manifest.files) > 0
+    # the typed record writes back exactly the file the build wrote
+    assert json.loads(json.dumps(manifest.to_dict())) == json.loads((rank_dir / "manifest.json").read_text())
+    assert [c.key for c in manifest.configs] == [ChainKey.voltage(), ChainKey.prism(3, 17, 2)]
+    assert manifest.key_for("prism", 3.0) == ChainKey.prism(3, 17, 2)
 
 
 def test_missing_file(rank_dir):
     victim = rank_dir / "voltage" / "block_01.ort.onnx"
     victim.unlink()
     with pytest.raises(ManifestError, match=r"block_01\.ort\.onnx: missing"):
-        load_manifest(rank_dir)
+        Manifest.load(rank_dir)
 
 
 def test_hash_mismatch(rank_dir):
     victim = rank_dir / "prism-cr3" / "embed.onnx"
     victim.write_bytes(victim.read_bytes() + b"\0")
     with pytest.raises(ManifestError, match=r"embed\.onnx: SHA-256 mismatch"):
-        load_manifest(rank_dir)
+        Manifest.load(rank_dir)
 
 
 def test_other_schema_version(rank_dir):
     _edit_manifest(rank_dir, lambda m: m.update(schema_version=99))
     with pytest.raises(ManifestError, match=rf"manifest\.json: schema version 99, this prism-trt reads version {SCHEMA_VERSION}"):
-        load_manifest(rank_dir)
+        Manifest.load(rank_dir)
 
 
 def test_other_backend(rank_dir):
     _edit_manifest(rank_dir, lambda m: m["backend"].update(name="tensorrt"))
     with pytest.raises(ManifestError, match="built for backend 'tensorrt', not 'onnxruntime'"):
-        load_manifest(rank_dir, backend="onnxruntime")
+        Manifest.load(rank_dir, backend="onnxruntime")
 
 
 def test_other_device(rank_dir):
@@ -74,17 +79,45 @@ def test_other_device(rank_dir):
 
 def test_not_an_engine_directory(tmp_path):
     with pytest.raises(ManifestError, match="not an engine directory"):
-        load_manifest(tmp_path)
+        Manifest.load(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError, match="not valid JSON"):
-        load_manifest(tmp_path)
+        Manifest.load(tmp_path)
 
 
 def test_missing_mode(rank_dir):
-    with pytest.raises(ManifestError, match="no 'local' engines in this directory"):
+    with pytest.raises(ManifestError, match=r"no local engines in this directory \(built: voltage, prism-cr3\)"):
         load_chain(rank_dir, "local")
-    with pytest.raises(ManifestError, match=r"no prism engines for CR 9\.9; built CRs: \[3\.0\]"):
+    with pytest.raises(ManifestError, match=r"no prism-cr4\.5 engines in this directory \(built: voltage, prism-cr3\)"):
+        load_chain(rank_dir, "prism", 4.5)
+    with pytest.raises(UsageError, match=r"CR must be between 1 \(no compression\) and ceil\(N/P\) = 9"):
         load_chain(rank_dir, "prism", 9.9)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["configs"][1]["stages"][0].update(engine="../../../../x.ort.onnx"),
+     r"configs\[1\]\.stages\[0\]\.engine: '\.\./\.\./\.\./\.\./x\.ort\.onnx' must be a path inside"),
+    (lambda m: m["configs"][0]["stages"][1].update(onnx="/etc/passwd"), r"stages\[1\]\.onnx: '/etc/passwd' must be"),
+    (lambda m: m["files"].update({"../escape.onnx": "0" * 64}), r"files\.file: '\.\./escape\.onnx' must be"),
+    (lambda m: m.pop("world_size"), r"required field 'world_size' is missing"),
+    (lambda m: m.update(rank=5), r"rank: 5 is not a rank of a 2-rank build"),
+    (lambda m: m["configs"][1].update(segments="many"), r"configs\[1\]\.segments: expected int"),
+    (lambda m: m["configs"][1].update(mode="turbo"), r"configs\[1\]\.mode: expected local, voltage or prism"),
+    (lambda m: m["build_options"].update(max_batch=0), r"build_options: batch profile must satisfy"),
+    (lambda m: m["model"]["spec"].pop("depth"), r"model\.spec: not a model description"),
+])
+def test_malformed_manifest_is_refused_before_anything_loads(rank_dir, change, message):
+    _edit_manifest(rank_dir, change)
+    with pytest.raises(ManifestError, match=message):
+        Manifest.read(rank_dir)
+
+
+def test_inspect_refuses_a_stage_outside_the_directory(rank_dir):
+    _edit_manifest(rank_dir, lambda m: m["configs"][1]["stages"][0].update(engine="../../../../x.ort.onnx"))
+    shown = subprocess.run([sys.executable, "-m", "prism_trt.cli", "inspect", str(rank_dir)], capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 1 and "must be a path inside the engine directory" in shown.stderr
+    assert "Traceback" not in shown.stderr
 
 
 def test_build_and_inspect_cli(mnist_dir, tmp_path):

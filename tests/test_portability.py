@@ -1,7 +1,6 @@
 """Builds that hold on other machines: the ONNX format every supported runtime loads, precision as a
 build option per backend, reduced-precision accuracy, and verification with other CPU kernels."""
 
-import json
 import os
 import subprocess
 import sys
@@ -17,8 +16,7 @@ from tf32_emulation import TF32Matmuls, round_to_tf32
 
 from prism_trt.cli import main
 from prism_trt.core import make_partition_plan, make_segment_plan, simulate
-from prism_trt.engines import BuildOptions
-from prism_trt.engines.manifest import load_manifest
+from prism_trt.engines import BuildOptions, Manifest
 from prism_trt.engines.onnx_format import (
     JETPACK6,
     RUNTIME_LIMITS,
@@ -63,9 +61,9 @@ def test_every_file_a_build_writes_loads_in_the_oldest_runtime(tmp_path, precisi
         fmt = file_format(path)
         assert fmt.ir_version <= oldest_ir and fmt.opset <= oldest_opset, (path, fmt)
         ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # and the installed one loads it
-    manifest = load_manifest(tmp_path / "rank1")
-    assert manifest["export"]["opset"] == 18 and manifest["export"]["ir_version"] == 8
-    assert manifest["build_options"]["precision"] == precision
+    manifest = Manifest.load(tmp_path / "rank1")
+    assert manifest.export["opset"] == 18 and manifest.export["ir_version"] == 8
+    assert manifest.build_options.precision == precision
 
 
 def test_precision_per_backend():
@@ -90,7 +88,7 @@ def test_precision_per_backend():
 def test_build_cli_refuses_an_unavailable_precision(tmp_path):
     result = CliRunner().invoke(main, ["build", "--model", "vit_tiny_patch16_224", "--ranks", "2", "--cr", "9.9",
                                        "--precision", "tf32", "--out", str(tmp_path)])
-    assert result.exit_code == 1 and "precision tf32 is not available with onnxruntime on cpu" in result.output
+    assert result.exit_code == 2 and "precision tf32 is not available with onnxruntime on cpu" in result.output
     assert not any(tmp_path.iterdir())  # refused before anything was exported
 
 
@@ -100,9 +98,9 @@ def test_fp16_build_is_verified_and_keeps_mnist_accuracy(mnist_model, mnist_dir,
     from prism_trt.data import MnistTestSet
 
     build_engines(mnist_model, tmp_path, 1, source={"checkpoint": "vit_mnist.pt"}, threads=2, precision="fp16")
-    manifest = load_manifest(tmp_path / "rank0")
-    for stage in manifest["configs"][0]["stages"] + [manifest["monolithic"]]:
-        verification = stage["verification"]
+    manifest = Manifest.load(tmp_path / "rank0")
+    for stage in [*manifest.configs[0].stages, manifest.monolithic]:
+        verification = stage.verification
         assert verification["engine"]["precision"] == "fp16" and verification["engine"]["passed"]
         assert verification["export"]["precision"] == "fp32" and verification["export"]["passed"]
     correct = 0
@@ -142,9 +140,8 @@ def test_build_verifies_with_avx2_kernels(mnist_dir, tmp_path):
                              str(mnist_dir / "vit_mnist.pt"), "--ranks", "2", "--cr", "5", "--exporter", "torchscript",
                              "--out", str(tmp_path), "--quiet"], capture_output=True, text=True, env=env, timeout=280)
     assert result.returncode == 0, result.stdout + result.stderr
-    used = [stage["verification"]["engine"]["used"] for rank in (0, 1)
-            for config in json.loads((tmp_path / f"rank{rank}" / "manifest.json").read_text())["configs"]
-            for stage in config["stages"]]
+    used = [stage.verification["engine"]["used"] for rank in (0, 1)
+            for config in Manifest.read(tmp_path / f"rank{rank}").configs for stage in config.stages]
     assert max(used) < 0.25, max(used)  # at least a 4x margin left on the worst stage
 
 

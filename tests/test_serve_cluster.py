@@ -23,7 +23,8 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture(scope="module")
 def engines(mnist_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("serve-engines")
-    build_engines(mnist_model, out, 2, [5.0], source={"checkpoint": "vit_mnist.pt"}, max_batch=16)
+    # CR 2 on 50 tokens over 2 ranks is L = 13 segments, i.e. CR 1.923: the chain the key maps it to
+    build_engines(mnist_model, out, 2, [5.0, 2.0], source={"checkpoint": "vit_mnist.pt"}, max_batch=16)
     return out
 
 
@@ -35,12 +36,25 @@ def images(mnist_dir):
     return batch
 
 
-def _serve(engines, rank: int, master_port: int, http_port: int) -> subprocess.Popen:
+def _serve(engines, rank: int, master_port: int, http_port: int, cr: str = "5") -> subprocess.Popen:
     argv = [sys.executable, "-m", "prism_trt.cli", "serve", "--engines", str(engines), "--rank", str(rank),
             "--world-size", "2", "--master-port", str(master_port), "--threads", "1", "--timeout", "10",
-            "--mode", "prism", "--cr", "5", "--port", str(http_port), "--max-wait-ms", "2"]
+            "--mode", "prism", "--cr", cr, "--port", str(http_port), "--max-wait-ms", "2"]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _stop(*processes: subprocess.Popen) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
 
 
 @pytest.fixture
@@ -54,15 +68,7 @@ def cluster(engines):
         worker.kill()
         pytest.fail(f"server did not become ready: {server.communicate()[0][-3000:]}")
     yield url, server, worker
-    for process in (server, worker):
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    for process in (server, worker):
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    _stop(server, worker)
 
 
 def test_triton_client_talks_to_the_server(cluster, mnist_model, images):
@@ -141,3 +147,39 @@ def test_killing_a_worker_under_load_loses_nothing(cluster, mnist_model, images)
     assert ready.status_code == 200 and ready.json()["degraded"] is True
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
     assert "prism_fallbacks_total" in metrics
+
+
+def test_a_requested_cr_is_served_as_the_chain_it_builds(engines, mnist_model, images):
+    """`--cr 2` is L = 13 (CR 1.923) at build, serve and in every answer: one key, one label."""
+    master, http = free_port(), free_port()
+    worker, server = _serve(engines, 1, master, http, cr="2"), _serve(engines, 0, master, http, cr="2")
+    try:
+        url = f"http://127.0.0.1:{http}"
+        assert wait_until_ready(url, [server, worker]), server.communicate()[0][-3000:]
+        name = mnist_model.spec.name
+        modes = httpx.get(f"{url}/v2/models/{name}", timeout=10).json()["parameters"]["modes"].split(",")
+        assert "prism-cr1.92" in modes
+        body = {"inputs": [{"name": "input", "shape": [2, 1, 28, 28], "datatype": "FP32",
+                            "data": images[:2].flatten().tolist()}]}
+        answer = httpx.post(f"{url}/v2/models/{name}/infer", json=body, timeout=30).json()
+        parameters = answer["parameters"]
+        assert parameters["choice"] == "prism-cr1.92" and parameters["segments"] == 13
+        assert parameters["cr"] == pytest.approx(25 / 13)
+        plan = make_segment_plan(make_partition_plan(50, 1, 2), segments=13)
+        assert_close(np.asarray(answer["outputs"][0]["data"], dtype=np.float32).reshape(2, -1),
+                     simulate(mnist_model, images[:2], plan).numpy())
+    finally:
+        _stop(server, worker)
+
+
+def test_serve_refuses_a_cr_that_was_not_built(engines):
+    """Start-up fails with the built chains named, instead of a server that answers 500 forever."""
+    master, http = free_port(), free_port()
+    worker, server = _serve(engines, 1, master, http, cr="9.9"), _serve(engines, 0, master, http, cr="9.9")
+    try:
+        out = server.communicate(timeout=120)[0]
+        assert server.returncode == 2, out
+        assert "no prism-cr8.33 chain is loaded here (loaded: local, voltage, prism-cr5, prism-cr1.92)" in out
+        assert "Traceback" not in out
+    finally:
+        _stop(server, worker)

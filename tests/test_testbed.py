@@ -6,7 +6,6 @@ happens, so parallel runs and failures leave nothing behind. Transfers are a few
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+from prism_trt.cli.testbed_cmds import testbed as bed_cli
 from prism_trt.profiler.testbed import (
     TESTBED_PREFIX,
     Testbed,
@@ -31,20 +31,6 @@ from prism_trt.profiler.testbed import (
 from prism_trt.profiler.testbed import (
     testbed_support as probe_testbed,  # aliased: pytest collects any module-level name starting with "test"
 )
-from prism_trt.profiler.testbed_cli import testbed as bed_cli
-
-ROOT_OK, ROOT_REASON = probe_testbed()
-needs_root = pytest.mark.skipif(not ROOT_OK, reason=f"no network testbed here: {ROOT_REASON}")
-_counter = itertools.count()
-
-
-@pytest.fixture
-def bed_name():
-    """A name unique to this process and test; its namespaces are removed at teardown even if the test failed."""
-    name = f"t{os.getpid() % 0xFFFFF:x}{next(_counter)}"
-    yield name
-    if ROOT_OK:
-        cleanup_stale(f"{TESTBED_PREFIX}{name}-")
 
 
 def namespaces_of(name: str) -> list[str]:
@@ -142,13 +128,12 @@ def test_cleanup_stale_refuses_foreign_prefixes():
 # ---------------------------------------------------------------- real namespaces
 
 
-@needs_root
 @pytest.mark.timeout(30)
-def test_up_builds_isolated_topology_and_down_removes_everything(bed_name):
-    bed = Testbed(2, bandwidth="200mbit", name=bed_name)
+def test_up_builds_isolated_topology_and_down_removes_everything(testbed_name):
+    bed = Testbed(2, bandwidth="200mbit", name=testbed_name)
     bed.up()
     try:
-        assert sorted(namespaces_of(bed_name)) == sorted(bed.namespaces())
+        assert sorted(namespaces_of(testbed_name)) == sorted(bed.namespaces())
         hub_links = subprocess.run(["ip", "-n", bed.hub_netns, "-j", "link", "show"], capture_output=True,
                                    text=True, check=True)
         names = {link["ifname"]: link for link in json.loads(hub_links.stdout)}
@@ -166,16 +151,15 @@ def test_up_builds_isolated_topology_and_down_removes_everything(bed_name):
     finally:
         deleted = bed.down()
     assert sorted(deleted) == sorted(bed.namespaces())
-    assert namespaces_of(bed_name) == []
+    assert namespaces_of(testbed_name) == []
     gone = subprocess.run(["ip", "-n", bed.hub_netns, "link"], capture_output=True, text=True)
     assert gone.returncode != 0
     assert bed.down() == []  # idempotent
 
 
-@needs_root
 @pytest.mark.timeout(30)
-def test_tbf_shapes_both_ends_of_every_link(bed_name):
-    with Testbed(2, bandwidth="200mbit", name=bed_name) as bed:
+def test_tbf_shapes_both_ends_of_every_link(testbed_name):
+    with Testbed(2, bandwidth="200mbit", name=testbed_name) as bed:
         rates = tbf_rates(bed)
         assert len(rates) == 4  # rank side and hub side, for each rank
         assert set(rates.values()) == {200_000_000}, rates
@@ -183,10 +167,9 @@ def test_tbf_shapes_both_ends_of_every_link(bed_name):
         assert set(tbf_rates(bed).values()) == {10**9}
 
 
-@needs_root
 @pytest.mark.timeout(40)
-def test_measured_bandwidth_follows_the_shaping(bed_name):
-    with Testbed(2, bandwidth="50mbit", name=bed_name) as bed:
+def test_measured_bandwidth_follows_the_shaping(testbed_name):
+    with Testbed(2, bandwidth="50mbit", name=testbed_name) as bed:
         first = bed.measure_bandwidth(0, 1, megabytes=3, timeout_s=10)
         assert 0.5 * 50 <= first <= 1.2 * 50, f"measured {first:.1f} Mbit/s on a 50mbit link"
         backwards = bed.measure_bandwidth(1, 0, megabytes=3, timeout_s=10)
@@ -208,10 +191,9 @@ def test_measured_bandwidth_follows_the_shaping(bed_name):
         print(f"\nmeasured 50mbit: 0->1 {first:.1f}, 1->0 {backwards:.1f}; 20mbit: 0->1 {second:.1f} Mbit/s")
 
 
-@needs_root
 @pytest.mark.timeout(30)
-def test_command_runs_inside_the_rank_namespace_pinned_with_its_environment(bed_name):
-    with Testbed(2, bandwidth="100mbit", name=bed_name) as bed:
+def test_command_runs_inside_the_rank_namespace_pinned_with_its_environment(testbed_name):
+    with Testbed(2, bandwidth="100mbit", name=testbed_name) as bed:
         for rank in range(2):
             shown = subprocess.run(bed.command(rank, ["ip", "addr"]), capture_output=True, text=True, timeout=10)
             assert shown.returncode == 0, shown.stderr
@@ -250,10 +232,9 @@ with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as co
 """
 
 
-@needs_root
 @pytest.mark.timeout(30)
-def test_tcp_connection_between_two_rank_namespaces(bed_name):
-    with Testbed(3, bandwidth="100mbit", name=bed_name) as bed:
+def test_tcp_connection_between_two_rank_namespaces(testbed_name):
+    with Testbed(3, bandwidth="100mbit", name=testbed_name) as bed:
         server = subprocess.Popen(bed.command(2, [sys.executable, "-c", _ECHO_SERVER, bed.address(2)]),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
@@ -269,16 +250,15 @@ def test_tcp_connection_between_two_rank_namespaces(bed_name):
                 server.wait()
 
 
-@needs_root
 @pytest.mark.timeout(30)
-def test_failed_up_with_a_conflicting_name_removes_only_what_it_made(bed_name):
-    conflicting = f"{TESTBED_PREFIX}{bed_name}-r1"
+def test_failed_up_with_a_conflicting_name_removes_only_what_it_made(testbed_name):
+    conflicting = f"{TESTBED_PREFIX}{testbed_name}-r1"
     subprocess.run(["ip", "netns", "add", conflicting], check=True, capture_output=True)
     try:
-        bed = Testbed(3, bandwidth="100mbit", name=bed_name)
+        bed = Testbed(3, bandwidth="100mbit", name=testbed_name)
         with pytest.raises(TestbedError, match="already exists"):
             bed.up()
-        assert namespaces_of(bed_name) == [conflicting]  # hub and r0 were removed, the foreign r1 kept
+        assert namespaces_of(testbed_name) == [conflicting]  # hub and r0 were removed, the foreign r1 kept
         assert not bed.is_up
     finally:  # the test's own namespace goes even when an assertion fails
         subprocess.run(["ip", "netns", "delete", conflicting], check=True, capture_output=True)
@@ -293,34 +273,31 @@ class _FailsWhileShaping(Testbed):
         super()._shape(rank)
 
 
-@needs_root
 @pytest.mark.timeout(30)
-def test_failure_in_the_middle_of_up_leaves_nothing(bed_name):
-    bed = _FailsWhileShaping(3, bandwidth="100mbit", name=bed_name)
+def test_failure_in_the_middle_of_up_leaves_nothing(testbed_name):
+    bed = _FailsWhileShaping(3, bandwidth="100mbit", name=testbed_name)
     with pytest.raises(TestbedError, match="provoked"):
         bed.up()
-    assert namespaces_of(bed_name) == []
+    assert namespaces_of(testbed_name) == []
     assert bed.down() == []
 
 
-@needs_root
 @pytest.mark.timeout(30)
-def test_context_manager_cleans_up_on_exception(bed_name):
+def test_context_manager_cleans_up_on_exception(testbed_name):
     with pytest.raises(ZeroDivisionError):
-        with Testbed(2, bandwidth="100mbit", name=bed_name) as bed:
-            assert sorted(namespaces_of(bed_name)) == sorted(bed.namespaces())
+        with Testbed(2, bandwidth="100mbit", name=testbed_name) as bed:
+            assert sorted(namespaces_of(testbed_name)) == sorted(bed.namespaces())
             1 / 0  # noqa: B018
-    assert namespaces_of(bed_name) == []
+    assert namespaces_of(testbed_name) == []
 
 
-@needs_root
 @pytest.mark.timeout(30)
-def test_delay_uses_netem_or_says_it_is_missing(bed_name):
-    bed = Testbed(2, bandwidth="100mbit", delay="2ms", name=bed_name)
+def test_delay_uses_netem_or_says_it_is_missing(testbed_name):
+    bed = Testbed(2, bandwidth="100mbit", delay="2ms", name=testbed_name)
     if not netem_available():
         with pytest.raises(TestbedError, match="netem qdisc.*lacks it"):
             bed.up()
-        assert namespaces_of(bed_name) == []
+        assert namespaces_of(testbed_name) == []
         return
     with bed:
         rank_side = bed.qdiscs()[f"{bed.netns(0)}/{bed.iface(0)}"]
@@ -329,54 +306,51 @@ def test_delay_uses_netem_or_says_it_is_missing(bed_name):
         assert set(tbf_rates(bed).values()) == {50_000_000}
 
 
-@needs_root
 @pytest.mark.timeout(30)
-def test_cleanup_stale_removes_a_forgotten_testbed(bed_name):
-    leftover = Testbed(2, bandwidth="100mbit", name=bed_name).up()  # never brought down
-    assert sorted(namespaces_of(bed_name)) == sorted(leftover.namespaces())
-    deleted = cleanup_stale(f"{TESTBED_PREFIX}{bed_name}-")
+def test_cleanup_stale_removes_a_forgotten_testbed(testbed_name):
+    leftover = Testbed(2, bandwidth="100mbit", name=testbed_name).up()  # never brought down
+    assert sorted(namespaces_of(testbed_name)) == sorted(leftover.namespaces())
+    deleted = cleanup_stale(f"{TESTBED_PREFIX}{testbed_name}-")
     assert sorted(deleted) == sorted(leftover.namespaces())
-    assert namespaces_of(bed_name) == []
+    assert namespaces_of(testbed_name) == []
 
 
-@needs_root
 @pytest.mark.timeout(40)
-def test_cli_up_status_set_bandwidth_down(bed_name, tmp_path, monkeypatch):
+def test_cli_up_status_set_bandwidth_down(testbed_name, tmp_path, monkeypatch):
     monkeypatch.setenv("PRISM_TRT_TESTBED_DIR", str(tmp_path))
     runner = CliRunner()
-    created = runner.invoke(bed_cli, ["up", "--ranks", "2", "--bandwidth", "100mbit", "--name", bed_name])
+    created = runner.invoke(bed_cli, ["up", "--ranks", "2", "--bandwidth", "100mbit", "--name", testbed_name])
     assert created.exit_code == 0, created.output
     assert "ip netns exec" in created.output and "--master-addr 10.77." in created.output
-    assert (tmp_path / f"testbed-{bed_name}.json").is_file()
+    assert (tmp_path / f"testbed-{testbed_name}.json").is_file()
 
-    again = runner.invoke(bed_cli, ["up", "--ranks", "2", "--name", bed_name])
+    again = runner.invoke(bed_cli, ["up", "--ranks", "2", "--name", testbed_name])
     assert again.exit_code != 0 and "already" in again.output
-    assert len(namespaces_of(bed_name)) == 3  # the failed second `up` did not touch the first
+    assert len(namespaces_of(testbed_name)) == 3  # the failed second `up` did not touch the first
 
-    changed = runner.invoke(bed_cli, ["set-bandwidth", "--name", bed_name, "30mbit"])
+    changed = runner.invoke(bed_cli, ["set-bandwidth", "--name", testbed_name, "30mbit"])
     assert changed.exit_code == 0, changed.output
-    shown = runner.invoke(bed_cli, ["status", "--name", bed_name, "--json"])
+    shown = runner.invoke(bed_cli, ["status", "--name", testbed_name, "--json"])
     assert shown.exit_code == 0, shown.output
     description = json.loads(shown.output)["testbeds"][0]
     assert description["rate"] == "30mbit" and description["up"]
-    assert set(tbf_rates(Testbed.attach(bed_name)).values()) == {30_000_000}
+    assert set(tbf_rates(Testbed.attach(testbed_name)).values()) == {30_000_000}
 
-    removed = runner.invoke(bed_cli, ["down", "--name", bed_name])
+    removed = runner.invoke(bed_cli, ["down", "--name", testbed_name])
     assert removed.exit_code == 0, removed.output
-    assert namespaces_of(bed_name) == []
-    assert not (tmp_path / f"testbed-{bed_name}.json").exists()
-    assert runner.invoke(bed_cli, ["down", "--name", bed_name]).exit_code == 0  # repeatable
+    assert namespaces_of(testbed_name) == []
+    assert not (tmp_path / f"testbed-{testbed_name}.json").exists()
+    assert runner.invoke(bed_cli, ["down", "--name", testbed_name]).exit_code == 0  # repeatable
 
 
-@needs_root
 @pytest.mark.timeout(30)
-def test_cli_up_failure_cleans_up(bed_name, tmp_path, monkeypatch):
+def test_cli_up_failure_cleans_up(testbed_name, tmp_path, monkeypatch):
     monkeypatch.setenv("PRISM_TRT_TESTBED_DIR", str(tmp_path))
     runner = CliRunner()
-    result = runner.invoke(bed_cli, ["up", "--ranks", "2", "--bandwidth", "lots", "--name", bed_name])
+    result = runner.invoke(bed_cli, ["up", "--ranks", "2", "--bandwidth", "lots", "--name", testbed_name])
     assert result.exit_code != 0 and "expected a rate" in result.output
     if not netem_available():
-        result = runner.invoke(bed_cli, ["up", "--ranks", "2", "--delay", "2ms", "--name", bed_name])
+        result = runner.invoke(bed_cli, ["up", "--ranks", "2", "--delay", "2ms", "--name", testbed_name])
         assert result.exit_code != 0 and "netem" in result.output
-    assert namespaces_of(bed_name) == []
+    assert namespaces_of(testbed_name) == []
     assert list(tmp_path.iterdir()) == []

@@ -19,7 +19,9 @@ def _walk(command: click.Command, path: list[str], parent: click.Context | None)
     yield path, command.get_help(context)
     if isinstance(command, click.Group):
         for name in sorted(command.list_commands(context)):
-            yield from _walk(command.get_command(context, name), path + [name], context)
+            subcommand = command.get_command(context, name)
+            if not subcommand.hidden:  # internal commands (the sweep's rank 0) are not for users
+                yield from _walk(subcommand, path + [name], context)
 
 
 def reference() -> str:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import click
 
-from .common import _choice, _fail, _numbers, _spec, group_options, main, model_options, plan_options  # noqa: F401
+from .common import main, model_options, plan_options
 
 
 def _model_source(model_name, checkpoint) -> dict:
-    from ..engines.manifest import sha256_file
+    from ..engines.json_record import sha256_file
 
     if model_name is not None:
         return {"timm": model_name, "pretrained": False}
@@ -58,32 +58,24 @@ def build(model_name, checkpoint, ranks, crs, segments, weights, backend, provid
     CRs 9.9, 4.95 and 3.3 are built; rank 0 always gets the local (P=1) chain. Unchanged stages
     are not rebuilt.
     """
-    from ..core import PlanError
-    from ..engines import BackendUnavailable, BuildOptions, get_backend
-    from ..engines.onnx_format import OnnxFormatError
+    from ..engines import BuildOptions, get_backend
     from ..export.build import Builder, config_plans
-    from ..export.onnx_export import ExportError
-    from ..export.verify import VerificationError
-    from ..model import CheckpointMismatchError, UnsupportedModelError, load_model
+    from ..model import load_model
     from ..report import format_table
 
     if not crs and not segments:
         crs = (9.9, 4.95, 3.3)
-    try:
-        engine_backend = get_backend(backend, provider, threads)
-        options = BuildOptions(precision=engine_backend.resolve_precision(precision), min_batch=min_batch,
-                               opt_batch=opt_batch, max_batch=max_batch, workspace_mib=workspace_mib,
-                               optimization_level=opt_level, timing_cache=str(out_dir / "timing.cache"))
-        model = load_model(model_name, checkpoint)
-        spec = model.spec
-        configs = config_plans(spec.num_tokens, spec.num_prefix_tokens, ranks, list(crs), list(segments), weights,
-                               include_voltage=not no_voltage)
-        builder = Builder(model, _model_source(model_name, checkpoint), engine_backend, options, means_source,
-                          exporter, verify=not no_verify)
-        result = builder.build(out_dir, ranks, configs, progress=not quiet)
-    except (PlanError, ValueError, FileNotFoundError, BackendUnavailable, CheckpointMismatchError,
-            UnsupportedModelError, OnnxFormatError, ExportError, VerificationError, RuntimeError) as error:
-        _fail(error)
+    engine_backend = get_backend(backend, provider, threads)
+    options = BuildOptions(precision=engine_backend.resolve_precision(precision), min_batch=min_batch,
+                           opt_batch=opt_batch, max_batch=max_batch, workspace_mib=workspace_mib,
+                           optimization_level=opt_level, timing_cache=str(out_dir / "timing.cache"))
+    model = load_model(model_name, checkpoint)
+    spec = model.spec
+    configs = config_plans(spec.num_tokens, spec.num_prefix_tokens, ranks, list(crs), list(segments), weights,
+                           include_voltage=not no_voltage)
+    builder = Builder(model, _model_source(model_name, checkpoint), engine_backend, options, means_source,
+                      exporter, verify=not no_verify)
+    result = builder.build(out_dir, ranks, configs, progress=not quiet)
     groups: dict = {}
     for stage in result.stages:
         groups.setdefault((stage.rank, stage.config), []).append(stage)
@@ -110,39 +102,32 @@ def _percent(share: float) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest(s) as JSON.")
 def inspect(directory, no_verify, as_json):
     """Show an engine directory (a build's OUT or one rankN/) and verify its file hashes."""
-    from ..engines.manifest import ManifestError, load_manifest
+    from ..engines.manifest import Manifest
     from ..report import format_table
 
     rank_dirs = sorted(p for p in directory.glob("rank*") if p.is_dir()) if (directory / "build.json").is_file() \
         else [directory]
-    manifests = []
-    try:
-        for rank_dir in rank_dirs:
-            manifests.append((rank_dir, load_manifest(rank_dir, verify=not no_verify)))
-    except ManifestError as error:
-        _fail(error)
+    manifests = [(rank_dir, Manifest.load(rank_dir, verify=not no_verify)) for rank_dir in rank_dirs]
     if as_json:
-        click.echo(json.dumps([m for _, m in manifests], indent=2))
+        click.echo(json.dumps([m.to_dict() for _, m in manifests], indent=2))
         return
     for rank_dir, manifest in manifests:
-        spec, backend = manifest["model"]["spec"], manifest["backend"]
-        click.echo(f"{rank_dir}: rank {manifest['rank']} of {manifest['world_size']}, model {spec['name']} "
-                   f"(weights {manifest['model']['weights_sha256'][:12]}), means {manifest['means_source']}")
-        export = manifest["export"]
-        options = manifest["build_options"]
-        click.echo(f"  backend {backend['name']} {backend['version']} on {backend['device']}, precision "
-                   f"{options['precision']}, exporter {export['exporter']} (torch {export['torch']}, ONNX opset "
-                   f"{export['opset']}, IR {export['ir_version']}), batch {options['min_batch']}/{options['opt_batch']}/"
-                   f"{options['max_batch']}")
+        spec, backend, options, export = manifest.spec, manifest.backend, manifest.build_options, manifest.export
+        click.echo(f"{rank_dir}: rank {manifest.rank} of {manifest.world_size}, model {spec.name} "
+                   f"(weights {manifest.model.weights_sha256[:12]}), means {manifest.means_source}")
+        click.echo(f"  backend {backend.name} {backend.version} on {backend.device}, precision "
+                   f"{options.precision}, exporter {export['exporter']} (torch {export['torch']}, ONNX opset "
+                   f"{export['opset']}, IR {export['ir_version']}), batch {options.min_batch}/{options.opt_batch}/"
+                   f"{options.max_batch}")
         rows = []
-        for config in manifest["configs"]:
-            checks = [s["verification"]["engine"] for s in config["stages"] if s.get("verification")]
+        for config in manifest.configs:
+            checks = [s.verification["engine"] for s in config.stages if s.verification]
             errors = [check["max_abs_error"] for check in checks]
-            rows.append([config["name"], config["mode"], config["ranks"], config["cr"], config["segments"],
-                         "/".join(map(str, config["counts"])), len(config["stages"]),
-                         f"{len(checks)}/{len(config['stages'])}", f"{max(errors):.1e}" if errors else None,
+            rows.append([config.name, config.mode, config.ranks, config.cr, config.segments,
+                         "/".join(map(str, config.counts)), len(config.stages),
+                         f"{len(checks)}/{len(config.stages)}", f"{max(errors):.1e}" if errors else None,
                          _percent(max(c["used"] for c in checks)) if checks else None])
         click.echo("  " + format_table(["config", "mode", "P", "CR", "L", "sent/rank", "stages", "verified",
                                         "max |err|", "tol. used"], rows).replace("\n", "\n  "))
         state = "not verified" if no_verify else "SHA-256 verified"
-        click.echo(f"  {len(manifest['files'])} files, {state}")
+        click.echo(f"  {len(manifest.files)} files, {state}")

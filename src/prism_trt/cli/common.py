@@ -9,6 +9,21 @@ from pathlib import Path
 import click
 
 from .. import __version__
+from ..errors import PrismError
+
+
+class PrismGroup(click.Group):
+    """A click group that prints every :class:`~prism_trt.errors.PrismError` (an expected problem
+    whose message says what to do) as ``Error: ...`` with its exit code, without a traceback.
+    Anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except PrismError as error:
+            failure = click.ClickException(str(error))
+            failure.exit_code = error.exit_code
+            raise failure from error
 
 
 def model_options(func):
@@ -46,7 +61,7 @@ def plan_options(func):
     return wrapper
 
 
-def _spec(model_name: str | None, checkpoint: Path | None):
+def model_spec(model_name: str | None, checkpoint: Path | None):
     from ..model import load_model, timm_spec
 
     if model_name is not None:
@@ -54,11 +69,7 @@ def _spec(model_name: str | None, checkpoint: Path | None):
     return load_model(checkpoint=checkpoint).spec
 
 
-def _fail(error: Exception) -> None:
-    raise click.ClickException(str(error))
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=PrismGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="prism-trt")
 def main() -> None:
     """Distributed ViT inference on edge boards with Prism segment means.
@@ -95,16 +106,7 @@ def group_options(func):
     return wrapper
 
 
-def _choice(mode: str, cr: float | None):
-    from ..runtime.api import Choice
-
-    try:
-        return Choice(mode, cr)
-    except ValueError as error:
-        raise click.UsageError(str(error)) from None
-
-
-def _numbers(text: str | None, cast, name: str) -> list:
+def parse_numbers(text: str | None, cast, name: str) -> list:
     if not text:
         return []
     try:

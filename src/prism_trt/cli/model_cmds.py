@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .common import _choice, _fail, _numbers, _spec, group_options, main, model_options, plan_options  # noqa: F401
+from .common import main, model_options, model_spec, plan_options
 
 
 @main.command()
@@ -16,12 +16,7 @@ from .common import _choice, _fail, _numbers, _spec, group_options, main, model_
 @click.option("--json", "as_json", is_flag=True, help="Print the spec as JSON.")
 def info(model_name, checkpoint, as_json):
     """Show a model's ViTSpec: tokens, widths, heads, pooling."""
-    from ..model import CheckpointMismatchError, UnsupportedModelError
-
-    try:
-        spec = _spec(model_name, checkpoint)
-    except (ValueError, FileNotFoundError, UnsupportedModelError, CheckpointMismatchError) as error:
-        _fail(error)
+    spec = model_spec(model_name, checkpoint)
     if as_json:
         click.echo(json.dumps(spec.to_dict(), indent=2))
         return
@@ -45,15 +40,11 @@ def flops(model_name, checkpoint, ranks, crs, segments, weights, batch, dtype, a
     Reproduces seed 000 Table 3 with
     `prism-trt flops --model vit_base_patch16_224 --ranks 2 --cr 9.9 --cr 4.95 --cr 3.3`.
     """
-    from ..core import PlanError
     from ..core.accounting import flops_report
     from ..report import format_table
 
-    try:
-        spec = _spec(model_name, checkpoint)
-        report = flops_report(spec, ranks, list(crs), list(segments), batch, 2 if dtype == "fp16" else 4, weights)
-    except (PlanError, ValueError, FileNotFoundError) as error:
-        _fail(error)
+    spec = model_spec(model_name, checkpoint)
+    report = flops_report(spec, ranks, list(crs), list(segments), batch, 2 if dtype == "fp16" else 4, weights)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -91,24 +82,21 @@ def accuracy(checkpoint, data, ranks, crs, segments, weights, means_source, limi
     """
     import torch
 
-    from ..core import PlanError, make_partition_plan, make_segment_plan, voltage_plan
+    from ..core import make_partition_plan, make_segment_plan, voltage_plan
     from ..core.accuracy import evaluate
     from ..data import MnistTestSet, data_dir
-    from ..model import CheckpointMismatchError, load_model
+    from ..model import load_model
     from ..report import format_table
 
     if threads:
         torch.set_num_threads(threads)
-    try:
-        model = load_model(checkpoint=checkpoint)
-        spec = model.spec
-        partition = make_partition_plan(spec.num_tokens, spec.num_prefix_tokens, ranks, weights)
-        plans = [make_segment_plan(partition, cr=cr) for cr in crs]
-        plans += [make_segment_plan(partition, segments=L) for L in segments]
-        plans = plans or [voltage_plan(partition)]
-        dataset = MnistTestSet(data or data_dir() / "mnist", spec.mean[0], spec.std[0], limit)
-    except (PlanError, CheckpointMismatchError, FileNotFoundError, ValueError) as error:
-        _fail(error)
+    model = load_model(checkpoint=checkpoint)
+    spec = model.spec
+    partition = make_partition_plan(spec.num_tokens, spec.num_prefix_tokens, ranks, weights)
+    plans = [make_segment_plan(partition, cr=cr) for cr in crs]
+    plans += [make_segment_plan(partition, segments=L) for L in segments]
+    plans = plans or [voltage_plan(partition)]
+    dataset = MnistTestSet(data or data_dir() / "mnist", spec.mean[0], spec.std[0], limit)
     sources = ["ln1", "input"] if means_source == "both" else [means_source]
     results = evaluate(model, dataset.batches(batch_size), plans, sources, total=len(dataset),
                        progress=sys.stderr.isatty() or not as_json)

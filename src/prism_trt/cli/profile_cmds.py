@@ -1,14 +1,13 @@
-"""Profiler commands: profile, select, model fit, plot, and the end-to-end demo."""
+"""Profiler commands: profile (and the rank-0 side of its sweep), select, model fit, plot."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from .common import _choice, _fail, _numbers, _spec, group_options, main, model_options, plan_options  # noqa: F401
+from .common import group_options, main, parse_numbers
 
 
 @main.command()
@@ -37,24 +36,18 @@ def profile(engines, batches, crs, bandwidths, warmup, repeat, out, threads, tim
 
     Resumable: points already in --out are skipped, and the map is written after every point.
     """
-    from ..engines.manifest import ManifestError, read_manifest
+    from ..engines.manifest import Manifest
     from ..profiler.calibration import calibrate
-    from ..profiler.perfmap import PerfMapError
     from ..profiler.sweep import SEED_BUDGET_PASSES, Launcher, SweepPlan
     from ..profiler.sweep import profile as run_profile
 
-    batch_list, rates = _numbers(batches, int, "--batch"), _numbers(bandwidths, float, "--bandwidth")
-    try:
-        manifest = read_manifest(engines / "rank0")
-    except ManifestError as error:
-        _fail(error)
-    built = [c["cr"] for c in manifest["configs"] if c["mode"] == "prism"]
-    cr_list = _numbers(crs, float, "--cr") or built
-    world = manifest["world_size"]
-    plan = SweepPlan(batch_list, cr_list, rates or [None], warmup, repeat)
-    passes = plan.total_passes()
-    click.echo(f"{world} ranks, {len(batch_list)} batches x {len(cr_list)} CRs x {len(plan.bandwidths)} bandwidths: "
-               f"{passes} inference passes (seed 000 budget: about {SEED_BUDGET_PASSES})")
+    batch_list, rates = parse_numbers(batches, int, "--batch"), parse_numbers(bandwidths, float, "--bandwidth")
+    world = Manifest.read(engines / "rank0").world_size
+    plan = SweepPlan.for_build(engines, batch_list, parse_numbers(crs, float, "--cr") or None, rates or [None],
+                               warmup, repeat)
+    click.echo(f"{world} ranks, {len(batch_list)} batches x {len(plan.prism)} CRs "
+               f"({', '.join(k.label for k in plan.prism)}) x {len(plan.bandwidths)} bandwidths: "
+               f"{plan.total_passes()} inference passes (seed 000 budget: about {SEED_BUDGET_PASSES})")
     testbed = None
     try:
         launcher = Launcher(world)
@@ -69,12 +62,32 @@ def profile(engines, batches, crs, bandwidths, warmup, repeat, out, threads, tim
         accuracy = calibrate(engines, calib_data, calib_samples)
         data = run_profile(engines, out, plan, launcher, threads, timeout_s, energy, progress=not quiet,
                            accuracy=accuracy)
-    except (PerfMapError, ManifestError, RuntimeError, ValueError, OSError) as error:
-        _fail(error)
     finally:
         if testbed is not None:
             testbed.down()
-    click.echo(f"{len(data['points'])} points in {out}; energy meter: {data['metadata']['energy_meter'] or 'n/a'}")
+    click.echo(f"{len(data.points)} points in {out}; energy meter: {data.metadata['energy_meter'] or 'n/a'}")
+
+
+@main.command("sweep-rank0", hidden=True)
+@click.option("--engines", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True)
+@group_options
+@click.option("--threads", type=click.IntRange(min=1), default=1)
+@click.option("--warmup", type=click.IntRange(min=0), default=3)
+@click.option("--repeat", type=click.IntRange(min=1), default=20)
+@click.option("--points", required=True, help="JSON list of [chain key, batch].")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="JSON-lines file to append results to.")
+@click.option("--energy", default=None, help="jtop, nvml or rapl (default: the first that works).")
+def sweep_rank0(engines, group, threads, warmup, repeat, points, out, energy):
+    """Rank 0 of a profile sweep (started by `prism-trt profile`, not by hand)."""
+    import logging
+
+    from ..engines.chain_key import ChainKey
+    from ..profiler.rank0 import measure_points
+
+    logging.basicConfig(level=logging.WARNING)
+    todo = [(ChainKey.from_dict(key), int(batch)) for key, batch in json.loads(points)]
+    measure_points(engines, group, todo, out, threads, warmup, repeat, energy)
 
 
 @main.command()
@@ -88,15 +101,11 @@ def profile(engines, batches, crs, bandwidths, warmup, repeat, out, threads, tim
               help="Refuse a map measured with other engines than these.")
 def select(map_path, batch, bandwidth, objective, min_agreement, engines):
     """Choose local / voltage / prism (and the CR) for a batch, and say why."""
-    from ..profiler import perfmap
-    from ..profiler.selector import MapSelector
+    from ..engines.perfmap import PerfMap
+    from ..profiler.adaptive import MapSelector
 
-    try:
-        data = perfmap.load(map_path, engines_dir=engines)
-        decision = MapSelector(data, objective, min_agreement).decide(batch, bandwidth)
-    except (perfmap.PerfMapError, ValueError, KeyError) as error:
-        _fail(error)
-    click.echo(decision.explain())
+    data = PerfMap.load(map_path, engines_dir=engines)
+    click.echo(MapSelector(data, objective, min_agreement).decide(batch, bandwidth).explain())
 
 
 @main.group()
@@ -109,16 +118,13 @@ def model():
 @click.option("--json", "as_json", is_flag=True)
 def model_fit(map_path, as_json):
     """Fit the model and report leave-one-out MAPE per term and for the total (goal <= 4 %)."""
-    from ..profiler import perfmap
-    from ..profiler.latency_model import leave_one_out, naive_total_mape
+    from ..engines.perfmap import PerfMap
+    from ..profiler.adaptive import leave_one_out, naive_total_mape
     from ..report import format_table
 
-    try:
-        data = perfmap.load(map_path)
-    except perfmap.PerfMapError as error:
-        _fail(error)
-    report = leave_one_out(data["points"])
-    report["naive_total"] = {"mape_percent": naive_total_mape(data["points"]), "points": len(data["points"])}
+    data = PerfMap.load(map_path)
+    report = leave_one_out(data.points)
+    report["naive_total"] = {"mape_percent": naive_total_mape(data.points), "points": len(data.points)}
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -132,38 +138,12 @@ def model_fit(map_path, as_json):
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True)
 def plot(map_path, out, min_agreement):
     """Breakdown, per-sample, bandwidth and decision-map PNGs from a performance map."""
-    from ..profiler import perfmap
-    from ..profiler.plots import plot_all
-    from ..profiler.selector import MapSelector
+    from ..engines.perfmap import PerfMap
+    from ..profiler.adaptive import MapSelector
+    from ..profiler.adaptive.plots import plot_all
 
-    try:
-        data = perfmap.load(map_path)
-        selector = MapSelector(data, "latency", min_agreement)
-        written = plot_all(data, out, selector)
-    except (perfmap.PerfMapError, ValueError) as error:
-        _fail(error)
+    data = PerfMap.load(map_path)
+    written = plot_all(data, out, MapSelector(data, "latency", min_agreement))
     for path in written:
         click.echo(str(path))
 
-
-
-
-@main.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("prism-demo"), show_default=True,
-              help="Where engines, the performance map, plots and the summary go.")
-@click.option("--quick", is_flag=True, help="Fewer batches and bandwidths (what CI runs).")
-def demo(out, quick):
-    """Run the whole pipeline here: build, testbed, profile, fit, plot, serve --mode auto, requests.
-
-    Uses the shared MNIST ViT when ../shared/data/mnist (or PRISM_TRT_DATA) is present, else
-    vit_tiny_patch16_224 with random weights. Network namespaces shape the links when run as
-    root with ip/tc, else ranks use loopback. Everything is torn down at the end, on Ctrl-C or on
-    failure.
-    """
-    from ..demo import main_demo
-
-    try:
-        code = main_demo(out, quick)
-    except (RuntimeError, ValueError, OSError) as error:
-        _fail(error)
-    sys.exit(code)

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..engines.manifest import rank_directory
-from .common import _choice, _fail, _numbers, _spec, group_options, main, model_options, plan_options  # noqa: F401
+from .common import group_options, main
 
 
 def _breakdown_table(result: dict) -> str:
@@ -56,33 +56,23 @@ def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, thread
     """
     import logging
 
-    from ..engines.manifest import ManifestError
-    from ..runtime.distributed import DistributedExecutor, run_worker
-    from ..runtime.local import LocalExecutor
+    from ..runtime import open_executor
+    from ..runtime.distributed import run_worker
     from ..runtime.measure import measure
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    rank_dir = rank_directory(engines, group.rank)
-    choice = _choice(mode, cr) if group.rank == 0 else None  # workers follow rank 0's choices
+    if group.rank != 0:  # workers follow rank 0's choices
+        batches = run_worker(rank_directory(engines, group.rank), group, threads, device)
+        click.echo(f"rank {group.rank}: ran {batches} batches, stopped by rank 0")
+        return
+    executor = open_executor(engines, group, threads, device, profile_barrier)
     try:
-        if group.rank != 0:
-            batches = run_worker(rank_dir, group, threads, device)
-            click.echo(f"rank {group.rank}: ran {batches} batches, stopped by rank 0")
-            return
-        if group.world_size == 1:
-            if mode != "local":
-                raise click.UsageError(f"{mode} mode needs --world-size >= 2 (one process per rank)")
-            executor = LocalExecutor(rank_dir, threads)
-        else:
-            executor = DistributedExecutor(rank_dir, group, threads, device, profile_barrier)
-        try:
-            result = measure(executor, choice, batch, warmup, repeat, trace=trace)
-        finally:
-            executor.close()
-    except (ManifestError, ValueError, RuntimeError) as error:
-        _fail(error)
+        key = executor.key_for(mode, cr)
+        result = measure(executor, key, batch, warmup, repeat, trace=trace)
+    finally:
+        executor.close()
     latency = result["latency"]
-    click.echo(f"{executor.model_name} {choice.label} batch {batch}: mean {latency['mean_ms']:.2f} ms "
+    click.echo(f"{executor.model_name} {key.label} batch {batch}: mean {latency['mean_ms']:.2f} ms "
                f"(p50 {latency['p50_ms']:.2f}, p90 {latency['p90_ms']:.2f}, sd {latency['stdev_ms']:.2f}), "
                f"{latency['per_sample_ms']:.2f} ms/sample over {repeat} runs"
                + (" -- FELL BACK to local" if result["fell_back"] else ""))
@@ -91,7 +81,7 @@ def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, thread
         "comm includes waiting for the slowest rank (use --profile-barrier to split it)"
     click.echo(f"({wait_note}; staging = D2H + H2D copies around each all-gather)")
     if json_out:
-        from ..engines.manifest import write_json_atomic
+        from ..engines.json_record import write_json_atomic
 
         write_json_atomic(json_out, result)
     if trace:
@@ -135,46 +125,35 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, host, po
     import logging
     import signal
 
-    from ..engines.manifest import ManifestError
-    from ..runtime.api import FixedSelector
-    from ..runtime.distributed import DistributedExecutor, run_worker
-    from ..runtime.local import LocalExecutor
+    from ..runtime import FixedSelector, open_executor
+    from ..runtime.distributed import run_worker
     from ..serve import create_app
     from ..serve import serve as run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    rank_dir = rank_directory(engines, group.rank)
     if group.rank != 0:
         def stop(signum, frame):
             raise SystemExit(f"rank {group.rank}: signal {signum}, leaving the group")
 
         signal.signal(signal.SIGTERM, stop)
-        try:
-            batches = run_worker(rank_dir, group, threads, device)
-        except (ManifestError, ValueError, RuntimeError) as error:
-            _fail(error)
+        batches = run_worker(rank_directory(engines, group.rank), group, threads, device)
         click.echo(f"rank {group.rank}: served {batches} batches, stopped by rank 0")
         return
     if mode == "auto" and map_path is None:
         raise click.UsageError("--mode auto needs --map PERFMAP.json (make one with `prism-trt profile`)")
     if mode in ("voltage", "prism") and group.world_size == 1:
         raise click.UsageError(f"{mode} mode needs --world-size >= 2")
-    try:
-        if group.world_size == 1:
-            executor = LocalExecutor(rank_dir, threads)
-        else:
-            executor = DistributedExecutor(rank_dir, group, threads, device)
-    except (ManifestError, ValueError, RuntimeError) as error:
-        _fail(error)
+    executor = open_executor(engines, group, threads, device)
     try:
         if mode == "auto":
-            from ..profiler import perfmap
-            from ..profiler.selector import LiveSelector, MapSelector
+            from ..engines.perfmap import PerfMap
+            from ..profiler.adaptive import LiveSelector, MapSelector
 
-            data = perfmap.load(map_path, engines_dir=engines)
+            data = PerfMap.load(map_path, engines_dir=engines)
             selector = LiveSelector(MapSelector(data, objective, min_agreement), executor)
         else:
-            selector = FixedSelector(_choice(mode, cr))
+            # refuse at start-up what cannot be served: a chain these engines do not hold
+            selector = FixedSelector(executor.key_for(mode, cr))
         app = create_app(executor, selector, token=token, max_wait_ms=max_wait_ms)
         click.echo(f"serving {executor.model_name} ({mode}) on http://{host}:{port}/v2/models/{executor.model_name}")
 
@@ -187,7 +166,7 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, host, po
         run_server(app, host=host, port=port)
     except (_Stopped, KeyboardInterrupt):
         click.echo("rank 0: stopping every rank")
-    except (ValueError, OSError) as error:
-        _fail(error)
+    except OSError as error:  # the address is in use or not ours
+        raise click.ClickException(f"cannot serve on {host}:{port}: {error}") from None
     finally:
         executor.close()

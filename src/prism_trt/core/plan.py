@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import PrismError
 
-class PlanError(ValueError):
+
+class PlanError(PrismError, ValueError):
     """Arguments that cannot make a valid partition or segment plan."""
 
 

@@ -34,6 +34,8 @@ from typing import Literal, get_args
 
 import numpy as np
 
+from ..errors import UsageError
+
 Precision = Literal["fp32", "tf32", "fp16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
@@ -50,7 +52,7 @@ class ToleranceError(AssertionError):
 
 def check_precision(precision: str) -> Precision:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return precision  # type: ignore[return-value]
 
 

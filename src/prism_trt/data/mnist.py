@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import MissingFileError, PrismError
+
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"),
               0x0E: np.dtype(">f8")}
 DATA_ENV = "PRISM_TRT_DATA"
@@ -23,7 +25,7 @@ def data_dir() -> Path:
     return Path(__file__).resolve().parents[4] / "shared" / "data"
 
 
-class IdxFormatError(ValueError):
+class IdxFormatError(PrismError, ValueError):
     """A file that is not a valid idx file."""
 
 
@@ -62,7 +64,7 @@ class MnistTestSet:
         self.images_path, self.labels_path = root / self.IMAGES, root / self.LABELS
         missing = [str(p) for p in (self.images_path, self.labels_path) if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"MNIST test set not found: {', '.join(missing)} (set {DATA_ENV} or --data)")
+            raise MissingFileError(f"MNIST test set not found: {', '.join(missing)} (set {DATA_ENV} or --data)")
         self.labels = read_idx(self.labels_path).astype(np.int64)
         self.mean, self.std = mean, std
         self.count = len(self.labels) if limit is None else min(limit, len(self.labels))

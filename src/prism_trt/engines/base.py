@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -19,16 +19,17 @@ from typing import ClassVar
 import torch
 
 from ..core.precision import check_precision
+from ..errors import PrismError, UsageError
 from .onnx_format import OnnxFormat, format_for
 
 BATCH_AXIS = "batch"
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(PrismError, RuntimeError):
     """The backend's library or device is missing here; the message says what to install."""
 
 
-class EngineInputError(ValueError):
+class EngineInputError(PrismError, ValueError):
     """A feed whose names, shapes or dtypes do not match the engine's inputs."""
 
 
@@ -78,10 +79,10 @@ class BuildOptions:
     def __post_init__(self) -> None:
         check_precision(self.precision)
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
-            raise ValueError(f"batch profile must satisfy 1 <= min <= opt <= max, got "
+            raise UsageError(f"batch profile must satisfy 1 <= min <= opt <= max, got "
                              f"{self.min_batch}/{self.opt_batch}/{self.max_batch}")
         if not 0 <= self.optimization_level <= 5:
-            raise ValueError(f"optimization level must be 0..5, got {self.optimization_level}")
+            raise UsageError(f"optimization level must be 0..5, got {self.optimization_level}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -93,10 +94,15 @@ def _synchronize(tensors: Mapping[str, torch.Tensor]) -> None:
 
 
 class Runner(ABC):
-    """Runs one loaded engine. Use as a context manager or call activate/deactivate."""
+    """Runs one loaded engine. Use as a context manager or call activate/deactivate.
 
-    def __init__(self, name: str):
+    ``inputs`` / ``outputs`` are the engine's TensorSpecs, in the order the stage declares them.
+    """
+
+    def __init__(self, name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]):
         self.name = name
+        self._inputs = {spec.name: spec for spec in inputs}
+        self._outputs = {spec.name: spec for spec in outputs}
         self.is_active = False
         self.last_infer_time_s: float | None = None
 
@@ -119,11 +125,13 @@ class Runner(ABC):
         self.deactivate()
 
     # -- metadata and inference -----------------------------------------------------------------
-    @abstractmethod
-    def input_metadata(self) -> dict[str, TensorSpec]: ...
+    def input_metadata(self) -> dict[str, TensorSpec]:
+        """Input name -> TensorSpec, in the stage's order (a copy)."""
+        return dict(self._inputs)
 
-    @abstractmethod
-    def output_metadata(self) -> dict[str, TensorSpec]: ...
+    def output_metadata(self) -> dict[str, TensorSpec]:
+        """Output name -> TensorSpec, in the stage's order (a copy)."""
+        return dict(self._outputs)
 
     def check_feed(self, feed: Mapping[str, torch.Tensor]) -> int:
         """Validate names, ranks, static dims, dtypes and a common batch; return the batch size."""
@@ -178,10 +186,9 @@ class Backend(ABC):
     name: ClassVar[str]
     engine_suffix: ClassVar[str]
 
-    @classmethod
     @abstractmethod
-    def check_available(cls) -> None:
-        """Raise BackendUnavailable (naming what to install) when this backend cannot run here."""
+    def check_available(self) -> None:
+        """Raise BackendUnavailable (naming what to install) when this backend, as configured, cannot run here."""
 
     def default_precision(self) -> str:
         """The precision builds get when none is asked for: what the runtime itself defaults to."""
@@ -196,7 +203,7 @@ class Backend(ABC):
         precision = self.default_precision() if requested is None else check_precision(requested)
         reason = self.unsupported_precisions().get(precision)
         if reason:
-            raise ValueError(f"precision {precision} is not available with {self.name} on {self.device()}: {reason}")
+            raise UsageError(f"precision {precision} is not available with {self.name} on {self.device()}: {reason}")
         return precision
 
     @property

@@ -1,51 +1,43 @@
-"""Engine directory manifests: what was built, from what, for which backend/device, with the
-SHA-256 of every file; verified on every load."""
+"""The build's record of one rank's engine directory (``manifest.json``): what was built, from
+what, for which backend and device, at which precision, every chain and stage with its
+verification report, and the SHA-256 of every file; checked on every load.
+
+:class:`Manifest` is the only reader and writer of that file. The JSON layout (schema 2)::
+
+    {"schema_version": 2, "tool": {...}, "created": ..., "rank": r, "world_size": P, "means_source": ...,
+     "model": {"source": {...}, "spec": {ViTSpec}, "weights_sha256": ...},
+     "backend": {"name", "version", "device", "provider"}, "build_options": {BuildOptions},
+     "export": {"exporter", "opset", "ir_version", "torch"},
+     "configs": [{"name", "mode", "ranks", "partition", "segments", "cr", "counts", "segment_sizes",
+                  "stages": [{StageSpec, "onnx", "onnx_sha256", "engine", "engine_sha256", "export_key",
+                              "cache_key", "verification"}]}],
+     "monolithic": {stage entry} | null, "files": {relative path: sha256}}
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
-from pathlib import Path
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..core.plan import segments_for
+from ..core.plan import SegmentPlan
+from ..errors import PrismError
+from ..model.spec import ViTSpec
+from .base import BuildOptions
+from .chain_key import ChainKey
+from .json_record import Fields, read_json_object, sha256_file, sha256_json, write_json_atomic
+from .stage_spec import StageSpec
 
 SCHEMA_VERSION = 2  # 2: build_options.precision, per-stage verification reports
 MANIFEST_NAME = "manifest.json"
 
+__all__ = ["MANIFEST_NAME", "SCHEMA_VERSION", "BackendRecord", "ChainConfig", "Manifest", "ManifestError",
+           "ModelRecord", "StageEntry", "rank_directory", "sha256_file", "sha256_json", "write_json_atomic"]
 
-class ManifestError(RuntimeError):
+
+class ManifestError(PrismError, RuntimeError):
     """An engine directory that cannot be used as it is; the message names the file and why."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def sha256_json(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write-then-rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as stream:
-        json.dump(data, stream, indent=2, sort_keys=False)
-        stream.write("\n")
-        temporary = Path(stream.name)
-    os.replace(temporary, path)
-
-
-def compute_device(backend: dict) -> str:
-    """Where a manifest's engines compute: "cpu" (onnxruntime's CPU EP) or "cuda" (every other)."""
-    on_cpu = backend.get("name") == "onnxruntime" and (backend.get("provider") or "cpu") == "cpu"
-    return "cpu" if on_cpu else "cuda"
 
 
 def rank_directory(engines: Path, rank: int = 0) -> Path:
@@ -54,66 +46,264 @@ def rank_directory(engines: Path, rank: int = 0) -> Path:
     return candidate if candidate.is_dir() else Path(engines)
 
 
-def read_manifest(directory: Path) -> dict:
-    """Parse ``directory/manifest.json`` and check its schema version (no file hashing)."""
-    path = Path(directory) / MANIFEST_NAME
-    if not path.is_file():
-        raise ManifestError(f"{path}: missing; {directory} is not an engine directory (make one with `prism-trt build`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ManifestError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(manifest, dict):
-        raise ManifestError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ManifestError(f"{path}: schema version {version!r}, this prism-trt reads version {SCHEMA_VERSION}; "
-                            f"rebuild the engines with this version of prism-trt")
-    for key in ("files", "backend", "configs", "rank", "world_size"):
-        if key not in manifest:
-            raise ManifestError(f"{path}: required field {key!r} is missing")
-    return manifest
+def _inside(fields: Fields, key: str) -> str:
+    """A file path relative to the engine directory that cannot leave it."""
+    value = fields.get(key, str)
+    path = PurePosixPath(value)
+    if not value or path.is_absolute() or ".." in path.parts or "\\" in value:
+        raise fields.fail(key, f"{value!r} must be a path inside the engine directory (relative, no '..')")
+    return value
 
 
-def verify_files(directory: Path, manifest: dict) -> None:
-    """Every listed file exists and has the recorded SHA-256."""
-    directory = Path(directory)
-    for relative, expected in sorted(manifest["files"].items()):
-        path = directory / relative
-        if not path.is_file():
-            raise ManifestError(f"{path}: missing (listed in {directory / MANIFEST_NAME})")
-        found = sha256_file(path)
-        if found != expected:
-            raise ManifestError(f"{path}: SHA-256 mismatch (manifest {expected[:16]}..., file {found[:16]}...); "
-                                f"the file changed after the build, rebuild with `prism-trt build`")
+@dataclass(frozen=True)
+class StageEntry:
+    """One built stage: its I/O, files and verification report."""
+
+    spec: StageSpec
+    onnx: str
+    onnx_sha256: str
+    engine: str
+    engine_sha256: str
+    export_key: str
+    cache_key: str
+    verification: dict | None = None  # see export.verify.summary
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.spec.to_dict(), "onnx": self.onnx, "onnx_sha256": self.onnx_sha256, "engine": self.engine,
+                "engine_sha256": self.engine_sha256, "export_key": self.export_key, "cache_key": self.cache_key,
+                "verification": self.verification}
+
+    @classmethod
+    def parse(cls, fields: Fields) -> StageEntry:
+        try:
+            spec = StageSpec.from_dict(fields.data)
+        except (KeyError, TypeError, ValueError) as error:
+            raise fields.error(f"{fields.where}: not a stage description ({error!r})") from None
+        return cls(spec, _inside(fields, "onnx"), fields.get("onnx_sha256", str), _inside(fields, "engine"),
+                   fields.get("engine_sha256", str), fields.get("export_key", str), fields.get("cache_key", str),
+                   fields.get("verification", dict, optional=True))
 
 
-def load_manifest(directory: Path, backend: str | None = None, device: str | None = None,
-                  verify: bool = True) -> dict:
-    """Read and verify an engine directory's manifest; optionally require a backend and device."""
-    manifest = read_manifest(directory)
-    path = Path(directory) / MANIFEST_NAME
-    built = manifest["backend"]
-    if backend is not None and built.get("name") != backend:
-        raise ManifestError(f"{path}: engines were built for backend {built.get('name')!r}, not {backend!r}")
-    if device is not None and built.get("device") != device:
-        raise ManifestError(f"{path}: engines were built for device {built.get('device')!r}, this device is "
-                            f"{device!r}; engines are device specific, rebuild them here")
-    if verify:
-        verify_files(directory, manifest)
-    return manifest
+@dataclass(frozen=True)
+class ChainConfig:
+    """One chain a rank can run, with its plan's shape and its stages in execution order.
+
+    ``segments`` and ``cr`` are the plan's (voltage's L is one segment per token of the largest
+    partition); the chain's identity is :attr:`key`.
+    """
+
+    name: str
+    mode: str
+    ranks: int
+    partition: tuple[int, ...]
+    segments: int | None
+    cr: float | None
+    counts: tuple[int, ...]
+    segment_sizes: tuple[tuple[int, ...], ...]
+    stages: tuple[StageEntry, ...] = ()
+
+    @classmethod
+    def of_plan(cls, mode: str, plan: SegmentPlan) -> ChainConfig:
+        """A chain (no stages yet) for ``plan``; local chains have a one-rank plan."""
+        key = ChainKey.of_plan(mode, plan)
+        distributed = plan.ranks > 1
+        return cls("local" if mode == "local" else key.label, mode, plan.ranks, tuple(plan.partition.sizes),
+                   plan.segments if distributed else None, plan.cr if distributed else None, tuple(plan.counts),
+                   tuple(tuple(s) for s in plan.segment_sizes))
+
+    @property
+    def key(self) -> ChainKey:
+        if self.mode == "prism":
+            return ChainKey.prism(self.segments, sum(self.partition), self.ranks)
+        return ChainKey.voltage() if self.mode == "voltage" else ChainKey.local()
+
+    def stage(self, name: str) -> StageEntry:
+        for entry in self.stages:
+            if entry.name == name:
+                return entry
+        raise ManifestError(f"chain {self.name} has no stage {name!r}")
+
+    def plan_dict(self) -> dict[str, Any]:
+        """The chain without its stages (part of every stage's export key)."""
+        return {"name": self.name, "mode": self.mode, "ranks": self.ranks, "partition": list(self.partition),
+                "segments": self.segments, "cr": self.cr, "counts": list(self.counts),
+                "segment_sizes": [list(s) for s in self.segment_sizes]}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.plan_dict(), "stages": [s.to_dict() for s in self.stages]}
+
+    @classmethod
+    def parse(cls, fields: Fields) -> ChainConfig:
+        mode = fields.get("mode", str)
+        if mode not in ("local", "voltage", "prism"):
+            raise fields.fail("mode", f"expected local, voltage or prism, found {mode!r}")
+        partition = tuple(fields.get("partition", list))
+        if not partition or not all(isinstance(n, int) and n > 0 for n in partition):
+            raise fields.fail("partition", f"expected token counts > 0, found {list(partition)}")
+        segments = fields.integer("segments", minimum=1, optional=mode == "local")
+        config = cls(fields.get("name", str), mode, fields.integer("ranks", minimum=1), partition, segments,
+                     fields.number("cr", optional=mode == "local", minimum=1), tuple(fields.get("counts", list)),
+                     tuple(tuple(s) for s in fields.get("segment_sizes", list)),
+                     tuple(StageEntry.parse(s) for s in fields.items("stages")))
+        if config.ranks != len(partition):
+            raise fields.fail("partition", f"{len(partition)} partitions for {config.ranks} ranks")
+        return config
 
 
-def find_config(manifest: dict, mode: str, cr: float | None = None) -> dict:
-    """The config for a mode ("local" | "voltage" | "prism"); for prism, the one whose segment
-    count a requested CR maps to (L = round(ceil(N/P) / CR), as when the plan was made)."""
-    candidates = [c for c in manifest["configs"] if c["mode"] == mode]
-    if not candidates:
-        built = sorted({c["mode"] for c in manifest["configs"]})
-        raise ManifestError(f"no {mode!r} engines in this directory (built modes: {', '.join(built)})")
-    if mode != "prism" or cr is None:
-        return candidates[0]
-    for config in candidates:
-        if cr > 0 and segments_for(sum(config["partition"]), config["ranks"], cr) == config["segments"]:
-            return config
-    raise ManifestError(f"no prism engines for CR {cr}; built CRs: {sorted(round(c['cr'], 3) for c in candidates)}")
+@dataclass(frozen=True)
+class ModelRecord:
+    source: dict  # {"timm": name, "pretrained": false} or {"checkpoint": path, "sha256": ...}
+    spec: ViTSpec
+    weights_sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "spec": self.spec.to_dict(), "weights_sha256": self.weights_sha256}
+
+
+@dataclass(frozen=True)
+class BackendRecord:
+    name: str
+    version: str
+    device: str
+    provider: str | None = None
+
+    @property
+    def compute_device(self) -> str:
+        """Where the engines compute: "cpu" (onnxruntime's CPU EP) or "cuda" (every other)."""
+        return "cpu" if self.name == "onnxruntime" and (self.provider or "cpu") == "cpu" else "cuda"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Manifest:
+    """One rank's engine directory. Build it with :class:`export.build.Builder`; read it with
+    :meth:`load` (checks versions, fields and, by default, every file's SHA-256)."""
+
+    rank: int
+    world_size: int
+    means_source: str
+    model: ModelRecord
+    backend: BackendRecord
+    build_options: BuildOptions
+    export: dict
+    configs: list[ChainConfig] = field(default_factory=list)
+    monolithic: StageEntry | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    tool: dict = field(default_factory=dict)
+    created: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    # -- reading and writing ---------------------------------------------------------------------
+    @classmethod
+    def read(cls, directory: Path) -> Manifest:
+        """Parse and check ``directory/manifest.json`` (no file hashing)."""
+        path = Path(directory) / MANIFEST_NAME
+        data = read_json_object(path, ManifestError, f"{directory} is not an engine directory (make one with "
+                                                     f"`prism-trt build`)")
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def load(cls, directory: Path, backend: str | None = None, device: str | None = None,
+             verify: bool = True) -> Manifest:
+        """Read ``directory``'s manifest; optionally require a backend and device; verify the files."""
+        manifest = cls.read(directory)
+        path = Path(directory) / MANIFEST_NAME
+        if backend is not None and manifest.backend.name != backend:
+            raise ManifestError(f"{path}: engines were built for backend {manifest.backend.name!r}, not {backend!r}")
+        if device is not None and manifest.backend.device != device:
+            raise ManifestError(f"{path}: engines were built for device {manifest.backend.device!r}, this device is "
+                                f"{device!r}; engines are device specific, rebuild them here")
+        if verify:
+            manifest.verify_files(directory)
+        return manifest
+
+    def save(self, directory: Path) -> None:
+        write_json_atomic(Path(directory) / MANIFEST_NAME, self.to_dict())
+
+    def verify_files(self, directory: Path) -> None:
+        """Every listed file exists and has the recorded SHA-256."""
+        directory = Path(directory)
+        for relative, expected in sorted(self.files.items()):
+            path = directory / relative
+            if not path.is_file():
+                raise ManifestError(f"{path}: missing (listed in {directory / MANIFEST_NAME})")
+            found = sha256_file(path)
+            if found != expected:
+                raise ManifestError(f"{path}: SHA-256 mismatch (manifest {expected[:16]}..., file {found[:16]}...); "
+                                    f"the file changed after the build, rebuild with `prism-trt build`")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": self.schema_version, "tool": self.tool, "created": self.created, "rank": self.rank,
+                "world_size": self.world_size, "means_source": self.means_source, "model": self.model.to_dict(),
+                "backend": self.backend.to_dict(), "build_options": self.build_options.to_dict(),
+                "export": self.export, "configs": [c.to_dict() for c in self.configs],
+                "monolithic": None if self.monolithic is None else self.monolithic.to_dict(), "files": self.files}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = MANIFEST_NAME) -> Manifest:
+        fields = Fields(data, where, ManifestError)
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ManifestError(f"{where}: schema version {version!r}, this prism-trt reads version {SCHEMA_VERSION}; "
+                                f"rebuild the engines with this version of prism-trt")
+        model = fields.nested("model")
+        try:
+            spec = ViTSpec.from_dict(model.get("spec", dict))
+        except (TypeError, ValueError, KeyError) as error:
+            raise ManifestError(f"{where}.model.spec: not a model description ({error})") from None
+        backend = fields.nested("backend")
+        try:
+            options = BuildOptions(**fields.get("build_options", dict))
+        except (TypeError, ValueError) as error:
+            raise ManifestError(f"{where}.build_options: {error}") from None
+        files = fields.get("files", dict)
+        for relative in files:
+            _inside(Fields({"file": relative}, f"{where}.files", ManifestError), "file")
+        monolithic = fields.nested("monolithic", optional=True)
+        manifest = cls(
+            rank=fields.integer("rank", minimum=0), world_size=fields.integer("world_size", minimum=1),
+            means_source=fields.get("means_source", str),
+            model=ModelRecord(model.get("source", dict), spec, model.get("weights_sha256", str)),
+            backend=BackendRecord(backend.get("name", str), backend.get("version", str), backend.get("device", str),
+                                  backend.get("provider", str, optional=True)),
+            build_options=options, export=fields.get("export", dict),
+            configs=[ChainConfig.parse(c) for c in fields.items("configs")],
+            monolithic=None if monolithic is None else StageEntry.parse(monolithic), files=dict(files),
+            tool=fields.get("tool", dict, optional=True) or {}, created=fields.get("created", str, optional=True) or "")
+        if manifest.rank >= manifest.world_size:
+            raise ManifestError(f"{where}.rank: {manifest.rank} is not a rank of a {manifest.world_size}-rank build")
+        return manifest
+
+    # -- what it holds ---------------------------------------------------------------------------
+    @property
+    def spec(self) -> ViTSpec:
+        return self.model.spec
+
+    def keys(self) -> list[ChainKey]:
+        return [c.key for c in self.configs]
+
+    def config(self, key: ChainKey) -> ChainConfig:
+        """The chain with ``key``; a ManifestError naming the chains that were built otherwise."""
+        for config in self.configs:
+            if config.key == key:
+                return config
+        built = ", ".join(c.key.label for c in self.configs) or "none"
+        raise ManifestError(f"no {key.label} engines in this directory (built: {built}); build them with "
+                            f"`prism-trt build`")
+
+    def key_for(self, mode: str, cr: float | None = None) -> ChainKey:
+        """The built chain a user's mode and CR stand for (the CR mapped to L by the one rule)."""
+        key = ChainKey.parse(mode, cr, self.spec.num_tokens, self.world_size)
+        return self.config(key).key
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The identity of the build a measurement was made with (rank 0's manifest)."""
+        return {"manifest_sha256": sha256_json(self.files), "backend": self.backend.name,
+                "device": self.backend.device, "world_size": self.world_size, "model": self.spec.name,
+                "weights_sha256": self.model.weights_sha256}

@@ -22,6 +22,8 @@ from pathlib import Path
 import onnx
 from onnx import ModelProto, helper
 
+from ..errors import PrismError
+
 #: Our graphs need LayerNormalization (opset 17); 18 is what both exporters write natively.
 PREFERRED_OPSET = 18
 MIN_OPSET = 17
@@ -43,7 +45,7 @@ JETPACK6 = {
 }
 
 
-class OnnxFormatError(ValueError):
+class OnnxFormatError(PrismError, ValueError):
     """A runtime too old for the opset our graphs need, or a file in a format it cannot load."""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import UsageError
 from .base import Backend
 
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -12,11 +13,12 @@ def get_backend(name: str, provider: str = "cpu", threads: int | None = None) ->
     if name == "onnxruntime":
         from .ort import OnnxRuntimeBackend
 
-        OnnxRuntimeBackend.check_available(provider)
-        return OnnxRuntimeBackend(provider, threads)
-    if name == "tensorrt":
+        backend: Backend = OnnxRuntimeBackend(provider, threads)
+    elif name == "tensorrt":
         from .trt import TensorRTBackend
 
-        TensorRTBackend.check_available()
-        return TensorRTBackend()
-    raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+        backend = TensorRTBackend()
+    else:
+        raise UsageError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    backend.check_available()
+    return backend

@@ -17,6 +17,7 @@ Every new engine is verified on its target at its precision (:mod:`.verify`) bef
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,36 +28,42 @@ from tqdm import tqdm
 from .. import __version__
 from ..core.plan import SegmentPlan, make_partition_plan, make_segment_plan, voltage_plan
 from ..engines.base import Backend, BuildOptions
+from ..engines.json_record import sha256_file, sha256_json, write_json_atomic
 from ..engines.manifest import (
-    MANIFEST_NAME,
     SCHEMA_VERSION,
+    BackendRecord,
+    ChainConfig,
+    Manifest,
     ManifestError,
-    read_manifest,
-    sha256_file,
-    sha256_json,
-    write_json_atomic,
+    ModelRecord,
+    StageEntry,
 )
+from ..engines.stage_spec import StageSpec
 from ..model import PrismViT, weights_hash
 from ..model.vit import MeansSource
 from .onnx_export import check_onnx, export_stage, resolve_exporter
-from .stages import StageSpec, monolithic_stage, rank_stages
+from .stages import monolithic_stage, rank_stages
 from .verify import reference_cases, require_passed, summary, verification_batches, verify_engine, verify_onnx
 
 
 @dataclass(frozen=True)
 class ConfigPlan:
-    """One chain a rank can run: local (P=1), voltage (CR=1) or prism at one CR."""
+    """One chain a rank can run, with its plan: local (P=1), voltage (CR=1) or prism at one CR."""
 
-    name: str
-    mode: str
+    chain: ChainConfig
     plan: SegmentPlan
 
-    def to_dict(self) -> dict:
-        plan = self.plan
-        distributed = plan.ranks > 1
-        return {"name": self.name, "mode": self.mode, "ranks": plan.ranks, "partition": list(plan.partition.sizes),
-                "segments": plan.segments if distributed else None, "cr": plan.cr if distributed else None,
-                "counts": list(plan.counts), "segment_sizes": [list(s) for s in plan.segment_sizes]}
+    @classmethod
+    def of(cls, mode: str, plan: SegmentPlan) -> ConfigPlan:
+        return cls(ChainConfig.of_plan(mode, plan), plan)
+
+    @property
+    def name(self) -> str:
+        return self.chain.name
+
+    @property
+    def mode(self) -> str:
+        return self.chain.mode
 
 
 @dataclass
@@ -89,42 +96,40 @@ class BuildResult:
 def config_plans(num_tokens: int, num_prefix: int, ranks: int, crs: list[float], segments: list[int],
                  weights: list[float] | None = None, include_voltage: bool = True) -> list[ConfigPlan]:
     """The chains a build holds: local, then voltage and one prism chain per CR / segment count."""
-    configs = [ConfigPlan("local", "local", voltage_plan(make_partition_plan(num_tokens, num_prefix, 1)))]
+    configs = [ConfigPlan.of("local", voltage_plan(make_partition_plan(num_tokens, num_prefix, 1)))]
     if ranks == 1:
         return configs
     partition = make_partition_plan(num_tokens, num_prefix, ranks, weights)
     if include_voltage:
-        configs.append(ConfigPlan("voltage", "voltage", voltage_plan(partition)))
+        configs.append(ConfigPlan.of("voltage", voltage_plan(partition)))
     plans = [make_segment_plan(partition, cr=cr) for cr in crs] + [make_segment_plan(partition, segments=L)
                                                                     for L in segments]
     seen = set()
     for plan in plans:
         if plan.segments not in seen:
             seen.add(plan.segments)
-            configs.append(ConfigPlan(f"prism-cr{plan.cr:.3g}", "prism", plan))
+            configs.append(ConfigPlan.of("prism", plan))
     return configs
 
 
-def _previous_stages(rank_dir: Path) -> dict[tuple[str, str], dict]:
+def _previous_stages(rank_dir: Path) -> dict[tuple[str, str], StageEntry]:
     """Stage entries of an earlier build in the same directory, to skip unchanged work."""
     try:
-        manifest = read_manifest(rank_dir)
+        manifest = Manifest.read(rank_dir)
     except ManifestError:
         return {}
-    entries = {}
-    for config in manifest["configs"]:
-        for stage in config["stages"]:
-            entries[(config["name"], stage["name"])] = stage
-    if manifest.get("monolithic"):
-        entries[("local", "model")] = manifest["monolithic"]
+    entries = {(config.name, stage.name): stage for config in manifest.configs for stage in config.stages}
+    if manifest.monolithic is not None:
+        entries[("local", "model")] = manifest.monolithic
     return entries
 
 
-def _unchanged(rank_dir: Path, entry: dict | None, key_field: str, key: str, file_field: str) -> bool:
-    if not entry or entry.get(key_field) != key:
+def _unchanged(rank_dir: Path, key: str, found: str | None, relative: str | None, recorded: str | None) -> bool:
+    """The recorded key matches and the file on disk still has the recorded hash."""
+    if found != key or relative is None:
         return False
-    path = rank_dir / entry[file_field]
-    return path.is_file() and sha256_file(path) == entry.get(f"{file_field}_sha256")
+    path = rank_dir / relative
+    return path.is_file() and sha256_file(path) == recorded
 
 
 class Builder:
@@ -136,8 +141,8 @@ class Builder:
         self.means_source, self.exporter, self.verify = means_source, resolve_exporter(exporter), verify
         self.weights_sha256 = weights_hash(model)
         self.onnx_format = backend.onnx_format()
-        self.backend_info = {"name": backend.name, "version": backend.version(), "device": backend.device(),
-                             "provider": getattr(backend, "provider", None)}
+        self.backend_record = BackendRecord(backend.name, backend.version(), backend.device(),
+                                            getattr(backend, "provider", None))
         # The ONNX file needs a check of its own only where the engine check does not run it at fp32 on the CPU.
         self.check_export_separately = options.precision != "fp32" or backend.runs_on_cuda
 
@@ -154,7 +159,7 @@ class Builder:
                 self._build_rank(result, out_dir / f"rank{rank}", rank, ranks, rank_configs, bar)
         write_json_atomic(out_dir / "build.json", {
             "schema_version": SCHEMA_VERSION, "tool_version": __version__, "world_size": ranks,
-            "ranks": [f"rank{r}" for r in range(ranks)], "model": self.source, "backend": self.backend_info,
+            "ranks": [f"rank{r}" for r in range(ranks)], "model": self.source, "backend": self.backend_record.to_dict(),
             "configs": [c.name for c in configs]})
         result.seconds = time.perf_counter() - started
         return result
@@ -162,56 +167,51 @@ class Builder:
     def _build_rank(self, result: BuildResult, rank_dir: Path, rank: int, ranks: int, configs: list[ConfigPlan],
                     bar: tqdm) -> None:
         previous = _previous_stages(rank_dir)
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "tool": {"name": "prism-trt", "version": __version__},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "rank": rank, "world_size": ranks, "means_source": self.means_source,
-            "model": {"source": self.source, "spec": self.model.spec.to_dict(), "weights_sha256": self.weights_sha256},
-            "backend": self.backend_info, "build_options": self.options.to_dict(),
-            "export": {"exporter": self.exporter, **self.onnx_format.to_dict(), "torch": torch.__version__},
-            "configs": [], "monolithic": None, "files": {},
-        }
+        manifest = Manifest(
+            rank=rank, world_size=ranks, means_source=self.means_source,
+            model=ModelRecord(self.source, self.model.spec, self.weights_sha256), backend=self.backend_record,
+            build_options=self.options,
+            export={"exporter": self.exporter, **self.onnx_format.to_dict(), "torch": torch.__version__},
+            tool={"name": "prism-trt", "version": __version__}, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         for config in configs:
             stage_rank = 0 if config.mode == "local" else rank
-            entries = []
-            for stage, module in rank_stages(self.model, config.plan, stage_rank, self.means_source):
-                entries.append(self._stage(result, rank_dir, rank, config, stage, module, previous, manifest, bar))
-            manifest["configs"].append({**config.to_dict(), "stages": entries})
+            entries = tuple(self._stage(result, rank_dir, rank, config, stage, module, previous, manifest, bar)
+                            for stage, module in rank_stages(self.model, config.plan, stage_rank, self.means_source))
+            manifest.configs.append(dataclasses.replace(config.chain, stages=entries))
             if config.mode == "local" and rank == 0:
                 stage, module = monolithic_stage(self.model)
-                manifest["monolithic"] = self._stage(result, rank_dir, rank, config, stage, module, previous,
-                                                     manifest, bar)
-            write_json_atomic(rank_dir / MANIFEST_NAME, manifest)  # progress survives an interrupted build
+                manifest.monolithic = self._stage(result, rank_dir, rank, config, stage, module, previous, manifest,
+                                                  bar)
+            manifest.save(rank_dir)  # progress survives an interrupted build
 
     def _stage(self, result: BuildResult, rank_dir: Path, rank: int, config: ConfigPlan, stage: StageSpec, module,
-               previous: dict, manifest: dict, bar: tqdm) -> dict:
+               previous: dict[tuple[str, str], StageEntry], manifest: Manifest, bar: tqdm) -> StageEntry:
         bar.set_postfix_str(f"rank{rank}/{config.name}/{stage.name}")
         old = previous.get((config.name, stage.name))
         onnx_rel = f"{config.name}/{stage.name}.onnx"
         engine_rel = f"{config.name}/{stage.name}{self.backend.engine_suffix}"
         export_key = sha256_json({"weights": self.weights_sha256, "spec": self.model.spec.to_dict(),
-                                  "config": config.to_dict(), "rank": rank, "stage": stage.to_dict(),
+                                  "config": config.chain.plan_dict(), "rank": rank, "stage": stage.to_dict(),
                                   "means_source": self.means_source, "exporter": self.exporter,
                                   "format": self.onnx_format.to_dict(), "torch": torch.__version__, "tool": __version__})
         onnx_path, engine_path = rank_dir / onnx_rel, rank_dir / engine_rel
-        exported = not _unchanged(rank_dir, old, "export_key", export_key, "onnx")
+        exported = old is None or not _unchanged(rank_dir, export_key, old.export_key, old.onnx, old.onnx_sha256)
         if exported:
             export_stage(module, stage, onnx_path, self.exporter, self.options.max_batch, self.onnx_format.opset)
             check_onnx(onnx_path, stage)
         onnx_sha = sha256_file(onnx_path)
-        cache_key = sha256_json({"onnx": onnx_sha, "backend": self.backend_info, "options": self.options.to_dict()})
-        built = not _unchanged(rank_dir, old, "cache_key", cache_key, "engine")
+        cache_key = sha256_json({"onnx": onnx_sha, "backend": self.backend_record.to_dict(),
+                                 "options": self.options.to_dict()})
+        built = old is None or not _unchanged(rank_dir, cache_key, old.cache_key, old.engine, old.engine_sha256)
         if built:
             self.backend.build(onnx_path, engine_path, list(stage.inputs), self.options)
-        verification = None if built else (old or {}).get("verification")
+        verification = None if built else old.verification
         if built and self.verify:
             verification = self._verify(module, stage, onnx_path, engine_path, f"rank{rank}/{config.name}/")
-        entry = {**stage.to_dict(), "onnx": onnx_rel, "onnx_sha256": onnx_sha, "engine": engine_rel,
-                 "engine_sha256": sha256_file(engine_path), "export_key": export_key, "cache_key": cache_key,
-                 "verification": verification}
-        manifest["files"][onnx_rel] = onnx_sha
-        manifest["files"][engine_rel] = entry["engine_sha256"]
+        entry = StageEntry(stage, onnx_rel, onnx_sha, engine_rel, sha256_file(engine_path), export_key, cache_key,
+                           verification)
+        manifest.files[onnx_rel] = onnx_sha
+        manifest.files[engine_rel] = entry.engine_sha256
         engine_check = verification["engine"] if verification else None
         result.stages.append(StageReport(rank, config.name, stage.name, exported, built, engine_check,
                                          onnx_path.stat().st_size + engine_path.stat().st_size))
@@ -232,7 +232,7 @@ class Builder:
         hint = (f"The fp32 ONNX passed, so {precision} is too coarse for this stage: build it with a wider "
                 f"--precision." if export_check is not None else
                 "The exported graph does not compute what the model does; please report it.")
-        require_passed(engine_check, f"{where}{engine_path.name} ({self.backend.name} on {self.backend_info['device']}, "
+        require_passed(engine_check, f"{where}{engine_path.name} ({self.backend.name} on {self.backend_record.device}, "
                                      f"{precision})", hint)
-        return {"batches": [case.batch for case in cases], "device": self.backend_info["device"],
+        return {"batches": [case.batch for case in cases], "device": self.backend_record.device,
                 "engine": summary(engine_check), "export": summary(export_check) if export_check else None}

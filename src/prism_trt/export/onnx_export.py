@@ -23,7 +23,9 @@ from torch import nn
 
 from ..engines.base import BATCH_AXIS
 from ..engines.onnx_format import PREFERRED_OPSET, stamp_ir_version
-from .stages import StageSpec, example_feed
+from ..engines.stage_spec import StageSpec
+from ..errors import PrismError
+from .stages import example_feed
 
 EXPORTERS = ("dynamo", "torchscript")
 #: The first torch release whose dynamo exporter passes our checks (seen: 2.11 on the GPU image, 2.14 in CI).
@@ -52,7 +54,7 @@ def resolve_exporter(exporter: str) -> str:
     return exporter
 
 
-class ExportError(RuntimeError):
+class ExportError(PrismError, RuntimeError):
     """A stage that failed to export, check or verify."""
 
 

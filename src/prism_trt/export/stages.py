@@ -13,38 +13,14 @@ baked into each block stage as a constant instead of being one more input to bin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from ..core.plan import SegmentPlan
 from ..core.rank import RankForward
 from ..engines.base import BATCH_AXIS, TensorSpec
+from ..engines.stage_spec import IMAGES, LOGITS, MEANS, NEXT_TOKENS, REMOTE_MEANS, TOKENS, StageSpec
 from ..model.vit import MeansSource, PrismViT
-
-TOKENS, NEXT_TOKENS, REMOTE_MEANS, MEANS, IMAGES, LOGITS = (
-    "tokens", "next_tokens", "remote_means", "means", "images", "logits")
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """Name, kind and I/O of one stage; ``block`` is the block index for block stages."""
-
-    name: str
-    kind: str  # "embed" | "block" | "head" | "model"
-    block: int | None
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "block": self.block,
-                "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> StageSpec:
-        return cls(data["name"], data["kind"], data["block"], tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
-                   tuple(TensorSpec.from_dict(t) for t in data["outputs"]))
 
 
 def _tensor(name: str, *dims: int) -> TensorSpec:

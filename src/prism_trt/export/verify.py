@@ -23,12 +23,14 @@ from torch import nn
 
 from ..core.precision import Comparison, ToleranceError, compare_outputs, worst
 from ..engines.base import Backend, BuildOptions
-from .stages import StageSpec, example_feed
+from ..engines.stage_spec import StageSpec
+from ..errors import PrismError
+from .stages import example_feed
 
 DEFAULT_BATCHES = (1, 3)
 
 
-class VerificationError(RuntimeError):
+class VerificationError(PrismError, RuntimeError):
     """A stage or engine whose outputs differ from the reference beyond the precision's tolerance."""
 
 

@@ -10,15 +10,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import MissingFileError, PrismError, UsageError
 from .spec import ViTSpec
 from .vit import PrismViT
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(PrismError, ValueError):
     """A checkpoint's keys or shapes do not match the expected format."""
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(PrismError, ValueError):
     """A model uses a feature prism-trt does not partition (yet)."""
 
 
@@ -135,7 +136,7 @@ def create_timm(name: str, **kwargs) -> nn.Module:
     import timm
 
     if name not in timm.list_models():
-        raise ValueError(f"unknown timm model {name!r}; e.g. vit_tiny_patch16_224, vit_small_patch16_224, deit_tiny_patch16_224")
+        raise UnsupportedModelError(f"unknown timm model {name!r}; e.g. vit_tiny_patch16_224, vit_small_patch16_224, deit_tiny_patch16_224")
     torch.manual_seed(kwargs.pop("seed", 0))
     return timm.create_model(name, pretrained=False, **kwargs).eval()
 
@@ -227,7 +228,7 @@ def from_mnist_checkpoint(path: str | Path) -> PrismViT:
     """Load the bundled vit-pytorch style checkpoint (``weights_only=True``, mapped to CPU)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -268,7 +269,7 @@ def from_mnist_checkpoint(path: str | Path) -> PrismViT:
 def load_model(model: str | None = None, checkpoint: str | Path | None = None) -> PrismViT:
     """A timm model by name (random init) or the bundled checkpoint format, as a PrismViT."""
     if (model is None) == (checkpoint is None):
-        raise ValueError("give exactly one of a timm model name or a checkpoint path")
+        raise UsageError("give exactly one of a timm model name or a checkpoint path")
     if checkpoint is not None:
         return from_mnist_checkpoint(checkpoint)
     return from_timm(create_timm(model), model)

@@ -6,6 +6,8 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+from ..errors import UsageError
+
 MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 POOLINGS = ("token", "token_distilled", "avg")
 
@@ -57,16 +59,16 @@ class ViTSpec:
 
     def __post_init__(self) -> None:
         if self.mlp_act not in MLP_ACTIVATIONS:
-            raise ValueError(f"mlp_act must be one of {MLP_ACTIVATIONS}, got {self.mlp_act!r}")
+            raise UsageError(f"mlp_act must be one of {MLP_ACTIVATIONS}, got {self.mlp_act!r}")
         if self.pool not in POOLINGS:
-            raise ValueError(f"pool must be one of {POOLINGS}, got {self.pool!r}")
+            raise UsageError(f"pool must be one of {POOLINGS}, got {self.pool!r}")
         for axis, (image, patch) in enumerate(zip(self.img_size, self.patch_size)):
             if patch <= 0 or image % patch:
-                raise ValueError(f"image size {self.img_size} is not a multiple of patch size {self.patch_size} (axis {axis})")
+                raise UsageError(f"image size {self.img_size} is not a multiple of patch size {self.patch_size} (axis {axis})")
         if self.pool == "token_distilled" and self.num_prefix_tokens < 2:
-            raise ValueError("pool 'token_distilled' needs a CLS and a distillation token")
+            raise UsageError("pool 'token_distilled' needs a CLS and a distillation token")
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
-            raise ValueError(f"mean/std need {self.in_chans} entries, got {self.mean} / {self.std}")
+            raise UsageError(f"mean/std need {self.in_chans} entries, got {self.mean} / {self.std}")
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -100,7 +102,7 @@ class ViTSpec:
         unknown = sorted(set(data) - fields)
         missing = sorted(fields - set(data))
         if unknown or missing:
-            raise ValueError(f"not a ViTSpec: missing fields {missing}, unknown fields {unknown}")
+            raise UsageError(f"not a ViTSpec: missing fields {missing}, unknown fields {unknown}")
         values = dict(data)
         for key in ("img_size", "patch_size", "mean", "std"):
             values[key] = tuple(values[key])

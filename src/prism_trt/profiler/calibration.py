@@ -10,30 +10,33 @@ from pathlib import Path
 import torch
 
 from ..core.accuracy import evaluate
-from ..core.plan import make_partition_plan, make_segment_plan
+from ..core.plan import PartitionPlan, make_segment_plan
 from ..data import MnistTestSet, data_dir
-from ..engines.manifest import rank_directory, read_manifest
+from ..engines.manifest import Manifest, rank_directory
+from ..engines.perfmap import AccuracyEntry
 from ..model import load_model
 
 
 def model_from_manifest(engines: Path):
-    manifest = read_manifest(rank_directory(engines))
-    source = manifest["model"]["source"]
+    manifest = Manifest.read(rank_directory(engines))
+    source = manifest.model.source
     model = load_model(source.get("timm"), source.get("checkpoint"))
     return model, manifest
 
 
 def calibrate(engines: Path, calib_data: Path | None = None, samples: int = 1000, progress: bool = False
-              ) -> list[dict]:
-    """One entry per built prism / voltage config: ranks, cr, segments, agreement, accuracy|None."""
+              ) -> list[AccuracyEntry]:
+    """One entry per built prism / voltage chain: its agreement with the local model (and accuracy
+    where the calibration set has labels)."""
     model, manifest = model_from_manifest(engines)
     spec = model.spec
-    configs = [c for c in manifest["configs"] if c["mode"] in ("prism", "voltage")]
-    partition = make_partition_plan(spec.num_tokens, spec.num_prefix_tokens, manifest["world_size"])
-    plans = [make_segment_plan(partition, segments=c["segments"]) for c in configs]
-    source = manifest["means_source"]
+    configs = [c for c in manifest.configs if c.mode in ("prism", "voltage")]
+    # each chain's own partition: a weighted build's ranks hold unequal shares
+    plans = [make_segment_plan(PartitionPlan(spec.num_tokens, spec.num_prefix_tokens, c.partition), segments=c.segments)
+             for c in configs]
+    source = manifest.means_source
     mnist_root = calib_data or data_dir() / "mnist"
-    if "checkpoint" in manifest["model"]["source"] and (mnist_root / MnistTestSet.IMAGES).is_file():
+    if "checkpoint" in manifest.model.source and (mnist_root / MnistTestSet.IMAGES).is_file():
         dataset = MnistTestSet(mnist_root, spec.mean[0], spec.std[0], limit=samples)
         batches, label, labelled = dataset.batches(250), f"mnist:{len(dataset)} images", True
     else:
@@ -43,7 +46,6 @@ def calibrate(engines: Path, calib_data: Path | None = None, samples: int = 1000
         batches = [(images[i:i + 32], torch.full((len(images[i:i + 32]),), -1)) for i in range(0, count, 32)]
         label, labelled = f"random:{count} inputs (random weights: agreement only, no accuracy)", False
     results = evaluate(model, batches, plans, [source], progress=progress)
-    return [{"ranks": r.ranks, "cr": c["cr"], "segments": r.segments, "mode": c["mode"],
-             "agreement": r.agreement, "accuracy": r.accuracy if labelled else None,
-             "local_accuracy": (r.reference_correct / r.total) if labelled else None, "calibration": label}
+    return [AccuracyEntry(c.key, r.ranks, r.agreement, r.accuracy if labelled else None,
+                          (r.reference_correct / r.total) if labelled else None, label)
             for r, c in zip(results, configs)]

@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from ..errors import UsageError
+
 COMPUTE_DEVICES = ("cpu", "cuda")
 
 
@@ -168,7 +170,7 @@ def detect_meter(preferred: str | None = None, device: str = "cpu") -> tuple[Ene
     """The first meter that works here and sees ``device`` ("cpu" or "cuda": where the engines
     run), or ``preferred``, with a sentence on what was found."""
     if device not in COMPUTE_DEVICES:
-        raise ValueError(f"device must be one of {COMPUTE_DEVICES}, got {device!r}")
+        raise UsageError(f"device must be one of {COMPUTE_DEVICES}, got {device!r}")
     suited = METERS_FOR_DEVICE[device]
     if preferred is not None and preferred not in suited:
         return EnergyMeter(), (f"energy unavailable (n/a): {preferred} does not measure {device} engines "

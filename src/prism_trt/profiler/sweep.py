@@ -21,25 +21,40 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..runtime.group import free_port
-from . import perfmap
+from ..engines.chain_key import ChainKey
+from ..engines.manifest import Manifest, rank_directory
+from ..engines.perfmap import LATENCY_FIELDS, AccuracyEntry, PerfMap, PerfMapError, PerfPoint
+from ..runtime.group import ClusterError, free_port
 
 SEED_BUDGET_PASSES = 2000  # seed 000 section 3.3: "approximately 2000 inference passes"
 
 
 @dataclass
 class SweepPlan:
+    """What to measure: every batch of the local chain (once), and of voltage and each prism chain
+    at every bandwidth. ``prism``: the prism chains, e.g. from :meth:`for_build`."""
+
     batches: list[int]
-    crs: list[float]
+    prism: list[ChainKey]
     bandwidths: list[float | None]  # None: unshaped loopback
     warmup: int = 3
     repeat: int = 20
 
-    def points_for(self, bandwidth: float | None, include_local: bool) -> list[tuple]:
-        points = [("local", None, b) for b in self.batches] if include_local else []
+    @classmethod
+    def for_build(cls, engines: Path, batches: list[int], crs: list[float] | None, bandwidths: list[float | None],
+                  warmup: int = 3, repeat: int = 20) -> SweepPlan:
+        """A plan over the prism chains of a build: the requested CRs, each mapped to the segment
+        count it stands for (an error names the built ones when it was not built), or every one."""
+        manifest = Manifest.read(rank_directory(engines))
+        built = [key for key in manifest.keys() if key.mode == "prism"]
+        chains = built if crs is None else list(dict.fromkeys(manifest.key_for("prism", cr) for cr in crs))
+        return cls(batches, chains, bandwidths, warmup, repeat)
+
+    def points_for(self, bandwidth: float | None, include_local: bool) -> list[tuple[ChainKey, int]]:
+        points = [(ChainKey.local(), b) for b in self.batches] if include_local else []
         for batch in self.batches:
-            points.append(("voltage", None, batch))
-            points += [("prism", cr, batch) for cr in self.crs]
+            points.append((ChainKey.voltage(), batch))
+            points += [(key, batch) for key in self.prism]
         return points
 
     def total_passes(self) -> int:
@@ -74,7 +89,7 @@ def _worker_argv(engines: Path, rank: int, launcher: Launcher, port: int, thread
     return argv + (["--iface", launcher.iface] if launcher.iface else [])
 
 
-def run_cluster(engines: Path, launcher: Launcher, points: list[tuple], threads: int, warmup: int, repeat: int,
+def run_cluster(engines: Path, launcher: Launcher, points: list[tuple[ChainKey, int]], threads: int, warmup: int, repeat: int,
                 timeout: float, on_result: Callable[[dict], None], energy: str | None = None) -> None:
     """Start workers and rank 0 for one bandwidth, feed ``on_result`` as each point lands."""
     port = free_port()
@@ -85,10 +100,11 @@ def run_cluster(engines: Path, launcher: Launcher, points: list[tuple], threads:
     with tempfile.TemporaryDirectory(prefix="prism-sweep-") as scratch:
         lines = Path(scratch) / "points.jsonl"
         lines.touch()
-        argv = [sys.executable, "-m", "prism_trt.profiler.rank0", "--engines", str(engines), "--world-size",
+        argv = [sys.executable, "-m", "prism_trt.cli", "sweep-rank0", "--engines", str(engines), "--rank", "0", "--world-size",
                 str(launcher.world_size), "--master-addr", launcher.master_addr, "--master-port", str(port),
                 "--threads", str(threads), "--warmup", str(warmup), "--repeat", str(repeat), "--timeout",
-                str(timeout), "--points", json.dumps(points), "--out", str(lines)]
+                str(timeout), "--points", json.dumps([[key.to_dict(), batch] for key, batch in points]),
+                "--out", str(lines)]
         argv += (["--iface", launcher.iface] if launcher.iface else []) + (["--energy", energy] if energy else [])
         rank0 = subprocess.Popen(launcher.wrap(0, argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                  env=env)
@@ -104,7 +120,7 @@ def run_cluster(engines: Path, launcher: Launcher, points: list[tuple], threads:
                     break
                 time.sleep(0.2)
             if rank0.returncode != 0:
-                raise RuntimeError(f"rank 0 of the sweep failed (exit {rank0.returncode}): "
+                raise ClusterError(f"rank 0 of the sweep failed (exit {rank0.returncode}): "
                                    f"{rank0.stderr.read()[-2000:]}")
         finally:
             for process in [rank0, *workers]:
@@ -123,20 +139,25 @@ def hardware_description(launcher: Launcher, threads: int) -> dict:
 
 
 def profile(engines: Path, out: Path, plan: SweepPlan, launcher: Launcher, threads: int = 1, timeout: float = 60.0,
-            energy: str | None = None, progress: bool = True, accuracy: list[dict] | None = None) -> dict:
-    """Measure every missing point of ``plan`` into the map at ``out``; returns the map."""
-    fingerprint = perfmap.engines_fingerprint(engines)
+            energy: str | None = None, progress: bool = True, accuracy: list[AccuracyEntry] | None = None) -> PerfMap:
+    """Measure every missing point of ``plan`` into the map at ``out``; returns the map. A map
+    resumed must have been measured with the same warm-up and repeat count."""
+    fingerprint = Manifest.read(rank_directory(engines)).fingerprint()
     if out.is_file():
-        data = perfmap.load(out, engines_dir=engines, strict=True)
+        data = PerfMap.load(out, engines_dir=engines, strict=True)
+        was = (data.metadata.get("warmup"), data.metadata["repeat"])
+        if was != (plan.warmup, plan.repeat):
+            raise PerfMapError(f"{out} was measured with --warmup {was[0]} --repeat {was[1]}; resume it with the same "
+                               f"values, or write a new map (asked for --warmup {plan.warmup} --repeat {plan.repeat})")
     else:
-        data = perfmap.new_map(fingerprint, hardware_description(launcher, threads), launcher.world_size, threads,
-                               plan.warmup, plan.repeat, None)
+        data = PerfMap.new(fingerprint, hardware_description(launcher, threads), launcher.world_size, threads,
+                           plan.warmup, plan.repeat, None)
     if accuracy is not None:
-        data["accuracy"] = accuracy
+        data.accuracy = accuracy
     todo = []
     for index, bandwidth in enumerate(plan.bandwidths):
-        missing = [p for p in plan.points_for(bandwidth, include_local=index == 0)
-                   if perfmap.find_point(data, p[0], p[1], p[2], bandwidth) is None]
+        missing = [(key, batch) for key, batch in plan.points_for(bandwidth, include_local=index == 0)
+                   if data.find(key, batch, bandwidth) is None]
         todo.append((bandwidth, missing))
     total = sum(len(m) for _, m in todo)
     with tqdm(total=total, unit="point", disable=not progress, desc="profile") as bar:
@@ -146,19 +167,16 @@ def profile(engines: Path, out: Path, plan: SweepPlan, launcher: Launcher, threa
             measured = launcher.set_bandwidth(bandwidth) if launcher.set_bandwidth and bandwidth else None
 
             def store(result: dict, bandwidth=bandwidth, measured=measured) -> None:
-                point = {"mode": result["mode"], "cr": result["cr"], "batch": result["batch"],
-                         "bandwidth_mbit": None if result["mode"] == "local" else bandwidth,
-                         "measured_mbit": measured, "latency": {k: result["latency"][k] for k in perfmap.LATENCY_FIELDS},
-                         "per_rank": result["per_rank"], "energy_j": result["energy_j"],
-                         "energy_per_sample_j": result["energy_per_sample_j"], "fell_back": result["fell_back"]}
-                data["metadata"]["energy_meter"] = result.get("energy_meter")
-                perfmap.upsert_point(data, point)
-                perfmap.save(out, data)
-                bar.set_postfix_str(f"{result['mode']} cr={result['cr']} B={result['batch']} bw={bandwidth}")
+                key = ChainKey.from_dict(result)
+                data.upsert(PerfPoint(key, result["batch"], None if key.mode == "local" else bandwidth,
+                                      {k: result["latency"][k] for k in LATENCY_FIELDS}, result["per_rank"], measured,
+                                      result["energy_j"], result["energy_per_sample_j"], result["fell_back"]))
+                data.metadata["energy_meter"] = result.get("energy_meter")
+                data.save(out)
+                bar.set_postfix_str(f"{key.label} B={result['batch']} bw={bandwidth}")
                 bar.update(1)
 
-            run_cluster(engines, launcher, [list(p) for p in missing], threads, plan.warmup, plan.repeat, timeout,
-                        store, energy)
+            run_cluster(engines, launcher, missing, threads, plan.warmup, plan.repeat, timeout, store, energy)
     if not out.is_file():
-        perfmap.save(out, data)
+        data.save(out)
     return data

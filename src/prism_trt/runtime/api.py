@@ -1,45 +1,30 @@
-"""What the server needs from the runtime: an :class:`Executor` that runs a batch in a chosen
-mode, and a :class:`Selector` that chooses the mode for a batch size. The fixed selector lives
-here; the profiler's adaptive selector implements the same interface."""
+"""What the server and the profiler need from the runtime: an :class:`Executor` that runs a batch
+on a chain (a :class:`~prism_trt.engines.ChainKey`), and a :class:`Selector` that picks the chain
+for a batch size. The fixed selector lives here; the profiler's adaptive one implements the same
+interface."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from ..engines.chain_key import ChainKey
+from ..engines.manifest import Manifest
+from ..errors import UsageError
 from ..model.spec import ViTSpec
 from .timing import PhaseTimes
-
-MODES = ("local", "voltage", "prism")
-
-
-@dataclass(frozen=True)
-class Choice:
-    """How to run one batch: a mode and, for prism, a compression rate."""
-
-    mode: str
-    cr: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.mode == "prism" and self.cr is None:
-            raise ValueError("prism mode needs a compression rate")
-
-    @property
-    def label(self) -> str:
-        return f"prism-cr{self.cr:g}" if self.mode == "prism" else self.mode
 
 
 @dataclass
 class InferenceResult:
     logits: torch.Tensor  # (B, classes), on the CPU
-    choice: Choice  # what actually ran (local after a fallback)
+    choice: ChainKey  # the chain that actually ran (local after a fallback)
     timings: PhaseTimes  # rank 0's breakdown
     fell_back: bool = False  # True when a distributed run failed and the local chain answered
-    per_rank: list[PhaseTimes] = field(default_factory=list)  # all ranks, when gathered (profiling)
+    per_rank: list[PhaseTimes] = field(default_factory=list)  # every rank's, when gathered (profiling)
 
 
 @dataclass(frozen=True)
@@ -50,35 +35,53 @@ class Health:
     reason: str = ""
 
 
-class Executor(Protocol):
-    """Runs batches on rank 0 (and, for distributed modes, on the workers with it)."""
+class Executor(ABC):
+    """Runs batches on rank 0 (and, for distributed chains, on the workers with it).
 
-    model_name: str
+    Subclasses set ``manifest`` (rank 0's), ``spec``, ``model_name`` and ``max_batch``.
+    """
+
+    manifest: Manifest
     spec: ViTSpec
+    model_name: str
     max_batch: int
+    #: The rate the collectives achieved lately, Mbit/s; None where nothing crosses a network.
+    bandwidth_mbit: float | None = None
 
-    def choices(self) -> list[Choice]:
-        """The (mode, CR) combinations whose engines are loaded."""
-        ...
+    @abstractmethod
+    def chains(self) -> list[ChainKey]:
+        """The chains whose engines are loaded, local first."""
 
-    def infer(self, images: torch.Tensor, choice: Choice) -> InferenceResult:
-        """images: (B, C, H, W) float32 normalised, 1 <= B <= max_batch."""
-        ...
+    def key_for(self, mode: str, cr: float | None = None) -> ChainKey:
+        """The loaded chain a user's mode and CR stand for; a UsageError naming the loaded ones otherwise."""
+        key = ChainKey.parse(mode, cr, self.spec.num_tokens, self.manifest.world_size)
+        for loaded in self.chains():
+            if loaded == key:
+                return loaded
+        raise UsageError(f"no {key.label} chain is loaded here (loaded: {', '.join(k.label for k in self.chains())})"
+                         + ("; voltage and prism need --world-size >= 2" if key.mode != "local" else ""))
 
+    @abstractmethod
+    def infer(self, images: torch.Tensor, key: ChainKey, gather_timings: bool = False) -> InferenceResult:
+        """images: (B, C, H, W) float32 normalised, 1 <= B <= max_batch. ``gather_timings``: every
+        rank's phase times in ``per_rank`` (one more collective; rank 0's alone otherwise)."""
+
+    @abstractmethod
     def health(self) -> Health: ...
 
+    @abstractmethod
     def close(self) -> None: ...
 
 
 class Selector(Protocol):
-    def choose(self, batch: int) -> Choice: ...
+    def choose(self, batch: int) -> ChainKey: ...
 
 
 class FixedSelector:
-    """Always the same choice (``prism-trt serve --mode ...``)."""
+    """Always the same chain (``prism-trt serve --mode ...``)."""
 
-    def __init__(self, choice: Choice):
-        self.choice = choice
+    def __init__(self, key: ChainKey):
+        self.key = key
 
-    def choose(self, batch: int) -> Choice:
-        return self.choice
+    def choose(self, batch: int) -> ChainKey:
+        return self.key

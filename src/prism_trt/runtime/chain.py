@@ -12,26 +12,30 @@ from pathlib import Path
 import torch
 
 from ..core.rank import concat_remote, run_ranks
-from ..engines.base import Backend, BuildOptions, Runner
-from ..engines.manifest import find_config, load_manifest
+from ..engines.base import Backend, Runner
+from ..engines.chain_key import ChainKey
+from ..engines.manifest import ChainConfig, Manifest, ManifestError
 from ..engines.registry import get_backend
-from ..export.stages import IMAGES, LOGITS, MEANS, NEXT_TOKENS, REMOTE_MEANS, TOKENS, StageSpec
+from ..engines.stage_spec import IMAGES, LOGITS, MEANS, NEXT_TOKENS, REMOTE_MEANS, TOKENS, StageSpec
 
 
 class EngineChain:
     """Runners for one config (local / voltage / prism at a CR) of one rank's engine directory."""
 
-    def __init__(self, rank_dir: Path, manifest: dict, config: dict, backend: Backend, use_monolithic: bool = False):
+    def __init__(self, rank_dir: Path, manifest: Manifest, config: ChainConfig, backend: Backend,
+                 use_monolithic: bool = False):
         self.rank_dir, self.manifest, self.config = Path(rank_dir), manifest, config
-        self.rank = 0 if config["mode"] == "local" else manifest["rank"]
-        options = BuildOptions(**manifest["build_options"])
-        entries = [manifest["monolithic"]] if use_monolithic else config["stages"]
+        self.key = config.key
+        self.rank = 0 if config.mode == "local" else manifest.rank
+        if use_monolithic and manifest.monolithic is None:
+            raise ManifestError(f"{rank_dir} has no monolithic model (only rank 0 of a build has one)")
+        entries = [manifest.monolithic] if use_monolithic else config.stages
         self.stages: dict[str, tuple[StageSpec, Runner]] = {}
         for entry in entries:
-            stage = StageSpec.from_dict(entry)
-            runner = backend.load(self.rank_dir / entry["engine"], list(stage.inputs), list(stage.outputs), options)
-            self.stages[stage.name] = (stage, runner)
-        self.depth = manifest["model"]["spec"]["depth"]
+            runner = backend.load(self.rank_dir / entry.engine, list(entry.spec.inputs), list(entry.spec.outputs),
+                                  manifest.build_options)
+            self.stages[entry.name] = (entry.spec, runner)
+        self.depth = manifest.spec.depth
 
     def __enter__(self) -> EngineChain:
         for _, runner in self.stages.values():
@@ -70,18 +74,24 @@ class EngineChain:
         return self._run("model", {IMAGES: images})[LOGITS].clone()
 
 
-def backend_for(manifest: dict, threads: int | None = None) -> Backend:
-    built = manifest["backend"]
-    return get_backend(built["name"], built.get("provider") or "cpu", threads)
+def backend_for(manifest: Manifest, threads: int | None = None) -> Backend:
+    return get_backend(manifest.backend.name, manifest.backend.provider or "cpu", threads)
 
 
-def load_chain(rank_dir: Path, mode: str, cr: float | None = None, threads: int | None = None,
+def load_manifest_here(rank_dir: Path, threads: int | None = None) -> tuple[Manifest, Backend]:
+    """``rank_dir``'s manifest, checked against this machine's backend and device (files hashed),
+    and the backend that runs it."""
+    backend = backend_for(Manifest.read(rank_dir), threads)
+    return Manifest.load(rank_dir, backend=backend.name, device=backend.device()), backend
+
+
+def load_chain(rank_dir: Path, mode: str | ChainKey, cr: float | None = None, threads: int | None = None,
                use_monolithic: bool = False) -> EngineChain:
-    """Verify ``rank_dir``'s manifest against this machine's backend/device and load one chain."""
-    manifest = load_manifest(rank_dir, verify=False)
-    backend = backend_for(manifest, threads)
-    manifest = load_manifest(rank_dir, backend=backend.name, device=backend.device())
-    return EngineChain(rank_dir, manifest, find_config(manifest, mode, cr), backend, use_monolithic)
+    """Verify ``rank_dir``'s manifest against this machine and load one chain: a ChainKey, or a
+    mode and (for prism) a CR, mapped to the built segment count."""
+    manifest, backend = load_manifest_here(rank_dir, threads)
+    key = mode if isinstance(mode, ChainKey) else manifest.key_for(mode, cr)
+    return EngineChain(rank_dir, manifest, manifest.config(key), backend, use_monolithic)
 
 
 @torch.no_grad()

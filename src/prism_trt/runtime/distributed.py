@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..engines.manifest import find_config, load_manifest
-from ..model.spec import ViTSpec
-from .api import Choice, Health, InferenceResult
-from .chain import EngineChain, backend_for, run_chains_in_process
-from .group import GroupConfig, init_group, leave_group
+from ..engines.chain_key import ChainKey
+from ..errors import PrismError, UsageError
+from .api import Executor, Health, InferenceResult
+from .chain import EngineChain, load_manifest_here, run_chains_in_process
+from .group import ClusterError, GroupConfig, init_group, leave_group
 from .staging import make_staging
 from .timing import PhaseTimes, Stopwatch
 
@@ -41,20 +41,19 @@ class DistributedRank:
 
     def __init__(self, rank_dir: Path, rank: int, world_size: int, threads: int | None = None,
                  device: str = "cpu"):
-        manifest = load_manifest(rank_dir, verify=False)
-        backend = backend_for(manifest, threads)
-        manifest = load_manifest(rank_dir, backend=backend.name, device=backend.device())
-        if manifest["rank"] != rank or manifest["world_size"] != world_size:
-            raise ValueError(f"{rank_dir} holds engines for rank {manifest['rank']} of {manifest['world_size']}, "
+        manifest, backend = load_manifest_here(rank_dir, threads)
+        if manifest.rank != rank or manifest.world_size != world_size:
+            raise UsageError(f"{rank_dir} holds engines for rank {manifest.rank} of {manifest.world_size}, "
                              f"this process is rank {rank} of {world_size}")
+        self.manifest = manifest
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
-        self.spec = ViTSpec.from_dict(manifest["model"]["spec"])
-        self.weights = manifest["model"]["weights_sha256"]
-        self.max_batch = manifest["build_options"]["max_batch"]
-        self.configs = [c for c in manifest["configs"] if c["mode"] != "local"]
-        self.chains = {c["name"]: EngineChain(rank_dir, manifest, c, backend).__enter__() for c in self.configs}
-        self.staging = {c["name"]: make_staging(c["counts"], rank, self.spec.embed_dim, device) for c in self.configs}
-        local = [c for c in manifest["configs"] if c["mode"] == "local"]
+        self.spec = manifest.spec
+        self.weights = manifest.model.weights_sha256
+        self.max_batch = manifest.build_options.max_batch
+        self.configs = [c for c in manifest.configs if c.mode != "local"]
+        self.chains = {c.name: EngineChain(rank_dir, manifest, c, backend).__enter__() for c in self.configs}
+        self.staging = {c.name: make_staging(list(c.counts), rank, self.spec.embed_dim, device) for c in self.configs}
+        local = [c for c in manifest.configs if c.mode == "local"]
         self.local_chain = EngineChain(rank_dir, manifest, local[0], backend).__enter__() if local else None
         self._images: dict[int, torch.Tensor] = {}
         # The per-batch header [op, config, batch, barrier], one buffer for the rank's whole life.
@@ -68,14 +67,14 @@ class DistributedRank:
     def signature(self) -> dict:
         """What every rank must agree on before the first collective."""
         return {"weights": self.weights, "world_size": self.world_size,
-                "configs": [(c["name"], c["counts"], c["partition"]) for c in self.configs]}
+                "configs": [(c.name, list(c.counts), list(c.partition)) for c in self.configs]}
 
     def check_consistent(self) -> None:
         signatures: list = [None] * self.world_size
         dist.all_gather_object(signatures, self.signature())
         for rank, other in enumerate(signatures):
             if other != signatures[0]:
-                raise RuntimeError(f"rank {rank}'s engines do not match rank 0's (weights, configs or plan "
+                raise ClusterError(f"rank {rank}'s engines do not match rank 0's (weights, configs or plan "
                                    f"differ): {other} vs {signatures[0]}; build all ranks from one `prism-trt build`")
 
     def image_buffer(self, batch: int) -> torch.Tensor:
@@ -84,16 +83,16 @@ class DistributedRank:
             self._images[batch] = torch.empty((batch, self.spec.in_chans, *self.spec.img_size), dtype=torch.float32)
         return self._images[batch]
 
-    def config_index(self, choice: Choice) -> int:
-        """Position of the choice's config; raises ManifestError (not a fallback) when not built."""
-        return self.configs.index(find_config({"configs": self.configs}, choice.mode, choice.cr))
+    def config_index(self, key: ChainKey) -> int:
+        """Position of the chain's config; raises ManifestError (not a fallback) when not built."""
+        return self.configs.index(self.manifest.config(key))
 
     def run(self, config_index: int, images: torch.Tensor, barrier: bool = False
             ) -> tuple[torch.Tensor | None, PhaseTimes]:
         """One forward of config ``config_index`` with the all-gathers; logits on rank 0, None elsewhere.
         ``barrier``: a barrier before each all-gather, timed as ``wait`` (every rank must agree)."""
         config = self.configs[config_index]
-        chain, staging = self.chains[config["name"]], self.staging[config["name"]]
+        chain, staging = self.chains[config.name], self.staging[config.name]
         watch = Stopwatch()
         start = time.perf_counter()
         with watch.phase("h2d"):
@@ -101,7 +100,7 @@ class DistributedRank:
         with watch.phase("compute"):
             tokens, means = chain.embed(images)
         for block in range(chain.depth):
-            remote = self._exchange(config["name"], staging, means, images.shape[0], watch, barrier)
+            remote = self._exchange(config.name, staging, means, images.shape[0], watch, barrier)
             with watch.phase("compute"):
                 tokens, means = chain.block(block, tokens, remote)
         logits = None
@@ -156,18 +155,18 @@ def worker_loop(rank: DistributedRank, stop: threading.Event | None = None) -> i
     return batches
 
 
-class DistributedExecutor:
+class DistributedExecutor(Executor):
     """Rank 0's :class:`~prism_trt.runtime.api.Executor` over a GLOO group of ``world_size`` ranks."""
 
     def __init__(self, rank_dir: Path, group: GroupConfig, threads: int | None = None, device: str = "cpu",
                  profile_barrier: bool = False, heartbeat_s: float | None = None):
         if group.rank != 0:
-            raise ValueError("the executor runs on rank 0; other ranks run worker_loop")
+            raise UsageError("the executor runs on rank 0; other ranks run worker_loop")
         self.group, self.profile_barrier = group, profile_barrier
         self.rank = DistributedRank(rank_dir, 0, group.world_size, threads, device)
         if self.rank.local_chain is None:
-            raise ValueError(f"{rank_dir} has no local chain: rank 0 needs it as the fallback")
-        self.spec, self.max_batch = self.rank.spec, self.rank.max_batch
+            raise UsageError(f"{rank_dir} has no local chain: rank 0 needs it as the fallback")
+        self.manifest, self.spec, self.max_batch = self.rank.manifest, self.rank.spec, self.rank.max_batch
         self.model_name = self.spec.name
         self._lock = threading.Lock()  # collectives must be issued in the same order on every rank
         self._degraded = ""
@@ -180,9 +179,8 @@ class DistributedExecutor:
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="prism-heartbeat", daemon=True)
         self._heartbeat.start()
 
-    def choices(self) -> list[Choice]:
-        return [Choice("local")] + [Choice(c["mode"], c["cr"] if c["mode"] == "prism" else None)
-                                    for c in self.rank.configs]
+    def chains(self) -> list[ChainKey]:
+        return [ChainKey.local()] + [c.key for c in self.rank.configs]
 
     def health(self) -> Health:
         return Health(live=True, ready=not self._closed.is_set(), degraded=bool(self._degraded),
@@ -204,16 +202,16 @@ class DistributedExecutor:
         start = time.perf_counter()
         with watch.phase("compute"):
             logits = run_chains_in_process([self.rank.local_chain], images)
-        return InferenceResult(logits, Choice("local"), watch.times.close((time.perf_counter() - start) * 1e3),
+        return InferenceResult(logits, ChainKey.local(), watch.times.close((time.perf_counter() - start) * 1e3),
                                fell_back=fell_back)
 
-    def infer(self, images: torch.Tensor, choice: Choice, gather_timings: bool = False) -> InferenceResult:
+    def infer(self, images: torch.Tensor, key: ChainKey, gather_timings: bool = False) -> InferenceResult:
         if images.shape[0] > self.max_batch:
-            raise ValueError(f"batch {images.shape[0]} is over the engines' max batch {self.max_batch}")
+            raise UsageError(f"batch {images.shape[0]} is over the engines' max batch {self.max_batch}")
         with self._lock:
-            if choice.mode == "local" or self._degraded or self._closed.is_set():
-                return self._local(images, fell_back=choice.mode != "local")
-            index = self.rank.config_index(choice)
+            if key.mode == "local" or self._degraded or self._closed.is_set():
+                return self._local(images, fell_back=key.mode != "local")
+            index = self.rank.config_index(key)
             try:
                 self._broadcast_header(OP_INFER_TIMED if gather_timings else OP_INFER, index, images.shape[0])
                 dist.broadcast(images.contiguous(), src=0)
@@ -225,9 +223,9 @@ class DistributedExecutor:
                     per_rank = [PhaseTimes(**t) for t in gathered]
                 self._last_collective = time.monotonic()
                 self._update_bandwidth(times)
-                return InferenceResult(logits, choice, times, per_rank=per_rank)
+                return InferenceResult(logits, key, times, per_rank=per_rank)
             except RuntimeError as error:  # GLOO reports peer loss and timeouts as RuntimeError
-                self._degrade(f"{choice.label} batch of {images.shape[0]} failed: {error}")
+                self._degrade(f"{key.label} batch of {images.shape[0]} failed: {error}")
         return self._local(images, fell_back=True)
 
     def _update_bandwidth(self, times: PhaseTimes) -> None:
@@ -265,12 +263,17 @@ class DistributedExecutor:
 
 
 def run_worker(rank_dir: Path, group: GroupConfig, threads: int | None = None, device: str = "cpu") -> int:
-    """A worker board's whole life: load, join, check, follow rank 0, leave."""
+    """A worker board's whole life: load, join, check, follow rank 0, leave. A lost rank 0 (or a
+    collective that timed out) is a ClusterError naming this rank."""
     rank = DistributedRank(rank_dir, group.rank, group.world_size, threads, device)
     init_group(group)
     try:
         rank.check_consistent()
         return worker_loop(rank)
+    except PrismError:
+        raise
+    except RuntimeError as error:  # GLOO reports peer loss and timeouts as RuntimeError
+        raise ClusterError(f"rank {group.rank}: lost the group ({error}); restart every rank together") from error
     finally:
         rank.close()
         leave_group()

@@ -9,7 +9,13 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from ..errors import PrismError, UsageError
+
 ENV_KEYS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class ClusterError(PrismError, RuntimeError):
+    """Ranks that cannot form or keep a group: unreachable rank 0, mismatched engines, lost peers."""
 
 
 @dataclass(frozen=True)
@@ -27,11 +33,11 @@ class GroupConfig:
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+            raise UsageError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
         if not 0 < self.master_port < 65536:
-            raise ValueError(f"master port {self.master_port} is not a TCP port")
+            raise UsageError(f"master port {self.master_port} is not a TCP port")
         if self.timeout_s <= 0:
-            raise ValueError(f"timeout must be > 0 s, got {self.timeout_s}")
+            raise UsageError(f"timeout must be > 0 s, got {self.timeout_s}")
 
     @classmethod
     def from_env_or_flags(cls, rank: int | None = None, world_size: int | None = None, master_addr: str | None = None,
@@ -47,9 +53,9 @@ class GroupConfig:
                 try:
                     return cast(env[key])
                 except ValueError:
-                    raise ValueError(f"environment variable {key}={env[key]!r} is not a valid value") from None
+                    raise UsageError(f"environment variable {key}={env[key]!r} is not a valid value") from None
             if default is None:
-                raise ValueError(f"give --{key.lower().replace('_', '-')} or set {key} (as torchrun does)")
+                raise UsageError(f"give --{key.lower().replace('_', '-')} or set {key} (as torchrun does)")
             return default
 
         return cls(rank=pick(rank, "RANK", int), world_size=pick(world_size, "WORLD_SIZE", int),
@@ -63,13 +69,13 @@ def init_group(config: GroupConfig) -> None:
     if config.iface:
         os.environ["GLOO_SOCKET_IFNAME"] = config.iface
     if dist.is_initialized():
-        raise RuntimeError("a process group is already initialised in this process")
+        raise ClusterError("a process group is already initialised in this process")
     try:
         dist.init_process_group("gloo", init_method=f"tcp://{config.master_addr}:{config.master_port}",
                                 rank=config.rank, world_size=config.world_size,
                                 timeout=datetime.timedelta(seconds=config.timeout_s))
     except (RuntimeError, ValueError, OSError) as error:
-        raise RuntimeError(f"rank {config.rank}/{config.world_size} could not join the GLOO group at "
+        raise ClusterError(f"rank {config.rank}/{config.world_size} could not join the GLOO group at "
                            f"{config.master_addr}:{config.master_port} within {config.timeout_s:g} s: {error}") from error
 
 

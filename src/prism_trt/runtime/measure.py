@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .api import Choice
+from ..engines.chain_key import ChainKey
+from .api import Executor
 from .timing import PHASES, PhaseTimes
 
 
@@ -25,23 +26,21 @@ def latency_stats(samples_ms: list[float], batch: int) -> dict:
             "per_sample_ms": mean / batch, "samples_ms": samples_ms}
 
 
-def measure(executor, choice: Choice, batch: int, warmup: int = 3, repeat: int = 20, seed: int = 0,
+def measure(executor: Executor, key: ChainKey, batch: int, warmup: int = 3, repeat: int = 20, seed: int = 0,
             trace: Path | None = None, meter=None) -> dict:
-    """Run ``warmup`` + ``repeat`` batches; per-rank phase means come from every rank when the
-    executor can gather them (distributed), else from rank 0 alone."""
+    """Run ``warmup`` + ``repeat`` batches of chain ``key``; per-rank phase means come from every
+    rank that ran (rank 0 alone for the local chain)."""
     spec = executor.spec
     images = torch.randn((batch, spec.in_chans, *spec.img_size), generator=torch.Generator().manual_seed(seed))
-    distributed = choice.mode != "local" and hasattr(executor, "group")
-    kwargs = {"gather_timings": True} if distributed else {}
     for _ in range(warmup):
-        executor.infer(images, choice, **kwargs)
+        executor.infer(images, key, gather_timings=True)
     runs, fell_back = [], False
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if trace else nullcontext()
     if meter is not None:
         meter.start()
     with profiler:
         for _ in range(repeat):
-            result = executor.infer(images, choice, **kwargs)
+            result = executor.infer(images, key, gather_timings=True)
             fell_back |= result.fell_back
             runs.append(result.per_rank or [result.timings])
     energy = meter.stop() if meter is not None else None
@@ -49,7 +48,7 @@ def measure(executor, choice: Choice, batch: int, warmup: int = 3, repeat: int =
         profiler.export_chrome_trace(str(trace))
     ranks = len(runs[0])
     per_rank = [PhaseTimes.mean([run[r] for run in runs if len(run) == ranks]) for r in range(ranks)]
-    return {"mode": choice.mode, "cr": choice.cr, "batch": batch, "warmup": warmup, "repeat": repeat,
+    return {**key.to_dict(), "batch": batch, "warmup": warmup, "repeat": repeat,
             "fell_back": fell_back, "latency": latency_stats([run[0].total for run in runs], batch),
             "energy_j": energy, "energy_per_sample_j": None if energy is None else energy / (repeat * batch),
             "per_rank": [t.to_dict() for t in per_rank], "phases": list(PHASES)}

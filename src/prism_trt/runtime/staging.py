@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UsageError
+
 
 @dataclass
 class StagingBuffers:
@@ -78,7 +80,7 @@ class TorchCudaStaging(Staging):
 
     def __init__(self, counts: list[int], rank: int, dim: int, device: str = "cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError("torch-cuda staging needs a CUDA build of torch and a GPU")
+            raise UsageError("torch-cuda staging needs a CUDA build of torch and a GPU")
         super().__init__(counts, rank, dim, device)
 
     def _host(self, shape: tuple[int, ...]) -> torch.Tensor:

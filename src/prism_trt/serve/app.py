@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
+from ..errors import UsageError
 from ..runtime.api import Executor, Health, Selector
 from .batcher import Batcher, BatcherStopped, InferenceFailed, QueueFull
 from .metrics import CONTENT_TYPE, ServerMetrics
@@ -57,9 +58,9 @@ class _Server:
                  max_body_bytes: int, max_queue_images: int | None):
         if token is not None and (not token or not token.isascii() or not token.isprintable() or " " in token):
             # HTTP headers arrive as latin-1 text; a token outside printable ASCII could never match
-            raise ValueError("the bearer token must be non-empty printable ASCII without spaces")
+            raise UsageError("the bearer token must be non-empty printable ASCII without spaces")
         if max_body_bytes <= 0:
-            raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
+            raise UsageError(f"max_body_bytes must be positive, got {max_body_bytes}")
         self.executor, self.token, self.max_body_bytes = executor, token, max_body_bytes
         self.model_name = executor.model_name
         self.metrics = ServerMetrics(executor.max_batch)
@@ -180,7 +181,7 @@ class _Server:
     async def model_metadata(self, request: Request) -> Response:
         self._check_model(request)
         return JSONResponse(model_metadata(self.model_name, self.executor.spec, self.executor.max_batch,
-                                           self.executor.choices()))
+                                           self.executor.chains()))
 
     async def model_ready(self, request: Request) -> Response:
         self._check_model(request)

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..runtime.api import Choice, Executor, InferenceResult, Selector
+from ..engines.chain_key import ChainKey
+from ..runtime.api import Executor, InferenceResult, Selector
 from .metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class InferenceFailed(RuntimeError):
 @dataclass(frozen=True)
 class BatchOutcome:
     logits: torch.Tensor  # this request's rows
-    choice: Choice  # what actually ran
+    choice: ChainKey  # the chain that actually ran
     fell_back: bool
     batch_size: int  # images in the executor batch this request rode in
     queue_s: float  # from submit to the batch starting
@@ -196,7 +197,7 @@ class Batcher:
             except asyncio.TimeoutError:
                 return
 
-    def _infer(self, images: torch.Tensor, size: int) -> tuple[InferenceResult, Choice, float]:
+    def _infer(self, images: torch.Tensor, size: int) -> tuple[InferenceResult, ChainKey, float]:
         choice = self.selector.choose(size)
         start = time.perf_counter()
         result = self.executor.infer(images, choice)

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..engines.chain_key import ChainKey
 from ..model.spec import ViTSpec
-from ..runtime.api import Choice
 
 INPUT_NAME = "input"
 LOGITS_OUTPUT = "logits"
@@ -53,7 +53,7 @@ def server_metadata(version: str) -> dict:
     return {"name": "prism-trt", "version": version, "extensions": PROTOCOL_EXTENSIONS}
 
 
-def model_metadata(model_name: str, spec: ViTSpec, max_batch: int, choices: list[Choice]) -> dict:
+def model_metadata(model_name: str, spec: ViTSpec, max_batch: int, choices: list[ChainKey]) -> dict:
     height, width = spec.img_size
     return {
         "name": model_name,
@@ -101,6 +101,15 @@ def _check_shape(shape, spec: ViTSpec, max_batch: int) -> list[int]:
     return shape
 
 
+def _leaves(data):
+    """Every scalar of a (nested) JSON list."""
+    for item in data:
+        if isinstance(item, list):
+            yield from _leaves(item)
+        else:
+            yield item
+
+
 def _tensor_from_data(data, shape: list[int]) -> torch.Tensor:
     if not isinstance(data, list):
         raise RequestError(400, "data", f"input '{INPUT_NAME}' data must be a JSON list of numbers "
@@ -109,7 +118,8 @@ def _tensor_from_data(data, shape: list[int]) -> torch.Tensor:
         array = np.asarray(data)
     except ValueError as exc:  # ragged nesting
         raise RequestError(400, "data_shape", f"input '{INPUT_NAME}' data is not a regular nested list: {exc}") from None
-    if array.dtype.kind not in "iuf":
+    # numpy reads [true, 0.5] as floats: booleans are refused wherever they hide
+    if array.dtype.kind not in "iuf" or (array.dtype.kind == "f" and any(isinstance(v, bool) for v in _leaves(data))):
         raise RequestError(400, "data", f"input '{INPUT_NAME}' data must hold only numbers; found values numpy "
                                         f"reads as {array.dtype} (strings, booleans, nulls or huge integers?)")
     expected_count = math.prod(shape)
@@ -166,7 +176,11 @@ def parse_infer_request(body: bytes, spec: ViTSpec, max_batch: int) -> InferRequ
                                                   f"named '{INPUT_NAME}', got {found}")
     tensor = inputs[0]
     missing = [key for key in ("name", "shape", "datatype", "data") if key not in tensor]
-    if "binary_data_size" in (tensor.get("parameters") or {}):
+    parameters = tensor.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise RequestError(400, "malformed_request", f"input tensor 'parameters' must be a JSON object, got "
+                                                     f"{type(parameters).__name__}")
+    if "binary_data_size" in (parameters or {}):
         raise RequestError(400, "binary_data", "the binary tensor data extension is not supported; send the "
                                                "tensor as JSON in 'data'")
     if missing:
@@ -180,11 +194,11 @@ def parse_infer_request(body: bytes, spec: ViTSpec, max_batch: int) -> InferRequ
                                             f"this model takes FP32")
     shape = _check_shape(tensor["shape"], spec, max_batch)
     images = _tensor_from_data(tensor["data"], shape)
-    return InferRequest(images, request_id or uuid.uuid4().hex, _requested_outputs(payload))
+    return InferRequest(images, uuid.uuid4().hex if request_id is None else request_id, _requested_outputs(payload))
 
 
 def infer_response(model_name: str, request_id: str, outputs: tuple[str, ...], logits: torch.Tensor,
-                   choice: Choice, fell_back: bool, batch_size: int, queue_ms: float, executor_ms: float) -> dict:
+                   choice: ChainKey, fell_back: bool, batch_size: int, queue_ms: float, executor_ms: float) -> dict:
     """An OIP inference response; ``parameters`` says how the batch holding this request ran."""
     batch, classes = logits.shape
     tensors = {
@@ -195,8 +209,10 @@ def infer_response(model_name: str, request_id: str, outputs: tuple[str, ...], l
     }
     parameters = {"mode": choice.mode, "choice": choice.label, "fell_back": fell_back, "batch_size": batch_size,
                   "queue_ms": round(queue_ms, 3), "executor_ms": round(executor_ms, 3)}
-    if choice.cr is not None:  # OIP parameter values cannot be null
-        parameters["cr"] = choice.cr
+    if choice.mode == "prism":  # OIP parameter values cannot be null
+        parameters["segments"] = choice.segments
+        if choice.cr is not None:
+            parameters["cr"] = choice.cr
     return {"model_name": model_name, "id": request_id, "parameters": parameters,
             "outputs": [tensors[name] for name in outputs]}
 

@@ -1,4 +1,4 @@
-from .loader import OnnxRuntimeBackend
+from .backend import OnnxRuntimeBackend
 from .runner import OnnxRuntimeRunner
 
 __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner"]

@@ -19,19 +19,11 @@ from ..base import BuildOptions, Runner, TensorSpec
 class OnnxRuntimeRunner(Runner):
     def __init__(self, path: Path, backend, inputs: list[TensorSpec], outputs: list[TensorSpec],
                  options: BuildOptions):
-        super().__init__(f"onnxruntime:{path.name}")
+        super().__init__(f"onnxruntime:{path.name}", inputs, outputs)
         self.path, self.backend, self.options = path, backend, options
-        self._inputs = {t.name: t for t in inputs}
-        self._outputs = {t.name: t for t in outputs}
         self.session = None
         self._binding = None
         self._buffers: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
-
-    def input_metadata(self) -> dict[str, TensorSpec]:
-        return dict(self._inputs)
-
-    def output_metadata(self) -> dict[str, TensorSpec]:
-        return dict(self._outputs)
 
     def activate_impl(self) -> None:
         import onnxruntime as ort

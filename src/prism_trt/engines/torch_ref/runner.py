@@ -15,16 +15,8 @@ class TorchRunner(Runner):
 
     def __init__(self, name: str, module: nn.Module, inputs: list[TensorSpec], outputs: list[TensorSpec],
                  device: str = "cpu"):
-        super().__init__(f"torch:{name}")
+        super().__init__(f"torch:{name}", inputs, outputs)
         self.module, self.device = module, torch.device(device)
-        self._inputs = {t.name: t for t in inputs}
-        self._outputs = {t.name: t for t in outputs}
-
-    def input_metadata(self) -> dict[str, TensorSpec]:
-        return dict(self._inputs)
-
-    def output_metadata(self) -> dict[str, TensorSpec]:
-        return dict(self._outputs)
 
     def activate_impl(self) -> None:
         self.module = self.module.to(self.device).eval()

@@ -4,7 +4,7 @@ Needs ``pip install .[trt]`` (tensorrt>=10, pycuda) and an NVIDIA GPU; importing
 does not, so the rest of prism-trt works (and can report what is missing) without them.
 """
 
-from .loader import EngineBuildError, TensorRTBackend
+from .backend import EngineBuildError, TensorRTBackend
 from .runner import TensorRTRunner
 
 __all__ = ["EngineBuildError", "TensorRTBackend", "TensorRTRunner"]

@@ -164,23 +164,15 @@ class TensorRTRunner(Runner):
 
     def __init__(self, engine_path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device_id: int = 0,
                  name: str | None = None):
-        super().__init__(name or f"tensorrt:{Path(engine_path).name}")
+        super().__init__(name or f"tensorrt:{Path(engine_path).name}", inputs, outputs)
         self.engine_path = Path(engine_path)
         self.device_id = device_id
-        self._inputs = {spec.name: spec for spec in inputs}
-        self._outputs = {spec.name: spec for spec in outputs}
         self._batch_axes = {name: spec.shape.index(BATCH_AXIS) for name, spec in self._inputs.items()
                             if BATCH_AXIS in spec.shape}
         self.min_batch = self.max_batch = 1  # read from the engine's optimization profile on activate
         self._pycuda: PrimaryContext | None = None
         self._host: dict[str, np.ndarray] = {}  # page-locked staging buffers, host path only
         self._device: dict[str, Any] = {}  # pycuda device buffers, host path only
-
-    def input_metadata(self) -> dict[str, TensorSpec]:
-        return dict(self._inputs)
-
-    def output_metadata(self) -> dict[str, TensorSpec]:
-        return dict(self._outputs)
 
     # -- life cycle -----------------------------------------------------------------------------
     def activate_impl(self) -> None:

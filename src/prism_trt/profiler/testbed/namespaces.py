@@ -1,4 +1,4 @@
-"""Namespace plumbing for the testbed: rates, tc parameters, capability checks, namespaces, state files."""
+"""Namespace plumbing for the testbed: commands, capability checks, namespaces, subnets, state files."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import itertools
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+
+from ...errors import PrismError
 
 log = logging.getLogger(__name__)
 
@@ -19,97 +20,26 @@ TESTBED_PREFIX = "prism-tb-"
 #: Addresses are 10.77.X.(rank + 1)/24 with X in 1..254 picked per testbed.
 SUBNET_BASE = "10.77"
 MAX_RANKS = 253
-THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
-                   "VECLIB_MAXIMUM_THREADS")
-# Interface names are at most 15 bytes: NAME (<= 10) + "-r" + rank (<= 3 digits).
-_NAME_PATTERN = re.compile(r"^[a-z0-9]{1,10}$")
-_RESERVED_NAMES = {"probe"}
-_COMMAND_TIMEOUT_S = 20.0
+#: How long one ip/tc command (or a namespace process's start) may take.
+COMMAND_TIMEOUT_S = 20.0
 _instance_counter = itertools.count()
 _netem_cache: bool | None = None
 _support_cache: tuple[bool, str] | None = None
 
 
-class TestbedError(RuntimeError):
+class TestbedError(PrismError, RuntimeError):
     """A testbed could not be built, changed, measured or removed; the message says what to do."""
 
     __test__ = False  # not a pytest test class despite the name
 
 
-# ---------------------------------------------------------------- parsing
+def next_instance() -> int:
+    """A number unique within this process, for names of probe namespaces and unnamed testbeds."""
+    return next(_instance_counter)
 
 
-_RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
-_DELAY_UNITS = {"us": 1e-6, "usec": 1e-6, "ms": 1e-3, "msec": 1e-3, "s": 1.0, "sec": 1.0}
-
-
-def parse_rate(rate: str | int | float) -> int:
-    """A rate in bit/s from "900mbit", "1gbit", "500kbit", "1.5gbit" or a plain number meaning Mbit/s.
-
-    Units are SI (kbit = 1000 bit), as in tc. Byte-based spellings ("mbps", "MB") are refused because tc
-    reads "mbps" as megaBYTES per second while most people mean megabits.
-    """
-    if isinstance(rate, bool):
-        raise TestbedError(f"expected a rate such as '900mbit' or a number of Mbit/s, found {rate!r}")
-    if isinstance(rate, (int, float)):
-        bits = float(rate) * 10**6
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(rate))
-        unit = match.group(2).lower() if match else ""
-        if not match or (unit and unit not in _RATE_UNITS):
-            raise TestbedError(f"expected a rate such as '900mbit', '1gbit', '500kbit' or a number of Mbit/s, "
-                               f"found {rate!r} (units: {', '.join(_RATE_UNITS)}; byte units like 'mbps' are "
-                               "ambiguous in tc and not accepted)")
-        bits = float(match.group(1)) * (_RATE_UNITS[unit] if unit else 10**6)
-    if not 8_000 <= bits <= 100 * 10**9:
-        raise TestbedError(f"expected a rate between 8kbit and 100gbit, found {rate!r} ({bits:.0f} bit/s)")
-    return int(round(bits))
-
-
-def format_rate(bits_per_s: int) -> str:
-    """The shortest exact spelling of a rate: 900000000 -> '900mbit'."""
-    for unit in ("tbit", "gbit", "mbit", "kbit"):
-        scale = _RATE_UNITS[unit]
-        if bits_per_s % scale == 0:
-            return f"{bits_per_s // scale}{unit}"
-    return f"{bits_per_s}bit"
-
-
-def parse_delay(delay: str | int | float) -> float:
-    """A one-way delay in seconds from "2ms", "500us", "0.1s" or a plain number meaning milliseconds."""
-    if isinstance(delay, bool):
-        raise TestbedError(f"expected a delay such as '2ms', found {delay!r}")
-    if isinstance(delay, (int, float)):
-        seconds = float(delay) * 1e-3
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(delay))
-        unit = match.group(2).lower() if match else ""
-        if not match or (unit and unit not in _DELAY_UNITS):
-            raise TestbedError(f"expected a delay such as '2ms', '500us', '0.1s' or a number of ms, found {delay!r}")
-        seconds = float(match.group(1)) * (_DELAY_UNITS[unit] if unit else 1e-3)
-    if not 0 <= seconds <= 10:
-        raise TestbedError(f"expected a delay between 0 and 10 s, found {delay!r}")
-    return seconds
-
-
-def tbf_parameters(bits_per_s: int, mtu: int = 1500) -> dict[str, int]:
-    """Burst and queue limit (bytes) for a tbf at this rate.
-
-    The bucket holds 5 ms of traffic (at least two full frames) so the shaper does not throttle below the
-    rate on coarse timers, yet stays small next to any transfer worth measuring. The queue holds 50 ms
-    more, about what an edge switch buffers, so TCP sees drops instead of seconds of bufferbloat.
-    """
-    bytes_per_s = bits_per_s / 8
-    burst = max(2 * (mtu + 14), int(bytes_per_s * 0.005))
-    limit = burst + max(2 * (mtu + 14), int(bytes_per_s * 0.050))
-    return {"burst": burst, "limit": limit}
-
-
-# ---------------------------------------------------------------- system helpers
-
-
-def _run(argv: Sequence[str], *, check: bool = True, timeout: float = _COMMAND_TIMEOUT_S,
-         input_text: str | None = None) -> subprocess.CompletedProcess:
+def run_command(argv: Sequence[str], *, check: bool = True, timeout: float = COMMAND_TIMEOUT_S,
+                input_text: str | None = None) -> subprocess.CompletedProcess:
     """Run a command without a shell; on failure raise with the command line and its stderr."""
     try:
         result = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, input=input_text)
@@ -157,7 +87,8 @@ def root_available() -> tuple[bool, str]:
     return True, "root and ip/tc/taskset available"
 
 
-def _require_root() -> None:
+def require_root() -> None:
+    """Raise unless :func:`testbed_support` says a testbed can be built here."""
     ok, reason = testbed_support()
     if not ok:
         raise TestbedError(f"cannot build a network testbed: {reason}")
@@ -165,7 +96,7 @@ def _require_root() -> None:
 
 def list_namespaces() -> list[str]:
     """Names of all network namespaces under /run/netns (only read; used to find testbed ones)."""
-    result = _run(["ip", "-j", "netns", "list"], check=False)
+    result = run_command(["ip", "-j", "netns", "list"], check=False)
     if result.returncode != 0:
         raise TestbedError(f"`ip -j netns list` failed: {result.stderr.strip()}")
     text = result.stdout.strip()
@@ -174,9 +105,9 @@ def list_namespaces() -> list[str]:
     return [entry["name"] for entry in json.loads(text)]
 
 
-def _delete_namespace(namespace: str) -> bool:
+def delete_namespace(namespace: str) -> bool:
     """Delete one namespace; a missing one is fine (down must tolerate partial state)."""
-    result = _run(["ip", "netns", "delete", namespace], check=False)
+    result = run_command(["ip", "netns", "delete", namespace], check=False)
     if result.returncode == 0:
         return True
     if namespace not in list_namespaces():
@@ -190,14 +121,14 @@ def _probe_namespace() -> tuple[bool, str, bool]:
     Returns (namespaces and tbf work, why not, netem works). Tools and privileges are not enough:
     a container may grant CAP_NET_ADMIN yet forbid mounting /run/netns, or lack the veth module.
     """
-    namespace = f"{TESTBED_PREFIX}probe-{os.getpid()}-{next(_instance_counter)}"
+    namespace = f"{TESTBED_PREFIX}probe-{os.getpid()}-{next_instance()}"
     try:
-        _run(["ip", "netns", "add", namespace])
-        _run(["ip", "-n", namespace, "link", "add", "probe0", "type", "veth", "peer", "name", "probe1"])
-        _run(["tc", "-n", namespace, "qdisc", "add", "dev", "probe0", "root", "tbf", "rate", "1mbit",
-              "burst", "32kbit", "latency", "50ms"])
-        netem = _run(["tc", "-n", namespace, "qdisc", "add", "dev", "probe1", "root", "netem", "delay", "1ms"],
-                     check=False)
+        run_command(["ip", "netns", "add", namespace])
+        run_command(["ip", "-n", namespace, "link", "add", "probe0", "type", "veth", "peer", "name", "probe1"])
+        run_command(["tc", "-n", namespace, "qdisc", "add", "dev", "probe0", "root", "tbf", "rate", "1mbit",
+                     "burst", "32kbit", "latency", "50ms"])
+        netem = run_command(["tc", "-n", namespace, "qdisc", "add", "dev", "probe1", "root", "netem", "delay",
+                             "1ms"], check=False)
         if netem.returncode != 0:
             log.info("netem is not available: %s", netem.stderr.strip())
         return True, "", netem.returncode == 0
@@ -205,7 +136,7 @@ def _probe_namespace() -> tuple[bool, str, bool]:
         return False, f"network namespaces with veth and tc tbf do not work here ({error})", False
     finally:
         try:
-            _delete_namespace(namespace)
+            delete_namespace(namespace)
         except TestbedError as error:  # the probe namespace may never have been created
             log.info("probe namespace %s: %s", namespace, error)
 
@@ -256,9 +187,9 @@ def cleanup_stale(prefix: str = TESTBED_PREFIX) -> list[str]:
     if not prefix.startswith(TESTBED_PREFIX):
         raise TestbedError(f"expected a prefix starting with {TESTBED_PREFIX!r}, found {prefix!r}; "
                            "only testbed namespaces may be cleaned up")
-    _require_root()
+    require_root()
     deleted = [namespace for namespace in list_namespaces()
-               if namespace.startswith(prefix) and _delete_namespace(namespace)]
+               if namespace.startswith(prefix) and delete_namespace(namespace)]
     directory = state_dir()
     if directory.is_dir():
         for path in directory.glob("testbed-*.json"):
@@ -268,7 +199,7 @@ def cleanup_stale(prefix: str = TESTBED_PREFIX) -> list[str]:
     return deleted
 
 
-def _used_subnets(exclude_name: str) -> set[int]:
+def used_subnets(exclude_name: str) -> set[int]:
     """Third octets already used by other testbeds (read from their rank-0 namespaces)."""
     used = set()
     for namespace in list_namespaces():
@@ -276,7 +207,7 @@ def _used_subnets(exclude_name: str) -> set[int]:
             continue
         if namespace == f"{TESTBED_PREFIX}{exclude_name}-r0":
             continue
-        result = _run(["ip", "-n", namespace, "-j", "-4", "addr", "show"], check=False)
+        result = run_command(["ip", "-n", namespace, "-j", "-4", "addr", "show"], check=False)
         if result.returncode != 0 or not result.stdout.strip():
             continue
         for link in json.loads(result.stdout):
@@ -285,6 +216,3 @@ def _used_subnets(exclude_name: str) -> set[int]:
                 if len(parts) == 4 and ".".join(parts[:2]) == SUBNET_BASE:
                     used.add(int(parts[2]))
     return used
-
-
-# ---------------------------------------------------------------- the testbed

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..runtime.api import Choice
-from . import perfmap
+from ...engines.chain_key import ChainKey
+from ...engines.perfmap import PerfMap, PerfPoint
+from ...errors import PrismError, UsageError
+from ...runtime.api import Executor
 from .latency_model import LatencyModel
+
+
+class NoCandidate(PrismError, ValueError):
+    """Nothing in the map may be chosen for the batch (none measured, or every one rejected)."""
 
 
 @dataclass
 class Candidate:
-    choice: Choice
+    choice: ChainKey
     per_sample_ms: float | None
     energy_per_sample_j: float | None
     source: str  # "measured" or "model"
@@ -25,7 +31,7 @@ class Candidate:
 
 @dataclass
 class Decision:
-    choice: Choice
+    choice: ChainKey
     objective: str
     best: Candidate
     candidates: list[Candidate] = field(default_factory=list)
@@ -46,46 +52,33 @@ class Decision:
 class MapSelector:
     """Implements the runtime's Selector interface (``choose(batch)``) from a performance map."""
 
-    def __init__(self, data: dict, objective: str = "latency", min_agreement: float = 0.99,
+    def __init__(self, data: PerfMap, objective: str = "latency", min_agreement: float = 0.99,
                  bandwidth: float | None = None):
         if objective not in ("latency", "energy"):
-            raise ValueError(f"objective must be latency or energy, got {objective!r}")
+            raise UsageError(f"objective must be latency or energy, got {objective!r}")
         self.data, self.objective, self.min_agreement, self.bandwidth = data, objective, min_agreement, bandwidth
-        self.model = LatencyModel.fit(data["points"])
-        self.ranks = data["metadata"]["ranks"]
+        self.model = LatencyModel.fit(data.points)
 
-    def agreement(self, cr: float) -> float | None:
-        for entry in self.data["accuracy"]:
-            if entry["ranks"] == self.ranks and abs(entry["cr"] - cr) < 1e-3 * cr:
-                return entry["agreement"]
-        return None
+    def _nearest(self, key: ChainKey, bandwidth: float | None) -> PerfPoint:
+        same = [p for p in self.data.points if p.key == key]
+        return min(same, key=lambda p: (abs((p.bandwidth_mbit or 0) - (bandwidth or 0)), p.batch))
 
-    def _chains(self) -> list[Choice]:
-        seen = {}
-        for point in self.data["points"]:
-            choice = Choice(point["mode"], point.get("cr") if point["mode"] == "prism" else None)
-            seen[choice.label] = choice
-        return list(seen.values())
-
-    def _nearest(self, choice: Choice, bandwidth: float | None) -> dict:
-        same = [p for p in self.data["points"] if p["mode"] == choice.mode and
-                (choice.mode != "prism" or abs(p["cr"] - choice.cr) < 1e-6)]
-        return min(same, key=lambda p: (abs((p.get("bandwidth_mbit") or 0) - (bandwidth or 0)), p["batch"]))
-
-    def candidate(self, choice: Choice, batch: int, bandwidth: float | None) -> Candidate:
-        hit = perfmap.find_point(self.data, choice.mode, choice.cr, batch, bandwidth)
+    def candidate(self, key: ChainKey, batch: int, bandwidth: float | None) -> Candidate:
+        hit = self.data.find(key, batch, bandwidth)
         if hit is not None:
-            return Candidate(choice, hit["latency"]["per_sample_ms"], hit.get("energy_per_sample_j"), "measured")
-        predicted = self.model.predict_point(self._nearest(choice, bandwidth), bandwidth, batch)
-        return Candidate(choice, predicted["total"] / batch, None, "model")
+            return Candidate(key, hit.latency["per_sample_ms"], hit.energy_per_sample_j, "measured")
+        predicted = self.model.predict_point(self._nearest(key, bandwidth), bandwidth, batch)
+        return Candidate(key, predicted["total"] / batch, None, "model")
 
     def decide(self, batch: int, bandwidth: float | None = None) -> Decision:
         bandwidth = self.bandwidth if bandwidth is None else bandwidth
         candidates = []
-        for choice in self._chains():
+        if not self.data.points:
+            raise NoCandidate("the performance map has no measured points; run `prism-trt profile` to fill it")
+        for choice in self.data.chains():
             candidate = self.candidate(choice, batch, bandwidth)
             if choice.mode == "prism":
-                agreement = self.agreement(choice.cr)
+                agreement = self.data.agreement(choice)
                 if agreement is None and self.min_agreement > 0:
                     candidate.rejected = "agreement with the local model was not measured"
                 elif agreement is not None and agreement < self.min_agreement:
@@ -95,22 +88,28 @@ class MapSelector:
             candidates.append(candidate)
         eligible = [c for c in candidates if not c.rejected]
         if not eligible:
-            raise ValueError("no candidate qualifies: " + "; ".join(f"{c.choice.label}: {c.rejected}"
+            raise NoCandidate("no candidate qualifies: " + "; ".join(f"{c.choice.label}: {c.rejected}"
                                                                    for c in candidates))
         key = (lambda c: c.per_sample_ms) if self.objective == "latency" else (lambda c: c.energy_per_sample_j)
         best = min(eligible, key=key)
         return Decision(best.choice, self.objective, best, candidates)
 
-    def choose(self, batch: int) -> Choice:
+    def choose(self, batch: int) -> ChainKey:
         return self.decide(batch).choice
 
 
 class LiveSelector:
-    """The server's ``--mode auto``: a MapSelector fed the executor's current bandwidth estimate."""
+    """The server's ``--mode auto``: a MapSelector fed the executor's current bandwidth estimate.
 
-    def __init__(self, selector: MapSelector, executor):
+    Every chain the map may choose must be loaded by the executor: checked here, at start-up,
+    rather than failing every batch later."""
+
+    def __init__(self, selector: MapSelector, executor: Executor):
         self.selector, self.executor = selector, executor
+        missing = [key.label for key in selector.data.chains() if key not in executor.chains()]
+        if missing:
+            raise UsageError(f"the performance map measured chains these engines do not hold: {', '.join(missing)}")
 
-    def choose(self, batch: int) -> Choice:
-        bandwidth = getattr(self.executor, "bandwidth_mbit", None) or self.selector.bandwidth
+    def choose(self, batch: int) -> ChainKey:
+        bandwidth = self.executor.bandwidth_mbit or self.selector.bandwidth
         return self.selector.decide(batch, bandwidth).choice

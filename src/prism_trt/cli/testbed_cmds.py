@@ -1,7 +1,8 @@
 """`prism-trt testbed ...`: build, reshape, inspect and remove a shaped multi-namespace network on one host.
 
-The lead CLI registers it with ``main.add_command(testbed)``. State lives in a small JSON file per testbed
-(see ``testbed.state_dir``) so that `up`, `set-bandwidth`, `status` and `down` can run as separate commands.
+``prism_trt.cli`` registers it with ``main.add_command(testbed)``. State lives in a small JSON file per
+testbed (see ``prism_trt.profiler.testbed.state_dir``) so that `up`, `set-bandwidth`, `status` and `down`
+can run as separate commands.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from .testbed import (
+from ..profiler.testbed import (
     TESTBED_PREFIX,
     Testbed,
     TestbedError,
@@ -22,6 +23,7 @@ from .testbed import (
     list_namespaces,
     netem_available,
     root_available,
+    state_dir,
     state_path,
 )
 
@@ -159,8 +161,6 @@ def set_bandwidth(name, rate):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(name, measure, as_json):
     """Show a testbed (addresses, cores, rates, qdiscs present) or list them all."""
-    from .testbed import state_dir
-
     names = [name] if name else sorted(path.stem.removeprefix("testbed-")
                                        for path in state_dir().glob("testbed-*.json"))
     descriptions = []

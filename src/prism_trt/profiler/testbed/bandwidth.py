@@ -1,11 +1,14 @@
-"""A bounded, iperf-like TCP transfer between two testbed namespaces (receiver and sender scripts)."""
+"""A bounded, iperf-like TCP transfer between two testbed namespaces: receiver and sender scripts, and the run."""
 
 from __future__ import annotations
 
+import json
 import select
 import subprocess
+import sys
+from typing import Any
 
-from .netns import TestbedError
+from .namespaces import COMMAND_TIMEOUT_S, TestbedError
 
 
 def _read_port(process: subprocess.Popen, timeout: float) -> int:
@@ -79,3 +82,46 @@ with socket.create_connection((host, port), timeout=timeout) as connection:
         sent += len(piece)
 print(sent, flush=True)
 """
+
+
+def measure_goodput(src_namespace: str, dst_namespace: str, dst_address: str, total_bytes: int,
+                    timeout_s: float, label: str) -> dict[str, Any]:
+    """Send ``total_bytes`` over one TCP connection from ``src_namespace`` to a receiver at ``dst_address`` in
+    ``dst_namespace``; both ends stop at ``timeout_s`` and are killed if still alive at the end.
+
+    Returns the receiver's report: ``bytes`` and ``seconds`` of the whole transfer, ``timed_bytes`` and
+    ``timed_seconds`` without its first quarter. ``label`` (e.g. '0->1') names the transfer in errors.
+    """
+    processes: list[subprocess.Popen] = []
+    try:
+        receiver = subprocess.Popen(
+            ["ip", "netns", "exec", dst_namespace, sys.executable, "-I", "-c", _RECEIVER,
+             dst_address, str(total_bytes), str(timeout_s)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        processes.append(receiver)
+        port = _read_port(receiver, timeout=COMMAND_TIMEOUT_S)
+        sender = subprocess.Popen(
+            ["ip", "netns", "exec", src_namespace, sys.executable, "-I", "-c", _SENDER,
+             dst_address, str(port), str(total_bytes), str(timeout_s)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        processes.append(sender)
+        grace = timeout_s + COMMAND_TIMEOUT_S
+        sender_out, sender_err = sender.communicate(timeout=grace)
+        receiver_out, receiver_err = receiver.communicate(timeout=grace)
+    except subprocess.TimeoutExpired:
+        raise TestbedError(f"bandwidth measurement {label} outlived its {timeout_s} s bound "
+                           "plus grace; both ends were killed") from None
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    if sender.returncode != 0 or receiver.returncode != 0:
+        raise TestbedError(f"bandwidth measurement {label} failed: sender exit "
+                           f"{sender.returncode} ({sender_err.strip()}), receiver exit {receiver.returncode} "
+                           f"({receiver_err.strip()})")
+    report = json.loads(receiver_out.strip().splitlines()[-1])
+    if report["bytes"] < 64 * 1024 or report["timed_seconds"] <= 0:
+        raise TestbedError(f"bandwidth measurement {label} moved only {report['bytes']} bytes "
+                           f"in {report['seconds']:.3f} s; the link may be down (sender said: {sender_out})")
+    return report

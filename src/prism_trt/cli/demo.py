@@ -22,18 +22,17 @@ import click
 import httpx
 import torch
 
-from .data import MnistTestSet, data_dir
-from .engines import BuildOptions, get_backend
-from .export.build import Builder, config_plans
-from .model import load_model
-from .profiler.calibration import calibrate
-from .profiler.latency_model import leave_one_out
-from .profiler.plots import plot_all
-from .profiler.selector import MapSelector
-from .profiler.sweep import Launcher, SweepPlan, profile
-from .report import format_table
-from .runtime.group import free_port
-from .serve.client import wait_until_ready
+from ..data import MnistTestSet, data_dir
+from ..engines import BuildOptions, get_backend
+from ..export.build import Builder, config_plans
+from ..model import load_model
+from ..profiler.adaptive import MapSelector, leave_one_out
+from ..profiler.adaptive.plots import plot_all
+from ..profiler.calibration import calibrate
+from ..profiler.sweep import Launcher, SweepPlan, profile
+from ..report import format_table
+from ..runtime.group import ClusterError, free_port
+from ..serve.client import wait_until_ready
 
 CRS = (9.9, 4.95)
 
@@ -74,7 +73,7 @@ def _pick_model():
 def _testbed_or_loopback():
     """A 2-board testbed where this machine can build one (tools, privileges and a probe namespace
     that really works), else plain loopback; either way it says which and why."""
-    from .profiler.testbed import Testbed, TestbedError, testbed_support
+    from ..profiler.testbed import Testbed, TestbedError, testbed_support
 
     ok, why = testbed_support()
     testbed = None
@@ -110,7 +109,7 @@ def _serve(engines: Path, perfmap: Path, min_agreement: float) -> tuple[list[sub
     if wait_until_ready(url, ranks):
         return ranks, url
     _stop(ranks)
-    raise RuntimeError(f"the server did not become ready; see {perfmap.parent / 'serve.log'}")
+    raise ClusterError(f"the server did not become ready; see {perfmap.parent / 'serve.log'}")
 
 
 def _stop(processes: list[subprocess.Popen]) -> None:
@@ -174,18 +173,18 @@ def run_demo(settings: DemoSettings) -> dict:
     step("2/6 calibrate: agreement of each CR with the local model")
     accuracy = calibrate(engines, mnist, samples=500 if settings.quick else 1000)
     for entry in accuracy:
-        click.echo(f"  {entry['mode']} CR {entry['cr']:.3g}: agreement {entry['agreement']:.4f}"
-                   + (f", accuracy {entry['accuracy']:.4f}" if entry["accuracy"] is not None else ""))
+        click.echo(f"  {entry.key.label}: agreement {entry.agreement:.4f}"
+                   + (f", accuracy {entry.accuracy:.4f}" if entry.accuracy is not None else ""))
     perfmap_path = out / "perfmap.json"
     with _testbed_or_loopback() as testbed:
         bandwidths = settings.bandwidths if testbed is not None else [None]
-        plan = SweepPlan(settings.batches, list(CRS), bandwidths, warmup=1, repeat=settings.repeat)
-        step(f"3/6 profile: batches {plan.batches} x CRs {list(CRS)} x bandwidths "
+        plan = SweepPlan.for_build(engines, settings.batches, list(CRS), bandwidths, warmup=1, repeat=settings.repeat)
+        step(f"3/6 profile: batches {plan.batches} x {[k.label for k in plan.prism]} x bandwidths "
              f"{[b or 'loopback' for b in bandwidths]}, {plan.total_passes()} inference passes")
         data = profile(engines, perfmap_path, plan, _launcher(testbed), threads=1, timeout=60, progress=True,
                        accuracy=accuracy)
     step("4/6 fit the latency model and plot")
-    fit = leave_one_out(data["points"])
+    fit = leave_one_out(data.points)
     # Random weights make the CRs lossy at random: allow what the calibration measured so the demo
     # shows distributed modes; with the real checkpoint the default floor applies.
     min_agreement = 0.99 if mnist is not None else 0.0
@@ -200,9 +199,9 @@ def run_demo(settings: DemoSettings) -> dict:
         _stop(processes)
     step("6/6 summary")
     summary = {"model": spec.name, "weights": "MNIST checkpoint" if mnist else "random (timm)",
-               "network": "testbed" if data["metadata"]["hardware"]["network"].startswith("testbed") else "loopback",
+               "network": "testbed" if data.metadata["hardware"]["network"].startswith("testbed") else "loopback",
                "served": served, "model_total_mape_percent": fit["total"]["mape_percent"],
-               "points": len(data["points"]), "plots": [str(p) for p in plots], "perfmap": str(perfmap_path),
+               "points": len(data.points), "plots": [str(p) for p in plots], "perfmap": str(perfmap_path),
                "engines": str(engines), "fallbacks": "prism_fallbacks_total 0" not in metrics}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     rows = [[label, count] for label, count in sorted(served["modes"].items())]
@@ -210,11 +209,11 @@ def run_demo(settings: DemoSettings) -> dict:
     click.echo(f"requests: {served['images']} images answered, {served['agree_with_local']} agree with the local "
                f"model" + (f", {served['correct']} correct (local model: {served['local_correct']})"
                             if served["correct"] is not None else " (random weights: no accuracy)"))
-    local_rows = [p for p in data["points"] if p["mode"] != "local"]
-    best = min(local_rows, key=lambda p: p["latency"]["per_sample_ms"])
-    breakdown = best["per_rank"][0]
-    click.echo(f"fastest distributed point: {best['mode']} CR {best['cr']} batch {best['batch']} at "
-               f"{best['bandwidth_mbit'] or 'loopback'} Mbit/s: {best['latency']['per_sample_ms']:.1f} ms/sample "
+    distributed = [p for p in data.points if p.mode != "local"]
+    best = min(distributed, key=lambda p: p.latency["per_sample_ms"])
+    breakdown = best.per_rank[0]
+    click.echo(f"fastest distributed point: {best.key.label} batch {best.batch} at "
+               f"{best.bandwidth_mbit or 'loopback'} Mbit/s: {best.latency['per_sample_ms']:.1f} ms/sample "
                f"(compute {breakdown['compute']:.1f}, staging {breakdown['d2h'] + breakdown['h2d']:.1f}, "
                f"wait {breakdown['wait'] or 0:.1f}, comm {breakdown['comm']:.1f} ms)")
     click.echo(f"files: engines {engines}, map {perfmap_path}, plots {out / 'plots'}, summary {out / 'summary.json'}")
@@ -230,6 +229,8 @@ def main_demo(out: Path, quick: bool) -> int:
         return 130
     click.echo(f"demo finished in {time.monotonic() - started:.0f} s")
     return 0
+
+
 
 
 if __name__ == "__main__":

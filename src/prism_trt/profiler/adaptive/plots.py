@@ -10,38 +10,39 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ...engines.perfmap import PerfMap, PerfPoint  # noqa: E402
+
 PHASES = ("compute", "d2h", "h2d", "wait", "comm", "other")
 
 
-def _label(point: dict) -> str:
-    return f"prism CR {point['cr']:g}" if point["mode"] == "prism" else point["mode"]
+def _label(point: PerfPoint) -> str:
+    return f"prism CR {point.key.cr:.3g}" if point.mode == "prism" else point.mode
 
 
-def _bandwidths(data: dict) -> list:
-    return sorted({p["bandwidth_mbit"] for p in data["points"] if p["mode"] != "local"},
-                  key=lambda b: (b is None, b or 0))
+def _bandwidths(data: PerfMap) -> list:
+    return sorted({p.bandwidth_mbit for p in data.points if p.mode != "local"}, key=lambda b: (b is None, b or 0))
 
 
-def _series(data: dict, bandwidth) -> dict[str, list[dict]]:
-    series: dict[str, list[dict]] = {}
-    for point in data["points"]:
-        if point["mode"] == "local" or point["bandwidth_mbit"] == bandwidth:
+def _series(data: PerfMap, bandwidth) -> dict[str, list[PerfPoint]]:
+    series: dict[str, list[PerfPoint]] = {}
+    for point in data.points:
+        if point.mode == "local" or point.bandwidth_mbit == bandwidth:
             series.setdefault(_label(point), []).append(point)
-    return {k: sorted(v, key=lambda p: p["batch"]) for k, v in series.items()}
+    return {k: sorted(v, key=lambda p: p.batch) for k, v in series.items()}
 
 
-def breakdown(data: dict, bandwidth, path: Path) -> None:
+def breakdown(data: PerfMap, bandwidth, path: Path) -> None:
     """Fig. 4a: rank 0's latency breakdown, stacked, per batch for each mode."""
     series = _series(data, bandwidth)
-    batches = sorted({p["batch"] for points in series.values() for p in points})
+    batches = sorted({p.batch for points in series.values() for p in points})
     fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(batches)), 4))
     width = 0.8 / len(series)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for s, (label, points) in enumerate(series.items()):
-        by_batch = {p["batch"]: p for p in points}
+        by_batch = {p.batch: p for p in points}
         bottom = np.zeros(len(batches))
         for k, phase in enumerate(PHASES):
-            values = np.array([(by_batch[b]["per_rank"][0][phase] or 0.0) if b in by_batch else 0.0 for b in batches])
+            values = np.array([(by_batch[b].per_rank[0][phase] or 0.0) if b in by_batch else 0.0 for b in batches])
             ax.bar(np.arange(len(batches)) + s * width, values, width, bottom=bottom, color=colors[k % len(colors)],
                    label=phase if s == 0 else None, edgecolor="white", linewidth=0.3)
             bottom += values
@@ -57,15 +58,15 @@ def breakdown(data: dict, bandwidth, path: Path) -> None:
     plt.close(fig)
 
 
-def per_sample(data: dict, bandwidth, path: Path) -> None:
+def per_sample(data: PerfMap, bandwidth, path: Path) -> None:
     """Fig. 5: per-sample latency and energy vs batch."""
     series = _series(data, bandwidth)
     fig, (lat, energy) = plt.subplots(1, 2, figsize=(10, 3.8))
     for label, points in series.items():
-        lat.plot([p["batch"] for p in points], [p["latency"]["per_sample_ms"] for p in points], marker="o", label=label)
-        joules = [p.get("energy_per_sample_j") for p in points]
+        lat.plot([p.batch for p in points], [p.latency["per_sample_ms"] for p in points], marker="o", label=label)
+        joules = [p.energy_per_sample_j for p in points]
         if any(j is not None for j in joules):
-            energy.plot([p["batch"] for p, j in zip(points, joules) if j is not None], [j for j in joules if j is not None],
+            energy.plot([p.batch for p, j in zip(points, joules) if j is not None], [j for j in joules if j is not None],
                         marker="o", label=label)
     lat.set(xlabel="batch", ylabel="ms / sample", xscale="log", title="per-sample latency")
     energy.set(xlabel="batch", ylabel="J / sample", xscale="log", title="per-sample energy")
@@ -78,20 +79,20 @@ def per_sample(data: dict, bandwidth, path: Path) -> None:
     plt.close(fig)
 
 
-def vs_bandwidth(data: dict, batch: int, path: Path) -> None:
+def vs_bandwidth(data: PerfMap, batch: int, path: Path) -> None:
     """Fig. 6: latency vs bandwidth at a fixed batch (local as a flat line)."""
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    local = [p for p in data["points"] if p["mode"] == "local" and p["batch"] == batch]
+    local = [p for p in data.points if p.mode == "local" and p.batch == batch]
     shaped = [b for b in _bandwidths(data) if b is not None]
-    labels = sorted({_label(p) for p in data["points"] if p["mode"] != "local"})
+    labels = sorted({_label(p) for p in data.points if p.mode != "local"})
     for label in labels:
-        points = sorted([p for p in data["points"] if _label(p) == label and p["batch"] == batch and
-                         p["bandwidth_mbit"] is not None], key=lambda p: p["bandwidth_mbit"])
+        points = sorted([p for p in data.points if _label(p) == label and p.batch == batch and
+                         p.bandwidth_mbit is not None], key=lambda p: p.bandwidth_mbit)
         if points:
-            ax.plot([p["bandwidth_mbit"] for p in points], [p["latency"]["mean_ms"] for p in points], marker="o",
+            ax.plot([p.bandwidth_mbit for p in points], [p.latency["mean_ms"] for p in points], marker="o",
                     label=label)
     if local and shaped:
-        ax.hlines(local[0]["latency"]["mean_ms"], min(shaped), max(shaped), colors="black", linestyles="--",
+        ax.hlines(local[0].latency["mean_ms"], min(shaped), max(shaped), colors="black", linestyles="--",
                   label="local")
     ax.set(xlabel="bandwidth (Mbit/s)", ylabel="latency (ms)", title=f"latency vs bandwidth, batch {batch}")
     ax.legend(fontsize=7)
@@ -123,7 +124,7 @@ def decision_map(selector, batches: list[int], bandwidths: list[float], path: Pa
     plt.close(fig)
 
 
-def plot_all(data: dict, out: Path, selector=None) -> list[Path]:
+def plot_all(data: PerfMap, out: Path, selector=None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     bandwidths = _bandwidths(data) or [None]
@@ -133,7 +134,7 @@ def plot_all(data: dict, out: Path, selector=None) -> list[Path]:
             path = out / f"{name}_{tag}.png"
             fn(data, bandwidth, path)
             written.append(path)
-    batches = sorted({p["batch"] for p in data["points"]})
+    batches = sorted({p.batch for p in data.points})
     if len([b for b in bandwidths if b is not None]) > 1:
         path = out / f"vs_bandwidth_b{batches[-1]}.png"
         vs_bandwidth(data, batches[-1], path)

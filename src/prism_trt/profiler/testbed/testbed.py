@@ -21,42 +21,36 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
-import sys
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .bandwidth_probe import _RECEIVER, _SENDER, _read_port
-from .netns import (
-    _COMMAND_TIMEOUT_S,
-    _NAME_PATTERN,
-    _RESERVED_NAMES,
+from .bandwidth import measure_goodput
+from .namespaces import (
     MAX_RANKS,
     SUBNET_BASE,
     TESTBED_PREFIX,
-    THREAD_ENV_VARS,
     TestbedError,
-    _delete_namespace,
-    _instance_counter,
-    _require_root,
-    _run,
-    _used_subnets,
-    cleanup_stale,
-    format_rate,
+    delete_namespace,
     list_namespaces,
     netem_available,
-    parse_delay,
-    parse_rate,
-    root_available,
-    state_dir,
+    next_instance,
+    require_root,
+    run_command,
     state_path,
-    tbf_parameters,
-    testbed_support,
+    used_subnets,
 )
+from .shaping import format_rate, parse_delay, parse_rate, shape_link, tbf_parameters
 
-__all__ = ['TESTBED_PREFIX', 'Testbed', 'TestbedError', 'cleanup_stale', 'format_rate', 'list_namespaces', 'netem_available', 'parse_delay', 'parse_rate', 'root_available', 'state_dir', 'state_path', 'tbf_parameters', 'testbed_support']
+#: Variables that size a rank's thread pools; each gets the rank's core count.
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+                   "VECLIB_MAXIMUM_THREADS")
+# Interface names are at most 15 bytes: NAME (<= 10) + "-r" + rank (<= 3 digits). "probe" is reserved for the
+# scratch namespaces of testbed_support.
+_NAME_PATTERN = re.compile(r"^[a-z0-9]{1,10}$")
+_RESERVED_NAMES = {"probe"}
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +72,7 @@ class Testbed:
         if not isinstance(cpus_per_rank, int) or cpus_per_rank < 1:
             raise TestbedError(f"expected cpus_per_rank >= 1, found {cpus_per_rank!r}")
         if name is None:
-            name = f"{os.getpid():x}n{next(_instance_counter)}"
+            name = f"{os.getpid():x}n{next_instance()}"
         if not _NAME_PATTERN.match(name) or name in _RESERVED_NAMES:
             raise TestbedError(f"expected a testbed name of 1-10 lowercase letters or digits (not "
                                f"{', '.join(sorted(_RESERVED_NAMES))}), found {name!r}; interface names are "
@@ -204,7 +198,7 @@ class Testbed:
         """Create the namespaces, veths, bridge, addresses and shaping. On any failure, remove what it made."""
         if self._is_up:
             return self
-        _require_root()
+        require_root()
         if self.cpu_note:
             log.warning(self.cpu_note)
         if self.delay_s is not None and not netem_available():
@@ -225,7 +219,7 @@ class Testbed:
         return self
 
     def _create_namespace(self, namespace: str) -> None:
-        result = _run(["ip", "netns", "add", namespace], check=False)
+        result = run_command(["ip", "netns", "add", namespace], check=False)
         if result.returncode != 0:
             exists = "exist" in result.stderr.lower() or namespace in list_namespaces()
             hint = (f"a namespace named {namespace} already exists (another testbed named {self.name!r} or a "
@@ -240,23 +234,23 @@ class Testbed:
         for rank in range(self.ranks):
             self._create_namespace(self.netns(rank))
         hub = self.hub_netns
-        _run(["ip", "-n", hub, "link", "add", self.bridge, "type", "bridge", "stp_state", "0"])
-        _run(["ip", "-n", hub, "link", "set", "dev", self.bridge, "up"])
-        _run(["ip", "-n", hub, "link", "set", "dev", "lo", "up"])
+        run_command(["ip", "-n", hub, "link", "add", self.bridge, "type", "bridge", "stp_state", "0"])
+        run_command(["ip", "-n", hub, "link", "set", "dev", self.bridge, "up"])
+        run_command(["ip", "-n", hub, "link", "set", "dev", "lo", "up"])
         for rank in range(self.ranks):
             namespace, iface, hub_iface = self.netns(rank), self.iface(rank), self.hub_iface(rank)
             # Created directly across namespaces so no interface ever appears in the root namespace.
-            _run(["ip", "-n", hub, "link", "add", hub_iface, "type", "veth", "peer", "name", iface,
-                  "netns", namespace])
-            _run(["ip", "-n", hub, "link", "set", "dev", hub_iface, "master", self.bridge, "up"])
-            _run(["ip", "-n", namespace, "link", "set", "dev", "lo", "up"])
-            _run(["ip", "-n", namespace, "addr", "add", f"{self.address(rank)}/24", "dev", iface])
-            _run(["ip", "-n", namespace, "link", "set", "dev", iface, "up"])
+            run_command(["ip", "-n", hub, "link", "add", hub_iface, "type", "veth", "peer", "name", iface,
+                         "netns", namespace])
+            run_command(["ip", "-n", hub, "link", "set", "dev", hub_iface, "master", self.bridge, "up"])
+            run_command(["ip", "-n", namespace, "link", "set", "dev", "lo", "up"])
+            run_command(["ip", "-n", namespace, "addr", "add", f"{self.address(rank)}/24", "dev", iface])
+            run_command(["ip", "-n", namespace, "link", "set", "dev", iface, "up"])
             self._shape(rank)
 
     def _pick_subnet(self) -> int:
         """A third octet no other live testbed uses; a stable start per name keeps addresses predictable."""
-        used = _used_subnets(self.name)
+        used = used_subnets(self.name)
         start = int(hashlib.sha256(self.name.encode()).hexdigest(), 16) % 254
         for offset in range(254):
             candidate = (start + offset) % 254 + 1
@@ -265,27 +259,10 @@ class Testbed:
         raise TestbedError("all 254 subnets 10.77.1-254.0/24 are in use by other testbeds; run "
                            "`prism-trt testbed down --all` to remove stale ones")
 
-    def _tbf_args(self) -> list[str]:
-        params = tbf_parameters(self.rate_bit_s)
-        return ["tbf", "rate", f"{self.rate_bit_s}bit", "burst", str(params["burst"]), "limit", str(params["limit"])]
-
     def _shape(self, rank: int) -> None:
         """Rate limit both ends of the rank's veth; delay (netem) only on the rank's own egress."""
-        hub, namespace = self.hub_netns, self.netns(rank)
-        _run(["tc", "-n", hub, "qdisc", "replace", "dev", self.hub_iface(rank), "root", "handle", "1:",
-              *self._tbf_args()])
-        if self.delay_s is None:
-            _run(["tc", "-n", namespace, "qdisc", "replace", "dev", self.iface(rank), "root", "handle", "1:",
-                  *self._tbf_args()])
-            return
-        # netem on top and tbf as its child: packets are delayed, then leave at the rate (the layout the
-        # netem documentation recommends). netem's own queue must hold a delay's worth of traffic at the rate.
-        delay_us = max(1, round(self.delay_s * 1e6))
-        netem_limit = max(1000, int(self.rate_bit_s / 8 * self.delay_s / 1000) * 4)
-        _run(["tc", "-n", namespace, "qdisc", "replace", "dev", self.iface(rank), "root", "handle", "1:",
-              "netem", "delay", f"{delay_us}us", "limit", str(netem_limit)])
-        _run(["tc", "-n", namespace, "qdisc", "replace", "dev", self.iface(rank), "parent", "1:1", "handle", "10:",
-              *self._tbf_args()])
+        shape_link(self.hub_netns, self.hub_iface(rank), self.netns(rank), self.iface(rank), self.rate_bit_s,
+                   self.delay_s)
 
     def set_bandwidth(self, rate: str | int | float) -> None:
         """Change the rate of every link in both directions while the testbed runs (tc qdisc replace)."""
@@ -315,7 +292,7 @@ class Testbed:
         deleted, errors = [], []
         for namespace in reversed(self._owned):
             try:
-                if _delete_namespace(namespace):
+                if delete_namespace(namespace):
                     deleted.append(namespace)
             except TestbedError as error:
                 errors.append(str(error))
@@ -332,7 +309,7 @@ class Testbed:
         views = {}
         for rank in range(self.ranks):
             for namespace, iface in ((self.netns(rank), self.iface(rank)), (self.hub_netns, self.hub_iface(rank))):
-                result = _run(["tc", "-n", namespace, "-j", "qdisc", "show", "dev", iface])
+                result = run_command(["tc", "-n", namespace, "-j", "qdisc", "show", "dev", iface])
                 views[f"{namespace}/{iface}"] = json.loads(result.stdout or "[]")
         return views
 
@@ -418,38 +395,8 @@ class Testbed:
         if not self._is_up:
             raise TestbedError("the testbed is not up; call up() before measure_bandwidth()")
         total = int(megabytes * 1e6)
-        processes: list[subprocess.Popen] = []
-        try:
-            receiver = subprocess.Popen(
-                ["ip", "netns", "exec", self.netns(dst_rank), sys.executable, "-I", "-c", _RECEIVER,
-                 self.address(dst_rank), str(total), str(timeout_s)],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            processes.append(receiver)
-            port = _read_port(receiver, timeout=_COMMAND_TIMEOUT_S)
-            sender = subprocess.Popen(
-                ["ip", "netns", "exec", self.netns(src_rank), sys.executable, "-I", "-c", _SENDER,
-                 self.address(dst_rank), str(port), str(total), str(timeout_s)],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            processes.append(sender)
-            grace = timeout_s + _COMMAND_TIMEOUT_S
-            sender_out, sender_err = sender.communicate(timeout=grace)
-            receiver_out, receiver_err = receiver.communicate(timeout=grace)
-        except subprocess.TimeoutExpired:
-            raise TestbedError(f"bandwidth measurement {src_rank}->{dst_rank} outlived its {timeout_s} s bound "
-                               "plus grace; both ends were killed") from None
-        finally:
-            for process in processes:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-        if sender.returncode != 0 or receiver.returncode != 0:
-            raise TestbedError(f"bandwidth measurement {src_rank}->{dst_rank} failed: sender exit "
-                               f"{sender.returncode} ({sender_err.strip()}), receiver exit {receiver.returncode} "
-                               f"({receiver_err.strip()})")
-        report = json.loads(receiver_out.strip().splitlines()[-1])
-        if report["bytes"] < 64 * 1024 or report["timed_seconds"] <= 0:
-            raise TestbedError(f"bandwidth measurement {src_rank}->{dst_rank} moved only {report['bytes']} bytes "
-                               f"in {report['seconds']:.3f} s; the link may be down (sender said: {sender_out})")
+        report = measure_goodput(self.netns(src_rank), self.netns(dst_rank), self.address(dst_rank), total,
+                                 timeout_s, label=f"{src_rank}->{dst_rank}")
         mbit_s = report["timed_bytes"] * 8 / report["timed_seconds"] / 1e6
         self.measured[f"{src_rank}->{dst_rank}"] = {
             "mbit_s": round(mbit_s, 3), "configured_mbit_s": self.rate_bit_s / 1e6, "bytes": report["bytes"],

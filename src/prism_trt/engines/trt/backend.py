@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ...errors import PrismError
 from ..base import BATCH_AXIS, Backend, BackendUnavailable, BuildOptions, TensorSpec
 from ..fp16 import cast_onnx_to_fp16
 from .runner import (
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 STRONGLY_TYPED_FROM_MAJOR = 11
 
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(PrismError, RuntimeError):
     """TensorRT could not parse the ONNX file or build an engine from it."""
 
 
@@ -54,8 +55,7 @@ class TensorRTBackend(Backend):
     def __init__(self, device_id: int = 0):
         self.device_id = device_id
 
-    @classmethod
-    def check_available(cls) -> None:
+    def check_available(self) -> None:
         import_tensorrt()
         if torch.cuda.is_available():
             return

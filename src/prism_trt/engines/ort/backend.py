@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ...errors import UsageError
 from ..base import Backend, BackendUnavailable, BuildOptions, Runner, TensorSpec
 from ..fp16 import cast_onnx_to_fp16
 from ..onnx_format import OnnxFormat, format_for, stamp_ir_version
@@ -29,18 +30,17 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, provider: str = "cpu", threads: int | None = None, cache_dir: Path | None = None):
         if provider not in PROVIDERS:
-            raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
+            raise UsageError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
         self.provider, self.threads, self.cache_dir = provider, threads, cache_dir
 
-    @classmethod
-    def check_available(cls, provider: str = "cpu") -> None:
+    def check_available(self) -> None:
         try:
             import onnxruntime as ort
         except ImportError as error:
             raise BackendUnavailable(f"the onnxruntime backend needs `pip install onnxruntime`: {error}") from error
-        if PROVIDERS[provider] not in ort.get_available_providers():
+        if PROVIDERS[self.provider] not in ort.get_available_providers():
             raise BackendUnavailable(
-                f"onnxruntime {ort.__version__} here has no {PROVIDERS[provider]} (available: "
+                f"onnxruntime {ort.__version__} here has no {PROVIDERS[self.provider]} (available: "
                 f"{', '.join(ort.get_available_providers())}); install `pip install .[gpu]` (onnxruntime-gpu) on a "
                 f"machine with an NVIDIA GPU, or use --provider cpu")
 
@@ -126,7 +126,7 @@ class OnnxRuntimeBackend(Backend):
         import onnx
         import onnxruntime as ort
 
-        self.check_available(self.provider)
+        self.check_available()
         if options.precision == "fp16" and self.provider != "tensorrt":
             cast_onnx_to_fp16(onnx_path, engine_path)
             return

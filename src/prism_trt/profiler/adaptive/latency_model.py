@@ -16,22 +16,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...engines.chain_key import ChainKey
+from ...engines.perfmap import PerfPoint
+
 TERMS = ("compute", "staging", "comm", "rest")
 
 
-def _features(point: dict) -> dict:
-    rank0 = point["per_rank"][0]
-    bandwidth = point.get("measured_mbit") or point.get("bandwidth_mbit")
-    return {"batch": point["batch"], "n": rank0.get("collectives", 0) or 0,
+def _features(point: PerfPoint) -> dict:
+    rank0 = point.per_rank[0]
+    bandwidth = point.bandwidth
+    return {"batch": point.batch, "n": rank0.get("collectives", 0) or 0,
             "bytes": (rank0.get("bytes_sent", 0) or 0) + (rank0.get("bytes_received", 0) or 0),
             "inv_bw": 0.0 if not bandwidth else 8.0 / (float(bandwidth) * 1e3),
             "compute": rank0["compute"], "staging": (rank0["d2h"] or 0) + (rank0["h2d"] or 0),
             "comm": rank0["comm"] or 0.0, "rest": (rank0.get("wait") or 0.0) + (rank0["other"] or 0.0),
-            "total": point["latency"]["mean_ms"]}
-
-
-def _chain(point: dict) -> tuple:
-    return (point["mode"], None if point["mode"] != "prism" else round(float(point["cr"]), 4))
+            "total": point.latency["mean_ms"]}
 
 
 def _design(term: str, f: dict) -> list[float]:
@@ -52,12 +51,12 @@ def _lstsq(rows: list[list[float]], targets: list[float]) -> np.ndarray:
 
 @dataclass
 class LatencyModel:
-    compute: dict  # chain -> (c0, c1)
+    compute: dict[ChainKey, tuple]  # chain -> (c0, c1)
     shared: dict  # term -> coefficients
 
     @classmethod
-    def fit(cls, points: list[dict]) -> LatencyModel:
-        features = [(_chain(p), _features(p)) for p in points]
+    def fit(cls, points: list[PerfPoint]) -> LatencyModel:
+        features = [(p.key, _features(p)) for p in points]
         compute = {}
         for chain in {c for c, _ in features}:
             rows = [[1.0, f["batch"]] for c, f in features if c == chain]
@@ -66,19 +65,18 @@ class LatencyModel:
                 compute[chain] = (0.0, targets[0] / rows[0][1])  # one batch size: proportional
             else:
                 compute[chain] = tuple(_lstsq(rows, targets))
-        distributed = [f for c, f in features if c[0] != "local"]
+        distributed = [f for c, f in features if c.mode != "local"]
         shared = {term: _lstsq([_design(term, f) for f in distributed], [f[term] for f in distributed])
                   for term in ("staging", "comm", "rest")}
         return cls(compute, shared)
 
-    def predict_terms(self, mode: str, cr: float | None, batch: int, bytes_: float, collectives: int,
+    def predict_terms(self, key: ChainKey, batch: int, bytes_: float, collectives: int,
                       bandwidth: float | None) -> dict:
-        chain = (mode, None if mode != "prism" else round(float(cr), 4))
-        if chain not in self.compute:
-            raise KeyError(f"no measurements of the {mode} chain at CR {cr} to predict from")
-        c0, c1 = self.compute[chain]
+        if key not in self.compute:
+            raise KeyError(f"no measurements of the {key.label} chain to predict from")
+        c0, c1 = self.compute[key]
         terms = {"compute": max(0.0, c0 + c1 * batch)}
-        if mode == "local":
+        if key.mode == "local":
             terms.update(staging=0.0, comm=0.0, rest=0.0)
         else:
             f = {"batch": batch, "n": collectives, "bytes": bytes_,
@@ -88,13 +86,12 @@ class LatencyModel:
         terms["total"] = sum(terms[t] for t in TERMS)
         return terms
 
-    def predict_point(self, point: dict, bandwidth: float | None = None, batch: int | None = None) -> dict:
+    def predict_point(self, point: PerfPoint, bandwidth: float | None = None, batch: int | None = None) -> dict:
         """Predict a point like ``point`` at another batch / bandwidth (bytes scale with batch)."""
         f = _features(point)
-        scale = (batch or point["batch"]) / point["batch"]
-        bw = bandwidth if bandwidth is not None else (point.get("measured_mbit") or point.get("bandwidth_mbit"))
-        return self.predict_terms(point["mode"], point.get("cr"), batch or point["batch"], f["bytes"] * scale,
-                                  f["n"], bw)
+        scale = (batch or point.batch) / point.batch
+        bw = bandwidth if bandwidth is not None else point.bandwidth
+        return self.predict_terms(point.key, batch or point.batch, f["bytes"] * scale, f["n"], bw)
 
 
 def mape(actual: list[float], predicted: list[float]) -> float | None:
@@ -102,7 +99,7 @@ def mape(actual: list[float], predicted: list[float]) -> float | None:
     return None if not pairs else 100.0 * sum(abs(a - p) / a for a, p in pairs) / len(pairs)
 
 
-def leave_one_out(points: list[dict]) -> dict:
+def leave_one_out(points: list[PerfPoint]) -> dict:
     """MAPE per term and for the total, each point predicted by a model fitted without it."""
     actual = {t: [] for t in (*TERMS, "total")}
     predicted = {t: [] for t in (*TERMS, "total")}
@@ -123,14 +120,14 @@ def leave_one_out(points: list[dict]) -> dict:
             for term in actual}
 
 
-def naive_total_mape(points: list[dict]) -> float | None:
+def naive_total_mape(points: list[PerfPoint]) -> float | None:
     """Baseline: latency proportional to FLOP-free batch scaling of the nearest same-chain point."""
     actual, predicted = [], []
     for index, point in enumerate(points):
-        others = [p for j, p in enumerate(points) if j != index and _chain(p) == _chain(point)]
+        others = [p for j, p in enumerate(points) if j != index and p.key == point.key]
         if not others:
             continue
-        nearest = min(others, key=lambda p: abs(p["batch"] - point["batch"]))
-        actual.append(point["latency"]["mean_ms"])
-        predicted.append(nearest["latency"]["mean_ms"] * point["batch"] / nearest["batch"])
+        nearest = min(others, key=lambda p: abs(p.batch - point.batch))
+        actual.append(point.latency["mean_ms"])
+        predicted.append(nearest.latency["mean_ms"] * point.batch / nearest.batch)
     return mape(actual, predicted)

@@ -1,0 +1,101 @@
+"""The identity of a chain: which engines run a batch.
+
+A chain is local (rank 0 alone, P=1), voltage (every token exchanged, CR=1) or prism with L
+segments per partition. L is what a build compiles and what two measurements must share to be
+the same chain, so ``(mode, segments)`` is the key; the compression rate CR = ceil(N/P) / L is
+carried for people and never compared. A CR someone types is turned into L by the one rule of
+:func:`prism_trt.core.plan.segments_for` (L = round(ceil(N/P) / CR)): on the MNIST ViT with two
+ranks ``--cr 2`` is L = 13, i.e. CR 1.923, wherever it is typed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.plan import SegmentPlan, segments_for
+from ..errors import UsageError
+
+MODES = ("local", "voltage", "prism")
+
+
+@dataclass(frozen=True)
+class ChainKey:
+    """``mode`` and, for prism, ``segments`` (L); ``cr`` is L's compression rate, for display."""
+
+    mode: str
+    segments: int | None = None
+    cr: float | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UsageError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode == "prism":
+            if isinstance(self.segments, bool) or not isinstance(self.segments, int) or self.segments < 1:
+                raise UsageError(f"a prism chain needs a segment count L >= 1, got {self.segments!r}")
+        elif self.segments is not None:
+            raise UsageError(f"{self.mode} chains have no segment count (got {self.segments})")
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def local(cls) -> ChainKey:
+        return cls("local")
+
+    @classmethod
+    def voltage(cls) -> ChainKey:
+        return cls("voltage", cr=1.0)
+
+    @classmethod
+    def prism(cls, segments: int, num_tokens: int, ranks: int) -> ChainKey:
+        """The prism chain with ``segments`` per partition of ``num_tokens`` over ``ranks``."""
+        return cls("prism", int(segments), cr=max(1.0, math.ceil(num_tokens / ranks) / int(segments)))
+
+    @classmethod
+    def for_cr(cls, cr: float, num_tokens: int, ranks: int) -> ChainKey:
+        """The prism chain a requested CR stands for (the one CR rule: L = round(ceil(N/P) / CR))."""
+        per_rank = math.ceil(num_tokens / ranks)
+        if isinstance(cr, bool) or not isinstance(cr, (int, float)) or not math.isfinite(cr) or not 1 <= cr <= per_rank:
+            raise UsageError(f"CR must be between 1 (no compression) and ceil(N/P) = {per_rank} (one segment per "
+                             f"partition), got {cr}")
+        return cls.prism(segments_for(num_tokens, ranks, cr), num_tokens, ranks)
+
+    @classmethod
+    def of_plan(cls, mode: str, plan: SegmentPlan) -> ChainKey:
+        """The key of a chain built from ``plan`` (a local chain's plan has one rank)."""
+        if mode == "prism":
+            return cls.prism(plan.segments, plan.partition.num_tokens, plan.ranks)
+        return cls.voltage() if mode == "voltage" else cls.local()
+
+    @classmethod
+    def parse(cls, mode: str, cr: float | None, num_tokens: int, ranks: int) -> ChainKey:
+        """What a user's ``--mode`` / ``--cr`` mean on a partition of ``num_tokens`` over ``ranks``."""
+        if mode == "prism":
+            if cr is None:
+                raise UsageError("prism mode needs a compression rate (--cr)")
+            return cls.for_cr(cr, num_tokens, ranks)
+        if cr is not None and mode in MODES:
+            raise UsageError(f"--cr applies to prism mode only, not {mode}")
+        return cls(mode, cr=1.0 if mode == "voltage" else None)
+
+    # -- presentation and records ------------------------------------------------------------------
+    @property
+    def label(self) -> str:
+        """``local``, ``voltage`` or ``prism-cr9.9`` (the CR to 3 significant digits, as the build's
+        directory names); ``prism-L5`` for a key made without its CR."""
+        if self.mode != "prism":
+            return self.mode
+        return f"prism-cr{self.cr:.3g}" if self.cr is not None else f"prism-L{self.segments}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "segments": self.segments, "cr": self.cr}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ChainKey:
+        mode = data.get("mode")
+        segments = data.get("segments") if mode == "prism" else None
+        cr = data.get("cr")
+        return cls(mode, segments, cr=None if cr is None else float(cr))
+
+    def __str__(self) -> str:
+        return self.label
