@@ -11,6 +11,7 @@ from conftest import build_engines, random_model, small_spec
 from prism_trt.engines import AccuracyEntry, ChainKey, Manifest, PerfMap, PerfMapError, PerfPoint
 from prism_trt.profiler.adaptive import LatencyModel, MapSelector, NoCandidate, leave_one_out
 from prism_trt.profiler.sweep import Launcher, SweepPlan, profile
+from prism_trt.runtime import ClusterError
 
 LOCAL, VOLTAGE, PRISM5 = ChainKey.local(), ChainKey.voltage(), ChainKey.prism(5, 50, 2)  # 50 tokens, 2 ranks: CR 5
 # Known parameters of a synthetic setup the model must recover.
@@ -75,6 +76,8 @@ def test_map_round_trip(tmp_path):
     (lambda d: d["points"][4].update(cr="high"), r"points\[4\]\.cr: expected"),
     (lambda d: d["points"][4].update(segments=0), r"points\[4\]\.segments: must be >= 1"),
     (lambda d: d["accuracy"][0].update(cr=-2.0), r"accuracy\[0\]\.cr: must be >= 1"),
+    (lambda d: d["points"][1].update(cr="abc"), r"points\[1\]\.cr: expected"),  # a voltage point
+    (lambda d: d["points"][1]["latency"].update(mean_ms=10**400), r"latency\.mean_ms: must be a finite number"),
     (lambda d: d["points"].append(dict(d["points"][4])), r"points: the same \(chain, batch, bandwidth\)"),
 ])
 def test_bad_maps_are_rejected(tmp_path, change, message):
@@ -246,3 +249,17 @@ def test_small_sweep_on_the_testbed(small_engines, tmp_path, testbed_name):
     assert len(shaped) == 4 and all(p.bandwidth_mbit == 300.0 for p in shaped)
     assert all(150 < p.measured_mbit < 330 for p in shaped)  # tbf at 300 Mbit/s, TCP goodput
     assert not any(p.fell_back for p in data.points)
+
+
+@pytest.mark.timeout(120)
+def test_a_failing_rank_0_is_reported_with_its_log(small_engines, tmp_path):
+    """Rank 0 dies at start: the sweep says so with the end of rank 0's log, and the worker (left
+    waiting to join) is bounded by the group timeout instead of hanging the sweep."""
+    def wrap(rank, argv):
+        return [sys.executable, "-c", "import sys; print('rank 0 could not start: boom'); sys.exit(3)"] if rank == 0 \
+            else argv
+
+    launcher = Launcher(2, wrap=wrap)
+    plan = SweepPlan.for_build(small_engines, [1], [2.0], [None], warmup=0, repeat=1)
+    with pytest.raises(ClusterError, match=r"(?s)rank 0 of the sweep failed \(exit 3\).*could not start: boom"):
+        profile(small_engines, tmp_path / "map.json", plan, launcher, threads=1, timeout=5, progress=False)

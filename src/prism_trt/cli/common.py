@@ -14,15 +14,16 @@ from ..errors import PrismError
 
 class PrismGroup(click.Group):
     """A click group that prints every :class:`~prism_trt.errors.PrismError` (an expected problem
-    whose message says what to do) as ``Error: ...`` with its exit code, without a traceback.
-    Anything else is a bug and keeps its traceback."""
+    whose message says what to do) as ``Error: ...`` with its exit code, without a traceback; so
+    are errors of the operating system (a file that cannot be written, a port in use). Anything
+    else is a bug and keeps its traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except PrismError as error:
+        except (PrismError, OSError) as error:
             failure = click.ClickException(str(error))
-            failure.exit_code = error.exit_code
+            failure.exit_code = getattr(error, "exit_code", 1)
             raise failure from error
 
 

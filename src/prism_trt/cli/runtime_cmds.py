@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..engines.manifest import rank_directory
+from ..errors import PrismError
 from .common import group_options, main
 
 
@@ -167,6 +168,8 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, host, po
     except (_Stopped, KeyboardInterrupt):
         click.echo("rank 0: stopping every rank")
     except OSError as error:  # the address is in use or not ours
+        if isinstance(error, PrismError):  # a missing file, say: its own message is the right one
+            raise
         raise click.ClickException(f"cannot serve on {host}:{port}: {error}") from None
     finally:
         executor.close()

@@ -29,6 +29,14 @@ class BackendUnavailable(PrismError, RuntimeError):
     """The backend's library or device is missing here; the message says what to install."""
 
 
+class EngineBuildError(PrismError, RuntimeError):
+    """An engine that could not be built from its ONNX file (the message names the file and the fix)."""
+
+
+class EngineLoadError(PrismError, RuntimeError):
+    """An engine file its backend cannot load here (other runtime version or GPU: rebuild it)."""
+
+
 class EngineInputError(PrismError, ValueError):
     """A feed whose names, shapes or dtypes do not match the engine's inputs."""
 

@@ -92,6 +92,8 @@ class ChainKey:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ChainKey:
+        if not isinstance(data, dict):
+            raise UsageError(f"a chain key is an object with mode, segments and cr, got {data!r}")
         mode = data.get("mode")
         segments = data.get("segments") if mode == "prism" else None
         cr = data.get("cr")

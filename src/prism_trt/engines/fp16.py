@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, GraphProto, NodeProto, TensorProto, helper, numpy_helper
 
+from .base import EngineBuildError
 from .onnx_format import save_onnx
 
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
@@ -168,7 +169,7 @@ def cast_onnx_to_fp16(src: Path, dst: Path) -> None:
     try:
         model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except onnx.shape_inference.InferenceError as error:
-        raise ValueError(f"the fp16 copy of {src} is not type-consistent ({error}); the graph likely holds an "
+        raise EngineBuildError(f"the fp16 copy of {src} is not type-consistent ({error}); the graph likely holds an "
                          f"op whose float32-only input cast_onnx_to_fp16 does not know. Build with "
                          f"--precision fp32 or tf32, or extend FLOAT32_ONLY_INPUTS in {__file__}.") from error
     # Written with the lowest IR version its opsets allow, like every file prism-trt writes.

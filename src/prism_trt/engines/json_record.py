@@ -86,8 +86,12 @@ class Fields:
         value = self.get(key, NUMBER, optional)
         if value is None:
             return None
-        if not math.isfinite(value):
-            raise self.fail(key, f"must be a finite number, found {value}")
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer beyond float's range
+            finite = False
+        if not finite:
+            raise self.fail(key, f"must be a finite number, found {_short(value)}")
         if minimum is not None and value < minimum:
             raise self.fail(key, f"must be >= {minimum}, found {value}")
         if positive and value <= 0:
@@ -99,6 +103,15 @@ class Fields:
         if value is not None and minimum is not None and value < minimum:
             raise self.fail(key, f"must be >= {minimum}, found {value}")
         return value
+
+    def integers(self, key: str, minimum: int = 0, length: int | None = None) -> tuple[int, ...]:
+        """A list of integers (not booleans) >= ``minimum``, of ``length`` entries when given."""
+        values = self.get(key, list)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values):
+            raise self.fail(key, f"expected integers >= {minimum}, found {_short(values)}")
+        if length is not None and len(values) != length:
+            raise self.fail(key, f"expected {length} entries, found {len(values)}")
+        return tuple(values)
 
     def nested(self, key: str, optional: bool = False) -> Fields | None:
         value = self.get(key, dict, optional)

@@ -83,9 +83,16 @@ class StageEntry:
             spec = StageSpec.from_dict(fields.data)
         except (KeyError, TypeError, ValueError) as error:
             raise fields.error(f"{fields.where}: not a stage description ({error!r})") from None
+        verification = fields.nested("verification", optional=True)
+        if verification is not None:  # what build and inspect read of it
+            engine = verification.nested("engine")
+            engine.get("passed", bool)
+            engine.get("precision", str)
+            engine.number("used", minimum=0)
+            engine.number("max_abs_error", minimum=0)
         return cls(spec, _inside(fields, "onnx"), fields.get("onnx_sha256", str), _inside(fields, "engine"),
                    fields.get("engine_sha256", str), fields.get("export_key", str), fields.get("cache_key", str),
-                   fields.get("verification", dict, optional=True))
+                   None if verification is None else verification.data)
 
 
 @dataclass(frozen=True)
@@ -141,17 +148,17 @@ class ChainConfig:
         mode = fields.get("mode", str)
         if mode not in ("local", "voltage", "prism"):
             raise fields.fail("mode", f"expected local, voltage or prism, found {mode!r}")
-        partition = tuple(fields.get("partition", list))
-        if not partition or not all(isinstance(n, int) and n > 0 for n in partition):
-            raise fields.fail("partition", f"expected token counts > 0, found {list(partition)}")
-        segments = fields.integer("segments", minimum=1, optional=mode == "local")
-        config = cls(fields.get("name", str), mode, fields.integer("ranks", minimum=1), partition, segments,
-                     fields.number("cr", optional=mode == "local", minimum=1), tuple(fields.get("counts", list)),
-                     tuple(tuple(s) for s in fields.get("segment_sizes", list)),
-                     tuple(StageEntry.parse(s) for s in fields.items("stages")))
-        if config.ranks != len(partition):
-            raise fields.fail("partition", f"{len(partition)} partitions for {config.ranks} ranks")
-        return config
+        ranks = fields.integer("ranks", minimum=1)
+        sizes = fields.get("segment_sizes", list)
+        if len(sizes) != ranks:
+            raise fields.fail("segment_sizes", f"expected one list per rank ({ranks}), found {len(sizes)}")
+        segment_sizes = tuple(Fields({"sizes": s}, f"{fields.where}.segment_sizes[{rank}]", ManifestError)
+                              .integers("sizes", minimum=1) for rank, s in enumerate(sizes))
+        return cls(fields.get("name", str), mode, ranks, fields.integers("partition", minimum=1, length=ranks),
+                   fields.integer("segments", minimum=1, optional=mode == "local"),
+                   fields.number("cr", optional=mode == "local", minimum=1),
+                   fields.integers("counts", minimum=1, length=ranks), segment_sizes,
+                   tuple(StageEntry.parse(s) for s in fields.items("stages")))
 
 
 @dataclass(frozen=True)
@@ -263,8 +270,10 @@ class Manifest:
         except (TypeError, ValueError) as error:
             raise ManifestError(f"{where}.build_options: {error}") from None
         files = fields.get("files", dict)
-        for relative in files:
-            _inside(Fields({"file": relative}, f"{where}.files", ManifestError), "file")
+        for relative, digest in files.items():
+            _inside(Fields({relative: relative}, f"{where}.files", ManifestError), relative)
+            if not isinstance(digest, str):
+                raise ManifestError(f"{where}.files.{relative}: expected a SHA-256 hex string, found {digest!r}")
         monolithic = fields.nested("monolithic", optional=True)
         manifest = cls(
             rank=fields.integer("rank", minimum=0), world_size=fields.integer("world_size", minimum=1),

@@ -57,7 +57,7 @@ def _key(fields: Fields) -> ChainKey:
     mode = fields.get("mode", str)
     if mode == "prism":
         fields.integer("segments", minimum=1)
-        fields.number("cr", minimum=1)
+    fields.number("cr", optional=mode != "prism", minimum=1)
     try:
         return ChainKey.from_dict(fields.data)
     except PrismError as error:
@@ -180,8 +180,11 @@ class PerfMap:
         return perfmap
 
     def save(self, path: Path) -> None:
-        """Write atomically (the sweep calls this after every point)."""
-        write_json_atomic(Path(path), self.to_dict())
+        """Check, then write atomically (the sweep calls this after every point): a map that would
+        not load is never written."""
+        data = self.to_dict()
+        PerfMap.from_dict(data, str(path))
+        write_json_atomic(Path(path), data)
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "metadata": self.metadata,

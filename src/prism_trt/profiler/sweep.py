@@ -94,42 +94,59 @@ def run_cluster(engines: Path, launcher: Launcher, points: list[tuple[ChainKey, 
     """Start workers and rank 0 for one bandwidth, feed ``on_result`` as each point lands."""
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
-    workers = [subprocess.Popen(launcher.wrap(r, _worker_argv(engines, r, launcher, port, threads, timeout)),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-               for r in range(1, launcher.world_size)]
+    # No pipes: a process whose stderr pipe nobody reads blocks once the pipe is full. Each rank
+    # logs to a file, read back only to explain a failure.
     with tempfile.TemporaryDirectory(prefix="prism-sweep-") as scratch:
+        logs = [Path(scratch) / f"rank{r}.log" for r in range(launcher.world_size)]
+        workers = []
+        for r in range(1, launcher.world_size):
+            with open(logs[r], "w") as log:
+                workers.append(subprocess.Popen(launcher.wrap(r, _worker_argv(engines, r, launcher, port, threads, timeout)),
+                                                stdout=log, stderr=subprocess.STDOUT, env=env))
         lines = Path(scratch) / "points.jsonl"
         lines.touch()
-        argv = [sys.executable, "-m", "prism_trt.cli", "sweep-rank0", "--engines", str(engines), "--rank", "0", "--world-size",
-                str(launcher.world_size), "--master-addr", launcher.master_addr, "--master-port", str(port),
-                "--threads", str(threads), "--warmup", str(warmup), "--repeat", str(repeat), "--timeout",
+        argv = [sys.executable, "-m", "prism_trt.cli", "sweep-rank0", "--engines", str(engines), "--rank", "0",
+                "--world-size", str(launcher.world_size), "--master-addr", launcher.master_addr, "--master-port",
+                str(port), "--threads", str(threads), "--warmup", str(warmup), "--repeat", str(repeat), "--timeout",
                 str(timeout), "--points", json.dumps([[key.to_dict(), batch] for key, batch in points]),
                 "--out", str(lines)]
         argv += (["--iface", launcher.iface] if launcher.iface else []) + (["--energy", energy] if energy else [])
-        rank0 = subprocess.Popen(launcher.wrap(0, argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env=env)
-        seen = 0
+        with open(logs[0], "w") as log:
+            rank0 = subprocess.Popen(launcher.wrap(0, argv), stdout=log, stderr=subprocess.STDOUT, env=env)
+        # Joining, and every collective, give up after `timeout`; rank 0 then falls back and goes on.
+        # A sweep with no new point for longer than this is stuck, not slow.
+        stall_s = 3 * timeout + 60
+        seen, progress = 0, time.monotonic()
         try:
             while True:
                 done = rank0.poll() is not None
                 results = lines.read_text().splitlines()
                 for line in results[seen:]:
                     on_result(json.loads(line))
-                seen = len(results)
+                if len(results) > seen:
+                    seen, progress = len(results), time.monotonic()
                 if done:
                     break
+                if time.monotonic() - progress > stall_s:
+                    raise ClusterError(f"the sweep made no progress for {stall_s:.0f} s ({seen} of {len(points)} "
+                                       f"points measured); rank 0's log ends with:\n{_tail(logs[0])}")
                 time.sleep(0.2)
             if rank0.returncode != 0:
-                raise ClusterError(f"rank 0 of the sweep failed (exit {rank0.returncode}): "
-                                   f"{rank0.stderr.read()[-2000:]}")
+                raise ClusterError(f"rank 0 of the sweep failed (exit {rank0.returncode}); its log ends with:\n"
+                                   f"{_tail(logs[0])}")
         finally:
             for process in [rank0, *workers]:
                 if process.poll() is None:
                     try:
-                        process.wait(timeout=timeout + 30)
+                        process.wait(timeout=timeout + 30 if process is not rank0 or done else 0.1)
                     except subprocess.TimeoutExpired:
                         process.kill()
                         process.wait()
+
+
+def _tail(path: Path, chars: int = 2000) -> str:
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    return text[-chars:] or "(empty)"
 
 
 def hardware_description(launcher: Launcher, threads: int) -> dict:

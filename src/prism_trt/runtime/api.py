@@ -58,8 +58,9 @@ class Executor(ABC):
         for loaded in self.chains():
             if loaded == key:
                 return loaded
+        single = key.mode != "local" and self.manifest.world_size > 1 and len(self.chains()) == 1
         raise UsageError(f"no {key.label} chain is loaded here (loaded: {', '.join(k.label for k in self.chains())})"
-                         + ("; voltage and prism need --world-size >= 2" if key.mode != "local" else ""))
+                         + ("; voltage and prism need --world-size >= 2" if single else ""))
 
     @abstractmethod
     def infer(self, images: torch.Tensor, key: ChainKey, gather_timings: bool = False) -> InferenceResult:

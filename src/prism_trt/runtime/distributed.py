@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,6 +35,18 @@ from .timing import PhaseTimes, Stopwatch
 log = logging.getLogger(__name__)
 
 OP_STOP, OP_INFER, OP_HEARTBEAT, OP_INFER_TIMED = 0, 1, 2, 3
+
+
+@contextmanager
+def peer_failures(what: str):
+    """GLOO reports a lost peer or a timed-out collective as a bare RuntimeError: say which rank
+    lost what, as a ClusterError (PrismErrors pass through unchanged)."""
+    try:
+        yield
+    except PrismError:
+        raise
+    except RuntimeError as error:
+        raise ClusterError(f"{what} ({error}); restart every rank together") from error
 
 
 class DistributedRank:
@@ -172,7 +185,13 @@ class DistributedExecutor(Executor):
         self._degraded = ""
         self._closed = threading.Event()
         init_group(group)
-        self.rank.check_consistent()
+        try:
+            with peer_failures("rank 0: the workers went away while checking their engines"):
+                self.rank.check_consistent()
+        except PrismError:
+            self.rank.close()
+            leave_group()
+            raise
         self._heartbeat_s = heartbeat_s if heartbeat_s is not None else group.timeout_s / 3
         self._last_collective = time.monotonic()
         self.bandwidth_mbit: float | None = None  # estimated from the collectives actually run
@@ -268,12 +287,9 @@ def run_worker(rank_dir: Path, group: GroupConfig, threads: int | None = None, d
     rank = DistributedRank(rank_dir, group.rank, group.world_size, threads, device)
     init_group(group)
     try:
-        rank.check_consistent()
-        return worker_loop(rank)
-    except PrismError:
-        raise
-    except RuntimeError as error:  # GLOO reports peer loss and timeouts as RuntimeError
-        raise ClusterError(f"rank {group.rank}: lost the group ({error}); restart every rank together") from error
+        with peer_failures(f"rank {group.rank}: lost the group"):
+            rank.check_consistent()
+            return worker_loop(rank)
     finally:
         rank.close()
         leave_group()

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ...errors import UsageError
-from ..base import Backend, BackendUnavailable, BuildOptions, Runner, TensorSpec
+from ..base import Backend, BackendUnavailable, BuildOptions, EngineBuildError, Runner, TensorSpec
 from ..fp16 import cast_onnx_to_fp16
 from ..onnx_format import OnnxFormat, format_for, stamp_ir_version
 
@@ -135,7 +135,7 @@ class OnnxRuntimeBackend(Backend):
         session_options.optimized_model_filepath = str(engine_path)
         ort.InferenceSession(str(onnx_path), session_options, providers=["CPUExecutionProvider"])
         if not Path(engine_path).is_file():
-            raise RuntimeError(f"onnxruntime did not write the optimised model {engine_path}")
+            raise EngineBuildError(f"onnxruntime did not write the optimised model {engine_path}")
         # onnxruntime stamps the IR version it was built with; older runtimes refuse that needlessly.
         optimised = onnx.load(str(engine_path))
         onnx.save(stamp_ir_version(optimised), str(engine_path))

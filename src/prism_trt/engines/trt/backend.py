@@ -20,8 +20,7 @@ from typing import Any
 
 import torch
 
-from ...errors import PrismError
-from ..base import BATCH_AXIS, Backend, BackendUnavailable, BuildOptions, TensorSpec
+from ..base import BATCH_AXIS, Backend, BackendUnavailable, BuildOptions, EngineBuildError, TensorSpec
 from ..fp16 import cast_onnx_to_fp16
 from .runner import (
     INSTALL_HINT,
@@ -37,10 +36,6 @@ from .runner import (
 log = logging.getLogger(__name__)
 
 STRONGLY_TYPED_FROM_MAJOR = 11
-
-
-class EngineBuildError(PrismError, RuntimeError):
-    """TensorRT could not parse the ONNX file or build an engine from it."""
 
 
 class TensorRTBackend(Backend):

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..base import BATCH_AXIS, BackendUnavailable, EngineInputError, Runner, TensorSpec
+from ..base import BATCH_AXIS, BackendUnavailable, EngineInputError, EngineLoadError, Runner, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -195,11 +195,11 @@ class TensorRTRunner(Runner):
         self._runtime = trt.Runtime(shared_logger())
         self._engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self._engine is None:
-            raise RuntimeError(f"{self.name}: TensorRT could not load {self.engine_path} ({tensorrt_errors()}); "
+            raise EngineLoadError(f"{self.name}: TensorRT could not load {self.engine_path} ({tensorrt_errors()}); "
                                f"engines only load with the TensorRT version and GPU that built them: rebuild it")
         self._context = self._engine.create_execution_context()
         if self._context is None:
-            raise RuntimeError(f"{self.name}: no execution context for {self.engine_path} ({tensorrt_errors()})")
+            raise EngineLoadError(f"{self.name}: no execution context for {self.engine_path} ({tensorrt_errors()})")
 
     def _scope(self) -> AbstractContextManager[None]:
         # pycuda's context when it is in use (its buffers need it pushed), torch's device otherwise.

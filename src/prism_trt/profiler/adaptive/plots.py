@@ -24,11 +24,12 @@ def _bandwidths(data: PerfMap) -> list:
 
 
 def _series(data: PerfMap, bandwidth) -> dict[str, list[PerfPoint]]:
-    series: dict[str, list[PerfPoint]] = {}
+    """Each chain's points at ``bandwidth`` (local: at every bandwidth) by batch, keyed by its label."""
+    series: dict = {}
     for point in data.points:
         if point.mode == "local" or point.bandwidth_mbit == bandwidth:
-            series.setdefault(_label(point), []).append(point)
-    return {k: sorted(v, key=lambda p: p.batch) for k, v in series.items()}
+            series.setdefault(point.key, []).append(point)
+    return {_label(points[0]): sorted(points, key=lambda p: p.batch) for points in series.values()}
 
 
 def breakdown(data: PerfMap, bandwidth, path: Path) -> None:
@@ -84,11 +85,11 @@ def vs_bandwidth(data: PerfMap, batch: int, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.8))
     local = [p for p in data.points if p.mode == "local" and p.batch == batch]
     shaped = [b for b in _bandwidths(data) if b is not None]
-    labels = sorted({_label(p) for p in data.points if p.mode != "local"})
-    for label in labels:
-        points = sorted([p for p in data.points if _label(p) == label and p.batch == batch and
-                         p.bandwidth_mbit is not None], key=lambda p: p.bandwidth_mbit)
+    for key in sorted({p.key for p in data.points if p.mode != "local"}, key=lambda k: (k.mode, k.segments or 0)):
+        points = sorted([p for p in data.points if p.key == key and p.batch == batch and p.bandwidth_mbit is not None],
+                        key=lambda p: p.bandwidth_mbit)
         if points:
+            label = _label(points[0])
             ax.plot([p.bandwidth_mbit for p in points], [p.latency["mean_ms"] for p in points], marker="o",
                     label=label)
     if local and shaped:

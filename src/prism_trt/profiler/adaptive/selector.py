@@ -108,7 +108,8 @@ class LiveSelector:
         self.selector, self.executor = selector, executor
         missing = [key.label for key in selector.data.chains() if key not in executor.chains()]
         if missing:
-            raise UsageError(f"the performance map measured chains these engines do not hold: {', '.join(missing)}")
+            raise UsageError(f"the performance map measured chains that are not loaded here: {', '.join(missing)} "
+                             f"(loaded: {', '.join(k.label for k in executor.chains())})")
 
     def choose(self, batch: int) -> ChainKey:
         bandwidth = self.executor.bandwidth_mbit or self.selector.bandwidth
