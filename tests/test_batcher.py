@@ -297,6 +297,24 @@ async def test_queue_bound_refuses_then_recovers():
 
 
 @asynchronous
+async def test_a_request_given_up_frees_its_place_in_the_queue_at_once():
+    """Under overload clients time out: their requests must not hold the queue until they reach its head."""
+    executor = RowExecutor(max_batch=4)
+    async with batcher_for(executor, max_wait_s=0, max_queue_images=4) as batcher:
+        blocker = await hold_executor(batcher, executor)
+        (gone,) = await queue(batcher, [images(4, 1)])
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        kept = images(3, 2)  # would not fit beside the 4 images given up
+        task = asyncio.ensure_future(batcher.submit(kept))
+        executor.gate.set()
+        check_rows([await asyncio.wait_for(task, SAFETY_S)], [kept])
+        await blocker
+        assert executor.sizes == [1, 3]
+
+
+@asynchronous
 async def test_invalid_arguments():
     executor = RowExecutor(max_batch=4)
     with pytest.raises(ValueError, match="max_wait_s"):

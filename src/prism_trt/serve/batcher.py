@@ -129,7 +129,19 @@ class Batcher:
         self._queued_images += count
         self._report_queue()
         self._arrived.set()
-        return await pending.future
+        try:
+            return await pending.future
+        except asyncio.CancelledError:  # the caller gave up (client gone): free its place in the queue now
+            self._discard(pending)
+            raise
+
+    def _discard(self, pending: _Pending) -> None:
+        try:
+            self._pending.remove(pending)
+        except ValueError:  # already taken into a batch (or answered)
+            return
+        self._queued_images -= pending.count
+        self._report_queue()
 
     def _pop(self) -> _Pending:
         pending = self._pending.popleft()
