@@ -59,6 +59,16 @@ def test_hash_mismatch(rank_dir):
         Manifest.load(rank_dir)
 
 
+def test_edited_fields_are_noticed(rank_dir):
+    """The manifest protects its own fields: a max batch raised by hand would be served unverified."""
+    _edit_manifest(rank_dir, lambda m: m["build_options"].update(max_batch=64))
+    assert Manifest.read(rank_dir).build_options.max_batch == 64  # still a well-formed manifest ...
+    with pytest.raises(ManifestError, match=r"manifest\.json: its fields changed after the build"):
+        Manifest.load(rank_dir)  # ... that is not the one the build wrote
+    with pytest.raises(ManifestError, match="its fields changed after the build"):
+        load_chain(rank_dir, "voltage")
+
+
 def test_other_schema_version(rank_dir):
     _edit_manifest(rank_dir, lambda m: m.update(schema_version=99))
     with pytest.raises(ManifestError, match=rf"manifest\.json: schema version 99, this prism-trt reads version {SCHEMA_VERSION}"):

@@ -2,16 +2,20 @@
 what, for which backend and device, at which precision, every chain and stage with its
 verification report, and the SHA-256 of every file; checked on every load.
 
-:class:`Manifest` is the only reader and writer of that file. The JSON layout (schema 2)::
+:class:`Manifest` is the only reader and writer of that file. The JSON layout (schema 3)::
 
-    {"schema_version": 2, "tool": {...}, "created": ..., "rank": r, "world_size": P, "means_source": ...,
+    {"schema_version": 3, "tool": {...}, "created": ..., "rank": r, "world_size": P, "means_source": ...,
      "model": {"source": {...}, "spec": {ViTSpec}, "weights_sha256": ...},
      "backend": {"name", "version", "device", "provider"}, "build_options": {BuildOptions},
      "export": {"exporter", "opset", "ir_version", "torch"},
      "configs": [{"name", "mode", "ranks", "partition", "segments", "cr", "counts", "segment_sizes",
                   "stages": [{StageSpec, "onnx", "onnx_sha256", "engine", "engine_sha256", "export_key",
                               "cache_key", "verification"}]}],
-     "monolithic": {stage entry} | null, "files": {relative path: sha256}}
+     "monolithic": {stage entry} | null, "files": {relative path: sha256},
+     "manifest_sha256": SHA-256 of every other field}
+
+The files' digests protect the engines; ``manifest_sha256`` protects the manifest's own fields
+(an edited ``max_batch`` or plan would otherwise be served as if the build had verified it).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from .chain_key import ChainKey
 from .json_record import Fields, read_json_object, sha256_file, sha256_json, write_json_atomic
 from .stage_spec import StageSpec
 
-SCHEMA_VERSION = 2  # 2: build_options.precision, per-stage verification reports
+SCHEMA_VERSION = 3  # 2: build_options.precision, verification reports; 3: manifest_sha256 (its own digest)
+DIGEST_FIELD = "manifest_sha256"
 MANIFEST_NAME = "manifest.json"
 
 __all__ = ["MANIFEST_NAME", "SCHEMA_VERSION", "BackendRecord", "ChainConfig", "Manifest", "ManifestError",
@@ -205,6 +210,9 @@ class Manifest:
     tool: dict = field(default_factory=dict)
     created: str = ""
     schema_version: int = SCHEMA_VERSION
+    #: the digest recorded in the file and the one its content has (None: not read from a file)
+    recorded_digest: str | None = field(default=None, compare=False, repr=False)
+    content_digest: str | None = field(default=None, compare=False, repr=False)
 
     # -- reading and writing ---------------------------------------------------------------------
     @classmethod
@@ -227,15 +235,20 @@ class Manifest:
             raise ManifestError(f"{path}: engines were built for device {manifest.backend.device!r}, this device is "
                                 f"{device!r}; engines are device specific, rebuild them here")
         if verify:
-            manifest.verify_files(directory)
+            manifest.verify(directory)
         return manifest
 
     def save(self, directory: Path) -> None:
         write_json_atomic(Path(directory) / MANIFEST_NAME, self.to_dict())
 
-    def verify_files(self, directory: Path) -> None:
-        """Every listed file exists and has the recorded SHA-256."""
+    def verify(self, directory: Path) -> None:
+        """The manifest's fields are those the build wrote, and every listed file exists and has the
+        recorded SHA-256."""
         directory = Path(directory)
+        if self.recorded_digest != self.content_digest:
+            raise ManifestError(f"{directory / MANIFEST_NAME}: its fields changed after the build (recorded digest "
+                                f"{str(self.recorded_digest)[:16]}..., content {str(self.content_digest)[:16]}...); "
+                                f"engines are only used as built and verified: rebuild with `prism-trt build`")
         for relative, expected in sorted(self.files.items()):
             path = directory / relative
             if not path.is_file():
@@ -246,11 +259,13 @@ class Manifest:
                                     f"the file changed after the build, rebuild with `prism-trt build`")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": self.schema_version, "tool": self.tool, "created": self.created, "rank": self.rank,
-                "world_size": self.world_size, "means_source": self.means_source, "model": self.model.to_dict(),
-                "backend": self.backend.to_dict(), "build_options": self.build_options.to_dict(),
-                "export": self.export, "configs": [c.to_dict() for c in self.configs],
-                "monolithic": None if self.monolithic is None else self.monolithic.to_dict(), "files": self.files}
+        content = {"schema_version": self.schema_version, "tool": self.tool, "created": self.created,
+                   "rank": self.rank, "world_size": self.world_size, "means_source": self.means_source,
+                   "model": self.model.to_dict(), "backend": self.backend.to_dict(),
+                   "build_options": self.build_options.to_dict(), "export": self.export,
+                   "configs": [c.to_dict() for c in self.configs],
+                   "monolithic": None if self.monolithic is None else self.monolithic.to_dict(), "files": self.files}
+        return {**content, DIGEST_FIELD: sha256_json(content)}
 
     @classmethod
     def from_dict(cls, data: dict, where: str = MANIFEST_NAME) -> Manifest:
@@ -284,7 +299,9 @@ class Manifest:
             build_options=options, export=fields.get("export", dict),
             configs=[ChainConfig.parse(c) for c in fields.items("configs")],
             monolithic=None if monolithic is None else StageEntry.parse(monolithic), files=dict(files),
-            tool=fields.get("tool", dict, optional=True) or {}, created=fields.get("created", str, optional=True) or "")
+            tool=fields.get("tool", dict, optional=True) or {}, created=fields.get("created", str, optional=True) or "",
+            recorded_digest=fields.get(DIGEST_FIELD, str),
+            content_digest=sha256_json({k: v for k, v in data.items() if k != DIGEST_FIELD}))
         if manifest.rank >= manifest.world_size:
             raise ManifestError(f"{where}.rank: {manifest.rank} is not a rank of a {manifest.world_size}-rank build")
         return manifest
