@@ -227,16 +227,21 @@ class Manifest:
     def load(cls, directory: Path, backend: str | None = None, device: str | None = None,
              verify: bool = True) -> Manifest:
         """Read ``directory``'s manifest; optionally require a backend and device; verify the files."""
-        manifest = cls.read(directory)
+        return cls.read(directory).check(directory, backend, device, verify)
+
+    def check(self, directory: Path, backend: str | None = None, device: str | None = None,
+              verify: bool = True) -> Manifest:
+        """This manifest (read from ``directory``), after requiring a backend and device and, with
+        ``verify``, its own digest and every file's; for callers that read it to pick the backend."""
         path = Path(directory) / MANIFEST_NAME
-        if backend is not None and manifest.backend.name != backend:
-            raise ManifestError(f"{path}: engines were built for backend {manifest.backend.name!r}, not {backend!r}")
-        if device is not None and manifest.backend.device != device:
-            raise ManifestError(f"{path}: engines were built for device {manifest.backend.device!r}, this device is "
+        if backend is not None and self.backend.name != backend:
+            raise ManifestError(f"{path}: engines were built for backend {self.backend.name!r}, not {backend!r}")
+        if device is not None and self.backend.device != device:
+            raise ManifestError(f"{path}: engines were built for device {self.backend.device!r}, this device is "
                                 f"{device!r}; engines are device specific, rebuild them here")
         if verify:
-            manifest.verify(directory)
-        return manifest
+            self.verify(directory)
+        return self
 
     def save(self, directory: Path) -> None:
         write_json_atomic(Path(directory) / MANIFEST_NAME, self.to_dict())

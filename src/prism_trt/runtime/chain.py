@@ -81,8 +81,9 @@ def backend_for(manifest: Manifest, threads: int | None = None) -> Backend:
 def load_manifest_here(rank_dir: Path, threads: int | None = None) -> tuple[Manifest, Backend]:
     """``rank_dir``'s manifest, checked against this machine's backend and device (files hashed),
     and the backend that runs it."""
-    backend = backend_for(Manifest.read(rank_dir), threads)
-    return Manifest.load(rank_dir, backend=backend.name, device=backend.device()), backend
+    manifest = Manifest.read(rank_dir)
+    backend = backend_for(manifest, threads)
+    return manifest.check(rank_dir, backend=backend.name, device=backend.device()), backend
 
 
 def load_chain(rank_dir: Path, mode: str | ChainKey, cr: float | None = None, threads: int | None = None,
