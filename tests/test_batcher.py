@@ -360,3 +360,20 @@ async def test_stop_fails_a_batch_still_collecting():
     with pytest.raises(BatcherStopped):
         await asyncio.wait_for(waiting, SAFETY_S)
     assert executor.calls == []
+
+
+def test_degraded_fallback_warnings_are_throttled(caplog, monkeypatch):
+    """A degraded cluster falls back on every batch; the log gets one line per interval, not one per batch."""
+    from prism_trt.serve import batcher as batcher_module
+
+    now = [1000.0]
+    monkeypatch.setattr(batcher_module.time, "monotonic", lambda: now[0])
+    throttled = batcher_module.ThrottledLog(every_s=30.0)
+    with caplog.at_level("WARNING", logger=batcher_module.log.name):
+        for _ in range(60):
+            throttled.warning("fell back for a batch of %d", 4)
+            now[0] += 0.1
+        assert [r.getMessage() for r in caplog.records] == ["fell back for a batch of 4"]
+        now[0] += 30.0
+        throttled.warning("fell back for a batch of %d", 2)
+    assert caplog.records[-1].getMessage() == "fell back for a batch of 2 (and 59 more in the last 36 s)"

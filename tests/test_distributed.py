@@ -205,11 +205,93 @@ def test_group_config_from_torchrun_env(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29555")
+    monkeypatch.setenv("PRISM_TRT_CLUSTER_TOKEN", "s3cret")
     config = GroupConfig.from_env_or_flags(timeout_s=5)
     assert (config.rank, config.world_size, config.master_addr, config.master_port) == (2, 3, "10.0.0.1", 29555)
+    assert config.token == "s3cret"
     assert GroupConfig.from_env_or_flags(rank=1).rank == 1  # flags win
     monkeypatch.setenv("WORLD_SIZE", "three")
     with pytest.raises(ValueError, match="WORLD_SIZE='three' is not a valid value"):
         GroupConfig.from_env_or_flags()
     with pytest.raises(ValueError, match="rank 3 is not in"):
         GroupConfig(3, 3)
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses with a TCP socket listening on ``port`` (from /proc/net/tcp and tcp6)."""
+    import ipaddress
+
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            address, hex_port = fields[1].split(":")
+            if fields[3] != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(address)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add(str(ipaddress.ip_address(words if width == 32 else words[:4])))
+    return found
+
+
+def test_the_rendezvous_listens_only_on_the_master_address():
+    """torch's own rendezvous (init_process_group tcp://) listens on every interface."""
+    from prism_trt.runtime.rendezvous import Rendezvous
+
+    port = free_port()
+    rendezvous = Rendezvous(GroupConfig(0, 2, "127.0.0.1", port, 5.0))
+    try:
+        assert listening_addresses(port) == {"127.0.0.1"}
+        assert os.environ.get("GLOO_SOCKET_IFNAME") == "lo"  # GLOO's sockets too: the route to rank 0
+    finally:
+        rendezvous.close()
+    assert listening_addresses(port) == set()
+
+
+def test_ranks_with_the_same_token_form_the_group(engines):
+    port = free_port()
+    workers = start_workers(engines / "p2", 2, port, extra=("--cluster-token", "correct horse"))
+    executor = DistributedExecutor(engines / "p2" / "rank0", GroupConfig(0, 2, "127.0.0.1", port, TIMEOUT_S,
+                                                                       token="correct horse"), threads=1)
+    try:
+        result = executor.infer(torch.randn(2, 1, 28, 28), executor.key_for("prism", 5.0))
+        assert result.choice.mode == "prism" and not result.fell_back
+    finally:
+        executor.close()
+    assert [code for code, _ in finish(workers)] == [0]
+
+
+def test_a_worker_with_a_wrong_token_is_refused(engines):
+    from prism_trt.runtime import ClusterError
+
+    port = free_port()
+    workers = start_workers(engines / "p2", 2, port, extra=("--cluster-token", "guessed"))
+    try:
+        with pytest.raises(ClusterError, match=r"rank\(s\) \[1\] did not join .*rank 1 presented a wrong cluster token"):
+            DistributedExecutor(engines / "p2" / "rank0", GroupConfig(0, 2, "127.0.0.1", port, 60.0,
+                                                                     token="correct horse"), threads=1)
+    finally:
+        [(code, out)] = finish(workers)
+    assert code == 1 and "its cluster token does not match rank 0's" in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("env, flags, message", [
+    ({"PRISM_TRT_CLUSTER_TOKEN": ""}, [], "the cluster token is empty"),
+    ({}, ["--cluster-token", " "], "the cluster token is empty"),
+    ({}, ["--master-addr", "192.0.2.7"], "reachable from the network, so every rank needs the same secret"),
+])
+def test_group_security_mistakes_are_usage_errors(engines, monkeypatch, env, flags, message):
+    from click.testing import CliRunner
+
+    from prism_trt.cli import main
+
+    monkeypatch.delenv("PRISM_TRT_CLUSTER_TOKEN", raising=False)
+    result = CliRunner().invoke(main, ["run", "--engines", str(engines / "p2"), "--rank", "1", "--world-size", "2",
+                                       *flags], env=env)
+    assert result.exit_code == 2, result.output
+    assert message in result.output

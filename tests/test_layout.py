@@ -24,6 +24,7 @@ JSON_READERS = {
     "profiler/testbed/namespaces.py": "`ip -j` output",
     "profiler/testbed/testbed.py": "`ip -j` output and the testbed's own state file",
     "profiler/testbed/bandwidth.py": "the bandwidth probe's report line",
+    "runtime/rendezvous.py": "join requests and answers in rank 0's rendezvous store",
 }
 
 

@@ -93,14 +93,18 @@ def group_options(func):
     @click.option("--iface", default=None, help="Network interface for GLOO [env GLOO_SOCKET_IFNAME].")
     @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
                   help="Seconds before a collective (or joining the group) fails.")
+    @click.option("--cluster-token", default=None, metavar="SECRET",
+                  help="Shared secret every rank must present to join the group; required unless "
+                       "--master-addr is a loopback address [env PRISM_TRT_CLUSTER_TOKEN].")
     @functools.wraps(func)
-    def wrapper(*args, rank, world_size, master_addr, master_port, iface, timeout_s, **kwargs):
+    def wrapper(*args, rank, world_size, master_addr, master_port, iface, timeout_s, cluster_token, **kwargs):
         from ..runtime.group import GroupConfig
 
         if rank is None and world_size is None and "RANK" not in os.environ:
             rank, world_size = 0, 1  # a single board
         try:
-            group = GroupConfig.from_env_or_flags(rank, world_size, master_addr, master_port, timeout_s, iface)
+            group = GroupConfig.from_env_or_flags(rank, world_size, master_addr, master_port, timeout_s, iface,
+                                                  cluster_token)
         except ValueError as error:
             raise click.UsageError(str(error)) from None
         return func(*args, group=group, **kwargs)

@@ -58,7 +58,9 @@ def _summary(bed: Testbed) -> str:
 def _how_to_run(bed: Testbed) -> str:
     executable = _prism_trt_executable()
     lines = ["Run one process per rank inside the testbed (highest rank first, rank 0 last; each in its own shell or "
-             "with &):"]
+             "with &), every one with the same cluster secret, since the ranks talk over the testbed's network:",
+             "  export PRISM_TRT_CLUSTER_TOKEN=SECRET   # one secret for all shells, e.g. from "
+             "python3 -c 'import secrets; print(secrets.token_hex(16))'"]
     for rank in reversed(range(bed.ranks)):
         argv = [executable, "run", "--engines", "DIR", "--rank", str(rank), "--world-size", str(bed.ranks),
                 "--master-addr", bed.address(0), "--iface", bed.iface(rank)]

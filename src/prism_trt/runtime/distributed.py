@@ -8,9 +8,14 @@ runs the head. While idle, rank 0 sends heartbeats so that workers (and rank 0 i
 dead peer within the collective timeout instead of at the next request.
 
 If a collective fails (a worker died or stopped answering), rank 0 answers the batch with its
-local chain, keeps doing so for every later batch and reports degraded readiness. The GLOO group
-cannot be repaired in place (its membership is fixed when it is created): the operator restarts
-the workers and rank 0 together, e.g. with the same `prism-trt serve` command on every board.
+local chain, leaves the broken group (so the surviving workers notice at once) and reports
+degraded readiness. A GLOO group cannot be repaired in place (its membership is fixed when it is
+created), so the group is re-formed instead: surviving workers ask to join again by themselves, a
+restarted board does so by running its usual command, and once every worker is waiting rank 0
+takes the executor's lock (no batch is in flight then), forms the next group generation and
+returns to distributed modes (:mod:`.rendezvous`). A worker that stops answering without dying
+(a frozen board) makes readiness degraded while it stalls, and fails the group after the
+collective timeout.
 """
 
 from __future__ import annotations
@@ -28,13 +33,15 @@ from ..engines.chain_key import ChainKey
 from ..errors import PrismError, UsageError
 from .api import Executor, Health, InferenceResult
 from .chain import EngineChain, load_manifest_here, run_chains_in_process
-from .group import ClusterError, GroupConfig, init_group, leave_group
+from .group import ClusterError, GroupConfig
+from .rendezvous import Rendezvous
 from .staging import make_staging
 from .timing import PhaseTimes, Stopwatch
 
 log = logging.getLogger(__name__)
 
 OP_STOP, OP_INFER, OP_HEARTBEAT, OP_INFER_TIMED = 0, 1, 2, 3
+REJOIN_POLL_S = 0.2  # while degraded, how often rank 0 looks for workers asking to join again
 
 
 @contextmanager
@@ -76,6 +83,8 @@ class DistributedRank:
         # destroy_process_group() deadlocked when the STOP header was a temporary (3 of 5 runs of the
         # two-rank CLI tests with torch 2.5 hung; 0 of 10 since).
         self.header = torch.zeros(4, dtype=torch.int64)
+        self.progress_at = time.monotonic()  # when the last collective completed (stall detection)
+        self.batches_run = 0
 
     def signature(self) -> dict:
         """What every rank must agree on before the first collective."""
@@ -132,6 +141,7 @@ class DistributedRank:
                 dist.barrier()
         with watch.phase("comm"):
             dist.all_gather(buffers.gathered, send)
+        self.progress_at = time.monotonic()
         with watch.phase("h2d"):
             remote = staging.to_device(buffers)
         entry = batch * self.spec.embed_dim * 4
@@ -147,8 +157,8 @@ class DistributedRank:
 
 
 def worker_loop(rank: DistributedRank, stop: threading.Event | None = None) -> int:
-    """Follow rank 0 until it says stop; returns the number of batches run. Raises on a failed
-    collective (rank 0 gone, timeout) so the caller can log it and exit non-zero."""
+    """Follow rank 0 until it says stop; returns the number of batches run in this group. Raises
+    RuntimeError on a failed collective (rank 0 left the group, timeout)."""
     header = rank.header
     batches = 0
     while stop is None or not stop.is_set():
@@ -165,56 +175,91 @@ def worker_loop(rank: DistributedRank, stop: threading.Event | None = None) -> i
         if op == OP_INFER_TIMED:
             dist.gather_object(times.to_dict(), None, dst=0)
         batches += 1
+        rank.batches_run += 1
     return batches
 
 
 class DistributedExecutor(Executor):
-    """Rank 0's :class:`~prism_trt.runtime.api.Executor` over a GLOO group of ``world_size`` ranks."""
+    """Rank 0's :class:`~prism_trt.runtime.api.Executor` over a GLOO group of ``world_size`` ranks.
+
+    heartbeat_s: idle time after which rank 0 broadcasts a heartbeat (default a third of the
+    collective timeout); stall_s: how long the workers may leave a collective unanswered before
+    readiness says degraded (default a quarter of the timeout, at most 5 s)."""
 
     def __init__(self, rank_dir: Path, group: GroupConfig, threads: int | None = None, device: str = "cpu",
-                 profile_barrier: bool = False, heartbeat_s: float | None = None):
+                 profile_barrier: bool = False, heartbeat_s: float | None = None, stall_s: float | None = None):
         if group.rank != 0:
             raise UsageError("the executor runs on rank 0; other ranks run worker_loop")
         self.group, self.profile_barrier = group, profile_barrier
         self.rank = DistributedRank(rank_dir, 0, group.world_size, threads, device)
         if self.rank.local_chain is None:
+            self.rank.close()
             raise UsageError(f"{rank_dir} has no local chain: rank 0 needs it as the fallback")
         self.manifest, self.spec, self.max_batch = self.rank.manifest, self.rank.spec, self.rank.max_batch
         self.model_name = self.spec.name
         self._lock = threading.Lock()  # collectives must be issued in the same order on every rank
         self._degraded = ""
+        self._busy = False  # a distributed batch or heartbeat is in its collectives
         self._closed = threading.Event()
-        init_group(group)
         try:
+            self._rendezvous = Rendezvous(group)
+        except PrismError:
+            self.rank.close()
+            raise
+        try:
+            self._rendezvous.form(fail_on_refusal=True)
             with peer_failures("rank 0: the workers went away while checking their engines"):
                 self.rank.check_consistent()
         except PrismError:
             self.rank.close()
-            leave_group()
+            self._rendezvous.close()
             raise
         self._heartbeat_s = heartbeat_s if heartbeat_s is not None else group.timeout_s / 3
+        self._stall_s = stall_s if stall_s is not None else min(group.timeout_s / 4, 5.0)
         self._last_collective = time.monotonic()
         self.bandwidth_mbit: float | None = None  # estimated from the collectives actually run
-        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="prism-heartbeat", daemon=True)
-        self._heartbeat.start()
+        self._watch = threading.Thread(target=self._watch_loop, name="prism-heartbeat", daemon=True)
+        self._watch.start()
+
+    @property
+    def generation(self) -> int:
+        """The group generation: 0 at start, +1 each time the group was re-formed after a failure."""
+        return self._rendezvous.generation
 
     def chains(self) -> list[ChainKey]:
         return [ChainKey.local()] + [c.key for c in self.rank.configs]
 
     def health(self) -> Health:
-        return Health(live=True, ready=not self._closed.is_set(), degraded=bool(self._degraded),
-                      reason=self._degraded)
+        reason = self._degraded
+        if not reason and self._busy:
+            waited = time.monotonic() - self.rank.progress_at
+            if waited > self._stall_s:
+                reason = f"the workers have not answered for {waited:.1f} s (a stalled board?)"
+        return Health(live=True, ready=not self._closed.is_set(), degraded=bool(reason), reason=reason)
+
+    @contextmanager
+    def _collectives(self):
+        """Marks the in-flight collectives of one batch or heartbeat (callers hold self._lock)."""
+        self._busy, self.rank.progress_at = True, time.monotonic()
+        try:
+            yield
+        finally:
+            self._busy = False
+            self._last_collective = time.monotonic()
 
     def _broadcast_header(self, op: int, index: int = 0, batch: int = 0) -> None:
         header = self.rank.header  # callers hold self._lock: one collective at a time
         header.copy_(torch.tensor([op, index, batch, int(self.profile_barrier)], dtype=torch.int64))
         dist.broadcast(header, src=0)
-        self._last_collective = time.monotonic()
+        self.rank.progress_at = time.monotonic()
 
     def _degrade(self, why: str) -> None:
-        if not self._degraded:
-            self._degraded = why
-            log.error("distributed inference failed, serving with rank 0's local chain from now on: %s", why)
+        """Serve locally from now on and leave the broken group, so that the surviving workers
+        notice at once and ask to join the next one (callers hold self._lock)."""
+        self._degraded = why
+        log.error("distributed inference failed, serving with rank 0's local chain until every worker is back: %s",
+                  why)
+        self._rendezvous.leave()
 
     def _local(self, images: torch.Tensor, fell_back: bool) -> InferenceResult:
         watch = Stopwatch()
@@ -232,15 +277,15 @@ class DistributedExecutor(Executor):
                 return self._local(images, fell_back=key.mode != "local")
             index = self.rank.config_index(key)
             try:
-                self._broadcast_header(OP_INFER_TIMED if gather_timings else OP_INFER, index, images.shape[0])
-                dist.broadcast(images.contiguous(), src=0)
-                logits, times = self.rank.run(index, images, self.profile_barrier)
-                per_rank = []
-                if gather_timings:
-                    gathered: list = [None] * self.group.world_size
-                    dist.gather_object(times.to_dict(), gathered, dst=0)
-                    per_rank = [PhaseTimes(**t) for t in gathered]
-                self._last_collective = time.monotonic()
+                with self._collectives():
+                    self._broadcast_header(OP_INFER_TIMED if gather_timings else OP_INFER, index, images.shape[0])
+                    dist.broadcast(images.contiguous(), src=0)
+                    logits, times = self.rank.run(index, images, self.profile_barrier)
+                    per_rank = []
+                    if gather_timings:
+                        gathered: list = [None] * self.group.world_size
+                        dist.gather_object(times.to_dict(), gathered, dst=0)
+                        per_rank = [PhaseTimes(**t) for t in gathered]
                 self._update_bandwidth(times)
                 return InferenceResult(logits, key, times, per_rank=per_rank)
             except RuntimeError as error:  # GLOO reports peer loss and timeouts as RuntimeError
@@ -254,20 +299,46 @@ class DistributedExecutor(Executor):
             rate = (times.bytes_sent + times.bytes_received) * 8 / (times.comm * 1e3)
             self.bandwidth_mbit = rate if self.bandwidth_mbit is None else 0.8 * self.bandwidth_mbit + 0.2 * rate
 
-    def _heartbeat_loop(self) -> None:
-        while not self._closed.wait(self._heartbeat_s / 2):
-            if self._degraded or time.monotonic() - self._last_collective < self._heartbeat_s:
-                continue
-            with self._lock:
-                if self._closed.is_set() or self._degraded:
-                    return
-                try:
-                    self._broadcast_header(OP_HEARTBEAT)
-                except RuntimeError as error:
-                    self._degrade(f"heartbeat to the workers failed: {error}")
+    def _watch_loop(self) -> None:
+        """Heartbeats while healthy and idle; while degraded, re-forms the group once every worker
+        asks to join again."""
+        while not self._closed.wait(REJOIN_POLL_S if self._degraded else self._heartbeat_s / 2):
+            if self._degraded:
+                self._rejoin_if_all_waiting()
+            elif time.monotonic() - self._last_collective >= self._heartbeat_s:
+                with self._lock:
+                    if self._closed.is_set() or self._degraded:
+                        continue
+                    try:
+                        with self._collectives():
+                            self._broadcast_header(OP_HEARTBEAT)
+                    except RuntimeError as error:
+                        self._degrade(f"heartbeat to the workers failed: {error}")
+
+    def _rejoin_if_all_waiting(self) -> None:
+        try:
+            if not self._rendezvous.all_waiting():
+                return
+        except RuntimeError as error:  # rank 0 hosts the store, so this is rare (torchrun's agent store)
+            log.warning("cannot read join requests from the rendezvous store: %s", error)
+            return
+        with self._lock:  # no batch is in flight while the lock is held: the queue waits, nothing is lost
+            if self._closed.is_set():
+                return
+            try:
+                generation = self._rendezvous.form()
+                with peer_failures(f"rank 0: the re-formed group (generation {self.generation}) failed its check"):
+                    self.rank.check_consistent()
+            except PrismError as error:
+                log.error("re-forming the group failed, still serving locally: %s", error)
+                self._rendezvous.leave()
+                return
+            self._degraded = ""
+            self._last_collective = time.monotonic()
+        log.warning("every worker is back: group generation %d formed, distributed modes resume", generation)
 
     def close(self) -> None:
-        """Tell the workers to stop, then leave the group (safe to call twice)."""
+        """Tell the workers to stop, then leave the group and the store (safe to call twice)."""
         with self._lock:
             if self._closed.is_set():
                 return
@@ -278,18 +349,31 @@ class DistributedExecutor(Executor):
                 except RuntimeError as error:
                     log.warning("could not tell the workers to stop: %s", error)
         self.rank.close()
-        leave_group()
+        self._rendezvous.close()
 
 
 def run_worker(rank_dir: Path, group: GroupConfig, threads: int | None = None, device: str = "cpu") -> int:
-    """A worker board's whole life: load, join, check, follow rank 0, leave. A lost rank 0 (or a
-    collective that timed out) is a ClusterError naming this rank."""
+    """A worker board's whole life: load, join, check, follow rank 0 until it says stop, leave.
+    When the group breaks (rank 0 left it after another worker died, or a collective timed out)
+    the worker asks to join the next one. Returns the number of batches run. A rank 0 that went
+    away, a refused token or engines that differ from rank 0's are ClusterErrors naming this rank."""
     rank = DistributedRank(rank_dir, group.rank, group.world_size, threads, device)
-    init_group(group)
+    rendezvous = None
     try:
-        with peer_failures(f"rank {group.rank}: lost the group"):
-            rank.check_consistent()
-            return worker_loop(rank)
+        rendezvous = Rendezvous(group)
+        while rendezvous.join() is not None:
+            try:
+                rank.check_consistent()
+                worker_loop(rank)
+                return rank.batches_run
+            except PrismError:
+                raise
+            except RuntimeError as error:
+                log.warning("rank %d: lost the group (%s); asking rank 0 to join the next one", group.rank, error)
+                rendezvous.leave()
+        log.info("rank %d: rank 0 stopped while this rank waited to join", group.rank)
+        return rank.batches_run
     finally:
         rank.close()
-        leave_group()
+        if rendezvous is not None:
+            rendezvous.close()

@@ -34,6 +34,27 @@ from .metrics import ServerMetrics
 log = logging.getLogger(__name__)
 
 
+class ThrottledLog:
+    """A warning logged at most once per ``every_s``, saying how many were folded into it: a
+    degraded cluster falls back on every batch, which would otherwise be ~60 lines/s under load
+    (the fallbacks metric counts every one)."""
+
+    def __init__(self, every_s: float = 30.0):
+        self.every_s = every_s
+        self._last = -float("inf")
+        self._folded = 0
+
+    def warning(self, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            self._folded += 1
+            return
+        if self._folded:
+            message += f" (and {self._folded} more in the last {now - self._last:.0f} s)"
+        log.warning(message, *args)
+        self._last, self._folded = now, 0
+
+
 class QueueFull(RuntimeError):
     """The queue holds as many images as the server accepts; the client should retry later."""
 
@@ -80,6 +101,7 @@ class Batcher:
             raise ValueError(f"max_queue_images ({self.max_queue_images}) must hold at least one full batch "
                              f"({self.max_batch})")
         self.metrics = metrics or ServerMetrics(self.max_batch)
+        self._fallback_log = ThrottledLog()
         self._pending: deque[_Pending] = deque()
         self._queued_images = 0
         self._arrived: asyncio.Event | None = None
@@ -251,7 +273,7 @@ class Batcher:
         self.metrics.executor_seconds.observe(executor_s, mode=result.choice.label)
         if result.fell_back:
             self.metrics.fallbacks.inc()
-            log.warning("%s failed for a batch of %d; the local chain answered", chosen.label, size)
+            self._fallback_log.warning("%s could not run a batch of %d; the local chain answered", chosen.label, size)
         logits = result.logits.detach().to("cpu", torch.float32)
         offset = 0
         for pending in batch:
