@@ -18,6 +18,7 @@ from conftest import assert_close
 from prism_trt.engines import ChainKey
 from prism_trt.runtime.api import Health
 from prism_trt.runtime.local import LocalExecutor
+from prism_trt.serve import HttpLimits, server_config
 
 TOKEN = "s3cret-token"
 MAX_BATCH = 8
@@ -42,12 +43,14 @@ class VoltageForBatchOfThree:
 
 
 @contextmanager
-def running(app):
-    """uvicorn serving ``app`` from a background thread on a socket bound to 127.0.0.1:0."""
+def running(app, limits: HttpLimits | None = None):
+    """The bounded uvicorn server (prism_trt.serve.server_config: ``limits``, default HttpLimits())
+    serving ``app`` from a background thread on a socket bound to 127.0.0.1:0."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(server_config(app, limits=limits, log_level="warning",
+                                          on_refusal=app.state.server.count_refusal))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

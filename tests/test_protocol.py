@@ -19,10 +19,10 @@ from PIL import Image
 from prism_trt.engines.chain_key import ChainKey
 from prism_trt.model.spec import ViTSpec
 from prism_trt.serve.protocol import (
-    MAX_IMAGE_PIXELS,
     RequestError,
     decode_image,
     infer_response,
+    max_image_pixels,
     model_metadata,
     parse_infer_request,
     server_metadata,
@@ -132,7 +132,8 @@ BAD = [  # case, body, status, reason, a fragment the message must hold
     ("no_name_no_shape", body({"datatype": "FP32", "data": []}), 400, "malformed_request",
      "lacks field(s) ['name', 'shape']"),
     ("binary_extension", body({"name": "input", "shape": [1, *SHAPE], "datatype": "FP32",
-                               "parameters": {"binary_data_size": 4 * COUNT}}), 400, "binary_data", "binary tensor"),
+                               "parameters": {"binary_data_size": 4 * COUNT}}), 400, "binary_data",
+     "no Inference-Header-Content-Length header"),
     ("wrong_name", body(tensor(name="pixels")), 400, "input_name", 'unknown input "pixels"'),
     ("wrong_datatype", body(tensor(datatype="FP16")), 400, "datatype", 'datatype "FP16"'),
     ("lowercase_datatype", body(tensor(datatype="fp32")), 400, "datatype", 'datatype "fp32"'),
@@ -154,7 +155,7 @@ BAD = [  # case, body, status, reason, a fragment the message must hold
     ("strings", body(tensor(data=["0.5"] * COUNT)), 400, "data", "only numbers"),
     ("booleans", body(tensor(data=[True] * COUNT)), 400, "data", "only numbers"),
     ("nulls", body(tensor(data=[None] + [0.0] * (COUNT - 1))), 400, "data", "only numbers"),
-    ("huge_integer", body(tensor(data=[10**40] + [0] * (COUNT - 1))), 400, "data", "only numbers"),
+    ("huge_integer", body(tensor(data=[10**40] + [0] * (COUNT - 1))), 400, "non_finite", "(inf) at flat index 0"),
     ("short_flat", body(tensor(data=[0.0] * (COUNT - 1))), 400, "data_length", f"has {COUNT - 1} values"),
     ("long_flat", body(tensor(data=[0.0] * (COUNT + 1))), 400, "data_length", f"needs {COUNT}"),
     ("batch_vs_data", body(tensor(shape=[2, *SHAPE], data=[0.0] * COUNT)), 400, "data_length", f"needs {2 * COUNT}"),
@@ -162,10 +163,14 @@ BAD = [  # case, body, status, reason, a fragment the message must hold
      "nested data has shape [1, 3, 8, 16]"),
     ("half_nested", body(tensor(data=np.zeros((3, 128)).tolist())), 400, "data_shape",
      "nested data has shape [3, 128]"),
-    ("nan", with_first_value("NaN", 5), 400, "non_finite", "non-finite value (nan) at flat index 5"),
-    ("infinity", with_first_value("Infinity"), 400, "non_finite", "non-finite value (inf) at flat index 0"),
-    ("minus_infinity", with_first_value("-Infinity", COUNT - 1), 400, "non_finite",
-     f"(-inf) at flat index {COUNT - 1}"),
+    # JSON has no NaN or Infinity (orjson refuses them, the standard library read them): the message says so
+    ("nan", with_first_value("NaN", 5), 400, "malformed_json", "NaN is not a JSON number, values must be finite"),
+    ("infinity", with_first_value("Infinity"), 400, "malformed_json", "; Infinity is not a JSON number"),
+    ("minus_infinity", with_first_value("-Infinity", COUNT - 1), 400, "malformed_json", "-Infinity is not a JSON"),
+    ("boolean_output_flag", body(outputs=[{"name": "label", "parameters": {"binary_data": 1}}]), 400, "outputs",
+     "output 'label' parameters.binary_data must be true or false, got 1"),
+    ("class_count", body(outputs=[{"name": "logits", "parameters": {"class_count": 3}}]), 400, "outputs",
+     "classification extension is not supported"),
     ("fp32_overflow", with_first_value("1e39", 2), 400, "non_finite", "(inf) at flat index 2"),
     ("outputs_object", body(outputs={"name": "logits"}), 400, "outputs", "'outputs' must be a list"),
     ("outputs_without_name", body(outputs=[{"binary_data": True}]), 400, "outputs", "with a 'name'"),
@@ -194,7 +199,8 @@ def test_booleans_among_numbers_are_refused():
 def test_infer_response_structure():
     logits = torch.tensor([[0.5, 3.0, -1.0, 0.0, 2.0], [9.0, 1.0, 1.0, 1.0, 8.5]])
     prism = ChainKey.prism(3, 17, 2)
-    response = infer_response("proto-test", "r1", ("label", "logits"), logits, prism, True, 6, 1.23456, 7.0)
+    response, raw = infer_response("proto-test", "r1", ("label", "logits"), logits, prism, True, 6, 1.23456, 7.0)
+    assert raw == b""  # no output asked for in binary
     assert response["model_name"] == "proto-test" and response["id"] == "r1"
     label, out = response["outputs"]  # in the requested order
     assert label == {"name": "label", "datatype": "INT64", "shape": [2], "data": [1, 0]}
@@ -204,17 +210,17 @@ def test_infer_response_structure():
                                       "fell_back": True, "batch_size": 6, "queue_ms": 1.235, "executor_ms": 7.0}
     json.dumps(response, allow_nan=False)  # plain JSON all through
 
-    local = infer_response("proto-test", "r2", ("logits",), logits[:1], ChainKey.local(), False, 1, 0.0, 0.5)
+    local, _ = infer_response("proto-test", "r2", ("logits",), logits[:1], ChainKey.local(), False, 1, 0.0, 0.5)
     assert [o["name"] for o in local["outputs"]] == ["logits"]
     for order in (("logits", "label"), ("label", "logits")):
-        answer = infer_response("proto-test", "r3", order, logits, ChainKey.local(), False, 2, 0.0, 0.0)
+        answer, _ = infer_response("proto-test", "r3", order, logits, ChainKey.local(), False, 2, 0.0, 0.0)
         assert tuple(o["name"] for o in answer["outputs"]) == order
     assert local["parameters"]["mode"] == local["parameters"]["choice"] == "local"
     assert "cr" not in local["parameters"]  # OIP parameter values cannot be null
 
 
 def test_response_parameters_are_never_null():
-    response = infer_response("m", "r", ("label",), torch.zeros(1, 5), ChainKey("prism", 4), False, 1, 0.0, 0.0)
+    response, _ = infer_response("m", "r", ("label",), torch.zeros(1, 5), ChainKey("prism", 4), False, 1, 0.0, 0.0)
     assert None not in response["parameters"].values()
 
 
@@ -228,7 +234,7 @@ def test_model_and_server_metadata():
     assert meta["parameters"] == {"max_batch_size": MAX_BATCH, "modes": f"local,voltage,{keys[2].label}",
                                   "mean": "0.5,0.25,0.75", "std": "0.5,0.25,2",
                                   "image_endpoint": "/v2/models/proto-test/infer/image"}
-    assert server_metadata("1.2.3") == {"name": "prism-trt", "version": "1.2.3", "extensions": []}
+    assert server_metadata("1.2.3") == {"name": "prism-trt", "version": "1.2.3", "extensions": ["binary_tensor_data"]}
 
 
 # ------------------------------------------------------------------ images
@@ -286,8 +292,8 @@ BAD_IMAGES = [
     ("empty", b"", SPEC, 400, "bad_image", "empty (0 bytes)"),
     ("garbage", b"\x00\x01not an image at all", SPEC, 400, "bad_image", "starting 00016e6f7420616e"),
     ("truncated", png(Image.new("RGB", (300, 300), (1, 2, 3)))[:120], SPEC, 400, "bad_image", "corrupt or truncated"),
-    ("too_many_pixels", png_header_only(10_000, MAX_IMAGE_PIXELS // 10_000 + 1), SPEC, 413, "image_too_large",
-     f"at most {MAX_IMAGE_PIXELS} pixels"),
+    ("too_many_pixels", png_header_only(10_000, max_image_pixels(SPEC) // 10_000 + 1), SPEC, 413, "image_too_large",
+     f"at most {max_image_pixels(SPEC)} pixels"),
     ("two_channel_model", png(Image.new("RGB", (8, 16))), make_spec(in_chans=2), 400, "bad_image", "takes 2 channels"),
 ]
 

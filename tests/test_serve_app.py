@@ -30,7 +30,8 @@ def test_health_and_metadata(serve_client):
     assert ready.headers["x-prism-health"] == "ready"
 
     server = serve_client.get("/v2").json()
-    assert server["name"] == "prism-trt" and isinstance(server["version"], str) and server["extensions"] == []
+    assert server["name"] == "prism-trt" and isinstance(server["version"], str)
+    assert server["extensions"] == ["binary_tensor_data"]
 
     meta = serve_client.get("/v2/models/tiny-test")
     assert meta.status_code == 200

@@ -50,14 +50,15 @@ BAD_REQUESTS = [
      "nested data has shape [1, 3, 16, 64]"),
     ("ragged", {"json": tensor_body([1, 3, 32, 32], data=[[0.0, 1.0], [2.0]])}, 400, "not a regular nested list"),
     ("strings", {"json": tensor_body([1, 3, 32, 32], data=["0.5"] * 3072)}, 400, "only numbers"),
-    ("nan", {"content": with_value("NaN")}, 400, "non-finite value (nan) at flat index 0"),
-    ("infinity", {"content": with_value("-Infinity")}, 400, "non-finite value (-inf)"),
+    ("nan", {"content": with_value("NaN")}, 400, "NaN is not a JSON number"),
+    ("infinity", {"content": with_value("-Infinity")}, 400, "-Infinity is not a JSON number"),
     ("fp32_overflow", {"content": with_value("1e39")}, 400, "non-finite value (inf)"),
     ("batch_over_limit", {"json": tensor_body([MAX_BATCH + 1, 3, 32, 32])}, 413, f"exceeds this server's max batch "
                                                                                 f"{MAX_BATCH}"),
     ("unknown_output", {"json": tensor_body([1, 3, 32, 32], outputs=[{"name": "probs"}])}, 400, "['probs']"),
     ("binary_extension", {"json": {"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
-                                               "parameters": {"binary_data_size": 12288}}]}}, 400, "binary tensor"),
+                                               "parameters": {"binary_data_size": 12288}}]}}, 400,
+     "no Inference-Header-Content-Length header"),
     ("body_too_large", {"content": b" " * (BODY_LIMIT + 1)}, 413, f"accepts at most {BODY_LIMIT}"),
     ("chunked_too_large", {"content": lambda: iter([b" " * (BODY_LIMIT // 2)] * 3)}, 413, f"exceeds {BODY_LIMIT}"),
 ]

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import NamedTuple
 
 import click
 
 from ..engines.manifest import rank_directory
 from ..errors import PrismError
+from ..serve.http_server import HttpLimits, check_exposure
 from .common import group_options, main
+
+
+class HttpOptions(NamedTuple):
+    """`serve`'s HTTP flags, gathered by :func:`http_options`."""
+
+    host: str
+    port: int
+    token: str | None
+    allow_unauthenticated: bool
+    max_body_bytes: int | None
+    max_image_bytes: int | None
+    limits: HttpLimits
 
 
 def _breakdown_table(result: dict) -> str:
@@ -95,6 +110,66 @@ class _Stopped(Exception):
     """SIGTERM reached rank 0's server."""
 
 
+def _check_token(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An empty token, from the flag or from an empty PRISM_TRT_TOKEN, is an error: it must never
+    silently turn authentication off (click reads an empty variable as unset)."""
+    import os
+
+    from ..serve.app import check_token
+
+    if value is None and os.environ.get("PRISM_TRT_TOKEN") == "":
+        raise click.BadParameter("PRISM_TRT_TOKEN is set but empty; set it to the token, or unset it to serve "
+                                 "without authentication", ctx, param)
+    if value is not None:
+        try:
+            check_token(value)
+        except ValueError as error:
+            raise click.BadParameter(str(error), ctx, param) from None
+    return value
+
+
+def http_options(func):
+    """The HTTP server's flags for `serve`: address, authentication, body and read limits."""
+    seconds = click.FloatRange(min=0, min_open=True)
+
+    @click.option("--host", default="127.0.0.1", show_default=True,
+                  help="Address to bind (rank 0). A non-loopback address (0.0.0.0 exposes every interface) needs "
+                       "--token or --allow-unauthenticated.")
+    @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+    @click.option("--token", envvar="PRISM_TRT_TOKEN", default=None, callback=_check_token,
+                  help="Require `Authorization: Bearer TOKEN` on every endpoint but /v2/health/live "
+                       "[env PRISM_TRT_TOKEN; empty is an error].")
+    @click.option("--allow-unauthenticated", is_flag=True,
+                  help="Serve a non-loopback --host without a token (only on a network you trust).")
+    @click.option("--max-body-bytes", type=click.IntRange(min=1), default=None,
+                  help="/infer body limit, JSON or binary [default: a full batch of the model: 32 bytes a value as "
+                       "JSON, 4 as binary, + 64 KiB].")
+    @click.option("--max-image-bytes", type=click.IntRange(min=1), default=None,
+                  help="/infer/image body limit [default: 2 bytes a pixel of the pixel cap, max(4 Mpx, 64 x the "
+                       "model's input), + 64 KiB].")
+    @click.option("--header-timeout", type=seconds, default=HttpLimits.header_timeout_s, show_default=True,
+                  help="Seconds for a request's line and headers to arrive, from connect or the previous response "
+                       "(408 and close).")
+    @click.option("--body-timeout", type=seconds, default=HttpLimits.body_timeout_s, show_default=True,
+                  help="Longest silence while a request body is outstanding (408 and close).")
+    @click.option("--keep-alive", type=seconds, default=HttpLimits.keep_alive_s, show_default=True,
+                  help="Seconds an idle keep-alive connection stays open.")
+    @click.option("--max-header-bytes", type=click.IntRange(min=256), default=HttpLimits.max_header_bytes,
+                  show_default=True, help="Largest request line + headers (431 above).")
+    @click.option("--max-connections", type=click.IntRange(min=1), default=HttpLimits.max_connections,
+                  show_default=True, help="Open connections served at once; requests on more get 503.")
+    @click.option("--backlog", type=click.IntRange(min=1), default=HttpLimits.backlog, show_default=True,
+                  help="Connections the kernel queues before the server accepts them.")
+    @functools.wraps(func)
+    def wrapper(*args, host, port, token, allow_unauthenticated, max_body_bytes, max_image_bytes, header_timeout,
+                body_timeout, keep_alive, max_header_bytes, max_connections, backlog, **kwargs):
+        limits = HttpLimits(header_timeout_s=header_timeout, body_timeout_s=body_timeout, keep_alive_s=keep_alive,
+                            max_header_bytes=max_header_bytes, max_connections=max_connections, backlog=backlog)
+        http = HttpOptions(host, port, token, allow_unauthenticated, max_body_bytes, max_image_bytes, limits)
+        return func(*args, http=http, **kwargs)
+    return wrapper
+
+
 @main.command()
 @click.option("--engines", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
               help="A build directory (rankN/ is picked by rank) or one rank's engine directory.")
@@ -106,22 +181,19 @@ class _Stopped(Exception):
               help="Performance map for --mode auto (from `prism-trt profile`).")
 @click.option("--objective", type=click.Choice(["latency", "energy"]), default="latency", show_default=True)
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True)
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (rank 0); 0.0.0.0 exposes it.")
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--token", envvar="PRISM_TRT_TOKEN", default=None,
-              help="Require `Authorization: Bearer TOKEN` [env PRISM_TRT_TOKEN].")
+@http_options
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="How long a batch waits for more requests.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Engine intra-op threads.")
 @click.option("--device", default="cpu", show_default=True, help="Where engine tensors live (cpu, cuda:0).")
-def serve(engines, group, mode, cr, map_path, objective, min_agreement, host, port, token, max_wait_ms, threads,
-          device):
+def serve(engines, group, mode, cr, map_path, objective, min_agreement, http, max_wait_ms, threads, device):
     """Serve classifications over the KServe v2 / Open Inference Protocol HTTP API.
 
     Run the same command on every board with its --rank (or under torchrun): rank 0 loads its
     engines, joins the group and serves HTTP; the other ranks follow rank 0. If a worker dies,
-    rank 0 answers with its local chain and reports degraded readiness; restart all ranks to
-    distribute again. Ctrl-C / SIGTERM on rank 0 stops every rank.
+    rank 0 answers with its local chain and reports degraded readiness until the worker is back:
+    start it again with the same command and the group re-forms without restarting rank 0.
+    Ctrl-C / SIGTERM on rank 0 stops every rank.
     """
     import logging
     import signal
@@ -142,6 +214,11 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, host, po
         return
     if mode == "auto" and map_path is None:
         raise click.UsageError("--mode auto needs --map PERFMAP.json (make one with `prism-trt profile`)")
+    if not http.allow_unauthenticated:  # refused before loading anything; serve() warns when it is allowed
+        try:
+            check_exposure(http.host, http.token is not None, allow_unauthenticated=False)
+        except PrismError as error:
+            raise click.UsageError(str(error)) from None
     if mode in ("voltage", "prism") and group.world_size == 1:
         raise click.UsageError(f"{mode} mode needs --world-size >= 2")
     executor = open_executor(engines, group, threads, device)
@@ -155,8 +232,10 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, host, po
         else:
             # refuse at start-up what cannot be served: a chain these engines do not hold
             selector = FixedSelector(executor.key_for(mode, cr))
-        app = create_app(executor, selector, token=token, max_wait_ms=max_wait_ms)
-        click.echo(f"serving {executor.model_name} ({mode}) on http://{host}:{port}/v2/models/{executor.model_name}")
+        app = create_app(executor, selector, token=http.token, max_wait_ms=max_wait_ms,
+                         max_body_bytes=http.max_body_bytes, max_image_bytes=http.max_image_bytes)
+        click.echo(f"serving {executor.model_name} ({mode}) on http://{http.host}:{http.port}/v2/models/"
+                   f"{executor.model_name}")
 
         # uvicorn shuts down gracefully on SIGTERM/SIGINT, then restores the handlers it found and
         # re-raises the signal: with this handler in place that ends here, so the workers get stopped.
@@ -164,12 +243,13 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, host, po
             raise _Stopped(signum)
 
         signal.signal(signal.SIGTERM, stopped)
-        run_server(app, host=host, port=port)
+        run_server(app, host=http.host, port=http.port, limits=http.limits,
+                   allow_unauthenticated=http.allow_unauthenticated)
     except (_Stopped, KeyboardInterrupt):
         click.echo("rank 0: stopping every rank")
     except OSError as error:  # the address is in use or not ours
         if isinstance(error, PrismError):  # a missing file, say: its own message is the right one
             raise
-        raise click.ClickException(f"cannot serve on {host}:{port}: {error}") from None
+        raise click.ClickException(f"cannot serve on {http.host}:{http.port}: {error}") from None
     finally:
         executor.close()

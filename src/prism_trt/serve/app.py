@@ -7,6 +7,7 @@ batcher waits for an in-flight batch on shutdown, so closing afterwards is safe)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -14,7 +15,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -27,41 +27,72 @@ from .. import __version__
 from ..errors import UsageError
 from ..runtime.api import Executor, Health, Selector
 from .batcher import Batcher, BatcherStopped, InferenceFailed, QueueFull
+from .binary import HEADER_LENGTH, encode_body
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (
     OUTPUT_NAMES,
-    RequestError,
     decode_image,
     infer_response,
+    max_image_pixels,
     model_metadata,
     parse_infer_request,
     server_metadata,
 )
+from .request_error import RequestError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_WAIT_MS = 5.0
-LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+# What one value of a full batch may take in a request body: as JSON, a float64 written in full
+# (up to 24 characters, "-2.2250738585072014e-308") with its separator, nesting brackets and some
+# whitespace; in Triton's binary encoding, 4 bytes (FP32).
+BYTES_PER_VALUE = {"json": 32, "binary": 4}
+BODY_ALLOWANCE = 64 << 10  # the rest of a request: id, names, parameters, the binary request's JSON header
+IMAGE_BYTES_PER_PIXEL = 2  # a compressed image at the pixel cap is well under 2 bytes a pixel
+# Parsing a full JSON batch or decoding an image takes a core for milliseconds and, for images,
+# tens of MB: at most this many at once, the rest wait (their number bounded by the connection limit).
+PARSE_CONCURRENCY = 2
+DECODE_CONCURRENCY = 2
 
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def default_max_body_bytes(executor: Executor) -> int:
-    """A full batch written as JSON by a verbose client (~32 bytes a value), and room for a photo upload."""
+def default_max_body_bytes(executor: Executor, encoding: str = "json") -> int:
+    """The /infer body limit: a full batch (max batch x C x H x W values) in ``encoding`` ("json" or
+    "binary", the Triton binary tensor extension) and an allowance for the rest of the request."""
     height, width = executor.spec.img_size
     values = executor.max_batch * executor.spec.in_chans * height * width
-    return max(32 * values + (1 << 20), 16 << 20)
+    return BYTES_PER_VALUE[encoding] * values + BODY_ALLOWANCE
+
+
+def default_max_image_bytes(executor: Executor) -> int:
+    """The /infer/image body limit: an image file at the pixel cap (:func:`max_image_pixels`)."""
+    return IMAGE_BYTES_PER_PIXEL * max_image_pixels(executor.spec) + BODY_ALLOWANCE
+
+
+def check_token(token: str) -> None:
+    """Refuse a bearer token no client could send: empty, or not printable ASCII without spaces."""
+    if not token or not token.isascii() or not token.isprintable() or " " in token:
+        # HTTP headers arrive as latin-1 text; a token outside printable ASCII could never match
+        raise UsageError("the bearer token must be non-empty printable ASCII without spaces")
 
 
 class _Server:
     def __init__(self, executor: Executor, selector: Selector, token: str | None, max_wait_ms: float,
-                 max_body_bytes: int, max_queue_images: int | None):
-        if token is not None and (not token or not token.isascii() or not token.isprintable() or " " in token):
-            # HTTP headers arrive as latin-1 text; a token outside printable ASCII could never match
-            raise UsageError("the bearer token must be non-empty printable ASCII without spaces")
-        if max_body_bytes <= 0:
-            raise UsageError(f"max_body_bytes must be positive, got {max_body_bytes}")
-        self.executor, self.token, self.max_body_bytes = executor, token, max_body_bytes
+                 max_body_bytes: int | None, max_queue_images: int | None, max_image_bytes: int | None):
+        if token is not None:
+            check_token(token)
+        for name, value in (("max_body_bytes", max_body_bytes), ("max_image_bytes", max_image_bytes)):
+            if value is not None and value <= 0:
+                raise UsageError(f"{name} must be positive, got {value}")
+        self.executor, self.token = executor, token
+        # an explicit body limit holds for both encodings; the defaults follow the model's full batch
+        self.body_limits = {encoding: max_body_bytes or default_max_body_bytes(executor, encoding)
+                            for encoding in BYTES_PER_VALUE}
+        self.image_limit = max_image_bytes or default_max_image_bytes(executor)
+        self.max_pixels = max_image_pixels(executor.spec)
+        self.parse_slots = asyncio.Semaphore(PARSE_CONCURRENCY)
+        self.decode_slots = asyncio.Semaphore(DECODE_CONCURRENCY)
         self.model_name = executor.model_name
         self.metrics = ServerMetrics(executor.max_batch)
         self.batcher = Batcher(executor, selector, max_wait_s=max_wait_ms / 1e3, max_queue_images=max_queue_images,
@@ -96,6 +127,11 @@ class _Server:
         log.log(level, "%s -> %d %s: %s", endpoint, error.status, error.reason, error.message)
         return JSONResponse({"error": error.message}, status_code=error.status, headers=error.headers)
 
+    def count_refusal(self, status: int, reason: str) -> None:
+        """A request the HTTP server refused before the app saw it (a slow or oversized head, a stalled body)."""
+        self.metrics.requests.inc(endpoint="http", code=str(status))
+        self.metrics.errors.inc(endpoint="http", code=str(status), reason=reason)
+
     def _authorize(self, request: Request) -> None:
         if self.token is None:
             return
@@ -113,8 +149,14 @@ class _Server:
             raise RequestError(404, "unknown_model", f"model '{name}' is not served here; this server serves "
                                                      f"'{self.model_name}'")
 
-    async def _read_body(self, request: Request) -> bytes:
-        limit = self.max_body_bytes
+    async def _read_body(self, request: Request, limit: int) -> bytes:
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            # compressed bodies are refused rather than inflated: a few KB of gzip can expand to GBs,
+            # and float tensors hardly compress
+            raise RequestError(415, "content_encoding", f"Content-Encoding {encoding!r} is not supported; send the "
+                                                        f"body uncompressed (tritonclient: leave "
+                                                        f"request_compression_algorithm unset)")
         declared = request.headers.get("content-length")
         if declared is not None:
             if not declared.isdigit():
@@ -141,7 +183,8 @@ class _Server:
             return Health(live=health.live, ready=False, degraded=health.degraded, reason="the batch worker stopped")
         return health
 
-    async def _infer(self, images, request_id: str, outputs: tuple[str, ...]) -> JSONResponse:
+    async def _infer(self, images, request_id: str, outputs: tuple[str, ...],
+                     binary_outputs: frozenset[str] = frozenset()) -> Response:
         started = time.perf_counter()
         try:
             outcome = await self.batcher.submit(images)
@@ -151,10 +194,12 @@ class _Server:
             raise RequestError(503, "shutting_down", str(exc)) from None
         except InferenceFailed as exc:
             raise RequestError(500, "executor_error", f"inference failed: {exc}") from None
-        body = infer_response(self.model_name, request_id, outputs, outcome.logits, outcome.choice,
-                              outcome.fell_back, outcome.batch_size, outcome.queue_s * 1e3, outcome.executor_s * 1e3)
+        header, raw = infer_response(self.model_name, request_id, outputs, outcome.logits, outcome.choice,
+                                     outcome.fell_back, outcome.batch_size, outcome.queue_s * 1e3,
+                                     outcome.executor_s * 1e3, binary_outputs)
+        content, headers, media_type = encode_body(header, raw)
         self.metrics.latency.observe(time.perf_counter() - started, mode=outcome.choice.label)
-        return JSONResponse(body)
+        return Response(content, headers=headers, media_type=media_type)
 
     # ---------------------------------------------------------------- routes
 
@@ -189,19 +234,18 @@ class _Server:
 
     async def infer(self, request: Request) -> Response:
         self._check_model(request)
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type == "application/octet-stream" or "inference-header-content-length" in request.headers:
-            raise RequestError(400, "binary_data", "the binary tensor data extension is not supported; send a JSON "
-                                                   "body with the tensor in 'data'")
-        body = await self._read_body(request)
-        # JSON parsing of a large batch takes a while; off the loop, so the batch worker keeps going
-        parsed = await run_in_threadpool(parse_infer_request, body, self.executor.spec, self.executor.max_batch)
-        return await self._infer(parsed.images, parsed.request_id, parsed.outputs)
+        header_length = request.headers.get(HEADER_LENGTH)  # Triton's binary tensor extension
+        body = await self._read_body(request, self.body_limits["json" if header_length is None else "binary"])
+        # parsing a full batch takes milliseconds: off the loop, so the batch worker keeps going
+        async with self.parse_slots:
+            parsed = await run_in_threadpool(parse_infer_request, body, self.executor.spec, self.executor.max_batch,
+                                             header_length)
+        return await self._infer(parsed.images, parsed.request_id, parsed.outputs, parsed.binary_outputs)
 
     async def infer_image(self, request: Request) -> Response:
         self._check_model(request)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        body = await self._read_body(request)
+        body = await self._read_body(request, self.image_limit)
         if content_type == "multipart/form-data":
             data = await self._uploaded_file(request, body)
         elif content_type.startswith("image/") or content_type == "application/octet-stream":
@@ -210,7 +254,8 @@ class _Server:
             raise RequestError(415, "content_type", f"expected a multipart/form-data upload with a 'file' field or a "
                                                     f"raw image body (Content-Type image/*), got "
                                                     f"{content_type or 'no Content-Type'}")
-        images = await run_in_threadpool(decode_image, data, self.executor.spec)
+        async with self.decode_slots:
+            images = await run_in_threadpool(decode_image, data, self.executor.spec, self.max_pixels)
         request_id = request.headers.get("x-request-id") or request.query_params.get("id") or ""
         return await self._infer(images, request_id or uuid.uuid4().hex, OUTPUT_NAMES)
 
@@ -247,18 +292,17 @@ class _Server:
 
 def create_app(executor: Executor, selector: Selector, token: str | None = None,
                max_wait_ms: float = DEFAULT_MAX_WAIT_MS, max_body_bytes: int | None = None,
-               max_queue_images: int | None = None) -> Starlette:
+               max_queue_images: int | None = None, max_image_bytes: int | None = None) -> Starlette:
     """The KServe v2 app for one executor.
 
     token: when set, every endpoint but ``/v2/health/live`` wants ``Authorization: Bearer <token>``.
     max_wait_ms: how long a batch waits for more requests after its oldest one arrived.
-    max_body_bytes: request body limit (default :func:`default_max_body_bytes`), 413 above it.
+    max_body_bytes: /infer body limit, JSON or binary (default :func:`default_max_body_bytes`), 413 above it.
     max_queue_images: images allowed to wait (default 16 full batches), 503 above it.
+    max_image_bytes: /infer/image body limit (default :func:`default_max_image_bytes`), 413 above it.
     ``app.state.server`` holds the batcher and metrics.
     """
-    server = _Server(executor, selector, token, max_wait_ms,
-                     max_body_bytes if max_body_bytes is not None else default_max_body_bytes(executor),
-                     max_queue_images)
+    server = _Server(executor, selector, token, max_wait_ms, max_body_bytes, max_queue_images, max_image_bytes)
     e = server.endpoint
     routes = [
         # liveness probes (kubelet, systemd) carry no credentials, and liveness tells nothing about the model
@@ -275,8 +319,10 @@ def create_app(executor: Executor, selector: Selector, token: str | None = None,
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         server.batcher.start()
-        log.info("serving model '%s' (max batch %d, batching wait %g ms, auth %s)", server.model_name,
-                 executor.max_batch, max_wait_ms, "on" if token else "off")
+        log.info("serving model '%s' (max batch %d, batching wait %g ms, auth %s; body limits: JSON %d, binary %d, "
+                 "image %d bytes, %d pixels)", server.model_name, executor.max_batch, max_wait_ms,
+                 "on" if token else "off", server.body_limits["json"], server.body_limits["binary"],
+                 server.image_limit, server.max_pixels)
         try:
             yield
         finally:
@@ -287,11 +333,3 @@ def create_app(executor: Executor, selector: Selector, token: str | None = None,
     app.state.server = server
     return app
 
-
-def serve(app: Starlette, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Run ``app`` with uvicorn until interrupted: one process, since the executor lives in it."""
-    server = getattr(app.state, "server", None)
-    if host not in LOOPBACK_HOSTS and (server is None or server.token is None):
-        log.warning("serving on %s without a bearer token: anyone who can reach this port can run inference", host)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, workers=None, proxy_headers=False,
-                server_header=False, timeout_graceful_shutdown=30)

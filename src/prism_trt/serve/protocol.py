@@ -1,45 +1,51 @@
-"""KServe v2 / Open Inference Protocol over JSON: request validation, response and metadata
-shapes, and image decoding for the image endpoint.
+"""KServe v2 / Open Inference Protocol: request validation (JSON tensors, or raw bytes by Triton's
+binary tensor data extension, see binary.py), response and metadata shapes, and image decoding
+for the image endpoint.
 
-Only the JSON tensor form is spoken. The binary tensor data extension (``binary_data_size`` on an
-input, ``application/octet-stream`` bodies) is refused with a 400 that says so; an output's
-``binary_data`` request is answered in JSON, which clients of that extension also read.
+JSON is parsed with orjson (several times faster than the standard library on a full batch). It
+refuses what JSON itself does not allow, such as NaN and Infinity, which the error message names.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
+import re
 import uuid
 from dataclasses import dataclass
 
 import numpy as np
+import orjson
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..engines.chain_key import ChainKey
 from ..model.spec import ViTSpec
+from .binary import binary_size, encode_outputs, flag, split_body, tensor_from_binary
+from .request_error import RequestError
 
 INPUT_NAME = "input"
 LOGITS_OUTPUT = "logits"
 LABEL_OUTPUT = "label"
 OUTPUT_NAMES = (LOGITS_OUTPUT, LABEL_OUTPUT)
 PLATFORM = "prism_trt"
-PROTOCOL_EXTENSIONS: list[str] = []  # no OIP extensions (binary data, sequences, ...) are implemented
+PROTOCOL_EXTENSIONS: list[str] = ["binary_tensor_data"]
 
-# Pillow refuses ~179 Mpx by itself; an image endpoint of a small ViT needs far less, and a
-# decompression bomb inside a small PNG must not get to allocate its full size.
-MAX_IMAGE_PIXELS = 40_000_000
+# The image endpoint decodes at most max(IMAGE_PIXELS_FLOOR, IMAGE_PIXELS_PER_INPUT x the model's
+# input pixels): a phone screenshot (~3 Mpx) of a digit still works for a 28 x 28 model, while a
+# decompression bomb in a small PNG (a 6300 x 6300 RGBA PNG is 154 KB) is refused before it gets
+# to allocate. JPEGs are first reduced while decoding (Image.draft, down to 1/8), so a 12 Mpx
+# phone photo decodes at 1.5 Mpx.
+IMAGE_PIXELS_FLOOR = 4 * 1024 * 1024
+IMAGE_PIXELS_PER_INPUT = 64
+
+_NON_JSON_NUMBER = re.compile(rb"(?<![\w\"])-?(NaN|Infinity)\b")
 
 
-class RequestError(Exception):
-    """A request the server refuses. ``reason`` is a short fixed slug for the error metric."""
-
-    def __init__(self, status: int, reason: str, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.reason, self.message = status, reason, message
-        self.headers = headers or {}
+def max_image_pixels(spec: ViTSpec) -> int:
+    """The most pixels the image endpoint decodes for this model (after any JPEG reduction)."""
+    height, width = spec.img_size
+    return max(IMAGE_PIXELS_FLOOR, IMAGE_PIXELS_PER_INPUT * height * width)
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,7 @@ class InferRequest:
     images: torch.Tensor  # (B, C, H, W) float32, finite
     request_id: str
     outputs: tuple[str, ...]  # requested outputs, in response order
+    binary_outputs: frozenset[str] = frozenset()  # outputs to send as raw bytes (binary extension)
 
 
 def server_metadata(version: str) -> dict:
@@ -84,7 +91,7 @@ def _check_shape(shape, spec: ViTSpec, max_batch: int) -> list[int]:
     expected_text = f"[B, {spec.in_chans}, {spec.img_size[0]}, {spec.img_size[1]}] with 1 <= B <= {max_batch}"
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise RequestError(400, "shape", f"input '{INPUT_NAME}' shape must be a list of integers {expected_text}, "
-                                         f"got {json.dumps(shape)}")
+                                         f"got {orjson.dumps(shape).decode()}")
     if len(shape) != 4:
         raise RequestError(400, "shape", f"input '{INPUT_NAME}' has rank {len(shape)} (shape {_shape_text(shape)}); "
                                          f"expected rank 4, {expected_text}")
@@ -134,6 +141,11 @@ def _tensor_from_data(data, shape: list[int], may_hold_booleans: bool = True) ->
                                               f"declared shape is {_shape_text(shape)}")
     with np.errstate(over="ignore"):  # out-of-range values become inf and are reported just below
         values = array.astype(np.float32).reshape(shape)
+    return _finite(values)
+
+
+def _finite(values: np.ndarray) -> torch.Tensor:
+    """The float32 array as a tensor, once every value is known to be finite."""
     finite = np.isfinite(values)
     if not finite.all():
         index = int(np.flatnonzero(~finite)[0])
@@ -142,32 +154,61 @@ def _tensor_from_data(data, shape: list[int], may_hold_booleans: bool = True) ->
     return torch.from_numpy(np.ascontiguousarray(values))
 
 
-def _requested_outputs(payload: dict) -> tuple[str, ...]:
+def _show(value) -> str:
+    """A JSON value as the client wrote it, for error messages."""
+    return orjson.dumps(value).decode()
+
+
+def _requested_outputs(payload: dict) -> tuple[tuple[str, ...], frozenset[str]]:
+    """(output names in response order, those to send as raw bytes)."""
+    parameters = payload.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise RequestError(400, "malformed_request", f"request 'parameters' must be a JSON object, got "
+                                                     f"{_show(parameters)}")
+    all_binary = bool(flag(parameters, "binary_data_output", "the request's"))
     requested = payload.get("outputs")
-    if requested is None:
-        return OUTPUT_NAMES
+    if requested is None or requested == []:
+        return OUTPUT_NAMES, frozenset(OUTPUT_NAMES) if all_binary else frozenset()
     if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
-                                                  for o in requested):
-        raise RequestError(400, "outputs", "'outputs' must be a list of objects with a 'name'")
+                                                  and isinstance(o.get("parameters") or {}, dict) for o in requested):
+        raise RequestError(400, "outputs", "'outputs' must be a list of objects with a 'name' (and optional "
+                                           "'parameters' object)")
     names = tuple(o["name"] for o in requested)
     unknown = [name for name in names if name not in OUTPUT_NAMES]
     if unknown:
         raise RequestError(400, "outputs", f"unknown output(s) {unknown}; this model has outputs {list(OUTPUT_NAMES)}")
-    return tuple(dict.fromkeys(names)) or OUTPUT_NAMES
+    binary = set()
+    for output in requested:
+        options = output.get("parameters") or {}
+        if options.get("class_count", 0) not in (0, None):
+            raise RequestError(400, "outputs", f"output '{output['name']}' asks for class_count; the "
+                                               f"classification extension is not supported (read 'label')")
+        wanted = flag(options, "binary_data", f"output '{output['name']}'")
+        if wanted or (wanted is None and all_binary):
+            binary.add(output["name"])
+    return tuple(dict.fromkeys(names)), frozenset(binary)
 
 
-def parse_infer_request(body: bytes, spec: ViTSpec, max_batch: int) -> InferRequest:
-    """Validate an OIP JSON inference request for this model, or raise :class:`RequestError`."""
+def _load_json(text: bytes):
     try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise RequestError(400, "malformed_json", f"request body is not valid JSON: {exc}") from None
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:  # also invalid UTF-8 and too deep nesting
+        found = _NON_JSON_NUMBER.search(text)
+        hint = f"; {found.group(0).decode()} is not a JSON number, values must be finite numbers" if found else ""
+        raise RequestError(400, "malformed_json", f"request body is not valid JSON: {exc}{hint}") from None
+
+
+def parse_infer_request(body: bytes, spec: ViTSpec, max_batch: int, header_length: str | None = None) -> InferRequest:
+    """Validate an OIP inference request for this model, or raise :class:`RequestError`.
+    ``header_length``: the Inference-Header-Content-Length header, when the binary extension is used."""
+    json_part, raw = split_body(body, header_length)
+    payload = _load_json(json_part)
     if not isinstance(payload, dict):
         raise RequestError(400, "malformed_request", f"request body must be a JSON object with an 'inputs' list, "
                                                      f"got a JSON {type(payload).__name__}")
     request_id = payload.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise RequestError(400, "malformed_request", f"'id' must be a string, got {json.dumps(request_id)}")
+        raise RequestError(400, "malformed_request", f"'id' must be a string, got {_show(request_id)}")
     if "inputs" not in payload:
         raise RequestError(400, "missing_inputs", f"request has no 'inputs'; expected a list holding one FP32 tensor "
                                                   f"named '{INPUT_NAME}'")
@@ -177,37 +218,50 @@ def parse_infer_request(body: bytes, spec: ViTSpec, max_batch: int) -> InferRequ
         raise RequestError(400, "missing_inputs", f"'inputs' must be a list holding exactly one tensor object "
                                                   f"named '{INPUT_NAME}', got {found}")
     tensor = inputs[0]
-    missing = [key for key in ("name", "shape", "datatype", "data") if key not in tensor]
     parameters = tensor.get("parameters")
     if parameters is not None and not isinstance(parameters, dict):
         raise RequestError(400, "malformed_request", f"input tensor 'parameters' must be a JSON object, got "
                                                      f"{type(parameters).__name__}")
-    if "binary_data_size" in (parameters or {}):
-        raise RequestError(400, "binary_data", "the binary tensor data extension is not supported; send the "
-                                               "tensor as JSON in 'data'")
+    size = binary_size(tensor, str(tensor.get("name")))
+    missing = [key for key in ("name", "shape", "datatype") + (("data",) if size is None else ()) if key not in tensor]
     if missing:
         raise RequestError(400, "malformed_request", f"input tensor lacks field(s) {missing}; an OIP tensor has "
-                                                     f"name, shape, datatype and data")
+                                                     f"name, shape, datatype and data (or binary_data_size)")
     if tensor["name"] != INPUT_NAME:
-        raise RequestError(400, "input_name", f"unknown input {json.dumps(tensor['name'])}; this model has one input "
+        raise RequestError(400, "input_name", f"unknown input {_show(tensor['name'])}; this model has one input "
                                               f"named '{INPUT_NAME}'")
     if tensor["datatype"] != "FP32":
-        raise RequestError(400, "datatype", f"input '{INPUT_NAME}' has datatype {json.dumps(tensor['datatype'])}; "
+        raise RequestError(400, "datatype", f"input '{INPUT_NAME}' has datatype {_show(tensor['datatype'])}; "
                                             f"this model takes FP32")
     shape = _check_shape(tensor["shape"], spec, max_batch)
-    images = _tensor_from_data(tensor["data"], shape, may_hold_booleans=b"true" in body or b"false" in body)
-    return InferRequest(images, uuid.uuid4().hex if request_id is None else request_id, _requested_outputs(payload))
+    if size is None:
+        if raw:
+            raise RequestError(400, "binary_data", f"the body holds {len(raw)} bytes after the JSON header, but input "
+                                                   f"'{INPUT_NAME}' declares no binary_data_size")
+        images = _tensor_from_data(tensor["data"], shape, may_hold_booleans=b"true" in body or b"false" in body)
+    else:
+        if "data" in tensor:
+            raise RequestError(400, "binary_data", f"input '{INPUT_NAME}' has both 'data' and binary_data_size; "
+                                                   f"send one")
+        if header_length is None:
+            raise RequestError(400, "binary_data", f"input '{INPUT_NAME}' declares binary_data_size but the request "
+                                                   f"has no Inference-Header-Content-Length header saying where its "
+                                                   f"JSON ends")
+        images = _finite(tensor_from_binary(raw, size, shape, "FP32", INPUT_NAME))
+    outputs, binary_outputs = _requested_outputs(payload)
+    return InferRequest(images, uuid.uuid4().hex if request_id is None else request_id, outputs, binary_outputs)
 
 
 def infer_response(model_name: str, request_id: str, outputs: tuple[str, ...], logits: torch.Tensor,
-                   choice: ChainKey, fell_back: bool, batch_size: int, queue_ms: float, executor_ms: float) -> dict:
-    """An OIP inference response; ``parameters`` says how the batch holding this request ran."""
+                   choice: ChainKey, fell_back: bool, batch_size: int, queue_ms: float, executor_ms: float,
+                   binary_outputs: frozenset[str] = frozenset()) -> tuple[dict, bytes]:
+    """An OIP inference response (JSON part, binary section); ``parameters`` says how the batch
+    holding this request ran. Outputs in ``binary_outputs`` go to the binary section."""
     batch, classes = logits.shape
+    values = logits.detach().cpu().numpy()
     tensors = {
-        LOGITS_OUTPUT: {"name": LOGITS_OUTPUT, "datatype": "FP32", "shape": [batch, classes],
-                        "data": logits.reshape(-1).tolist()},
-        LABEL_OUTPUT: {"name": LABEL_OUTPUT, "datatype": "INT64", "shape": [batch],
-                       "data": logits.argmax(dim=1).tolist()},
+        LOGITS_OUTPUT: ({"name": LOGITS_OUTPUT, "datatype": "FP32", "shape": [batch, classes]}, values),
+        LABEL_OUTPUT: ({"name": LABEL_OUTPUT, "datatype": "INT64", "shape": [batch]}, values.argmax(axis=1)),
     }
     parameters = {"mode": choice.mode, "choice": choice.label, "fell_back": fell_back, "batch_size": batch_size,
                   "queue_ms": round(queue_ms, 3), "executor_ms": round(executor_ms, 3)}
@@ -215,12 +269,14 @@ def infer_response(model_name: str, request_id: str, outputs: tuple[str, ...], l
         parameters["segments"] = choice.segments
         if choice.cr is not None:
             parameters["cr"] = choice.cr
-    return {"model_name": model_name, "id": request_id, "parameters": parameters,
-            "outputs": [tensors[name] for name in outputs]}
+    objects, raw = encode_outputs([tensors[name] for name in outputs], binary_outputs)
+    return {"model_name": model_name, "id": request_id, "parameters": parameters, "outputs": objects}, raw
 
 
-def decode_image(data: bytes, spec: ViTSpec) -> torch.Tensor:
-    """Image file bytes -> (1, C, H, W) float32, as the model expects it: C channels, img_size, mean/std."""
+def decode_image(data: bytes, spec: ViTSpec, max_pixels: int | None = None) -> torch.Tensor:
+    """Image file bytes -> (1, C, H, W) float32, as the model expects it: C channels, img_size, mean/std.
+    ``max_pixels`` (default :func:`max_image_pixels`) bounds the decoded size; larger images get 413."""
+    limit = max_image_pixels(spec) if max_pixels is None else max_pixels
     if not data:
         raise RequestError(400, "bad_image", "the image is empty (0 bytes)")
     if spec.in_chans not in (1, 3):
@@ -228,15 +284,20 @@ def decode_image(data: bytes, spec: ViTSpec) -> torch.Tensor:
                                              f"turned into 1 (grayscale) or 3 (RGB); send an FP32 tensor to /infer")
     try:
         image = Image.open(io.BytesIO(data))
+        # JPEG decodes at 1/2, 1/4 or 1/8 scale for free: reduce to the smallest scale that still
+        # covers the model's input, before any pixel is decoded (other formats ignore this)
+        height, width = spec.img_size
+        image.draft("L" if spec.in_chans == 1 else "RGB", (width, height))
     except UnidentifiedImageError:
         raise RequestError(400, "bad_image", f"could not decode the image: {len(data)} bytes starting "
                                              f"{data[:8].hex()} are no image format Pillow reads") from None
     except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         raise RequestError(400, "bad_image", f"could not decode the image: {exc}") from None
     width, height = image.size
-    if width * height > MAX_IMAGE_PIXELS:
-        raise RequestError(413, "image_too_large", f"the image is {width}x{height} pixels; at most "
-                                                   f"{MAX_IMAGE_PIXELS} pixels are decoded")
+    if width * height > limit:
+        raise RequestError(413, "image_too_large", f"the image is {width}x{height} pixels; at most {limit} pixels "
+                                                   f"are decoded for this model (JPEGs count after 1/8 reduction); "
+                                                   f"scale it down first")
     try:
         image.load()
         image = ImageOps.exif_transpose(image)  # phone photos are stored sideways with an orientation tag
