@@ -155,6 +155,11 @@ class SegmentPlan:
     def remote_ranks(self, rank: int) -> list[int]:
         return [q for q in range(self.ranks) if q != rank]
 
+    def attended_ranks(self, rank: int, causal: bool = False) -> list[int]:
+        """The ranks whose means ``rank`` attends to: every other rank, or for a causal model only
+        the earlier ones (the partition-aware causal mask, core/text_rank.py)."""
+        return [q for q in self.remote_ranks(rank) if not causal or q < rank]
+
     def remote_count(self, rank: int) -> int:
         return sum(self.counts[q] for q in self.remote_ranks(rank))
 

@@ -1,10 +1,12 @@
-"""`ViTSpec`: the shape of a Vision Transformer, independent of where its weights came from."""
+"""`ViTSpec`: the shape of a Vision Transformer, independent of where its weights came from; its block
+fields are a `BlockSpec`, shared with the text models' `TextSpec`."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from dataclasses import dataclass
+from typing import ClassVar, TypeVar
 
 from ..errors import UsageError
 
@@ -13,7 +15,62 @@ POOLINGS = ("token", "token_distilled", "avg")
 
 
 @dataclass(frozen=True)
-class ViTSpec:
+class BlockSpec:
+    """The fields one Prism block reads, shared by every model family (ViTSpec, TextSpec), so that
+    one PrismAttention / PrismBlock serves them all.
+
+    embed_dim: token width D. depth: number of transformer blocks.
+    num_heads / head_dim: H and d_h; the attention width H*d_h need not equal D.
+    mlp_hidden_dim / mlp_act: width and activation of the block MLP.
+    norm_eps: LayerNorm epsilon, shared by every norm of the model.
+    qkv_bias: whether the Q, K, V projections have a bias.
+    """
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    head_dim: int
+    mlp_hidden_dim: int
+    mlp_act: str
+    norm_eps: float
+    qkv_bias: bool
+
+    def __post_init__(self) -> None:
+        if self.mlp_act not in MLP_ACTIVATIONS:
+            raise UsageError(f"mlp_act must be one of {MLP_ACTIVATIONS}, got {self.mlp_act!r}")
+
+    @property
+    def attn_dim(self) -> int:
+        """D_a = H * d_h, the width of queries, keys and values."""
+        return self.num_heads * self.head_dim
+
+    #: Fields that JSON turns into lists and from_dict turns back into tuples.
+    _TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[SpecT], data: dict) -> SpecT:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        missing = sorted(fields - set(data))
+        if unknown or missing:
+            raise UsageError(f"not a {cls.__name__}: missing fields {missing}, unknown fields {unknown}")
+        values = dict(data)
+        for key in cls._TUPLE_FIELDS:
+            values[key] = tuple(values[key])
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+SpecT = TypeVar("SpecT", bound=BlockSpec)
+
+
+@dataclass(frozen=True)
+class ViTSpec(BlockSpec):
     """Everything the export, runtime and accounting code needs to know about a ViT.
 
     name: model name (timm name or checkpoint stem), for manifests and reports.
@@ -41,14 +98,6 @@ class ViTSpec:
     patch_size: tuple[int, int]
     in_chans: int
     num_prefix_tokens: int
-    embed_dim: int
-    depth: int
-    num_heads: int
-    head_dim: int
-    mlp_hidden_dim: int
-    mlp_act: str
-    norm_eps: float
-    qkv_bias: bool
     pre_norm: bool
     final_norm: bool
     pool: str
@@ -57,9 +106,10 @@ class ViTSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
+    _TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("img_size", "patch_size", "mean", "std")
+
     def __post_init__(self) -> None:
-        if self.mlp_act not in MLP_ACTIVATIONS:
-            raise UsageError(f"mlp_act must be one of {MLP_ACTIVATIONS}, got {self.mlp_act!r}")
+        super().__post_init__()
         if self.pool not in POOLINGS:
             raise UsageError(f"pool must be one of {POOLINGS}, got {self.pool!r}")
         for axis, (image, patch) in enumerate(zip(self.img_size, self.patch_size)):
@@ -84,29 +134,6 @@ class ViTSpec:
         return self.num_prefix_tokens + self.num_patches
 
     @property
-    def attn_dim(self) -> int:
-        """D_a = H * d_h, the width of queries, keys and values."""
-        return self.num_heads * self.head_dim
-
-    @property
     def patch_dim(self) -> int:
         """Values in one flattened patch: C * ph * pw."""
         return self.in_chans * self.patch_size[0] * self.patch_size[1]
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ViTSpec:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
-        missing = sorted(fields - set(data))
-        if unknown or missing:
-            raise UsageError(f"not a ViTSpec: missing fields {missing}, unknown fields {unknown}")
-        values = dict(data)
-        for key in ("img_size", "patch_size", "mean", "std"):
-            values[key] = tuple(values[key])
-        return cls(**values)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)

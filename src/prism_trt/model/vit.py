@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .spec import ViTSpec
+from .spec import BlockSpec, ViTSpec
 
 MeansSource = Literal["ln1", "input"]
 MEANS_SOURCES: tuple[str, ...] = ("ln1", "input")
@@ -93,12 +93,18 @@ class PrismAttention(nn.Module):
         x_norm: torch.Tensor,
         remote_norm: torch.Tensor | None = None,
         remote_log_sizes: torch.Tensor | None = None,
+        local_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x_norm: (B, n, D) normed own tokens; remote_norm: (B, m, D) normed remote means whose
-        j-th entry stands for exp(remote_log_sizes[j]) tokens. Returns (B, n, D)."""
+        j-th entry stands for exp(remote_log_sizes[j]) tokens. Returns (B, n, D).
+
+        remote_log_sizes is (m,) for a ViT; text models pass a (B, 1, n, m) bias that also masks
+        (padding, causality). local_bias, (B, 1, n, n) or None, masks own keys the same way."""
         B, n, _ = x_norm.shape
         q, k, v = self._heads(self.qkv(x_norm), 3)  # each (B, H, n, d_h)
         logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, n, n)
+        if local_bias is not None:
+            logits = logits + local_bias
         if remote_norm is not None:
             kv_weight = self.qkv.weight[self.attn_dim:]
             kv_bias = None if self.qkv.bias is None else self.qkv.bias[self.attn_dim:]
@@ -124,9 +130,9 @@ class Mlp(nn.Module):
 
 
 class PrismBlock(nn.Module):
-    """Pre-norm transformer block over one rank's tokens."""
+    """Pre-norm transformer block over one rank's tokens (ViT, GPT-2)."""
 
-    def __init__(self, spec: ViTSpec):
+    def __init__(self, spec: BlockSpec):
         super().__init__()
         D = spec.embed_dim
         self.norm1 = nn.LayerNorm(D, eps=spec.norm_eps)
@@ -144,11 +150,12 @@ class PrismBlock(nn.Module):
         remote_means: torch.Tensor | None = None,
         remote_log_sizes: torch.Tensor | None = None,
         means_source: MeansSource = "ln1",
+        local_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         remote_norm = None
         if remote_means is not None:
             remote_norm = remote_means if means_source == "ln1" else self.norm1(remote_means)
-        x = x + self.attn(self.norm1(x), remote_norm, remote_log_sizes)
+        x = x + self.attn(self.norm1(x), remote_norm, remote_log_sizes, local_bias)
         x = x + self.mlp(self.norm2(x))
         return x
 

@@ -1,0 +1,189 @@
+"""Prism for sequences (BERT, GPT-2): one rank's forward, masks, and the simulation of all ranks.
+
+The maths, tagged as in ``../shared/docs/prism-text.md`` ([P] the paper states it, [D] derived
+there analytically, [I] inferred there and adopted here) or [ours] (decided here):
+
+* Partition plan: the ViT's (:func:`~prism_trt.core.plan.make_partition_plan`) over sequence
+  positions. [CLS] is a prefix token like the ViT's: on rank 0, never averaged, sent as its own
+  size-1 segment [issue 15] (``cls_segment=False`` averages it into rank 0's first segment, as the
+  paper's headline BERT accounting does [D, 2.2]). GPT-2 has no prefix token. Every rank embeds
+  its own ids with *global* position ids (and its own token types) [I, 2.3].
+* Segment means respect padding [I, 2.4]: ``m_g = sum_j a_j x_j / s_g`` with ``s_g = sum_j a_j``
+  over the segment's valid tokens (``a_j`` the attention mask), logit bias ``ln(s_g)``. A segment
+  with no valid token has ``s_g = 0``: its mean is 0 (we divide by ``max(s_g, 1)``, never by 0) and
+  its bias is :data:`~prism_trt.model.text.MASKED`, so it carries no weight and makes no NaN
+  [ours: a finite mask value, like Hugging Face's, so a query with nothing visible is finite too].
+  Padded own keys are masked as Hugging Face masks them. Every rank holds the whole attention
+  mask (it arrives with the ids), so the sizes ``s_g`` of remote segments are computed locally:
+  only the means travel [ours].
+* Partition-aware causal mask [I, 3.2; the paper names it, the rule is not retrievable]: query
+  ``t`` sees its own partition's tokens ``j <= t`` and a remote segment only if *every* token of it
+  precedes ``t`` (``end_g <= t``; implemented as "the last position a key covers is ``<= t``",
+  which for a single token is the ordinary causal mask [ours]). Segments are whole-segment means, never
+  prefix means. With contiguous partitions this is block-lower-triangular: rank ``p`` sees all
+  segments of ranks ``r < p`` and none of ``r > p``, so it receives only earlier ranks' means and
+  the last rank sends nothing [I, 3.3]. By induction over blocks, no output depends on a later
+  token, at any CR; rank 0 is exact.
+* What is averaged (``means_source``): GPT-2 is pre-norm, so ``ln1`` / ``input`` of prism.md
+  section 3 apply unchanged [I, 3.5]; BERT is post-norm and the two coincide [I, 2.3].
+* Heads [I, 2.3 / 3.5]: BERT's classifier reads [CLS] on rank 0 (no final gather); GPT-2's LM
+  head and the ``features`` head run on every rank over its own positions, concatenated here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..model.text import MASKED, PrismText, attention_bias, token_log_weights
+from ..model.text_spec import TextSpec
+from ..model.vit import MEANS_SOURCES, MeansSource
+from .plan import PartitionPlan, PlanError, SegmentPlan, make_partition_plan
+
+
+def text_partition(spec: TextSpec, seq_len: int, ranks: int, weights: list[float] | None = None,
+                   cls_segment: bool = True) -> PartitionPlan:
+    """Contiguous positions per rank for sequences of ``seq_len`` ([CLS] on rank 0).
+
+    cls_segment: [CLS] is a prefix token, sent as its own segment (the default, like a ViT's CLS),
+    or (False) averaged into rank 0's first segment, as the paper's BERT figures count it."""
+    if seq_len > spec.max_positions:
+        raise PlanError(f"sequence length {seq_len} exceeds {spec.name}'s {spec.max_positions} positions")
+    return make_partition_plan(seq_len, spec.num_prefix_tokens if cls_segment else 0, ranks, weights)
+
+
+def segment_positions(plan: SegmentPlan, rank: int) -> list[tuple[int, int]]:
+    """[start, end) sequence positions of rank ``rank``'s segments, in order."""
+    start = plan.partition.token_range(rank)[0]
+    bounds = []
+    for size in plan.segment_sizes[rank]:
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+def _membership(bounds: list[tuple[int, int]], offset: int, width: int) -> np.ndarray:
+    """(segments, width) 0/1 float32: row g is 1 over segment g's positions (shifted by offset)."""
+    matrix = np.zeros((len(bounds), width), dtype=np.float32)
+    for row, (start, end) in enumerate(bounds):
+        matrix[row, start - offset:end - offset] = 1.0
+    return matrix
+
+
+@dataclass(frozen=True)
+class RankMasks:
+    """Per batch, what one rank's blocks need besides its tokens: which own positions are valid
+    (B, n_p) float 0/1, the bias over its own keys (B, 1, n_p, n_p) and over the remote means it
+    attends to (B, 1, n_p, m), or None when it attends to none."""
+
+    valid: torch.Tensor
+    local_bias: torch.Tensor
+    remote_bias: torch.Tensor | None
+
+
+class TextRankForward(nn.Module):
+    """Rank ``rank``'s stages of a Prism forward of a :class:`PrismText` over ``plan``.
+
+    Like :class:`~prism_trt.core.rank.RankForward`, ``embed`` and ``block`` also return the
+    segment means this rank sends before the next block (None when no rank attends to them).
+    """
+
+    def __init__(self, model: PrismText, plan: SegmentPlan, rank: int, means_source: MeansSource = "ln1"):
+        super().__init__()
+        if means_source not in MEANS_SOURCES:
+            raise PlanError(f"means_source must be one of {MEANS_SOURCES}, got {means_source!r}")
+        if plan.partition.num_prefix_tokens not in (0, model.spec.num_prefix_tokens):
+            raise PlanError(f"plan has {plan.partition.num_prefix_tokens} prefix tokens, {model.spec.name} has "
+                            f"{model.spec.num_prefix_tokens}: make it with text_partition()")
+        if not 0 <= rank < plan.ranks:
+            raise PlanError(f"rank {rank} out of range for {plan.ranks} ranks")
+        causal = model.spec.causal
+        self.model, self.plan, self.rank, self.means_source = model, plan, rank, means_source
+        self.token_range = plan.partition.token_range(rank)
+        self.remote_ranks = plan.attended_ranks(rank, causal)
+        self.sends_means = any(rank in plan.attended_ranks(q, causal) for q in plan.remote_ranks(rank))
+        start, stop = self.token_range
+        remote_bounds = [b for q in self.remote_ranks for b in segment_positions(plan, q)]
+        self.register_buffer("membership", torch.from_numpy(
+            _membership(segment_positions(plan, rank), start, stop - start)), persistent=False)
+        self.register_buffer("remote_membership", torch.from_numpy(
+            _membership(remote_bounds, 0, plan.partition.num_tokens)), persistent=False)
+        self.register_buffer("positions", torch.arange(start, stop), persistent=False)
+        self.register_buffer("remote_last_positions", torch.tensor([end - 1 for _, end in remote_bounds],
+                                                                   dtype=torch.long), persistent=False)
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)
+
+    def masks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> RankMasks:
+        """This rank's masks for a batch, from the whole (B, N) attention mask (default: no padding)."""
+        B, N = input_ids.shape
+        if N != self.plan.partition.num_tokens:
+            raise PlanError(f"plan is for sequences of {self.plan.partition.num_tokens}, got {N} positions")
+        valid_all = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                     else attention_mask.bool())
+        valid = valid_all[:, slice(*self.token_range)]
+        causal = self.model.spec.causal
+        local = attention_bias(token_log_weights(valid), self.positions, self.positions, causal)
+        remote = None
+        if self.remote_ranks:
+            sizes = valid_all.float() @ self.remote_membership.T  # (B, m) valid tokens per remote segment
+            log_sizes = torch.where(sizes > 0, sizes.clamp(min=1).log(), torch.full_like(sizes, MASKED))
+            remote = attention_bias(log_sizes, self.remote_last_positions, self.positions, causal)
+        return RankMasks(valid.float(), local, remote)
+
+    def segment_means(self, x: torch.Tensor, masks: RankMasks, next_block: int) -> torch.Tensor | None:
+        """(B, L_p, D) means over valid tokens of what ``next_block`` averages, or None."""
+        if next_block >= self.depth or not self.sends_means:
+            return None
+        source = self.model.blocks[next_block].means_source_tokens(x, self.means_source)
+        sums = self.membership @ (source * masks.valid[..., None])  # (B, L_p, D)
+        counts = masks.valid @ self.membership.T  # (B, L_p)
+        return sums / counts.clamp(min=1)[..., None]  # an empty segment's mean is 0, masked by the receiver
+
+    def embed(self, input_ids: torch.Tensor, masks: RankMasks, token_type_ids: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The whole batch's ids (B, N) -> own tokens (B, n_p, D) and the means for block 0."""
+        own = slice(*self.token_range)
+        types = None if token_type_ids is None else token_type_ids[:, own]
+        x = self.model.embed(input_ids[:, own], self.token_range[0], types)
+        return x, self.segment_means(x, masks, 0)
+
+    def remote_means(self, gathered: list[torch.Tensor | None]) -> torch.Tensor | None:
+        """The means this rank attends to, in rank order, from one gathered entry per rank."""
+        if not self.remote_ranks:
+            return None
+        return torch.cat([gathered[q] for q in self.remote_ranks], dim=1)
+
+    def block(self, index: int, x: torch.Tensor, remote_means: torch.Tensor | None, masks: RankMasks
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        remote_bias = None if remote_means is None else masks.remote_bias
+        x = self.model.blocks[index](x, remote_means, remote_bias, self.means_source, masks.local_bias)
+        return x, self.segment_means(x, masks, index + 1)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        if self.model.reads_only_prefix and self.rank != 0:
+            raise PlanError("only rank 0 holds [CLS] and runs the classifier head")
+        return self.model.forward_head(x)
+
+
+@torch.no_grad()
+def simulate_text(model: PrismText, plan: SegmentPlan, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                  means_source: MeansSource = "ln1") -> torch.Tensor:
+    """Outputs of a Prism forward over ``plan``, every rank run in this process (the exchange is a
+    list): classifier logits (B, classes) from rank 0, or per-position outputs (B, N, ...) of all
+    ranks concatenated."""
+    ranks = [TextRankForward(model, plan, r, means_source) for r in range(plan.ranks)]
+    masks = [rank.masks(input_ids, attention_mask) for rank in ranks]
+    states = [rank.embed(input_ids, m, token_type_ids) for rank, m in zip(ranks, masks)]
+    for index in range(model.spec.depth):
+        gathered = [means for _, means in states]
+        states = [rank.block(index, x, rank.remote_means(gathered), m) for rank, (x, _), m in zip(ranks, states, masks)]
+    if model.reads_only_prefix:
+        return ranks[0].head(states[0][0])
+    return torch.cat([rank.head(x) for rank, (x, _) in zip(ranks, states)], dim=1)
