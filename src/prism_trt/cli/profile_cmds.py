@@ -35,10 +35,12 @@ def profile(engines, batches, crs, bandwidths, warmup, repeat, out, threads, tim
     """Sweep batch x CR x bandwidth over local / voltage / prism into a performance map.
 
     Resumable: points already in --out are skipped, and the map is written after every point.
+    Ctrl-C or SIGTERM stops after the point in progress (a second Ctrl-C at once), keeps every
+    point measured and exits 130 / 143; run the same command again to resume.
     """
     from ..engines.manifest import Manifest
     from ..profiler.calibration import calibrate
-    from ..profiler.sweep import SEED_BUDGET_PASSES, Launcher, SweepPlan
+    from ..profiler.sweep import SEED_BUDGET_PASSES, Launcher, StopSignals, SweepInterrupted, SweepPlan
     from ..profiler.sweep import profile as run_profile
 
     batch_list, rates = parse_numbers(batches, int, "--batch"), parse_numbers(bandwidths, float, "--bandwidth")
@@ -49,22 +51,33 @@ def profile(engines, batches, crs, bandwidths, warmup, repeat, out, threads, tim
                f"({', '.join(k.label for k in plan.prism)}) x {len(plan.bandwidths)} bandwidths: "
                f"{plan.total_passes()} inference passes (seed 000 budget: about {SEED_BUDGET_PASSES})")
     testbed = None
-    try:
-        launcher = Launcher(world)
-        if rates:
-            from ..profiler.testbed import Testbed
+    # One handler from here on: a signal during the testbed's set-up or the calibration must
+    # still take the testbed down, and one during the sweep is handled by the sweep.
+    with StopSignals() as stop:
+        try:
+            launcher = Launcher(world)
+            if rates:
+                from ..profiler.testbed import Testbed
 
-            testbed = Testbed(world, f"{rates[0]:g}mbit", cpus_per_rank=threads)
-            testbed.up()
-            launcher = Launcher.on_testbed(testbed)
-        if not quiet:
-            click.echo("calibrating agreement of each plan with the local model ...")
-        accuracy = calibrate(engines, calib_data, calib_samples)
-        data = run_profile(engines, out, plan, launcher, threads, timeout_s, energy, progress=not quiet,
-                           accuracy=accuracy)
-    finally:
-        if testbed is not None:
-            testbed.down()
+                testbed = Testbed(world, f"{rates[0]:g}mbit", cpus_per_rank=threads)
+                testbed.up()
+                launcher = Launcher.on_testbed(testbed)
+            if not quiet:
+                click.echo("calibrating agreement of each plan with the local model ...")
+            accuracy = calibrate(engines, calib_data, calib_samples)
+            data = run_profile(engines, out, plan, launcher, threads, timeout_s, energy, progress=not quiet,
+                               accuracy=accuracy, stop=stop)
+        except SweepInterrupted as interrupted:
+            # Click would print it as "Error: ..."; being stopped on request is not an error.
+            with stop.mode("shield"):
+                click.echo(str(interrupted) if interrupted.detail else
+                           f"{interrupted} before the sweep started; run the same command again to start it",
+                           err=True)
+            raise click.exceptions.Exit(interrupted.exit_code) from None
+        finally:
+            with stop.mode("shield"):
+                if testbed is not None:
+                    testbed.down()
     click.echo(f"{len(data.points)} points in {out}; energy meter: {data.metadata['energy_meter'] or 'n/a'}")
 
 
@@ -79,7 +92,22 @@ def profile(engines, batches, crs, bandwidths, warmup, repeat, out, threads, tim
               help="JSON-lines file to append results to.")
 @click.option("--energy", default=None, help="jtop, nvml or rapl (default: the first that works).")
 def sweep_rank0(engines, group, threads, warmup, repeat, points, out, energy):
-    """Rank 0 of a profile sweep (started by `prism-trt profile`, not by hand)."""
+    """Rank 0 of a profile sweep (started by `prism-trt profile`, not by hand).
+
+    SIGTERM or SIGINT: finish the point in progress, tell the workers to stop, exit 128 + signal."""
+    import signal
+    import threading
+
+    # Before the heavy imports and the join, so a signal during them is not lost (nor a traceback).
+    stop, received = threading.Event(), []
+
+    def request_stop(signum, frame) -> None:
+        received.append(signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
     import logging
 
     from ..engines.chain_key import ChainKey
@@ -87,7 +115,10 @@ def sweep_rank0(engines, group, threads, warmup, repeat, points, out, energy):
 
     logging.basicConfig(level=logging.WARNING)
     todo = [(ChainKey.from_dict(key), int(batch)) for key, batch in json.loads(points)]
-    measure_points(engines, group, todo, out, threads, warmup, repeat, energy)
+    done = measure_points(engines, group, todo, out, threads, warmup, repeat, energy, stop)
+    if received:
+        click.echo(f"rank 0: {signal.Signals(received[0]).name}, stopped after {done} of {len(todo)} points", err=True)
+        raise click.exceptions.Exit(128 + received[0])
 
 
 @main.command()

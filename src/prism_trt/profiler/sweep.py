@@ -9,13 +9,18 @@ are skipped (resumable); the map is written atomically after every point.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
+import secrets
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +29,17 @@ from tqdm import tqdm
 from ..engines.chain_key import ChainKey
 from ..engines.manifest import Manifest, rank_directory
 from ..engines.perfmap import LATENCY_FIELDS, AccuracyEntry, PerfMap, PerfMapError, PerfPoint
+from ..errors import PrismError
 from ..runtime.group import ClusterError, free_port
 
 SEED_BUDGET_PASSES = 2000  # seed 000 section 3.3: "approximately 2000 inference passes"
+# After a signal, how long the ranks get to leave on their own before SIGKILL. Rank 0 has its
+# --timeout to finish the point in progress first; workers then only have to exit.
+WORKER_GRACE_S = 10.0
+
+TOKEN_ENV = "PRISM_TRT_CLUSTER_TOKEN"  # read by the ranks' group options (`--cluster-token`)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,59 +102,213 @@ def _worker_argv(engines: Path, rank: int, launcher: Launcher, port: int, thread
     return argv + (["--iface", launcher.iface] if launcher.iface else [])
 
 
+class SweepInterrupted(PrismError):
+    """SIGINT or SIGTERM stopped the sweep; every point measured before is in the map. Exits
+    with 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM), as a shell reports it."""
+
+    def __init__(self, signum: int, detail: str = "") -> None:
+        self.signum, self.detail = signum, detail  # detail: how far the sweep got, once it is known
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}" + (f" {detail}" if detail else ""))
+
+
+class StopSignals:
+    """SIGINT and SIGTERM turned into an orderly stop of a sweep; a context manager that installs
+    its handler for both (on the main thread only: Python allows no other) and restores the old ones.
+
+    What a signal does depends on the mode the sweep is in:
+
+    * ``"raise"`` (outside a cluster: calibration, testbed set-up, shaping, measuring a link):
+      :class:`SweepInterrupted` is raised at once, so the callers' ``finally`` blocks clean up;
+    * ``"defer"`` (while rank processes run): the signal is only recorded; the sweep loop forwards
+      the first to rank 0 and stops every rank at once on the second. Nothing is raised, so no
+      rank can be left half-started or half-stopped, and no map half-written;
+    * ``"shield"`` (while cleaning up): recorded, nothing else, so a second Ctrl-C cannot leave a
+      rank process, a scratch folder or a namespace behind.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None  # the first signal received
+        self.count = 0
+        self.arrived = threading.Event()  # wakes the sweep loop at once, instead of at its next poll
+        self._mode = "raise"
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        self.count += 1
+        self.arrived.set()
+        if self.signum is None:
+            self.signum = signum
+        if self._mode == "raise":
+            raise SweepInterrupted(self.signum)
+
+    @contextmanager
+    def mode(self, mode: str) -> Iterator[None]:
+        """Handle signals as ``mode`` ("raise", "defer" or "shield") inside the block."""
+        previous, self._mode = self._mode, mode
+        try:
+            yield
+        finally:
+            self._mode = previous
+
+    def check(self) -> None:
+        """Raise :class:`SweepInterrupted` if a signal arrived while it could not be raised."""
+        if self.signum is not None:
+            raise SweepInterrupted(self.signum)
+
+
+class _RankProcesses:
+    """The processes of one cluster, each the leader of its own process group (session), so a
+    signal sent to the group reaches the real rank whatever wraps it (`ip netns exec`, `env` and
+    `taskset` exec in place; a wrapper that forks is reached too), and a Ctrl-C typed in the
+    terminal reaches only the driver, which stops the ranks in order."""
+
+    def __init__(self, scratch: Path, world_size: int) -> None:
+        self.logs = [scratch / f"rank{r}.log" for r in range(world_size)]
+        self.processes: dict[int, subprocess.Popen] = {}
+
+    def start(self, rank: int, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        # No pipes: a process whose stderr pipe nobody reads blocks once the pipe is full. Each rank
+        # logs to a file, read back only to explain a failure.
+        with open(self.logs[rank], "w") as stream:
+            process = subprocess.Popen(argv, stdout=stream, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.processes[rank] = process
+        log.info("rank %d of the sweep: pid %d, log %s", rank, process.pid, self.logs[rank])
+        return process
+
+    def signal(self, signum: int, ranks: list[int] | None = None) -> None:
+        for rank, process in self.processes.items():
+            if ranks is None or rank in ranks:
+                try:
+                    os.killpg(process.pid, signum)
+                except (ProcessLookupError, PermissionError):
+                    pass  # the group is gone already
+
+    def wait(self, seconds: float, stop: StopSignals | None = None) -> bool:
+        """Wait up to ``seconds`` for every rank to exit (less if a second signal arrives); whether all did."""
+        deadline = time.monotonic() + seconds
+        while any(process.poll() is None for process in self.processes.values()):
+            if time.monotonic() > deadline or (stop is not None and stop.count >= 2):
+                return False
+            time.sleep(0.05)
+        return True
+
+    def finish(self, clean: bool, timeout: float, stop: StopSignals) -> None:
+        """After a clean end the workers leave on rank 0's stop message: wait for them (a collective
+        gives up after ``timeout``). Otherwise (an error, a signal) ask every rank to go now, and
+        kill what is left after a bounded wait. Either way no rank process outlives this call."""
+        if clean and self.wait(timeout + 30, stop):
+            return
+        if stop.count < 2:
+            self.signal(signal.SIGTERM)
+            self.wait(WORKER_GRACE_S, stop)
+        # SIGKILL to every group, leaders gone or not: whatever a wrapper forked goes with them.
+        self.signal(signal.SIGKILL)
+        for process in self.processes.values():
+            process.wait()
+
+
+class _ResultLines:
+    """Rank 0's result file, read as it grows. Only complete lines count: rank 0 killed while
+    writing leaves a partial last line, which is never a point."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seen = 0
+        path.touch()
+
+    def fresh(self) -> list[dict]:
+        complete = self.path.read_text().split("\n")[:-1]
+        results = [json.loads(line) for line in complete[self.seen:]]
+        self.seen = len(complete)
+        return results
+
+
 def run_cluster(engines: Path, launcher: Launcher, points: list[tuple[ChainKey, int]], threads: int, warmup: int, repeat: int,
-                timeout: float, on_result: Callable[[dict], None], energy: str | None = None) -> None:
-    """Start workers and rank 0 for one bandwidth, feed ``on_result`` as each point lands."""
+                timeout: float, on_result: Callable[[dict], None], energy: str | None = None,
+                stop: StopSignals | None = None) -> None:
+    """Start workers and rank 0 for one bandwidth, feed ``on_result`` as each point lands.
+
+    On SIGINT/SIGTERM (with ``stop`` entered): rank 0 is asked to stop after the point in progress
+    (SIGTERM), gets up to ``timeout`` seconds for it, then every rank is stopped; a second signal
+    stops them at once. Every complete point is passed to ``on_result``, then
+    :class:`SweepInterrupted` is raised."""
+    stop = stop if stop is not None else StopSignals()
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
-    # No pipes: a process whose stderr pipe nobody reads blocks once the pipe is full. Each rank
-    # logs to a file, read back only to explain a failure.
-    with tempfile.TemporaryDirectory(prefix="prism-sweep-") as scratch:
-        logs = [Path(scratch) / f"rank{r}.log" for r in range(launcher.world_size)]
-        workers = []
-        for r in range(1, launcher.world_size):
-            with open(logs[r], "w") as log:
-                workers.append(subprocess.Popen(launcher.wrap(r, _worker_argv(engines, r, launcher, port, threads, timeout)),
-                                                stdout=log, stderr=subprocess.STDOUT, env=env))
-        lines = Path(scratch) / "points.jsonl"
-        lines.touch()
-        argv = [sys.executable, "-m", "prism_trt.cli", "sweep-rank0", "--engines", str(engines), "--rank", "0",
-                "--world-size", str(launcher.world_size), "--master-addr", launcher.master_addr, "--master-port",
-                str(port), "--threads", str(threads), "--warmup", str(warmup), "--repeat", str(repeat), "--timeout",
-                str(timeout), "--points", json.dumps([[key.to_dict(), batch] for key, batch in points]),
-                "--out", str(lines)]
-        argv += (["--iface", launcher.iface] if launcher.iface else []) + (["--energy", energy] if energy else [])
-        with open(logs[0], "w") as log:
-            rank0 = subprocess.Popen(launcher.wrap(0, argv), stdout=log, stderr=subprocess.STDOUT, env=env)
-        # Joining, and every collective, give up after `timeout`; rank 0 then falls back and goes on.
-        # A sweep with no new point for longer than this is stuck, not slow.
-        stall_s = 3 * timeout + 60
-        seen, progress = 0, time.monotonic()
+    # A group reachable from the network (a testbed's addresses) needs a shared secret to join; the
+    # sweep's own ranks share one made here, in the environment rather than on command lines.
+    env.setdefault(TOKEN_ENV, secrets.token_hex(16))
+    # `defer` before the scratch folder, so that removing it is not cut short by a signal either.
+    with stop.mode("defer"), tempfile.TemporaryDirectory(prefix="prism-sweep-") as scratch:
+        ranks = _RankProcesses(Path(scratch), launcher.world_size)
+        lines = _ResultLines(Path(scratch) / "points.jsonl")
+        clean = False
         try:
-            while True:
-                done = rank0.poll() is not None
-                results = lines.read_text().splitlines()
-                for line in results[seen:]:
-                    on_result(json.loads(line))
-                if len(results) > seen:
-                    seen, progress = len(results), time.monotonic()
-                if done:
-                    break
-                if time.monotonic() - progress > stall_s:
-                    raise ClusterError(f"the sweep made no progress for {stall_s:.0f} s ({seen} of {len(points)} "
-                                       f"points measured); rank 0's log ends with:\n{_tail(logs[0])}")
-                time.sleep(0.2)
+            for r in range(1, launcher.world_size):
+                ranks.start(r, launcher.wrap(r, _worker_argv(engines, r, launcher, port, threads, timeout)), env)
+            argv = [sys.executable, "-m", "prism_trt.cli", "sweep-rank0", "--engines", str(engines), "--rank", "0",
+                    "--world-size", str(launcher.world_size), "--master-addr", launcher.master_addr, "--master-port",
+                    str(port), "--threads", str(threads), "--warmup", str(warmup), "--repeat", str(repeat),
+                    "--timeout", str(timeout), "--points", json.dumps([[key.to_dict(), batch] for key, batch in points]),
+                    "--out", str(lines.path)]
+            argv += (["--iface", launcher.iface] if launcher.iface else []) + (["--energy", energy] if energy else [])
+            rank0 = ranks.start(0, launcher.wrap(0, argv), env)
+            _follow(rank0, ranks, lines, len(points), timeout, on_result, stop)
+            stop.check()
             if rank0.returncode != 0:
                 raise ClusterError(f"rank 0 of the sweep failed (exit {rank0.returncode}); its log ends with:\n"
-                                   f"{_tail(logs[0])}")
+                                   f"{_tail(ranks.logs[0])}")
+            clean = True
         finally:
-            for process in [rank0, *workers]:
-                if process.poll() is None:
-                    try:
-                        process.wait(timeout=timeout + 30 if process is not rank0 or done else 0.1)
-                    except subprocess.TimeoutExpired:
-                        process.kill()
-                        process.wait()
+            with stop.mode("shield"):
+                ranks.finish(clean, timeout, stop)
+                if not clean:  # the last points rank 0 completed before it stopped
+                    for result in lines.fresh():
+                        on_result(result)
+    stop.check()  # a signal that came while the cluster was taken down
+
+
+def _follow(rank0: subprocess.Popen, ranks: _RankProcesses, lines: _ResultLines, count: int, timeout: float,
+            on_result: Callable[[dict], None], stop: StopSignals) -> None:
+    """Pass rank 0's results on as they land, until rank 0 exits or a signal stops the sweep."""
+    # Joining, and every collective, give up after `timeout`; rank 0 then falls back and goes on.
+    # A sweep with no new point for longer than this is stuck, not slow.
+    stall_s = 3 * timeout + 60
+    progress, stopping_until = time.monotonic(), None
+    while True:
+        done = rank0.poll() is not None
+        results = lines.fresh()
+        for result in results:
+            on_result(result)
+        if results:
+            progress = time.monotonic()
+        if done or stop.count >= 2:  # a second signal: stop now, the point in progress is lost
+            return
+        if stop.signum is not None:
+            if stopping_until is None:
+                # SIGTERM whichever signal came: the ranks handle both alike, and SIGINT would raise
+                # KeyboardInterrupt (a traceback) in a rank still starting up.
+                ranks.signal(signal.SIGTERM, [0])
+                stopping_until = time.monotonic() + timeout
+            elif time.monotonic() > stopping_until:
+                return
+        elif time.monotonic() - progress > stall_s:
+            raise ClusterError(f"the sweep made no progress for {stall_s:.0f} s ({lines.seen} of {count} "
+                               f"points measured); rank 0's log ends with:\n{_tail(ranks.logs[0])}")
+        if stop.arrived.wait(0.2):
+            stop.arrived.clear()
 
 
 def _tail(path: Path, chars: int = 2000) -> str:
@@ -156,9 +323,14 @@ def hardware_description(launcher: Launcher, threads: int) -> dict:
 
 
 def profile(engines: Path, out: Path, plan: SweepPlan, launcher: Launcher, threads: int = 1, timeout: float = 60.0,
-            energy: str | None = None, progress: bool = True, accuracy: list[AccuracyEntry] | None = None) -> PerfMap:
+            energy: str | None = None, progress: bool = True, accuracy: list[AccuracyEntry] | None = None,
+            stop: StopSignals | None = None) -> PerfMap:
     """Measure every missing point of ``plan`` into the map at ``out``; returns the map. A map
-    resumed must have been measured with the same warm-up and repeat count."""
+    resumed must have been measured with the same warm-up and repeat count.
+
+    SIGINT/SIGTERM stop the sweep after the point in progress at most (see :func:`run_cluster`)
+    and raise :class:`SweepInterrupted`, the map keeping every point measured. ``stop``: the
+    caller's handler when it has set-up to protect too (a testbed); else one for this call."""
     fingerprint = Manifest.read(rank_directory(engines)).fingerprint()
     if out.is_file():
         data = PerfMap.load(out, engines_dir=engines, strict=True)
@@ -177,23 +349,36 @@ def profile(engines: Path, out: Path, plan: SweepPlan, launcher: Launcher, threa
                    if data.find(key, batch, bandwidth) is None]
         todo.append((bandwidth, missing))
     total = sum(len(m) for _, m in todo)
-    with tqdm(total=total, unit="point", disable=not progress, desc="profile") as bar:
-        for bandwidth, missing in todo:
-            if not missing:
-                continue
-            measured = launcher.set_bandwidth(bandwidth) if launcher.set_bandwidth and bandwidth else None
+    planned = sum(len(plan.points_for(bw, i == 0)) for i, bw in enumerate(plan.bandwidths))
+    stored = []
+    # The caller's handler, when given, is already installed (it guards a testbed's set-up too).
+    own = StopSignals() if stop is None else None
+    stop = stop if stop is not None else own
+    try:
+        with own if own is not None else nullcontext(), tqdm(total=total, unit="point", disable=not progress, desc="profile") as bar:
+            for bandwidth, missing in todo:
+                if not missing:
+                    continue
+                measured = launcher.set_bandwidth(bandwidth) if launcher.set_bandwidth and bandwidth else None
 
-            def store(result: dict, bandwidth=bandwidth, measured=measured) -> None:
-                key = ChainKey.from_dict(result)
-                data.upsert(PerfPoint(key, result["batch"], None if key.mode == "local" else bandwidth,
-                                      {k: result["latency"][k] for k in LATENCY_FIELDS}, result["per_rank"], measured,
-                                      result["energy_j"], result["energy_per_sample_j"], result["fell_back"]))
-                data.metadata["energy_meter"] = result.get("energy_meter")
-                data.save(out)
-                bar.set_postfix_str(f"{key.label} B={result['batch']} bw={bandwidth}")
-                bar.update(1)
+                def store(result: dict, bandwidth=bandwidth, measured=measured) -> None:
+                    key = ChainKey.from_dict(result)
+                    data.upsert(PerfPoint(key, result["batch"], None if key.mode == "local" else bandwidth,
+                                          {k: result["latency"][k] for k in LATENCY_FIELDS}, result["per_rank"],
+                                          measured, result["energy_j"], result["energy_per_sample_j"],
+                                          result["fell_back"]))
+                    data.metadata["energy_meter"] = result.get("energy_meter")
+                    data.save(out)
+                    stored.append(key)
+                    bar.set_postfix_str(f"{key.label} B={result['batch']} bw={bandwidth}")
+                    bar.update(1)
 
-            run_cluster(engines, launcher, missing, threads, plan.warmup, plan.repeat, timeout, store, energy)
+                run_cluster(engines, launcher, missing, threads, plan.warmup, plan.repeat, timeout, store, energy,
+                            stop)
+    except SweepInterrupted as interrupted:
+        kept = f"{out} keeps them" if out.is_file() else f"nothing was written to {out}"
+        raise SweepInterrupted(interrupted.signum, f"after {planned - total + len(stored)} of {planned} points; "
+                               f"{kept}; run the same command again to resume") from None
     if not out.is_file():
         data.save(out)
     return data

@@ -28,6 +28,7 @@ import secrets
 import socket
 import time
 
+import torch
 import torch.distributed as dist
 
 from .group import ClusterError, GroupConfig, gloo_interface
@@ -35,6 +36,11 @@ from .group import ClusterError, GroupConfig, gloo_interface
 log = logging.getLogger(__name__)
 
 POLL_S = 0.05  # how often rank 0 looks for join requests while it waits for them
+# Whether TCPStore can serve from a socket bound here (master_listen_fd). torch 2.5's cannot: it
+# adopts the socket without its address and aborts the process the first time it logs it (seen
+# as soon as a worker in another network namespace connects). Verified to work on torch 2.14;
+# versions in between are untested, so they get the unbound store.
+ADOPTS_BOUND_SOCKET = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
 
 
 def _proof(token: str | None, *parts: object) -> str:
@@ -79,6 +85,13 @@ class Rendezvous:
             if config.rank != 0:
                 return dist.PrefixStore("prism-trt/", dist.TCPStore(config.master_addr, config.master_port, None,
                                                                      False, self._timeout))
+            if not ADOPTS_BOUND_SOCKET:
+                log.warning("torch %s cannot serve the rendezvous from a socket bound to %s (its TCPStore crashes "
+                            "formatting an adopted socket's address); the store listens on every interface. "
+                            "Joining still needs the cluster token", torch.__version__, config.master_addr)
+                store = dist.TCPStore(config.master_addr, config.master_port, None, True, self._timeout,
+                                      wait_for_workers=False)
+                return dist.PrefixStore("prism-trt/", store)
             # Bind the listening socket ourselves: TCPStore binds every interface when it binds itself.
             # (the legacy backend: libuv's cannot take a socket). The store owns and closes the socket.
             family = socket.AF_INET6 if ":" in config.master_addr else socket.AF_INET
