@@ -163,3 +163,42 @@ def auth_client(serve_executor):
     from prism_trt.runtime.api import FixedSelector
 
     yield from _serving_client(serve_executor, FixedSelector(LOCAL), token=TOKEN, max_wait_ms=1)
+
+
+#: A test-size text model: 2 blocks, width 32, 4 heads, 97 ids, sequences of 16 positions.
+TEXT_SIZE = dict(layers=2, hidden_size=32, heads=4, vocab_size=97)
+TEXT_SEQ_LEN = 16
+
+
+@pytest.fixture(scope="session")
+def text_engines(tmp_path_factory):
+    """name -> (two-rank engine directory built by `prism-trt build`, the same PrismText): tiny
+    GPT-2 / BERT at N = 16 with local, voltage and prism CR 2 chains (torchscript, max batch 4)."""
+    from click.testing import CliRunner
+
+    from prism_trt.cli import main
+    from prism_trt.model.text_adapters import load_text_model, size_overrides
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            out = tmp_path_factory.mktemp(f"text-{name}")
+            sizes = [arg for key, value in TEXT_SIZE.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
+            result = CliRunner().invoke(main, ["build", "--model", name, *sizes, "--seq-len", str(TEXT_SEQ_LEN),
+                                               "--ranks", "2", "--cr", "2", "--exporter", "torchscript",
+                                               "--opt-batch", "2", "--max-batch", "4", "--threads", "1",
+                                               "--out", str(out), "-q"])
+            assert result.exit_code == 0, result.output
+            cache[name] = (out, load_text_model(name, **size_overrides(name, **TEXT_SIZE)))
+        return cache[name]
+
+    return get
+
+
+def text_request(batch: int = 3, seed: int = 0, lengths: tuple[int, ...] = (16, 11, 5)):
+    """Deterministic ids (B, 16) and a right-padded attention mask with the given valid lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, TEXT_SIZE["vocab_size"], (batch, TEXT_SEQ_LEN), generator=generator)
+    mask = (torch.arange(TEXT_SEQ_LEN)[None, :] < torch.tensor(lengths[:batch])[:, None]).long()
+    return ids, mask

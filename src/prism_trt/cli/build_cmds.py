@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import main, model_options, plan_options
+from .common import TextModelOptions, is_text_model, main, model_options, plan_options, text_options
 
 
 def _model_source(model_name, checkpoint) -> dict:
@@ -18,9 +18,25 @@ def _model_source(model_name, checkpoint) -> dict:
     return {"checkpoint": str(checkpoint), "sha256": sha256_file(checkpoint)}
 
 
+def _load(model_name, checkpoint, text: TextModelOptions):
+    """The model and the source record of its build: a timm ViT, a checkpoint, or a text config."""
+    if not is_text_model(model_name):
+        if text.resized:
+            raise click.UsageError("--layers, --hidden-size, --heads and --vocab-size apply to text models only")
+        from ..model import load_model
+
+        return load_model(model_name, checkpoint), _model_source(model_name, checkpoint)
+    from ..model.text_adapters import load_text_model, size_overrides
+
+    overrides = size_overrides(model_name, text.layers, text.hidden_size, text.heads, text.vocab_size)
+    return (load_text_model(model_name, **overrides),
+            {"text": model_name, "random_init": True, "seed": 0, "config": overrides})
+
+
 @main.command()
 @model_options
 @plan_options
+@text_options
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="Engine backend: onnxruntime (x86, fallback) or native TensorRT (boards with an NVIDIA GPU).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
@@ -46,8 +62,9 @@ def _model_source(model_name, checkpoint) -> dict:
                                                  "reference.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def build(model_name, checkpoint, ranks, crs, segments, weights, backend, provider, out_dir, means_source, precision,
-          exporter, min_batch, opt_batch, max_batch, workspace_mib, opt_level, no_voltage, no_verify, threads, quiet):
+def build(model_name, checkpoint, ranks, crs, segments, weights, text, backend, provider, out_dir, means_source,
+          precision, exporter, min_batch, opt_batch, max_batch, workspace_mib, opt_level, no_voltage, no_verify, threads,
+          quiet):
     """Export per-block ONNX stages for every rank, verify them and compile engines.
 
     Writes OUT/rankN/ for each of the P ranks (copy each to its board) with a manifest.json that
@@ -55,26 +72,31 @@ def build(model_name, checkpoint, ranks, crs, segments, weights, backend, provid
     SHA-256 of every file. Every engine is run where it will run and compared with the torch
     reference under its precision's tolerance (|err| <= atol + rtol*|ref|, scaled to the outputs);
     the table shows the share of the tolerance the worst element used. Without --cr/--segments,
-    CRs 9.9, 4.95 and 3.3 are built; rank 0 always gets the local (P=1) chain. Unchanged stages
-    are not rebuilt.
+    CRs 9.9, 4.95 and 3.3 are built (text models: one segment per rank, L = 1, the paper's BERT
+    setting); rank 0 always gets the local (P=1) chain. Unchanged stages are not rebuilt.
+
+    Text models (--model bert-base-uncased | gpt2 | ..., random init, shrunk with --layers,
+    --hidden-size, --heads, --vocab-size) are built for one sequence length (--seq-len): requests
+    bring INT64 input_ids and attention_mask padded to it.
     """
     from ..engines import BuildOptions, get_backend
     from ..export.build import Builder, config_plans
-    from ..model import load_model
     from ..report import format_table
 
     if not crs and not segments:
-        crs = (9.9, 4.95, 3.3)
+        crs, segments = ((), (1,)) if is_text_model(model_name) else ((9.9, 4.95, 3.3), ())
     engine_backend = get_backend(backend, provider, threads)
     options = BuildOptions(precision=engine_backend.resolve_precision(precision), min_batch=min_batch,
                            opt_batch=opt_batch, max_batch=max_batch, workspace_mib=workspace_mib,
                            optimization_level=opt_level, timing_cache=str(out_dir / "timing.cache"))
-    model = load_model(model_name, checkpoint)
+    model, source = _load(model_name, checkpoint, text)
     spec = model.spec
-    configs = config_plans(spec.num_tokens, spec.num_prefix_tokens, ranks, list(crs), list(segments), weights,
+    num_tokens = text.seq_len if is_text_model(model_name) else spec.num_tokens
+    if num_tokens > getattr(spec, "max_positions", num_tokens):
+        raise click.UsageError(f"--seq-len {num_tokens} exceeds {spec.name}'s {spec.max_positions} positions")
+    configs = config_plans(num_tokens, spec.num_prefix_tokens, ranks, list(crs), list(segments), weights,
                            include_voltage=not no_voltage)
-    builder = Builder(model, _model_source(model_name, checkpoint), engine_backend, options, means_source,
-                      exporter, verify=not no_verify)
+    builder = Builder(model, source, engine_backend, options, means_source, exporter, verify=not no_verify)
     result = builder.build(out_dir, ranks, configs, progress=not quiet)
     groups: dict = {}
     for stage in result.stages:

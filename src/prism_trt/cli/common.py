@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import click
 
@@ -38,6 +39,41 @@ def model_options(func):
         if (model_name is None) == (checkpoint is None):
             raise click.UsageError("give exactly one of --model NAME or --checkpoint PATH")
         return func(*args, model_name=model_name, checkpoint=checkpoint, **kwargs)
+    return wrapper
+
+
+class TextModelOptions(NamedTuple):
+    """The text-model flags of `build` (see :func:`text_options`)."""
+
+    seq_len: int
+    layers: int | None
+    hidden_size: int | None
+    heads: int | None
+    vocab_size: int | None
+
+    @property
+    def resized(self) -> bool:
+        return any(v is not None for v in (self.layers, self.hidden_size, self.heads, self.vocab_size))
+
+
+def is_text_model(name: str | None) -> bool:
+    """Whether ``--model NAME`` names a text model (BERT / GPT-2 config) rather than a timm ViT."""
+    from ..model.text_adapters import TEXT_CONFIGS
+
+    return name in TEXT_CONFIGS
+
+
+def text_options(func):
+    """--seq-len and the size flags of a text model (--model bert-base-uncased, gpt2, ...)."""
+    @click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True,
+                  help="Text models: the sequence length N the plans partition; requests are padded to it.")
+    @click.option("--layers", type=click.IntRange(min=1), default=None, help="Text models: number of blocks.")
+    @click.option("--hidden-size", type=click.IntRange(min=1), default=None, help="Text models: width D (MLP 4D).")
+    @click.option("--heads", type=click.IntRange(min=1), default=None, help="Text models: attention heads.")
+    @click.option("--vocab-size", type=click.IntRange(min=2), default=None, help="Text models: vocabulary size.")
+    @functools.wraps(func)
+    def wrapper(*args, seq_len, layers, hidden_size, heads, vocab_size, **kwargs):
+        return func(*args, text=TextModelOptions(seq_len, layers, hidden_size, heads, vocab_size), **kwargs)
     return wrapper
 
 

@@ -115,6 +115,12 @@ def array_split_sizes(n: int, parts: int) -> tuple[int, ...]:
     return tuple([base + 1] * extra + [base] * (parts - extra))
 
 
+def attended_ranks(ranks: int, rank: int, causal: bool = False) -> list[int]:
+    """The ranks whose means ``rank`` attends to: every other rank, or for a causal model only
+    the earlier ones (the partition-aware causal mask, core/text_rank.py)."""
+    return [q for q in range(ranks) if q != rank and (not causal or q < rank)]
+
+
 @dataclass(frozen=True)
 class SegmentPlan:
     """Per rank, the sizes of the segments whose means that rank sends after every block.
@@ -156,9 +162,8 @@ class SegmentPlan:
         return [q for q in range(self.ranks) if q != rank]
 
     def attended_ranks(self, rank: int, causal: bool = False) -> list[int]:
-        """The ranks whose means ``rank`` attends to: every other rank, or for a causal model only
-        the earlier ones (the partition-aware causal mask, core/text_rank.py)."""
-        return [q for q in self.remote_ranks(rank) if not causal or q < rank]
+        """The ranks whose means ``rank`` attends to (see :func:`attended_ranks`)."""
+        return attended_ranks(self.ranks, rank, causal)
 
     def remote_count(self, rank: int) -> int:
         return sum(self.counts[q] for q in self.remote_ranks(rank))

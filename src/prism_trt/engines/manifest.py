@@ -5,7 +5,8 @@ verification report, and the SHA-256 of every file; checked on every load.
 :class:`Manifest` is the only reader and writer of that file. The JSON layout (schema 3)::
 
     {"schema_version": 3, "tool": {...}, "created": ..., "rank": r, "world_size": P, "means_source": ...,
-     "model": {"source": {...}, "spec": {ViTSpec}, "weights_sha256": ...},
+     "model": {"source": {...}, "spec": {ViTSpec | TextSpec}, "weights_sha256": ...
+               [, "kind": "text", "sequence_length": N]},
      "backend": {"name", "version", "device", "provider"}, "build_options": {BuildOptions},
      "export": {"exporter", "opset", "ir_version", "torch"},
      "configs": [{"name", "mode", "ranks", "partition", "segments", "cr", "counts", "segment_sizes",
@@ -28,9 +29,11 @@ from typing import Any
 from ..core.plan import SegmentPlan
 from ..errors import PrismError
 from ..model.spec import ViTSpec
+from ..model.text_spec import TextSpec
 from .base import BuildOptions
 from .chain_key import ChainKey
 from .json_record import Fields, read_json_object, sha256_file, sha256_json, write_json_atomic
+from .model_record import ModelRecord
 from .stage_spec import StageSpec
 
 SCHEMA_VERSION = 3  # 2: build_options.precision, verification reports; 3: manifest_sha256 (its own digest)
@@ -167,16 +170,6 @@ class ChainConfig:
 
 
 @dataclass(frozen=True)
-class ModelRecord:
-    source: dict  # {"timm": name, "pretrained": false} or {"checkpoint": path, "sha256": ...}
-    spec: ViTSpec
-    weights_sha256: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "spec": self.spec.to_dict(), "weights_sha256": self.weights_sha256}
-
-
-@dataclass(frozen=True)
 class BackendRecord:
     name: str
     version: str
@@ -279,11 +272,6 @@ class Manifest:
         if version != SCHEMA_VERSION:
             raise ManifestError(f"{where}: schema version {version!r}, this prism-trt reads version {SCHEMA_VERSION}; "
                                 f"rebuild the engines with this version of prism-trt")
-        model = fields.nested("model")
-        try:
-            spec = ViTSpec.from_dict(model.get("spec", dict))
-        except (TypeError, ValueError, KeyError) as error:
-            raise ManifestError(f"{where}.model.spec: not a model description ({error})") from None
         backend = fields.nested("backend")
         try:
             options = BuildOptions(**fields.get("build_options", dict))
@@ -298,7 +286,7 @@ class Manifest:
         manifest = cls(
             rank=fields.integer("rank", minimum=0), world_size=fields.integer("world_size", minimum=1),
             means_source=fields.get("means_source", str),
-            model=ModelRecord(model.get("source", dict), spec, model.get("weights_sha256", str)),
+            model=ModelRecord.parse(fields.nested("model")),
             backend=BackendRecord(backend.get("name", str), backend.get("version", str), backend.get("device", str),
                                   backend.get("provider", str, optional=True)),
             build_options=options, export=fields.get("export", dict),
@@ -313,8 +301,13 @@ class Manifest:
 
     # -- what it holds ---------------------------------------------------------------------------
     @property
-    def spec(self) -> ViTSpec:
+    def spec(self) -> ViTSpec | TextSpec:
         return self.model.spec
+
+    @property
+    def num_tokens(self) -> int:
+        """N of every plan in this build (see :attr:`ModelRecord.num_tokens`)."""
+        return self.model.num_tokens
 
     def keys(self) -> list[ChainKey]:
         return [c.key for c in self.configs]
@@ -330,7 +323,7 @@ class Manifest:
 
     def key_for(self, mode: str, cr: float | None = None) -> ChainKey:
         """The built chain a user's mode and CR stand for (the CR mapped to L by the one rule)."""
-        key = ChainKey.parse(mode, cr, self.spec.num_tokens, self.world_size)
+        key = ChainKey.parse(mode, cr, self.num_tokens, self.world_size)
         return self.config(key).key
 
     def fingerprint(self) -> dict[str, Any]:

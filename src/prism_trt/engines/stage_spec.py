@@ -10,11 +10,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .base import TensorSpec
+from .base import BATCH_AXIS, TensorSpec
 
 # Tensor names of the stage I/O (prism.md section 5).
 TOKENS, NEXT_TOKENS, REMOTE_MEANS, MEANS, IMAGES, LOGITS = (
     "tokens", "next_tokens", "remote_means", "means", "images", "logits")
+# Text models: the request's INT64 inputs, (B, N) each; every text stage that masks reads the mask.
+INPUT_IDS, ATTENTION_MASK = "input_ids", "attention_mask"
 STAGE_KINDS = ("embed", "block", "head", "model")
 
 
@@ -36,3 +38,14 @@ class StageSpec:
     def from_dict(cls, data: Mapping[str, Any]) -> StageSpec:
         return cls(data["name"], data["kind"], data["block"], tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
                    tuple(TensorSpec.from_dict(t) for t in data["outputs"]))
+
+
+def image_request_inputs(in_chans: int, img_size: tuple[int, int]) -> tuple[TensorSpec]:
+    """What a ViT request brings: normalised images (B, C, H, W) float32."""
+    return (TensorSpec(IMAGES, (BATCH_AXIS, in_chans, *img_size), "float32"),)
+
+
+def text_request_inputs(seq_len: int) -> tuple[TensorSpec, TensorSpec]:
+    """What a text request brings: ids and attention mask (1 = token, 0 = padding), (B, N) INT64 each."""
+    return (TensorSpec(INPUT_IDS, (BATCH_AXIS, seq_len), "int64"),
+            TensorSpec(ATTENTION_MASK, (BATCH_AXIS, seq_len), "int64"))

@@ -39,7 +39,7 @@ from ..engines.manifest import (
     StageEntry,
 )
 from ..engines.stage_spec import StageSpec
-from ..model import PrismViT, weights_hash
+from ..model import PrismText, PrismViT, weights_hash
 from ..model.vit import MeansSource
 from .onnx_export import check_onnx, export_stage, resolve_exporter
 from .stages import monolithic_stage, rank_stages
@@ -135,7 +135,7 @@ def _unchanged(rank_dir: Path, key: str, found: str | None, relative: str | None
 class Builder:
     """Builds the engine directories of one model for every rank."""
 
-    def __init__(self, model: PrismViT, source: dict, backend: Backend, options: BuildOptions,
+    def __init__(self, model: PrismViT | PrismText, source: dict, backend: Backend, options: BuildOptions,
                  means_source: MeansSource = "ln1", exporter: str = "auto", verify: bool = True):
         self.model, self.source, self.backend, self.options = model, source, backend, options
         self.means_source, self.exporter, self.verify = means_source, resolve_exporter(exporter), verify
@@ -167,9 +167,12 @@ class Builder:
     def _build_rank(self, result: BuildResult, rank_dir: Path, rank: int, ranks: int, configs: list[ConfigPlan],
                     bar: tqdm) -> None:
         previous = _previous_stages(rank_dir)
+        num_tokens = configs[0].plan.partition.num_tokens
+        text = isinstance(self.model, PrismText)
+        record = ModelRecord(self.source, self.model.spec, self.weights_sha256, "text" if text else "vit",
+                             num_tokens if text else None)
         manifest = Manifest(
-            rank=rank, world_size=ranks, means_source=self.means_source,
-            model=ModelRecord(self.source, self.model.spec, self.weights_sha256), backend=self.backend_record,
+            rank=rank, world_size=ranks, means_source=self.means_source, model=record, backend=self.backend_record,
             build_options=self.options,
             export={"exporter": self.exporter, **self.onnx_format.to_dict(), "torch": torch.__version__},
             tool={"name": "prism-trt", "version": __version__}, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -179,7 +182,7 @@ class Builder:
                             for stage, module in rank_stages(self.model, config.plan, stage_rank, self.means_source))
             manifest.configs.append(dataclasses.replace(config.chain, stages=entries))
             if config.mode == "local" and rank == 0:
-                stage, module = monolithic_stage(self.model)
+                stage, module = monolithic_stage(self.model, num_tokens)
                 manifest.monolithic = self._stage(result, rank_dir, rank, config, stage, module, previous, manifest,
                                                   bar)
             manifest.save(rank_dir)  # progress survives an interrupted build

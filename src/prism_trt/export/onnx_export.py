@@ -80,7 +80,7 @@ def export_stage(module: nn.Module, stage: StageSpec, path: Path, exporter: str 
     """Write ``stage`` to ``path`` with a dynamic batch axis (1..max_batch) and static token axes, at
     ``opset`` and the lowest IR version that opset allows (see :mod:`prism_trt.engines.onnx_format`)."""
     exporter = resolve_exporter(exporter)
-    feed = example_feed(stage, batch=2)
+    feed = example_feed(stage, batch=2, module=module)
     args = tuple(feed[t.name] for t in stage.inputs)
     input_names = [t.name for t in stage.inputs]
     output_names = [t.name for t in stage.outputs]

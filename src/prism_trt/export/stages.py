@@ -20,7 +20,9 @@ from ..core.plan import SegmentPlan
 from ..core.rank import RankForward
 from ..engines.base import BATCH_AXIS, TensorSpec
 from ..engines.stage_spec import IMAGES, LOGITS, MEANS, NEXT_TOKENS, REMOTE_MEANS, TOKENS, StageSpec
+from ..model.text import PrismText
 from ..model.vit import MeansSource, PrismViT
+from .text_stages import example_text_inputs, text_monolithic_stage, text_rank_stages
 
 
 def _tensor(name: str, *dims: int) -> TensorSpec:
@@ -56,9 +58,11 @@ class HeadStage(nn.Module):
         return self.rank.head(tokens)
 
 
-def rank_stages(model: PrismViT, plan: SegmentPlan, rank: int, means_source: MeansSource = "ln1"
+def rank_stages(model: PrismViT | PrismText, plan: SegmentPlan, rank: int, means_source: MeansSource = "ln1"
                 ) -> list[tuple[StageSpec, nn.Module]]:
     """The stages rank ``rank`` runs over ``plan``, in execution order, with their I/O."""
+    if isinstance(model, PrismText):
+        return text_rank_stages(model, plan, rank, means_source)
     spec = model.spec
     forward = RankForward(model, plan, rank, means_source).eval()
     D, n_p = spec.embed_dim, plan.partition.sizes[rank]
@@ -79,14 +83,24 @@ def rank_stages(model: PrismViT, plan: SegmentPlan, rank: int, means_source: Mea
     return stages
 
 
-def monolithic_stage(model: PrismViT) -> tuple[StageSpec, nn.Module]:
-    """The whole unpartitioned model as one stage, for P=1 comparisons."""
+def monolithic_stage(model: PrismViT | PrismText, num_tokens: int | None = None) -> tuple[StageSpec, nn.Module]:
+    """The whole unpartitioned model as one stage, for P=1 comparisons (``num_tokens``: a text
+    build's sequence length, required there; a ViT's is fixed by its spec)."""
+    if isinstance(model, PrismText):
+        if num_tokens is None:
+            raise ValueError("a text model's monolithic stage needs the build's sequence length")
+        return text_monolithic_stage(model, num_tokens)
     spec = model.spec
     return (StageSpec("model", "model", None, (_tensor(IMAGES, spec.in_chans, *spec.img_size),),
                       (_tensor(LOGITS, spec.num_classes),)), model.eval())
 
 
-def example_feed(stage: StageSpec, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random inputs of the stage's shapes (deterministic), for tracing and verification."""
+def example_feed(stage: StageSpec, batch: int, seed: int = 0, module: nn.Module | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """Random inputs of the stage's shapes (deterministic), for tracing and verification: normal
+    floats, and for a text stage (``module`` has a ``vocab_size``) ids below it with a padded mask."""
     generator = torch.Generator().manual_seed(seed)
-    return {t.name: torch.randn(t.concrete(batch), generator=generator) for t in stage.inputs}
+    integers = [t for t in stage.inputs if t.dtype != "float32"]
+    text = example_text_inputs(batch, integers[0].shape[1], module.vocab_size, generator) if integers else {}
+    return {t.name: text[t.name] if t.name in text else torch.randn(t.concrete(batch), generator=generator)
+            for t in stage.inputs}

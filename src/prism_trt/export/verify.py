@@ -47,7 +47,7 @@ def reference_cases(module: nn.Module, stage: StageSpec, batches: Sequence[int] 
     """Deterministic random feeds (one seed per batch size) and the torch module's outputs."""
     cases = []
     for batch in batches:
-        feed = example_feed(stage, batch, seed=batch)
+        feed = example_feed(stage, batch, seed=batch, module=module)
         with torch.no_grad():
             outputs = module(*(feed[t.name] for t in stage.inputs))
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)

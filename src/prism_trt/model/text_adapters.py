@@ -148,6 +148,22 @@ def from_hf(model: nn.Module, name: str | None = None) -> PrismText:
     return out.eval()
 
 
+def size_overrides(name: str, layers: int | None = None, hidden_size: int | None = None, heads: int | None = None,
+                   vocab_size: int | None = None) -> dict:
+    """Config fields that shrink a known model (test-size builds), in its family's own names: the
+    MLP stays 4x the width, and GPT-2's end-of-text id moves to the last id of a smaller vocabulary."""
+    if name not in TEXT_CONFIGS:
+        raise UsageError(f"unknown text model {name!r}; known: {', '.join(TEXT_CONFIGS)}")
+    bert = TEXT_CONFIGS[name][0] == "bert"
+    fields = {("num_hidden_layers" if bert else "n_layer"): layers, ("num_attention_heads" if bert else "n_head"): heads,
+              ("hidden_size" if bert else "n_embd"): hidden_size, "vocab_size": vocab_size}
+    if bert and hidden_size is not None:
+        fields["intermediate_size"] = 4 * hidden_size
+    if not bert and vocab_size is not None:
+        fields["bos_token_id"] = fields["eos_token_id"] = vocab_size - 1
+    return {key: value for key, value in fields.items() if value is not None}
+
+
 def text_config(name: str, **overrides):
     """A ``BertConfig`` / ``GPT2Config`` for a known name (TEXT_CONFIGS) with overrides."""
     if name not in TEXT_CONFIGS:

@@ -57,6 +57,12 @@ class TextSpec(BlockSpec):
         if self.causal and self.num_prefix_tokens:
             raise UsageError("a causal model has no prefix tokens ([CLS] would see nothing but itself)")
 
+    def output_shape(self, seq_len: int) -> tuple[int, ...]:
+        """One sequence's output: (classes,) from [CLS], or (N, V) logits / (N, D) features per position."""
+        if self.head == "classifier":
+            return (self.num_classes,)
+        return (seq_len, self.vocab_size if self.head == "lm" else self.embed_dim)
+
     @property
     def causal(self) -> bool:
         """Whether a position may attend only to itself and earlier positions."""

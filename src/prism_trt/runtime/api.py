@@ -6,21 +6,44 @@ interface."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from ..engines.chain_key import ChainKey
-from ..engines.manifest import Manifest
+from ..engines.manifest import Manifest, ModelRecord
+from ..engines.stage_spec import IMAGES
 from ..errors import UsageError
 from ..model.spec import ViTSpec
+from ..model.text_spec import TextSpec
 from .timing import PhaseTimes
+
+#: A batch: a ViT's images (B, C, H, W), or named tensors (a text model's ``input_ids`` and
+#: ``attention_mask``, (B, N) int64 each; ``{"images": ...}`` works for a ViT too).
+Inputs = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+def as_request(inputs: Inputs, model: ModelRecord) -> dict[str, torch.Tensor]:
+    """The batch as the model's named request tensors, checked: names, dtypes, shapes, one batch size."""
+    request = {IMAGES: inputs} if isinstance(inputs, torch.Tensor) else dict(inputs)
+    specs = model.request_inputs()
+    if sorted(request) != sorted(t.name for t in specs):
+        raise UsageError(f"{model.spec.name} takes inputs {[t.name for t in specs]}, got {sorted(request)}")
+    batch = request[specs[0].name].shape[0]
+    for spec in specs:
+        tensor = request[spec.name]
+        want = spec.concrete(batch)
+        if str(tensor.dtype).removeprefix("torch.") != spec.dtype or tuple(tensor.shape) != want:
+            raise UsageError(f"input {spec.name!r} must be {spec.dtype} of shape {list(want)}, got {tensor.dtype} "
+                             f"of shape {list(tensor.shape)}")
+    return {spec.name: request[spec.name] for spec in specs}
 
 
 @dataclass
 class InferenceResult:
-    logits: torch.Tensor  # (B, classes), on the CPU
+    logits: torch.Tensor  # (B, classes), or (B, N, V | D) for a per-position text head; on the CPU
     choice: ChainKey  # the chain that actually ran (local after a fallback)
     timings: PhaseTimes  # rank 0's breakdown
     fell_back: bool = False  # True when a distributed run failed and the local chain answered
@@ -42,7 +65,7 @@ class Executor(ABC):
     """
 
     manifest: Manifest
-    spec: ViTSpec
+    spec: ViTSpec | TextSpec
     model_name: str
     max_batch: int
     #: The rate the collectives achieved lately, Mbit/s; None where nothing crosses a network.
@@ -54,7 +77,7 @@ class Executor(ABC):
 
     def key_for(self, mode: str, cr: float | None = None) -> ChainKey:
         """The loaded chain a user's mode and CR stand for; a UsageError naming the loaded ones otherwise."""
-        key = ChainKey.parse(mode, cr, self.spec.num_tokens, self.manifest.world_size)
+        key = ChainKey.parse(mode, cr, self.manifest.num_tokens, self.manifest.world_size)
         for loaded in self.chains():
             if loaded == key:
                 return loaded
@@ -63,9 +86,10 @@ class Executor(ABC):
                          + ("; voltage and prism need --world-size >= 2" if single else ""))
 
     @abstractmethod
-    def infer(self, images: torch.Tensor, key: ChainKey, gather_timings: bool = False) -> InferenceResult:
-        """images: (B, C, H, W) float32 normalised, 1 <= B <= max_batch. ``gather_timings``: every
-        rank's phase times in ``per_rank`` (one more collective; rank 0's alone otherwise)."""
+    def infer(self, inputs: Inputs, key: ChainKey, gather_timings: bool = False) -> InferenceResult:
+        """inputs: images (B, C, H, W) float32 normalised, or the model's named request tensors
+        (:func:`as_request`), 1 <= B <= max_batch. ``gather_timings``: every rank's phase times in
+        ``per_rank`` (one more collective; rank 0's alone otherwise)."""
 
     @abstractmethod
     def health(self) -> Health: ...

@@ -1,8 +1,10 @@
 """One rank's chain of engines (embed -> block_00 ... -> head) loaded from its engine directory.
 
-:class:`EngineChain` has the same methods as :class:`prism_trt.core.RankForward`, so the driver
-loop that checks the maths (``core.run_ranks``) also runs engines, and the distributed runtime
-only swaps the list-based gather for a real collective.
+:class:`EngineChain` mirrors :class:`prism_trt.core.RankForward` (and the text models'
+``TextRankForward``) with the request passed along as named tensors: each stage is fed the
+request tensors it declares (images; or ids and attention mask) besides its tokens and remote
+means. :func:`run_chains_in_process` is the driver loop with a list for the all-gather; the
+distributed runtime swaps the list for a real collective.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from pathlib import Path
 
 import torch
 
-from ..core.rank import concat_remote, run_ranks
+from ..core.plan import attended_ranks
 from ..engines.base import Backend, Runner
 from ..engines.chain_key import ChainKey
 from ..engines.manifest import ChainConfig, Manifest, ManifestError
 from ..engines.registry import get_backend
-from ..engines.stage_spec import IMAGES, LOGITS, MEANS, NEXT_TOKENS, REMOTE_MEANS, TOKENS, StageSpec
+from ..engines.stage_spec import LOGITS, MEANS, NEXT_TOKENS, REMOTE_MEANS, TOKENS, StageSpec
+from .api import Inputs, as_request
 
 
 class EngineChain:
@@ -36,6 +39,9 @@ class EngineChain:
                                   manifest.build_options)
             self.stages[entry.name] = (entry.spec, runner)
         self.depth = manifest.spec.depth
+        #: ranks whose means this rank reads, in order (a causal text model: the earlier ones only)
+        self.sources = attended_ranks(config.ranks, self.rank, manifest.model.causal)
+        self.head_reads_all_positions = manifest.model.head_reads_all_positions
 
     def __enter__(self) -> EngineChain:
         for _, runner in self.stages.values():
@@ -50,28 +56,32 @@ class EngineChain:
     def runners(self) -> list[Runner]:
         return [runner for _, runner in self.stages.values()]
 
-    def _run(self, name: str, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.stages[name][1].infer(feed)
+    def _run(self, name: str, request: dict[str, torch.Tensor], own: dict[str, torch.Tensor | None] | None = None
+             ) -> dict[str, torch.Tensor]:
+        """Stage ``name`` fed the inputs it declares: ``own`` tensors (tokens, remote means) or the request's."""
+        spec, runner = self.stages[name]
+        own = own or {}
+        return runner.infer({t.name: own[t.name] if t.name in own else request[t.name] for t in spec.inputs})
 
-    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = self._run("embed", {IMAGES: images})
+    def embed(self, request: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self._run("embed", request)
         return out[NEXT_TOKENS], out.get(MEANS)
 
-    def remote_means(self, gathered: list[torch.Tensor]) -> torch.Tensor:
-        return concat_remote(gathered, self.rank)
+    def remote_means(self, gathered: list[torch.Tensor | None]) -> torch.Tensor | None:
+        """The means this rank attends to, in rank order, from one gathered entry per rank."""
+        return torch.cat([gathered[q] for q in self.sources], dim=1) if self.sources else None
 
-    def block(self, index: int, tokens: torch.Tensor, remote_means: torch.Tensor | None
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        feed = {TOKENS: tokens} if remote_means is None else {TOKENS: tokens, REMOTE_MEANS: remote_means}
-        out = self._run(f"block_{index:02d}", feed)
+    def block(self, index: int, tokens: torch.Tensor, remote_means: torch.Tensor | None,
+              request: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self._run(f"block_{index:02d}", request, {TOKENS: tokens, REMOTE_MEANS: remote_means})
         return out[NEXT_TOKENS], out.get(MEANS)
 
     def head(self, tokens: torch.Tensor) -> torch.Tensor:
         # Runners reuse their output buffers; what leaves the chain must outlive the next request.
-        return self._run("head", {TOKENS: tokens})[LOGITS].clone()
+        return self._run("head", {}, {TOKENS: tokens})[LOGITS].clone()
 
-    def monolithic(self, images: torch.Tensor) -> torch.Tensor:
-        return self._run("model", {IMAGES: images})[LOGITS].clone()
+    def monolithic(self, inputs: Inputs) -> torch.Tensor:
+        return self._run("model", as_request(inputs, self.manifest.model))[LOGITS].clone()
 
 
 def backend_for(manifest: Manifest, threads: int | None = None) -> Backend:
@@ -96,6 +106,13 @@ def load_chain(rank_dir: Path, mode: str | ChainKey, cr: float | None = None, th
 
 
 @torch.no_grad()
-def run_chains_in_process(chains: list[EngineChain], images: torch.Tensor) -> torch.Tensor:
-    """All ranks' chains in this process (the exchange is a list): a test and debugging aid."""
-    return run_ranks(chains, images)
+def run_chains_in_process(chains: list[EngineChain], inputs: Inputs) -> torch.Tensor:
+    """All ranks' chains in this process (the exchange is a list), in rank order: the local
+    executors' loop, and a test and debugging aid."""
+    request = as_request(inputs, chains[0].manifest.model)
+    states = [chain.embed(request) for chain in chains]
+    for index in range(chains[0].depth):
+        gathered = [means for _, means in states]
+        states = [chain.block(index, x, chain.remote_means(gathered), request) for chain, (x, _) in zip(chains, states)]
+    final = [x for x, _ in states]
+    return chains[0].head(torch.cat(final, dim=1) if chains[0].head_reads_all_positions else final[0])

@@ -1,11 +1,15 @@
 """Distributed inference over a GLOO group: rank 0 drives, workers follow.
 
-Per batch, rank 0 broadcasts a header ``[op, config, batch, barrier]`` and the images (workers
-follow the header, so only rank 0's flags matter); every rank embeds
-its own patches, and after every block the ranks all-gather their segment means (padded to the
-largest rank, sliced by the plan) with explicit, timed staging around the collective. Only rank 0
-runs the head. While idle, rank 0 sends heartbeats so that workers (and rank 0 itself) learn of a
-dead peer within the collective timeout instead of at the next request.
+Per batch, rank 0 broadcasts a header ``[op, config, batch, barrier]`` and the request's tensors
+(images, or a text model's ids and attention mask; workers follow the header, so only rank 0's
+flags matter); every rank embeds its own patches or positions, and after every block the ranks
+all-gather their segment means (padded to the largest rank, sliced by the plan) with explicit,
+timed staging around the collective. A causal text model's rank p reads only the means of ranks
+before it (the others are sent but not read: an all-gather as a first version, correct because
+each rank copies only the slots it attends to). Only rank 0 runs the head; a per-position text
+head (GPT-2's LM head) first gathers every rank's final hidden states to rank 0. While idle, rank
+0 sends heartbeats so that workers (and rank 0 itself) learn of a dead peer within the collective
+timeout instead of at the next request.
 
 If a collective fails (a worker died or stopped answering), rank 0 answers the batch with its
 local chain, leaves the broken group (so the surviving workers notice at once) and reports
@@ -31,11 +35,11 @@ import torch.distributed as dist
 
 from ..engines.chain_key import ChainKey
 from ..errors import PrismError, UsageError
-from .api import Executor, Health, InferenceResult
+from .api import Executor, Health, InferenceResult, Inputs, as_request
 from .chain import EngineChain, load_manifest_here, run_chains_in_process
 from .group import ClusterError, GroupConfig
 from .rendezvous import Rendezvous
-from .staging import make_staging
+from .staging import FinalGather, make_staging
 from .timing import PhaseTimes, Stopwatch
 
 log = logging.getLogger(__name__)
@@ -72,10 +76,13 @@ class DistributedRank:
         self.max_batch = manifest.build_options.max_batch
         self.configs = [c for c in manifest.configs if c.mode != "local"]
         self.chains = {c.name: EngineChain(rank_dir, manifest, c, backend).__enter__() for c in self.configs}
-        self.staging = {c.name: make_staging(list(c.counts), rank, self.spec.embed_dim, device) for c in self.configs}
+        self.staging = {c.name: make_staging(list(c.counts), rank, self.spec.embed_dim, device,
+                                             self.chains[c.name].sources) for c in self.configs}
         local = [c for c in manifest.configs if c.mode == "local"]
         self.local_chain = EngineChain(rank_dir, manifest, local[0], backend).__enter__() if local else None
-        self._images: dict[int, torch.Tensor] = {}
+        self._requests: dict[int, dict[str, torch.Tensor]] = {}
+        self.final_gather = {c.name: FinalGather(list(c.partition), rank, self.spec.embed_dim, device)
+                             for c in self.configs}
         # The per-batch header [op, config, batch, barrier], one buffer for the rank's whole life.
         # Besides saving an allocation, it must outlive the group: torch 2.5's ProcessGroupGloo
         # destructor holds the GIL while joining its worker threads, and a worker thread that drops
@@ -99,17 +106,18 @@ class DistributedRank:
                 raise ClusterError(f"rank {rank}'s engines do not match rank 0's (weights, configs or plan "
                                    f"differ): {other} vs {signatures[0]}; build all ranks from one `prism-trt build`")
 
-    def image_buffer(self, batch: int) -> torch.Tensor:
-        """The receive buffer for a broadcast batch of images (one per batch size, reused)."""
-        if batch not in self._images:
-            self._images[batch] = torch.empty((batch, self.spec.in_chans, *self.spec.img_size), dtype=torch.float32)
-        return self._images[batch]
+    def request_buffers(self, batch: int) -> dict[str, torch.Tensor]:
+        """The receive buffers for a broadcast request (images, or ids and mask; one set per batch size, reused)."""
+        if batch not in self._requests:
+            self._requests[batch] = {t.name: torch.empty(t.concrete(batch), dtype=getattr(torch, t.dtype))
+                                     for t in self.manifest.model.request_inputs()}
+        return self._requests[batch]
 
     def config_index(self, key: ChainKey) -> int:
         """Position of the chain's config; raises ManifestError (not a fallback) when not built."""
         return self.configs.index(self.manifest.config(key))
 
-    def run(self, config_index: int, images: torch.Tensor, barrier: bool = False
+    def run(self, config_index: int, request: dict[str, torch.Tensor], barrier: bool = False
             ) -> tuple[torch.Tensor | None, PhaseTimes]:
         """One forward of config ``config_index`` with the all-gathers; logits on rank 0, None elsewhere.
         ``barrier``: a barrier before each all-gather, timed as ``wait`` (every rank must agree)."""
@@ -118,21 +126,25 @@ class DistributedRank:
         watch = Stopwatch()
         start = time.perf_counter()
         with watch.phase("h2d"):
-            images = images.to(self.device, non_blocking=True)
+            request = {name: tensor.to(self.device, non_blocking=True) for name, tensor in request.items()}
+        batch = next(iter(request.values())).shape[0]
         with watch.phase("compute"):
-            tokens, means = chain.embed(images)
+            tokens, means = chain.embed(request)
         for block in range(chain.depth):
-            remote = self._exchange(config.name, staging, means, images.shape[0], watch, barrier)
+            remote = self._exchange(config.name, staging, means, batch, watch, barrier)
             with watch.phase("compute"):
-                tokens, means = chain.block(block, tokens, remote)
+                tokens, means = chain.block(block, tokens, remote, request)
+        if chain.head_reads_all_positions:
+            tokens = self.final_gather[config.name].gather(tokens, watch)
+            self.progress_at = time.monotonic()
         logits = None
         if self.rank == 0:
             with watch.phase("compute"):
                 logits = chain.head(tokens).cpu()
         return logits, watch.times.close((time.perf_counter() - start) * 1e3)
 
-    def _exchange(self, name: str, staging, means: torch.Tensor, batch: int, watch: Stopwatch, barrier: bool
-                  ) -> torch.Tensor:
+    def _exchange(self, name: str, staging, means: torch.Tensor | None, batch: int, watch: Stopwatch, barrier: bool
+                  ) -> torch.Tensor | None:
         buffers = staging.buffers((name, batch), batch)
         with watch.phase("d2h"):
             send = staging.to_host(means, buffers)
@@ -145,8 +157,8 @@ class DistributedRank:
         with watch.phase("h2d"):
             remote = staging.to_device(buffers)
         entry = batch * self.spec.embed_dim * 4
-        watch.times.bytes_sent += staging.counts[self.rank] * entry
-        watch.times.bytes_received += remote.shape[1] * entry
+        watch.times.bytes_sent += staging.counts[self.rank] * entry if means is not None else 0
+        watch.times.bytes_received += remote.shape[1] * entry if remote is not None else 0
         watch.times.collectives += 1
         return remote
 
@@ -169,9 +181,10 @@ def worker_loop(rank: DistributedRank, stop: threading.Event | None = None) -> i
             return batches
         if op == OP_HEARTBEAT:
             continue
-        images = rank.image_buffer(batch)
-        dist.broadcast(images, src=0)
-        _, times = rank.run(index, images, bool(barrier))
+        request = rank.request_buffers(batch)
+        for tensor in request.values():
+            dist.broadcast(tensor, src=0)
+        _, times = rank.run(index, request, bool(barrier))
         if op == OP_INFER_TIMED:
             dist.gather_object(times.to_dict(), None, dst=0)
         batches += 1
@@ -261,26 +274,29 @@ class DistributedExecutor(Executor):
                   why)
         self._rendezvous.leave()
 
-    def _local(self, images: torch.Tensor, fell_back: bool) -> InferenceResult:
+    def _local(self, request: dict[str, torch.Tensor], fell_back: bool) -> InferenceResult:
         watch = Stopwatch()
         start = time.perf_counter()
         with watch.phase("compute"):
-            logits = run_chains_in_process([self.rank.local_chain], images)
+            logits = run_chains_in_process([self.rank.local_chain], request)
         return InferenceResult(logits, ChainKey.local(), watch.times.close((time.perf_counter() - start) * 1e3),
                                fell_back=fell_back)
 
-    def infer(self, images: torch.Tensor, key: ChainKey, gather_timings: bool = False) -> InferenceResult:
-        if images.shape[0] > self.max_batch:
-            raise UsageError(f"batch {images.shape[0]} is over the engines' max batch {self.max_batch}")
+    def infer(self, inputs: Inputs, key: ChainKey, gather_timings: bool = False) -> InferenceResult:
+        request = as_request(inputs, self.manifest.model)
+        batch = next(iter(request.values())).shape[0]
+        if batch > self.max_batch:
+            raise UsageError(f"batch {batch} is over the engines' max batch {self.max_batch}")
         with self._lock:
             if key.mode == "local" or self._degraded or self._closed.is_set():
-                return self._local(images, fell_back=key.mode != "local")
+                return self._local(request, fell_back=key.mode != "local")
             index = self.rank.config_index(key)
             try:
                 with self._collectives():
-                    self._broadcast_header(OP_INFER_TIMED if gather_timings else OP_INFER, index, images.shape[0])
-                    dist.broadcast(images.contiguous(), src=0)
-                    logits, times = self.rank.run(index, images, self.profile_barrier)
+                    self._broadcast_header(OP_INFER_TIMED if gather_timings else OP_INFER, index, batch)
+                    for tensor in request.values():
+                        dist.broadcast(tensor.contiguous(), src=0)
+                    logits, times = self.rank.run(index, request, self.profile_barrier)
                     per_rank = []
                     if gather_timings:
                         gathered: list = [None] * self.group.world_size
@@ -289,8 +305,8 @@ class DistributedExecutor(Executor):
                 self._update_bandwidth(times)
                 return InferenceResult(logits, key, times, per_rank=per_rank)
             except RuntimeError as error:  # GLOO reports peer loss and timeouts as RuntimeError
-                self._degrade(f"{key.label} batch of {images.shape[0]} failed: {error}")
-        return self._local(images, fell_back=True)
+                self._degrade(f"{key.label} batch of {batch} failed: {error}")
+        return self._local(request, fell_back=True)
 
     def _update_bandwidth(self, times: PhaseTimes) -> None:
         """Moving average of the rate the all-gathers achieved (bits moved / time in the collective);

@@ -6,11 +6,9 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 from ..engines.chain_key import ChainKey
 from ..errors import UsageError
-from .api import Executor, Health, InferenceResult
+from .api import Executor, Health, InferenceResult, Inputs
 from .chain import EngineChain, load_manifest_here, run_chains_in_process
 from .timing import PhaseTimes
 
@@ -30,12 +28,12 @@ class LocalExecutor(Executor):
     def chains(self) -> list[ChainKey]:
         return [ChainKey.local()]
 
-    def infer(self, images: torch.Tensor, key: ChainKey, gather_timings: bool = False) -> InferenceResult:
+    def infer(self, inputs: Inputs, key: ChainKey, gather_timings: bool = False) -> InferenceResult:
         if key.mode != "local":
             raise UsageError(f"this executor runs only the local chain, not {key.label}")
         with self._lock:
             start = time.perf_counter()
-            logits = run_chains_in_process([self.chain], images)
+            logits = run_chains_in_process([self.chain], inputs)
             total = (time.perf_counter() - start) * 1e3
             compute = sum((r.last_infer_time_s or 0.0) for r in self.chain.runners) * 1e3
         times = PhaseTimes(compute=compute).close(total)

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 from ..engines.chain_key import ChainKey
+from ..engines.manifest import ModelRecord
+from ..engines.stage_spec import ATTENTION_MASK, IMAGES, INPUT_IDS
 from .api import Executor
 from .timing import PHASES, PhaseTimes
 
@@ -26,12 +28,21 @@ def latency_stats(samples_ms: list[float], batch: int) -> dict:
             "per_sample_ms": mean / batch, "samples_ms": samples_ms}
 
 
+def example_request(model: ModelRecord, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A deterministic random request: normal images, or ids below the vocabulary with a full mask."""
+    generator = torch.Generator().manual_seed(seed)
+    if model.kind == "text":
+        ids = torch.randint(0, model.spec.vocab_size, (batch, model.sequence_length), generator=generator)
+        return {INPUT_IDS: ids, ATTENTION_MASK: torch.ones_like(ids)}
+    spec = model.spec
+    return {IMAGES: torch.randn((batch, spec.in_chans, *spec.img_size), generator=generator)}
+
+
 def measure(executor: Executor, key: ChainKey, batch: int, warmup: int = 3, repeat: int = 20, seed: int = 0,
             trace: Path | None = None, meter=None) -> dict:
     """Run ``warmup`` + ``repeat`` batches of chain ``key``; per-rank phase means come from every
     rank that ran (rank 0 alone for the local chain)."""
-    spec = executor.spec
-    images = torch.randn((batch, spec.in_chans, *spec.img_size), generator=torch.Generator().manual_seed(seed))
+    images = example_request(executor.manifest.model, batch, seed)
     for _ in range(warmup):
         executor.infer(images, key, gather_timings=True)
     runs, fell_back = [], False
@@ -46,9 +57,15 @@ def measure(executor: Executor, key: ChainKey, batch: int, warmup: int = 3, repe
     energy = meter.stop() if meter is not None else None
     if trace:
         profiler.export_chrome_trace(str(trace))
+    return summarize_runs(key, batch, warmup, runs, fell_back, energy)
+
+
+def summarize_runs(key: ChainKey, batch: int, warmup: int, runs: list[list[PhaseTimes]], fell_back: bool,
+                   energy: float | None) -> dict:
+    """:func:`measure`'s result from its timed runs (each a list of per-rank phase times)."""
     ranks = len(runs[0])
     per_rank = [PhaseTimes.mean([run[r] for run in runs if len(run) == ranks]) for r in range(ranks)]
-    return {**key.to_dict(), "batch": batch, "warmup": warmup, "repeat": repeat,
+    return {**key.to_dict(), "batch": batch, "warmup": warmup, "repeat": len(runs),
             "fell_back": fell_back, "latency": latency_stats([run[0].total for run in runs], batch),
-            "energy_j": energy, "energy_per_sample_j": None if energy is None else energy / (repeat * batch),
+            "energy_j": energy, "energy_per_sample_j": None if energy is None else energy / (len(runs) * batch),
             "per_rank": [t.to_dict() for t in per_rank], "phases": list(PHASES)}

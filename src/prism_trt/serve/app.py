@@ -11,10 +11,12 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -24,7 +26,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
+from ..engines.base import TensorSpec
+from ..engines.stage_spec import image_request_inputs
 from ..errors import UsageError
+from ..model.text_spec import TextSpec
 from ..runtime.api import Executor, Health, Selector
 from .batcher import Batcher, BatcherStopped, InferenceFailed, QueueFull
 from .binary import HEADER_LENGTH, encode_body
@@ -39,14 +44,15 @@ from .protocol import (
     server_metadata,
 )
 from .request_error import RequestError
+from .text_protocol import parse_text_request, text_model_metadata
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_WAIT_MS = 5.0
 # What one value of a full batch may take in a request body: as JSON, a float64 written in full
 # (up to 24 characters, "-2.2250738585072014e-308") with its separator, nesting brackets and some
-# whitespace; in Triton's binary encoding, 4 bytes (FP32).
-BYTES_PER_VALUE = {"json": 32, "binary": 4}
+# whitespace; in Triton's binary encoding, the value's own size (4 bytes FP32, 8 bytes INT64).
+BYTES_PER_VALUE = {"json": 32, "binary": None}
 BODY_ALLOWANCE = 64 << 10  # the rest of a request: id, names, parameters, the binary request's JSON header
 IMAGE_BYTES_PER_PIXEL = 2  # a compressed image at the pixel cap is well under 2 bytes a pixel
 # Parsing a full JSON batch or decoding an image takes a core for milliseconds and, for images,
@@ -57,16 +63,33 @@ DECODE_CONCURRENCY = 2
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+def _is_text(executor: Executor) -> bool:
+    return isinstance(executor.spec, TextSpec)
+
+
+def _request_inputs(executor: Executor) -> tuple[TensorSpec, ...]:
+    """What one request brings: a text model's ids and mask (its build's N), or a ViT's images."""
+    if _is_text(executor):
+        return executor.manifest.model.request_inputs()
+    return image_request_inputs(executor.spec.in_chans, executor.spec.img_size)
+
+
 def default_max_body_bytes(executor: Executor, encoding: str = "json") -> int:
-    """The /infer body limit: a full batch (max batch x C x H x W values) in ``encoding`` ("json" or
-    "binary", the Triton binary tensor extension) and an allowance for the rest of the request."""
-    height, width = executor.spec.img_size
-    values = executor.max_batch * executor.spec.in_chans * height * width
-    return BYTES_PER_VALUE[encoding] * values + BODY_ALLOWANCE
+    """The /infer body limit: a full batch of the model's inputs (max batch x C x H x W values, or
+    max batch x N ids and mask values) in ``encoding`` ("json" or "binary", the Triton binary tensor
+    extension) and an allowance for the rest of the request."""
+    total = 0
+    for tensor in _request_inputs(executor):
+        width = BYTES_PER_VALUE[encoding] or np.dtype(tensor.dtype).itemsize
+        total += width * math.prod(tensor.concrete(executor.max_batch))
+    return total + BODY_ALLOWANCE
 
 
 def default_max_image_bytes(executor: Executor) -> int:
-    """The /infer/image body limit: an image file at the pixel cap (:func:`max_image_pixels`)."""
+    """The /infer/image body limit: an image file at the pixel cap (:func:`max_image_pixels`); a
+    text model has no image endpoint."""
+    if _is_text(executor):
+        return BODY_ALLOWANCE
     return IMAGE_BYTES_PER_PIXEL * max_image_pixels(executor.spec) + BODY_ALLOWANCE
 
 
@@ -86,17 +109,20 @@ class _Server:
             if value is not None and value <= 0:
                 raise UsageError(f"{name} must be positive, got {value}")
         self.executor, self.token = executor, token
+        self.text = _is_text(executor)
+        self.record = executor.manifest.model if self.text else None
         # an explicit body limit holds for both encodings; the defaults follow the model's full batch
         self.body_limits = {encoding: max_body_bytes or default_max_body_bytes(executor, encoding)
                             for encoding in BYTES_PER_VALUE}
         self.image_limit = max_image_bytes or default_max_image_bytes(executor)
-        self.max_pixels = max_image_pixels(executor.spec)
+        self.max_pixels = 0 if self.text else max_image_pixels(executor.spec)
         self.parse_slots = asyncio.Semaphore(PARSE_CONCURRENCY)
         self.decode_slots = asyncio.Semaphore(DECODE_CONCURRENCY)
         self.model_name = executor.model_name
         self.metrics = ServerMetrics(executor.max_batch)
         self.batcher = Batcher(executor, selector, max_wait_s=max_wait_ms / 1e3, max_queue_images=max_queue_images,
-                               metrics=self.metrics)
+                               metrics=self.metrics,
+                               output_shape=self.record.output_shape if self.text else None)
 
     # ---------------------------------------------------------------- plumbing
 
@@ -184,7 +210,9 @@ class _Server:
         return health
 
     async def _infer(self, images, request_id: str, outputs: tuple[str, ...],
-                     binary_outputs: frozenset[str] = frozenset()) -> Response:
+                     binary_outputs: frozenset[str] = frozenset(), positions: int | None = None) -> Response:
+        """Run one request (images, or a text model's padded tensors); ``positions``: cut a
+        per-position text head's logits back to the request's own length."""
         started = time.perf_counter()
         try:
             outcome = await self.batcher.submit(images)
@@ -194,7 +222,8 @@ class _Server:
             raise RequestError(503, "shutting_down", str(exc)) from None
         except InferenceFailed as exc:
             raise RequestError(500, "executor_error", f"inference failed: {exc}") from None
-        header, raw = infer_response(self.model_name, request_id, outputs, outcome.logits, outcome.choice,
+        logits = outcome.logits if positions is None else outcome.logits[:, :positions]
+        header, raw = infer_response(self.model_name, request_id, outputs, logits, outcome.choice,
                                      outcome.fell_back, outcome.batch_size, outcome.queue_s * 1e3,
                                      outcome.executor_s * 1e3, binary_outputs)
         content, headers, media_type = encode_body(header, raw)
@@ -225,8 +254,10 @@ class _Server:
 
     async def model_metadata(self, request: Request) -> Response:
         self._check_model(request)
-        return JSONResponse(model_metadata(self.model_name, self.executor.spec, self.executor.max_batch,
-                                           self.executor.chains()))
+        choices, max_batch = self.executor.chains(), self.executor.max_batch
+        if self.text:
+            return JSONResponse(text_model_metadata(self.model_name, self.record, max_batch, choices))
+        return JSONResponse(model_metadata(self.model_name, self.executor.spec, max_batch, choices))
 
     async def model_ready(self, request: Request) -> Response:
         self._check_model(request)
@@ -237,13 +268,17 @@ class _Server:
         header_length = request.headers.get(HEADER_LENGTH)  # Triton's binary tensor extension
         body = await self._read_body(request, self.body_limits["json" if header_length is None else "binary"])
         # parsing a full batch takes milliseconds: off the loop, so the batch worker keeps going
+        parse, model = (parse_text_request, self.record) if self.text else (parse_infer_request, self.executor.spec)
         async with self.parse_slots:
-            parsed = await run_in_threadpool(parse_infer_request, body, self.executor.spec, self.executor.max_batch,
-                                             header_length)
-        return await self._infer(parsed.images, parsed.request_id, parsed.outputs, parsed.binary_outputs)
+            parsed = await run_in_threadpool(parse, body, model, self.executor.max_batch, header_length)
+        return await self._infer(parsed.inputs, parsed.request_id, parsed.outputs, parsed.binary_outputs,
+                                 parsed.positions)
 
     async def infer_image(self, request: Request) -> Response:
         self._check_model(request)
+        if self.text:
+            raise RequestError(404, "no_image_input", f"'{self.model_name}' is a text model: POST INT64 input_ids "
+                                                      f"(and attention_mask) to /v2/models/{self.model_name}/infer")
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         body = await self._read_body(request, self.image_limit)
         if content_type == "multipart/form-data":

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engines.chain_key import ChainKey
-from ..runtime.api import Executor, InferenceResult, Selector
+from ..runtime.api import Executor, InferenceResult, Inputs, Selector
 from .metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -77,23 +77,41 @@ class BatchOutcome:
     executor_s: float
 
 
+def batch_size(inputs: Inputs) -> int:
+    """Items in a request: images, or rows of a text model's named tensors."""
+    first = inputs if isinstance(inputs, torch.Tensor) else next(iter(inputs.values()))
+    return int(first.shape[0])
+
+
+def concatenate(requests: list[Inputs]) -> Inputs:
+    """One executor batch of several requests, in order (per name for named tensors)."""
+    if len(requests) == 1:
+        return requests[0]
+    if isinstance(requests[0], torch.Tensor):
+        return torch.cat(requests)
+    return {name: torch.cat([request[name] for request in requests]) for name in requests[0]}
+
+
 @dataclass
 class _Pending:
-    images: torch.Tensor
+    images: Inputs  # images (B, C, H, W), or a text model's named tensors
     future: asyncio.Future
     enqueued: float  # loop time
 
     @property
     def count(self) -> int:
-        return int(self.images.shape[0])
+        return batch_size(self.images)
 
 
 class Batcher:
     def __init__(self, executor: Executor, selector: Selector, *, max_wait_s: float = 0.005,
-                 max_queue_images: int | None = None, metrics: ServerMetrics | None = None):
+                 max_queue_images: int | None = None, metrics: ServerMetrics | None = None,
+                 output_shape: tuple[int, ...] | None = None):
+        """output_shape: one item's logits (default ``(classes,)``; a per-position text head's is (N, V))."""
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
         self.executor, self.selector = executor, selector
+        self.output_shape = tuple(output_shape or (executor.spec.num_classes,))
         self.max_batch = int(executor.max_batch)
         self.max_wait_s = max_wait_s
         self.max_queue_images = max_queue_images if max_queue_images is not None else 16 * self.max_batch
@@ -137,9 +155,10 @@ class Batcher:
         # Wait out a batch still inside the executor, so the caller may close the executor next.
         await asyncio.get_running_loop().run_in_executor(None, self._thread.shutdown, True)
 
-    async def submit(self, images: torch.Tensor) -> BatchOutcome:
-        """Queue (B, C, H, W) images, 1 <= B <= max_batch, and wait for their logits."""
-        count = int(images.shape[0])
+    async def submit(self, images: Inputs) -> BatchOutcome:
+        """Queue (B, C, H, W) images (or a text model's named (B, N) tensors), 1 <= B <= max_batch,
+        and wait for their logits."""
+        count = batch_size(images)
         if not 1 <= count <= self.max_batch:
             raise ValueError(f"a request holds 1 to {self.max_batch} images, got {count}")
         if self._queued_images + count > self.max_queue_images:
@@ -231,15 +250,15 @@ class Batcher:
             except asyncio.TimeoutError:
                 return
 
-    def _infer(self, images: torch.Tensor, size: int) -> tuple[InferenceResult, ChainKey, float]:
+    def _infer(self, images: Inputs, size: int) -> tuple[InferenceResult, ChainKey, float]:
         choice = self.selector.choose(size)
         start = time.perf_counter()
         result = self.executor.infer(images, choice)
         elapsed = time.perf_counter() - start
         shape = tuple(result.logits.shape)
-        if shape != (size, self.executor.spec.num_classes):
+        if shape != (size, *self.output_shape):
             raise RuntimeError(f"executor returned logits of shape {list(shape)} for a batch of {size}; expected "
-                               f"[{size}, {self.executor.spec.num_classes}]")
+                               f"{[size, *self.output_shape]}")
         if not torch.isfinite(result.logits).all():
             raise RuntimeError("executor returned non-finite logits")
         return result, choice, elapsed
@@ -249,7 +268,7 @@ class Batcher:
         if not batch:
             return
         size = sum(pending.count for pending in batch)
-        images = batch[0].images if len(batch) == 1 else torch.cat([pending.images for pending in batch])
+        images = concatenate([pending.images for pending in batch])
         started = loop.time()
         try:
             # the selector runs in the thread too: an adaptive one may consult profiles

@@ -58,7 +58,7 @@ def tensor_from_binary(raw: bytes, size: int, shape: list[int], datatype: str, n
     if len(raw) != size:
         raise RequestError(400, "binary_data", f"the body holds {len(raw)} bytes after the JSON header; input "
                                                f"'{name}' declares binary_data_size {size}")
-    return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(np.float32)  # a writable, native-order copy
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))  # writable, native order
 
 
 def flag(parameters: dict, key: str, where: str) -> bool | None:

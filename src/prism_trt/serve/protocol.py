@@ -50,10 +50,16 @@ def max_image_pixels(spec: ViTSpec) -> int:
 
 @dataclass(frozen=True)
 class InferRequest:
-    images: torch.Tensor  # (B, C, H, W) float32, finite
+    inputs: torch.Tensor | dict[str, torch.Tensor]  # images (B, C, H, W) float32, finite; or text tensors
     request_id: str
     outputs: tuple[str, ...]  # requested outputs, in response order
     binary_outputs: frozenset[str] = frozenset()  # outputs to send as raw bytes (binary extension)
+    positions: int | None = None  # a text request's own length: per-position outputs are cut back to it
+
+    @property
+    def images(self) -> torch.Tensor:
+        """A ViT request's images."""
+        return self.inputs
 
 
 def server_metadata(version: str) -> dict:
@@ -82,7 +88,7 @@ def model_metadata(model_name: str, spec: ViTSpec, max_batch: int, choices: list
     }
 
 
-def _shape_text(shape) -> str:
+def shape_text(shape) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
@@ -93,12 +99,12 @@ def _check_shape(shape, spec: ViTSpec, max_batch: int) -> list[int]:
         raise RequestError(400, "shape", f"input '{INPUT_NAME}' shape must be a list of integers {expected_text}, "
                                          f"got {orjson.dumps(shape).decode()}")
     if len(shape) != 4:
-        raise RequestError(400, "shape", f"input '{INPUT_NAME}' has rank {len(shape)} (shape {_shape_text(shape)}); "
+        raise RequestError(400, "shape", f"input '{INPUT_NAME}' has rank {len(shape)} (shape {shape_text(shape)}); "
                                          f"expected rank 4, {expected_text}")
     if shape[1:] != expected:
         names = ("channels C", "height H", "width W")
         wrong = [f"{name} {got} (expected {want})" for name, got, want in zip(names, shape[1:], expected) if got != want]
-        raise RequestError(400, "shape", f"input '{INPUT_NAME}' shape {_shape_text(shape)} does not fit this model: "
+        raise RequestError(400, "shape", f"input '{INPUT_NAME}' shape {shape_text(shape)} does not fit this model: "
                                          f"{', '.join(wrong)}; expected {expected_text}")
     if shape[0] < 1:
         raise RequestError(400, "shape", f"input '{INPUT_NAME}' batch size is {shape[0]}; expected {expected_text}")
@@ -117,30 +123,38 @@ def _leaves(data):
             yield item
 
 
-def _tensor_from_data(data, shape: list[int], may_hold_booleans: bool = True) -> torch.Tensor:
+def array_from_data(data, shape: list[int], name: str, kinds: str, may_hold_booleans: bool) -> np.ndarray:
+    """An OIP ``data`` list (flat or nested) as an array of ``shape``, of numpy kinds ``kinds``."""
     if not isinstance(data, list):
-        raise RequestError(400, "data", f"input '{INPUT_NAME}' data must be a JSON list of numbers "
+        raise RequestError(400, "data", f"input '{name}' data must be a JSON list of numbers "
                                         f"(flat or nested), got {type(data).__name__}")
     try:
         array = np.asarray(data)
     except ValueError as exc:  # ragged nesting
-        raise RequestError(400, "data_shape", f"input '{INPUT_NAME}' data is not a regular nested list: {exc}") from None
+        raise RequestError(400, "data_shape", f"input '{name}' data is not a regular nested list: {exc}") from None
     # numpy reads [true, 0.5] as floats: booleans are refused wherever they hide. Walking the values
     # costs ~40 % of the JSON parse of a full batch, so only bodies that spell true/false are walked.
-    hidden_booleans = array.dtype.kind == "f" and may_hold_booleans and any(isinstance(v, bool) for v in _leaves(data))
-    if array.dtype.kind not in "iuf" or hidden_booleans:
-        raise RequestError(400, "data", f"input '{INPUT_NAME}' data must hold only numbers; found values numpy "
+    hidden_booleans = (array.dtype.kind in "iuf" and may_hold_booleans
+                       and any(isinstance(v, bool) for v in _leaves(data)))
+    if array.dtype.kind not in kinds or hidden_booleans:
+        what = "numbers" if "f" in kinds else "integers"
+        raise RequestError(400, "data", f"input '{name}' data must hold only {what}; found values numpy "
                                         f"reads as {array.dtype} (strings, booleans, nulls or huge integers?)")
     expected_count = math.prod(shape)
     if array.ndim == 1:
         if array.size != expected_count:
-            raise RequestError(400, "data_length", f"input '{INPUT_NAME}' data has {array.size} values; shape "
-                                                   f"{_shape_text(shape)} needs {expected_count}")
+            raise RequestError(400, "data_length", f"input '{name}' data has {array.size} values; shape "
+                                                   f"{shape_text(shape)} needs {expected_count}")
     elif list(array.shape) != shape:
-        raise RequestError(400, "data_shape", f"input '{INPUT_NAME}' nested data has shape {_shape_text(array.shape)}; "
-                                              f"declared shape is {_shape_text(shape)}")
+        raise RequestError(400, "data_shape", f"input '{name}' nested data has shape {shape_text(array.shape)}; "
+                                              f"declared shape is {shape_text(shape)}")
+    return array.reshape(shape)
+
+
+def _tensor_from_data(data, shape: list[int], may_hold_booleans: bool = True) -> torch.Tensor:
+    array = array_from_data(data, shape, INPUT_NAME, "iuf", may_hold_booleans)
     with np.errstate(over="ignore"):  # out-of-range values become inf and are reported just below
-        values = array.astype(np.float32).reshape(shape)
+        values = array.astype(np.float32)
     return _finite(values)
 
 
@@ -154,29 +168,30 @@ def _finite(values: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(values))
 
 
-def _show(value) -> str:
+def show_json(value) -> str:
     """A JSON value as the client wrote it, for error messages."""
     return orjson.dumps(value).decode()
 
 
-def _requested_outputs(payload: dict) -> tuple[tuple[str, ...], frozenset[str]]:
-    """(output names in response order, those to send as raw bytes)."""
+def requested_outputs(payload: dict, names: tuple[str, ...] = OUTPUT_NAMES
+                       ) -> tuple[tuple[str, ...], frozenset[str]]:
+    """(output names in response order, those to send as raw bytes), of the model's ``names``."""
     parameters = payload.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise RequestError(400, "malformed_request", f"request 'parameters' must be a JSON object, got "
-                                                     f"{_show(parameters)}")
+                                                     f"{show_json(parameters)}")
     all_binary = bool(flag(parameters, "binary_data_output", "the request's"))
     requested = payload.get("outputs")
     if requested is None or requested == []:
-        return OUTPUT_NAMES, frozenset(OUTPUT_NAMES) if all_binary else frozenset()
+        return names, frozenset(names) if all_binary else frozenset()
     if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
                                                   and isinstance(o.get("parameters") or {}, dict) for o in requested):
         raise RequestError(400, "outputs", "'outputs' must be a list of objects with a 'name' (and optional "
                                            "'parameters' object)")
-    names = tuple(o["name"] for o in requested)
-    unknown = [name for name in names if name not in OUTPUT_NAMES]
+    wanted_names = tuple(o["name"] for o in requested)
+    unknown = [name for name in wanted_names if name not in names]
     if unknown:
-        raise RequestError(400, "outputs", f"unknown output(s) {unknown}; this model has outputs {list(OUTPUT_NAMES)}")
+        raise RequestError(400, "outputs", f"unknown output(s) {unknown}; this model has outputs {list(names)}")
     binary = set()
     for output in requested:
         options = output.get("parameters") or {}
@@ -186,10 +201,10 @@ def _requested_outputs(payload: dict) -> tuple[tuple[str, ...], frozenset[str]]:
         wanted = flag(options, "binary_data", f"output '{output['name']}'")
         if wanted or (wanted is None and all_binary):
             binary.add(output["name"])
-    return tuple(dict.fromkeys(names)), frozenset(binary)
+    return tuple(dict.fromkeys(wanted_names)), frozenset(binary)
 
 
-def _load_json(text: bytes):
+def load_json(text: bytes):
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError as exc:  # also invalid UTF-8 and too deep nesting
@@ -202,13 +217,13 @@ def parse_infer_request(body: bytes, spec: ViTSpec, max_batch: int, header_lengt
     """Validate an OIP inference request for this model, or raise :class:`RequestError`.
     ``header_length``: the Inference-Header-Content-Length header, when the binary extension is used."""
     json_part, raw = split_body(body, header_length)
-    payload = _load_json(json_part)
+    payload = load_json(json_part)
     if not isinstance(payload, dict):
         raise RequestError(400, "malformed_request", f"request body must be a JSON object with an 'inputs' list, "
                                                      f"got a JSON {type(payload).__name__}")
     request_id = payload.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise RequestError(400, "malformed_request", f"'id' must be a string, got {_show(request_id)}")
+        raise RequestError(400, "malformed_request", f"'id' must be a string, got {show_json(request_id)}")
     if "inputs" not in payload:
         raise RequestError(400, "missing_inputs", f"request has no 'inputs'; expected a list holding one FP32 tensor "
                                                   f"named '{INPUT_NAME}'")
@@ -228,10 +243,10 @@ def parse_infer_request(body: bytes, spec: ViTSpec, max_batch: int, header_lengt
         raise RequestError(400, "malformed_request", f"input tensor lacks field(s) {missing}; an OIP tensor has "
                                                      f"name, shape, datatype and data (or binary_data_size)")
     if tensor["name"] != INPUT_NAME:
-        raise RequestError(400, "input_name", f"unknown input {_show(tensor['name'])}; this model has one input "
+        raise RequestError(400, "input_name", f"unknown input {show_json(tensor['name'])}; this model has one input "
                                               f"named '{INPUT_NAME}'")
     if tensor["datatype"] != "FP32":
-        raise RequestError(400, "datatype", f"input '{INPUT_NAME}' has datatype {_show(tensor['datatype'])}; "
+        raise RequestError(400, "datatype", f"input '{INPUT_NAME}' has datatype {show_json(tensor['datatype'])}; "
                                             f"this model takes FP32")
     shape = _check_shape(tensor["shape"], spec, max_batch)
     if size is None:
@@ -248,7 +263,7 @@ def parse_infer_request(body: bytes, spec: ViTSpec, max_batch: int, header_lengt
                                                    f"has no Inference-Header-Content-Length header saying where its "
                                                    f"JSON ends")
         images = _finite(tensor_from_binary(raw, size, shape, "FP32", INPUT_NAME))
-    outputs, binary_outputs = _requested_outputs(payload)
+    outputs, binary_outputs = requested_outputs(payload)
     return InferRequest(images, uuid.uuid4().hex if request_id is None else request_id, outputs, binary_outputs)
 
 
@@ -256,13 +271,13 @@ def infer_response(model_name: str, request_id: str, outputs: tuple[str, ...], l
                    choice: ChainKey, fell_back: bool, batch_size: int, queue_ms: float, executor_ms: float,
                    binary_outputs: frozenset[str] = frozenset()) -> tuple[dict, bytes]:
     """An OIP inference response (JSON part, binary section); ``parameters`` says how the batch
-    holding this request ran. Outputs in ``binary_outputs`` go to the binary section."""
-    batch, classes = logits.shape
+    holding this request ran. Outputs in ``binary_outputs`` go to the binary section. ``logits``:
+    (B, classes), or (B, n, V | D) of a per-position text head (which has no label)."""
     values = logits.detach().cpu().numpy()
-    tensors = {
-        LOGITS_OUTPUT: ({"name": LOGITS_OUTPUT, "datatype": "FP32", "shape": [batch, classes]}, values),
-        LABEL_OUTPUT: ({"name": LABEL_OUTPUT, "datatype": "INT64", "shape": [batch]}, values.argmax(axis=1)),
-    }
+    tensors = {LOGITS_OUTPUT: ({"name": LOGITS_OUTPUT, "datatype": "FP32", "shape": list(values.shape)}, values)}
+    if LABEL_OUTPUT in outputs:
+        tensors[LABEL_OUTPUT] = ({"name": LABEL_OUTPUT, "datatype": "INT64", "shape": [values.shape[0]]},
+                                 values.argmax(axis=1))
     parameters = {"mode": choice.mode, "choice": choice.label, "fell_back": fell_back, "batch_size": batch_size,
                   "queue_ms": round(queue_ms, 3), "executor_ms": round(executor_ms, 3)}
     if choice.mode == "prism":  # OIP parameter values cannot be null

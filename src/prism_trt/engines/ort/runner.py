@@ -55,7 +55,8 @@ class OnnxRuntimeRunner(Runner):
         for name, tensor in feed.items():
             tensor = tensor.contiguous()
             keep_alive.append(tensor)
-            binding.bind_input(name, kind, index, np.float32, list(tensor.shape), tensor.data_ptr())
+            binding.bind_input(name, kind, index, np.dtype(self._inputs[name].dtype), list(tensor.shape),
+                               tensor.data_ptr())
         outputs = self.output_buffers(first.shape[0], device)
         for name, out in outputs.items():
             binding.bind_output(name, kind, index, np.float32, list(out.shape), out.data_ptr())

@@ -1,0 +1,71 @@
+"""Text models on the distributed runtime: a real GLOO group of two processes over loopback.
+
+Rank 0 runs in the test process (DistributedExecutor); the worker is a real `prism-trt run`
+subprocess. The distributed logits must equal :func:`simulate_text` (fp32 tolerance) on padded
+batches: for GPT-2 rank 1 reads rank 0's means only, rank 0 reads none, and the LM head runs on
+rank 0 over the gathered hidden states of all 16 positions."""
+
+import pytest
+import torch
+from conftest import TEXT_SEQ_LEN, assert_close, text_request
+from test_distributed import TIMEOUT_S, finish, start_workers
+from test_text_export import reference
+
+from prism_trt.engines import ChainKey
+from prism_trt.engines.stage_spec import ATTENTION_MASK, IMAGES, INPUT_IDS
+from prism_trt.errors import UsageError
+from prism_trt.runtime import open_executor
+from prism_trt.runtime.distributed import DistributedExecutor
+from prism_trt.runtime.group import GroupConfig, free_port
+from prism_trt.runtime.measure import measure
+
+pytest.importorskip("transformers", reason="the text models need the 'text' extra (also in 'dev')")
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert-base-uncased"])
+def test_two_ranks_equal_the_simulation(text_engines, name):
+    directory, model = text_engines(name)
+    port = free_port()
+    workers = start_workers(directory, 2, port)
+    executor = None
+    try:
+        executor = DistributedExecutor(directory / "rank0", GroupConfig(0, 2, "127.0.0.1", port, TIMEOUT_S), threads=1)
+        for seed, lengths in enumerate([(16, 11, 5), (3, 16, 9)]):
+            ids, mask = text_request(3, seed, lengths)
+            for key in (executor.key_for("voltage"), executor.key_for("prism", 2.0)):
+                result = executor.infer({INPUT_IDS: ids, ATTENTION_MASK: mask}, key)
+                assert not result.fell_back and result.choice == key
+                assert_close(result.logits, reference(model, key.mode, key.segments, ids, mask), name=f"{name} {key}")
+        ids, mask = text_request(1, 7, (16,))  # another batch size, with the phase times of both ranks
+        result = executor.infer({INPUT_IDS: ids, ATTENTION_MASK: mask}, executor.key_for("prism", 2.0), True)
+        assert_close(result.logits, reference(model, "prism", 4, ids, mask))
+        sent = [times.bytes_sent for times in result.per_rank]
+        if model.spec.causal:  # rank 1's means are never read; both send their hidden states or means
+            assert sent[0] == 2 * 4 * 32 * 4 and sent[1] == 8 * 32 * 4
+        local = executor.infer({INPUT_IDS: ids, ATTENTION_MASK: mask}, ChainKey.local())
+        assert_close(local.logits, model(ids, mask))
+    finally:
+        if executor is not None:
+            executor.close()
+        results = finish(workers)
+    assert all(code == 0 for code, _ in results), results
+
+
+def test_single_board_executor_and_measure(text_engines):
+    """`prism-trt run` on one board: the local executor takes named inputs, measure makes text requests."""
+    directory, model = text_engines("gpt2")
+    executor = open_executor(directory, GroupConfig(0, 1, "127.0.0.1", free_port(), TIMEOUT_S), threads=1)
+    try:
+        ids, mask = text_request(2, 3, (16, 4))
+        result = executor.infer({INPUT_IDS: ids, ATTENTION_MASK: mask}, ChainKey.local())
+        assert_close(result.logits, model(ids, mask))
+        assert measure(executor, ChainKey.local(), batch=2, warmup=0, repeat=2)["latency"]["mean_ms"] > 0
+        with pytest.raises(UsageError, match="takes inputs"):
+            executor.infer({IMAGES: torch.zeros(1, 3, 8, 8)}, ChainKey.local())
+        with pytest.raises(UsageError, match="must be int64 of shape"):
+            executor.infer({INPUT_IDS: ids.int(), ATTENTION_MASK: mask}, ChainKey.local())
+        with pytest.raises(UsageError, match=f"shape \\[2, {TEXT_SEQ_LEN}\\]"):
+            executor.infer({INPUT_IDS: ids[:, :8], ATTENTION_MASK: mask}, ChainKey.local())
+    finally:
+        executor.close()
