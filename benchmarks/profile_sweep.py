@@ -3,7 +3,8 @@
 2 ranks x 1 core (tc-shaped network namespaces) vs local on 1 core, onnxruntime engines,
 vit_tiny_patch16_224. Reports the crossover batch, Prism/local at batch 16 and 900 Mbit/s (goal
 <= 0.60), Prism/Voltage at batch 16 and 200 Mbit/s (goal <= 0.50), the bandwidth where Prism
-crosses local, the latency model's leave-one-out MAPE (goal <= 4 %), and the selector's regret
+crosses local, the latency model's MAPE on held-out points (leave-one-out, each batch and each
+bandwidth held out; goal <= 4 % leave-one-out), how each point was sampled, and the selector's regret
 against the measured oracle on points that were not in the sweep (goal <= 3 %).
 """
 
@@ -17,14 +18,19 @@ from common import RESULTS, write_result
 from prism_trt.engines import AccuracyEntry, BuildOptions, PerfMap, get_backend
 from prism_trt.export.build import Builder, config_plans
 from prism_trt.model import load_model
-from prism_trt.profiler.adaptive import MapSelector, leave_one_out, naive_total_mape
+from prism_trt.profiler.adaptive import MapSelector, evaluate
+from prism_trt.profiler.adaptive.evaluation import compute_drift, sampling_summary
 from prism_trt.profiler.adaptive.plots import plot_all
+from prism_trt.profiler.sampling import SamplingRule
 from prism_trt.profiler.sweep import Launcher, SweepPlan, profile
 
 MODEL, CR = "vit_tiny_patch16_224", 9.9
 BATCHES, BANDWIDTHS = [1, 2, 4, 8, 16], [200.0, 340.0, 500.0, 900.0]
 HELD_OUT_BATCHES, HELD_OUT_BANDWIDTHS = [3, 12], [700.0]
 WARMUP, REPEAT = 2, 6
+# At least REPEAT timed runs per point, then until the median's 95 % CI is within 2 %, bounded so
+# the study stays under ~15 minutes on 2 cores.
+SAMPLING = SamplingRule(REPEAT, 40, 0.02, 8.0)
 
 
 def per_sample(data: PerfMap, mode: str, batch: int, bandwidth: float | None) -> float:
@@ -51,12 +57,12 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     with Testbed(2, "900mbit", cpus_per_rank=1) as testbed:
         launcher = Launcher.on_testbed(testbed)
-        plan = SweepPlan.for_build(engines, BATCHES, [CR], BANDWIDTHS, WARMUP, REPEAT)
+        plan = SweepPlan.for_build(engines, BATCHES, [CR], BANDWIDTHS, WARMUP, REPEAT, SAMPLING)
         accuracy = [AccuracyEntry(plan.prism[0], 2, 1.0, calibration="random weights: latency-only study "
                                                                       "(min agreement 0)")]
         data = profile(engines, out / "perfmap.json", plan, launcher, accuracy=accuracy)
         held = profile(engines, out / "held_out.json", SweepPlan(HELD_OUT_BATCHES, plan.prism, HELD_OUT_BANDWIDTHS,
-                                                                 WARMUP, REPEAT), launcher, accuracy=accuracy)
+                                                                 WARMUP, REPEAT, SAMPLING), launcher, accuracy=accuracy)
     top = max(BANDWIDTHS)
     crossover = next((b for b in BATCHES if per_sample(data, "prism", b, top) < per_sample(data, "local", b, None)),
                      None)
@@ -78,10 +84,12 @@ def main() -> int:
             oracle = min(measured.values())
             regrets.append({"batch": batch, "bandwidth": bandwidth, "chosen": chosen,
                             "oracle": min(measured, key=measured.get), "regret": measured[chosen] / oracle - 1})
-    fit = leave_one_out(data.points)
+    model_report = evaluate(data.points)
+    fit = model_report["leave-one-out"]
     results = {"model": MODEL, "cr": CR, "crossover_batch_at_900": crossover, "prism_vs_local_b16_900": prism_vs_local,
                "prism_vs_voltage_b16_200": prism_vs_voltage, "prism_crosses_local_mbit_b16": crossing,
-               "model_loo_mape": fit, "naive_total_mape": naive_total_mape(data.points),
+               "model_held_out": model_report, "naive_total_mape": fit["naive_total"]["mape_percent"],
+               "sampling": sampling_summary(data.points), "compute_drift_percent": compute_drift(data.points),
                "selector_regret": regrets, "max_regret": max(r["regret"] for r in regrets),
                "measured_mbit": {str(p.bandwidth_mbit): p.measured_mbit for p in data.points if p.mode != "local"},
                "goals": {"prism_vs_local_b16_900 <= 0.60": bool(prism_vs_local <= 0.60),
@@ -91,10 +99,12 @@ def main() -> int:
     plot_all(data, out, selector)
     path = write_result("profile", results)
     for key, value in results.items():
-        if key not in ("model_loo_mape", "selector_regret"):
+        if key not in ("model_held_out", "selector_regret"):
             print(f"{key}: {value}")
-    print("model LOO MAPE %:", {k: None if v["mape_percent"] is None else round(v["mape_percent"], 2)
-                                for k, v in fit.items()})
+    for scheme, terms in model_report.items():
+        print(f"model {scheme} MAPE % (error share %):",
+              {k: tuple(None if v[f] is None else round(v[f], 2) for f in ("mape_percent", "error_share_percent"))
+               for k, v in terms.items()})
     print("selector:", [(r["batch"], r["bandwidth"], r["chosen"], r["oracle"], f"{100 * r['regret']:.1f}%")
                         for r in regrets])
     print(f"-> {path}")

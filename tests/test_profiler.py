@@ -14,9 +14,10 @@ from prism_trt.profiler.sweep import Launcher, SweepPlan, profile
 from prism_trt.runtime import ClusterError
 
 LOCAL, VOLTAGE, PRISM5 = ChainKey.local(), ChainKey.voltage(), ChainKey.prism(5, 50, 2)  # 50 tokens, 2 ranks: CR 5
-# Known parameters of a synthetic setup the model must recover.
+# Known parameters of a constructed (not measured) setup the model must recover; no FLOPs in the
+# points, so compute is linear in batch per chain. Rank 0's skew is a constant wait per collective.
 TRUE = {"compute": {LOCAL: (2.0, 10.0), VOLTAGE: (3.0, 6.0), PRISM5: (3.0, 5.0)},
-        "staging": (0.05, 2e-6), "comm": (0.2, 1e-6, 1.5), "rest": (0.5, 0.02)}
+        "staging": (0.05, 2e-6), "comm": (0.2, 1e-6, 1.5), "skew": 0.04, "other": (0.5, 0.02)}
 ENTRY_BYTES = 64 * 4  # D * fp32
 
 
@@ -31,14 +32,14 @@ def synthetic_point(key, batch, bandwidth, depth=6, energy_per_ms=None) -> PerfP
     staging = 0.0 if not n else TRUE["staging"][0] * n + TRUE["staging"][1] * nbytes
     a, b, g = TRUE["comm"]
     comm = 0.0 if not n else a * n + nbytes * (b + g * inv_bw)
-    r0, r1 = TRUE["rest"]
-    rest = 0.0 if not n else r0 + r1 * batch
-    total = compute + staging + comm + rest
+    r0, r1 = TRUE["other"]
+    other, wait = (0.0, 0.0) if not n else (r0 + r1 * batch, TRUE["skew"] * n)
+    total = compute + staging + comm + wait + other
     energy = None if energy_per_ms is None else energy_per_ms[mode] * total
     return PerfPoint(key, batch, None if mode == "local" else bandwidth,
                      {"mean_ms": total, "p50_ms": total, "p90_ms": total, "stdev_ms": 0.0, "per_sample_ms": total / batch},
-                     [{"compute": compute, "d2h": staging / 2, "h2d": staging / 2, "wait": rest / 2, "comm": comm,
-                       "other": rest / 2, "total": total, "bytes_sent": nbytes / 2, "bytes_received": nbytes / 2,
+                     [{"compute": compute, "d2h": staging / 2, "h2d": staging / 2, "wait": wait, "comm": comm,
+                       "other": other, "total": total, "bytes_sent": nbytes / 2, "bytes_received": nbytes / 2,
                        "collectives": n}],
                      energy_j=energy, energy_per_sample_j=None if energy is None else energy / batch)
 
@@ -108,11 +109,15 @@ def test_empty_map_says_why_nothing_qualifies():
 
 def test_fit_recovers_known_parameters():
     model = LatencyModel.fit(synthetic_map().points)
+    chains = len(model.chains)
     for chain, (c0, c1) in TRUE["compute"].items():
-        assert model.compute[chain] == pytest.approx((c0, c1), rel=1e-6, abs=1e-9)
-    assert np.allclose(model.shared["staging"], TRUE["staging"], rtol=1e-4, atol=1e-12)
-    assert np.allclose(model.shared["comm"], TRUE["comm"], rtol=1e-4, atol=1e-12)
-    assert np.allclose(model.shared["rest"], TRUE["rest"], rtol=1e-4, atol=1e-12)
+        index = model.chains.index(chain)
+        assert model.compute_coef[[index, chains + index]] == pytest.approx((c0, c1), rel=1e-6, abs=1e-9)
+    assert np.allclose(model.staging, TRUE["staging"], rtol=1e-4, atol=1e-12)
+    a, b, g = TRUE["comm"]
+    assert np.allclose(model.transfer, (a, 0.0, b, g), rtol=1e-4, atol=1e-9)
+    assert np.allclose(model.skew, (0.0, TRUE["skew"], 0.0), rtol=1e-4, atol=1e-9)  # one rank listed: no imbalance
+    assert np.allclose(model.other[True], TRUE["other"], rtol=1e-4, atol=1e-12)
     report = leave_one_out(synthetic_map().points)
     assert report["total"]["mape_percent"] < 1e-6
 
@@ -227,7 +232,7 @@ def test_select_and_model_cli(tmp_path):
     assert chosen.returncode == 0, chosen.stderr
     assert "chosen:" in chosen.stdout and "agreement 0.9300 < min 0.99" in chosen.stdout
     fitted = subprocess.run(cli + ["model", "fit", str(path), "--json"], capture_output=True, text=True, timeout=120)
-    assert json.loads(fitted.stdout)["total"]["mape_percent"] < 1e-6
+    assert json.loads(fitted.stdout)["leave-one-out"]["total"]["mape_percent"] < 1e-6
     plots = subprocess.run(cli + ["plot", str(path), "--out", str(tmp_path / "plots")], capture_output=True,
                            text=True, timeout=120)
     assert plots.returncode == 0, plots.stderr
@@ -263,3 +268,75 @@ def test_a_failing_rank_0_is_reported_with_its_log(small_engines, tmp_path):
     plan = SweepPlan.for_build(small_engines, [1], [2.0], [None], warmup=0, repeat=1)
     with pytest.raises(ClusterError, match=r"(?s)rank 0 of the sweep failed \(exit 3\).*could not start: boom"):
         profile(small_engines, tmp_path / "map.json", plan, launcher, threads=1, timeout=5, progress=False)
+
+
+class _ScriptedExecutor:
+    """Stands in for a group: records the order of requests and answers with constructed phase
+    times (not measurements) — steady for the local chain, widely spread for the others."""
+
+    def __init__(self, manifest):
+        self.manifest, self.calls = manifest, []
+        self.spread = np.random.default_rng(0)
+
+    def infer(self, request, key, gather_timings=False):
+        from types import SimpleNamespace
+
+        from prism_trt.runtime.timing import PhaseTimes
+
+        self.calls.append(key)
+        total = 10.0 if key.mode == "local" else float(self.spread.uniform(5.0, 20.0))
+        ranks = 1 if key.mode == "local" else 2
+        return SimpleNamespace(fell_back=False, timings=None,
+                               per_rank=[PhaseTimes(compute=total * 0.8, total=total) for _ in range(ranks)])
+
+
+def test_points_of_a_batch_are_timed_interleaved_until_each_is_tight(small_engines):
+    import threading
+
+    from prism_trt.profiler.energy import detect_meter
+    from prism_trt.profiler.rank0 import measure_group
+    from prism_trt.profiler.sampling import SamplingRule
+
+    manifest = Manifest.read(small_engines / "rank0")
+    executor = _ScriptedExecutor(manifest)
+    prism = manifest.key_for("prism", 2.0)
+    group = [(LOCAL, 2), (VOLTAGE, 2), (prism, 2)]
+    meter, _ = detect_meter(None, "cpu")
+    results = measure_group(executor, group, warmup=1, rule=SamplingRule(4, 9, 0.02, 1e6), meter=meter,
+                            stop=threading.Event())
+    timed = executor.calls[3:]  # after one warm-up each
+    assert timed[:12] == [LOCAL, VOLTAGE, prism] * 4  # interleaved, not one chain after the other
+    samples = {ChainKey.from_dict(r): r["samples"] for r in results}
+    assert samples[LOCAL]["count"] == 4 and samples[LOCAL]["stopped"] == "converged"
+    assert samples[VOLTAGE]["count"] == 9 and samples[VOLTAGE]["stopped"] == "max_repeat"
+    assert all(r["repeat"] == r["samples"]["count"] for r in results)
+    assert len(results[2]["gflops_per_rank"]) == 2 and results[0]["gflops_per_rank"][0] > results[2]["gflops_per_rank"][0]
+    stopped = threading.Event()
+    stopped.set()
+    assert measure_group(executor, group, 0, SamplingRule(4, 9), meter, stopped) == []  # nothing half-sampled
+
+
+@pytest.mark.timeout(300)
+def test_small_real_sweep_samples_each_point_to_its_ci(small_engines, tmp_path):
+    """A real loopback sweep with the adaptive rule: every point carries its sample statistics,
+    the model fits it and reports every held-out scheme."""
+    from prism_trt.profiler.adaptive import evaluate
+    from prism_trt.profiler.adaptive.evaluation import sampling_summary
+    from prism_trt.profiler.sampling import SamplingRule
+
+    rule = SamplingRule(3, 8, 0.02, 5.0)
+    plan = SweepPlan.for_build(small_engines, [1, 2], [2.0], [None], warmup=1, repeat=3, sampling=rule)
+    data = profile(small_engines, tmp_path / "map.json", plan, Launcher(2), threads=1, timeout=60, progress=False,
+                   accuracy=[])
+    assert len(data.points) == 6 and data.metadata["sampling"] == rule.to_dict()
+    for point in data.points:
+        samples = point.samples
+        assert 3 <= samples["count"] <= 8 and samples["outliers"] == len(samples["outlier_ms"])
+        assert samples["ci_low_ms"] <= samples["median_ms"] <= samples["ci_high_ms"]
+        assert samples["stopped"] != "max_repeat" or samples["ci_rel"] > 0.02
+        assert len(point.gflops_per_rank) == len(point.per_rank)
+    noise = sampling_summary(data.points)
+    assert noise["points"] == 6 and sum(noise["stopped"].values()) == 6 and noise["samples_min"] >= 3
+    report = evaluate(PerfMap.load(tmp_path / "map.json").points)
+    assert report["leave-one-out"]["total"]["points"] == 6
+    assert report["held-out batch"]["total"]["points"] == 6 and report["held-out bandwidth"]["total"]["points"] == 0

@@ -10,6 +10,22 @@ import click
 from .common import group_options, main, parse_numbers
 
 
+def sampling_options(command):
+    """--max-repeat, --target-ci and --point-budget: when to stop timing a point."""
+    command = click.option("--point-budget", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+                           help="Seconds of timed runs per point at most.")(command)
+    command = click.option("--target-ci", type=click.FloatRange(min=0), default=0.02, show_default=True,
+                           help="Stop once the median's 95 % CI half-width is this share of it.")(command)
+    return click.option("--max-repeat", type=click.IntRange(min=1), default=100, show_default=True,
+                        help="Timed runs per point at most (at least --repeat).")(command)
+
+
+def _rule(repeat: int, max_repeat: int, target_ci: float, point_budget: float):
+    from ..profiler.sampling import SamplingRule
+
+    return SamplingRule(repeat, max(repeat, max_repeat), target_ci, point_budget)
+
+
 @main.command()
 @click.option("--engines", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
               help="The build directory (with rank0/ .. rankN/).")
@@ -19,7 +35,9 @@ from .common import group_options, main, parse_numbers
               help="Link rates in Mbit/s, e.g. 200,340,500,700,900: runs the ranks in a tc-shaped testbed "
                    "(needs root). Without it, ranks talk over unshaped loopback.")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
-@click.option("--repeat", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--repeat", type=click.IntRange(min=1), default=20, show_default=True,
+              help="The least timed runs per point.")
+@sampling_options
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Performance map JSON.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Threads (cores) per rank.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=60.0, show_default=True)
@@ -30,11 +48,13 @@ from .common import group_options, main, parse_numbers
 @click.option("--energy", type=click.Choice(["jtop", "nvml", "rapl"]), default=None,
               help="Energy meter [default: the first that works here; none -> energy is n/a].")
 @click.option("--quiet", "-q", is_flag=True)
-def profile(engines, batches, crs, bandwidths, warmup, repeat, out, threads, timeout_s, calib_data, calib_samples,
-            energy, quiet):
+def profile(engines, batches, crs, bandwidths, warmup, repeat, max_repeat, target_ci, point_budget, out, threads,
+            timeout_s, calib_data, calib_samples, energy, quiet):
     """Sweep batch x CR x bandwidth over local / voltage / prism into a performance map.
 
-    Resumable: points already in --out are skipped, and the map is written after every point.
+    Each point is timed at least --repeat times, then until its median's 95 % confidence interval is
+    within --target-ci of it, at most --max-repeat times or --point-budget seconds; the chains of one
+    batch size are timed interleaved. Resumable: points already in --out are skipped, and the map is written after every point.
     Ctrl-C or SIGTERM stops after the point in progress (a second Ctrl-C at once), keeps every
     point measured and exits 130 / 143; run the same command again to resume.
     """
@@ -46,10 +66,11 @@ def profile(engines, batches, crs, bandwidths, warmup, repeat, out, threads, tim
     batch_list, rates = parse_numbers(batches, int, "--batch"), parse_numbers(bandwidths, float, "--bandwidth")
     world = Manifest.read(engines / "rank0").world_size
     plan = SweepPlan.for_build(engines, batch_list, parse_numbers(crs, float, "--cr") or None, rates or [None],
-                               warmup, repeat)
+                               warmup, repeat, _rule(repeat, max_repeat, target_ci, point_budget))
     click.echo(f"{world} ranks, {len(batch_list)} batches x {len(plan.prism)} CRs "
                f"({', '.join(k.label for k in plan.prism)}) x {len(plan.bandwidths)} bandwidths: "
-               f"{plan.total_passes()} inference passes (seed 000 budget: about {SEED_BUDGET_PASSES})")
+               f"{plan.total_passes()} to {plan.total_passes(most=True)} inference passes "
+               f"(seed 000 budget: about {SEED_BUDGET_PASSES})")
     testbed = None
     # One handler from here on: a signal during the testbed's set-up or the calibration must
     # still take the testbed down, and one during the sweep is handled by the sweep.
@@ -87,11 +108,12 @@ def profile(engines, batches, crs, bandwidths, warmup, repeat, out, threads, tim
 @click.option("--threads", type=click.IntRange(min=1), default=1)
 @click.option("--warmup", type=click.IntRange(min=0), default=3)
 @click.option("--repeat", type=click.IntRange(min=1), default=20)
+@sampling_options
 @click.option("--points", required=True, help="JSON list of [chain key, batch].")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="JSON-lines file to append results to.")
 @click.option("--energy", default=None, help="jtop, nvml or rapl (default: the first that works).")
-def sweep_rank0(engines, group, threads, warmup, repeat, points, out, energy):
+def sweep_rank0(engines, group, threads, warmup, repeat, max_repeat, target_ci, point_budget, points, out, energy):
     """Rank 0 of a profile sweep (started by `prism-trt profile`, not by hand).
 
     SIGTERM or SIGINT: finish the point in progress, tell the workers to stop, exit 128 + signal."""
@@ -115,7 +137,8 @@ def sweep_rank0(engines, group, threads, warmup, repeat, points, out, energy):
 
     logging.basicConfig(level=logging.WARNING)
     todo = [(ChainKey.from_dict(key), int(batch)) for key, batch in json.loads(points)]
-    done = measure_points(engines, group, todo, out, threads, warmup, repeat, energy, stop)
+    rule = _rule(repeat, max_repeat, target_ci, point_budget)
+    done = measure_points(engines, group, todo, out, threads, warmup, rule, energy, stop)
     if received:
         click.echo(f"rank 0: {signal.Signals(received[0]).name}, stopped after {done} of {len(todo)} points", err=True)
         raise click.exceptions.Exit(128 + received[0])
@@ -146,21 +169,39 @@ def model():
 
 @model.command("fit")
 @click.argument("map_path", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--test", "test_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Also fit on the whole map and report on this one (e.g. a later sweep of the same engines).")
 @click.option("--json", "as_json", is_flag=True)
-def model_fit(map_path, as_json):
-    """Fit the model and report leave-one-out MAPE per term and for the total (goal <= 4 %)."""
+def model_fit(map_path, test_path, as_json):
+    """Fit the model and report its MAPE on held-out points (leave-one-out, each batch size held
+    out, each bandwidth held out) per term and for the total, next to a naive baseline (goal: total
+    <= 4 %). "error share" is a term's mean absolute error as a share of the mean total latency."""
     from ..engines.perfmap import PerfMap
-    from ..profiler.adaptive import leave_one_out, naive_total_mape
+    from ..profiler.adaptive import evaluate
+    from ..profiler.adaptive.evaluation import compute_drift, cross_report, sampling_summary
     from ..report import format_table
 
     data = PerfMap.load(map_path)
-    report = leave_one_out(data.points)
-    report["naive_total"] = {"mape_percent": naive_total_mape(data.points), "points": len(data.points)}
+    report, noise, drift = evaluate(data.points), sampling_summary(data.points), compute_drift(data.points)
+    if test_path is not None:
+        report[f"fitted here, tested on {test_path.name}"] = cross_report(data.points, PerfMap.load(test_path).points)
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(json.dumps({**report, "sampling": noise, "compute_drift_percent": drift}, indent=2))
         return
-    click.echo(format_table(["term", "LOO MAPE %", "points"],
-                            [[term, v["mape_percent"], v["points"]] for term, v in report.items()]))
+    if noise:
+        click.echo(f"{len(data.points)} points, {noise['points']} sampled to a CI: {noise['samples_min']}-"
+                   f"{noise['samples_max']} samples (median {noise['samples_median']}), stopped {noise['stopped']}, "
+                   f"{noise['outliers_kept']} outliers kept; median CI half-width {noise['median_ci_rel_percent']:.1f} % "
+                   f"(max {noise['max_median_ci_rel_percent']:.1f} %), standard error of the mean "
+                   f"{noise['mean_rel_stderr_percent']:.1f} % (the noise floor of the total's MAPE)")
+    if drift is not None:
+        click.echo(f"compute of one chain and batch, measured again at each link rate: {drift:.1f} % apart (median "
+                   "coefficient of variation: the board's drift over the sweep)")
+    for scheme, terms in report.items():
+        click.echo(f"\n{scheme}:")
+        click.echo(format_table(["term", "MAPE %", "error share %", "points"],
+                                [[term, v["mape_percent"], v["error_share_percent"], v["points"]]
+                                 for term, v in terms.items()]))
 
 
 @main.command()

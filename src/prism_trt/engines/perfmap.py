@@ -13,10 +13,16 @@ Schema (version 2; 2 keys every chain by its segment count, see :mod:`.chain_key
                  "latency": {"mean_ms", "p50_ms", "p90_ms", "stdev_ms", "per_sample_ms"},
                  "per_rank": [{"compute", "d2h", "h2d", "wait", "comm", "other", "total",
                                "bytes_sent", "bytes_received", "collectives"}],
-                 "energy_j": float | null, "energy_per_sample_j": float | null, "fell_back": bool}]}
+                 "energy_j": float | null, "energy_per_sample_j": float | null, "fell_back": bool,
+                 "samples": {"count", "median_ms", "iqr_ms", "mad_ms", "ci_low_ms", "ci_high_ms", "ci_rel",
+                             "outliers", "outlier_ms": [...], "stopped", "compute_sigma_ms": [per rank]} | absent,
+                 "gflops_per_rank": [per rank, per sample] | absent}]}
 
 Local points do not depend on the network: their ``bandwidth_mbit`` is null. Energy that could
-not be measured is null, never estimated.
+not be measured is null, never estimated. ``samples`` (rank 0's latency median, its spread, the
+median's confidence interval, the outliers kept in the mean, why sampling stopped, each rank's
+compute jitter) and ``gflops_per_rank`` came with schema 2 maps written after issue 13; older maps
+lack them and still load.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ log = logging.getLogger(__name__)
 SCHEMA, SCHEMA_VERSION = "prism-trt/perfmap", 2
 LATENCY_FIELDS = ("mean_ms", "p50_ms", "p90_ms", "stdev_ms", "per_sample_ms")
 PHASE_FIELDS = ("compute", "d2h", "h2d", "comm", "other", "total")  # "wait" is null without a barrier
+SAMPLE_FIELDS = ("median_ms", "iqr_ms", "mad_ms", "ci_low_ms", "ci_high_ms", "ci_rel")
+STOP_REASONS = ("converged", "max_repeat", "time_budget", "stopped")
 
 
 class PerfMapError(PrismError, ValueError):
@@ -77,6 +85,8 @@ class PerfPoint:
     energy_j: float | None = None
     energy_per_sample_j: float | None = None
     fell_back: bool = False
+    samples: dict[str, Any] | None = None  # see the module's schema; None in maps from before it
+    gflops_per_rank: list[float] | None = None
 
     @property
     def mode(self) -> str:
@@ -96,7 +106,8 @@ class PerfPoint:
         return {**self.key.to_dict(), "batch": self.batch, "bandwidth_mbit": self.bandwidth_mbit,
                 "measured_mbit": self.measured_mbit, "latency": self.latency, "per_rank": self.per_rank,
                 "energy_j": self.energy_j, "energy_per_sample_j": self.energy_per_sample_j,
-                "fell_back": self.fell_back}
+                "fell_back": self.fell_back, **({"samples": self.samples} if self.samples is not None else {}),
+                **({"gflops_per_rank": self.gflops_per_rank} if self.gflops_per_rank is not None else {})}
 
     @classmethod
     def parse(cls, fields: Fields) -> PerfPoint:
@@ -115,7 +126,32 @@ class PerfPoint:
                    fields.number("measured_mbit", optional=True, positive=True),
                    fields.number("energy_j", optional=True, minimum=0),
                    fields.number("energy_per_sample_j", optional=True, minimum=0),
-                   bool(fields.get("fell_back", bool, optional=True)))
+                   bool(fields.get("fell_back", bool, optional=True)), _samples(fields, len(per_rank)),
+                   _gflops(fields, len(per_rank)))
+
+
+def _samples(point: Fields, ranks: int) -> dict[str, Any] | None:
+    samples = point.nested("samples", optional=True)
+    if samples is None:
+        return None
+    samples.integer("count", minimum=1)
+    samples.integer("outliers", minimum=0)
+    for name in SAMPLE_FIELDS:
+        samples.number(name, minimum=0)
+    if samples.get("stopped", str) not in STOP_REASONS:
+        raise samples.fail("stopped", f"must be one of {', '.join(STOP_REASONS)}")
+    for name, length in (("outlier_ms", samples.data["outliers"]), ("compute_sigma_ms", ranks)):
+        values = samples.get(name, list)
+        if len(values) != length or not all(isinstance(v, (int, float)) and v >= 0 for v in values):
+            raise samples.fail(name, f"expected {length} numbers >= 0, found {values!r:.80}")
+    return samples.data
+
+
+def _gflops(point: Fields, ranks: int) -> list[float] | None:
+    values = point.get("gflops_per_rank", list, optional=True)
+    if values is not None and (len(values) != ranks or not all(isinstance(v, (int, float)) and v > 0 for v in values)):
+        raise point.fail("gflops_per_rank", f"expected {ranks} numbers > 0, found {values!r:.80}")
+    return values
 
 
 @dataclass(frozen=True)

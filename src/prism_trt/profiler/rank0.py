@@ -1,50 +1,120 @@
 """Rank 0's side of a sweep: measure a list of points on a live group and stream each result as
 one JSON line (the driver merges them into the map). Runs where rank 0 runs — on loopback, or
 inside rank 0's network namespace on the testbed — through the hidden ``prism-trt sweep-rank0``
-command that :mod:`.sweep` starts."""
+command that :mod:`.sweep` starts.
+
+Points of one batch size (local, voltage and every prism chain) are timed interleaved — one
+inference of each in turn — so drift on the board (another process, thermal state, the link)
+lands on all the chains the selector compares, instead of on whichever ran last. Each point is
+sampled until its median is known well enough (:class:`.sampling.SamplingRule`).
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
+import time
 from pathlib import Path
 
+from ..core.accounting import plan_cost
+from ..core.plan import PartitionPlan, SegmentPlan
 from ..engines.chain_key import ChainKey
 from ..engines.manifest import Manifest, rank_directory
+from ..model.spec import ViTSpec
 from ..runtime import GroupConfig, open_executor
-from ..runtime.measure import measure
+from ..runtime.measure import example_request, summarize_runs
 from .energy import detect_meter
+from .sampling import MAD_TO_SIGMA, SamplingRule, mad, robust_summary
+
+
+def chain_gflops(manifest: Manifest, key: ChainKey) -> list[float] | None:
+    """GFLOPs per sample of each rank of chain ``key`` (None for text models: not modelled yet)."""
+    spec = manifest.spec
+    if not isinstance(spec, ViTSpec):
+        return None
+    config = manifest.config(key)
+    partition = PartitionPlan(sum(config.partition), spec.num_prefix_tokens, config.partition)
+    plan = SegmentPlan(partition, config.segments or 1, config.segment_sizes)
+    return [rank.gflops for rank in plan_cost(spec, plan, key.mode).per_rank]
+
+
+def _sample_stats(runs: list, stopped: str) -> dict:
+    """The typed ``samples`` record of a point: rank 0's latency summary, why sampling stopped,
+    and every rank's compute jitter (sigma estimated from the MAD)."""
+    ranks = len(runs[0])
+    jitter = [MAD_TO_SIGMA * mad([run[r].compute for run in runs if len(run) == ranks]) for r in range(ranks)]
+    return {**robust_summary([run[0].total for run in runs]), "stopped": stopped, "compute_sigma_ms": jitter}
+
+
+def measure_group(executor, group: list[tuple[ChainKey, int]], warmup: int, rule: SamplingRule, meter,
+                  stop: threading.Event) -> list[dict]:
+    """Time the points of ``group`` interleaved until each is done by ``rule``; one result each
+    (see :func:`~prism_trt.runtime.measure.summarize_runs`) with a ``samples`` record. After
+    ``stop``, only points with at least ``rule.min_repeat`` samples are returned."""
+    requests = {batch: example_request(executor.manifest.model, batch) for _, batch in group}
+    for (key, batch), _ in itertools.product(group, range(warmup)):
+        executor.infer(requests[batch], key, gather_timings=True)
+    runs: list[list] = [[] for _ in group]
+    energy: list[float | None] = [0.0 for _ in group]
+    fell_back = [False for _ in group]
+    stopped: list[str | None] = [None for _ in group]
+    started = time.monotonic()
+    while not stop.is_set() and any(s is None for s in stopped):
+        for index, (key, batch) in enumerate(group):
+            if stopped[index] is not None:
+                continue
+            meter.start()
+            result = executor.infer(requests[batch], key, gather_timings=True)
+            joules = meter.stop()
+            energy[index] = None if joules is None or energy[index] is None else energy[index] + joules
+            fell_back[index] |= result.fell_back
+            runs[index].append(result.per_rank or [result.timings])
+            # The budget is the group's: each point gets its share of the time the group has run.
+            elapsed = (time.monotonic() - started) / len(group)
+            stopped[index] = rule.verdict([run[0].total for run in runs[index]], elapsed)
+    results = []
+    for index, (key, batch) in enumerate(group):
+        if stopped[index] is None and len(runs[index]) < rule.min_repeat:
+            continue  # stopped early: fewer samples than asked for is not the point asked for
+        result = summarize_runs(key, batch, warmup, runs[index], fell_back[index], energy[index])
+        result["samples"] = _sample_stats(runs[index], stopped[index] or "stopped")
+        result["gflops_per_rank"] = chain_gflops(executor.manifest, key)
+        results.append(result)
+    return results
 
 
 def measure_points(engines: Path, group: GroupConfig, points: list[tuple[ChainKey, int]], out: Path,
-                   threads: int = 1, warmup: int = 3, repeat: int = 20, energy: str | None = None,
+                   threads: int = 1, warmup: int = 3, rule: SamplingRule | None = None, energy: str | None = None,
                    stop: threading.Event | None = None) -> int:
-    """Join the group as rank 0, measure ``points`` (chain, batch) in order with a barrier before
-    every collective, append each result to ``out`` as it lands; returns the number measured.
+    """Join the group as rank 0, measure ``points`` (chain, batch) with a barrier before every
+    collective, the points of each batch size interleaved (consecutive points of one batch form a
+    group); append each result to ``out`` as its group lands; returns the number measured.
 
-    Once ``stop`` is set, no new point is started: the one in progress is finished and written,
-    then the workers are told to stop as at the end of the list."""
+    Once ``stop`` is set, no new group is started; the one in progress stops sampling, its points
+    with enough samples are written, then the workers are told to stop as at the end of the list."""
     stop = stop if stop is not None else threading.Event()
+    rule = rule or SamplingRule()
     device = Manifest.read(rank_directory(engines)).backend.compute_device
     meter, meter_note = detect_meter(energy, device)
     executor = open_executor(engines, group, threads, profile_barrier=True)
     measured = 0
     try:
-        for key, batch in points:
+        for _, batch_points in itertools.groupby(points, key=lambda point: point[1]):
             if stop.is_set():
                 break
-            result = measure(executor, key, batch, warmup, repeat, meter=meter)
-            if stop.is_set() and result["fell_back"]:
-                # Stopped under this point and it fell back to local: a worker was most likely
-                # stopped under it too (the whole session got the signal), so it is not the point
-                # asked for. A fallback without a stop is a real measurement and is kept.
-                break
-            result["energy_meter"] = meter.name
-            result["energy_note"] = meter_note
-            # One write of one whole line: the driver takes only complete lines as points.
-            with open(out, "a") as stream:
-                stream.write(json.dumps(result) + "\n")
-            measured += 1
+            for result in measure_group(executor, list(batch_points), warmup, rule, meter, stop):
+                if stop.is_set() and result["fell_back"]:
+                    # Stopped under this point and it fell back to local: a worker was most likely
+                    # stopped under it too (the whole session got the signal), so it is not the
+                    # point asked for. A fallback without a stop is a real measurement and is kept.
+                    continue
+                result["energy_meter"] = meter.name
+                result["energy_note"] = meter_note
+                # One write of one whole line: the driver takes only complete lines as points.
+                with open(out, "a") as stream:
+                    stream.write(json.dumps(result) + "\n")
+                measured += 1
     finally:
         executor.close()
         meter.close()

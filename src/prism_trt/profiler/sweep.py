@@ -31,6 +31,7 @@ from ..engines.manifest import Manifest, rank_directory
 from ..engines.perfmap import LATENCY_FIELDS, AccuracyEntry, PerfMap, PerfMapError, PerfPoint
 from ..errors import PrismError
 from ..runtime.group import ClusterError, free_port
+from .sampling import SamplingRule
 
 SEED_BUDGET_PASSES = 2000  # seed 000 section 3.3: "approximately 2000 inference passes"
 # After a signal, how long the ranks get to leave on their own before SIGKILL. Rank 0 has its
@@ -51,28 +52,35 @@ class SweepPlan:
     prism: list[ChainKey]
     bandwidths: list[float | None]  # None: unshaped loopback
     warmup: int = 3
-    repeat: int = 20
+    repeat: int = 20  # the least samples per point; more until the median is tight (``sampling``)
+    sampling: SamplingRule | None = None  # None: exactly ``repeat`` samples per point
+
+    @property
+    def rule(self) -> SamplingRule:
+        return self.sampling or SamplingRule(self.repeat, self.repeat)
 
     @classmethod
     def for_build(cls, engines: Path, batches: list[int], crs: list[float] | None, bandwidths: list[float | None],
-                  warmup: int = 3, repeat: int = 20) -> SweepPlan:
+                  warmup: int = 3, repeat: int = 20, sampling: SamplingRule | None = None) -> SweepPlan:
         """A plan over the prism chains of a build: the requested CRs, each mapped to the segment
         count it stands for (an error names the built ones when it was not built), or every one."""
         manifest = Manifest.read(rank_directory(engines))
         built = [key for key in manifest.keys() if key.mode == "prism"]
         chains = built if crs is None else list(dict.fromkeys(manifest.key_for("prism", cr) for cr in crs))
-        return cls(batches, chains, bandwidths, warmup, repeat)
+        return cls(batches, chains, bandwidths, warmup, repeat, sampling)
 
     def points_for(self, bandwidth: float | None, include_local: bool) -> list[tuple[ChainKey, int]]:
-        points = [(ChainKey.local(), b) for b in self.batches] if include_local else []
+        """Grouped by batch: rank 0 times the chains of one batch interleaved."""
+        points = []
         for batch in self.batches:
-            points.append((ChainKey.voltage(), batch))
-            points += [(key, batch) for key in self.prism]
+            points += [(ChainKey.local(), batch)] if include_local else []
+            points += [(ChainKey.voltage(), batch)] + [(key, batch) for key in self.prism]
         return points
 
-    def total_passes(self) -> int:
+    def total_passes(self, most: bool = False) -> int:
+        """Inference passes of the whole sweep: the least, or (``most``) with every point at its cap."""
         count = sum(len(self.points_for(bw, i == 0)) for i, bw in enumerate(self.bandwidths))
-        return count * (self.warmup + self.repeat)
+        return count * (self.warmup + (self.rule.max_repeat if most else self.rule.min_repeat))
 
 
 @dataclass
@@ -235,8 +243,8 @@ class _ResultLines:
         return results
 
 
-def run_cluster(engines: Path, launcher: Launcher, points: list[tuple[ChainKey, int]], threads: int, warmup: int, repeat: int,
-                timeout: float, on_result: Callable[[dict], None], energy: str | None = None,
+def run_cluster(engines: Path, launcher: Launcher, points: list[tuple[ChainKey, int]], threads: int, warmup: int,
+                rule: SamplingRule, timeout: float, on_result: Callable[[dict], None], energy: str | None = None,
                 stop: StopSignals | None = None) -> None:
     """Start workers and rank 0 for one bandwidth, feed ``on_result`` as each point lands.
 
@@ -260,8 +268,9 @@ def run_cluster(engines: Path, launcher: Launcher, points: list[tuple[ChainKey, 
                 ranks.start(r, launcher.wrap(r, _worker_argv(engines, r, launcher, port, threads, timeout)), env)
             argv = [sys.executable, "-m", "prism_trt.cli", "sweep-rank0", "--engines", str(engines), "--rank", "0",
                     "--world-size", str(launcher.world_size), "--master-addr", launcher.master_addr, "--master-port",
-                    str(port), "--threads", str(threads), "--warmup", str(warmup), "--repeat", str(repeat),
-                    "--timeout", str(timeout), "--points", json.dumps([[key.to_dict(), batch] for key, batch in points]),
+                    str(port), "--threads", str(threads), "--warmup", str(warmup), "--repeat", str(rule.min_repeat),
+                    "--max-repeat", str(rule.max_repeat), "--target-ci", str(rule.target_ci),
+                    "--point-budget", str(rule.budget_s), "--timeout", str(timeout), "--points", json.dumps([[key.to_dict(), batch] for key, batch in points]),
                     "--out", str(lines.path)]
             argv += (["--iface", launcher.iface] if launcher.iface else []) + (["--energy", energy] if energy else [])
             rank0 = ranks.start(0, launcher.wrap(0, argv), env)
@@ -341,6 +350,7 @@ def profile(engines: Path, out: Path, plan: SweepPlan, launcher: Launcher, threa
     else:
         data = PerfMap.new(fingerprint, hardware_description(launcher, threads), launcher.world_size, threads,
                            plan.warmup, plan.repeat, None)
+    data.metadata["sampling"] = plan.rule.to_dict()  # how the points measured from now on were sampled
     if accuracy is not None:
         data.accuracy = accuracy
     todo = []
@@ -366,15 +376,15 @@ def profile(engines: Path, out: Path, plan: SweepPlan, launcher: Launcher, threa
                     data.upsert(PerfPoint(key, result["batch"], None if key.mode == "local" else bandwidth,
                                           {k: result["latency"][k] for k in LATENCY_FIELDS}, result["per_rank"],
                                           measured, result["energy_j"], result["energy_per_sample_j"],
-                                          result["fell_back"]))
+                                          result["fell_back"], result.get("samples"),
+                                          result.get("gflops_per_rank")))
                     data.metadata["energy_meter"] = result.get("energy_meter")
                     data.save(out)
                     stored.append(key)
                     bar.set_postfix_str(f"{key.label} B={result['batch']} bw={bandwidth}")
                     bar.update(1)
 
-                run_cluster(engines, launcher, missing, threads, plan.warmup, plan.repeat, timeout, store, energy,
-                            stop)
+                run_cluster(engines, launcher, missing, threads, plan.warmup, plan.rule, timeout, store, energy, stop)
     except SweepInterrupted as interrupted:
         kept = f"{out} keeps them" if out.is_file() else f"nothing was written to {out}"
         raise SweepInterrupted(interrupted.signum, f"after {planned - total + len(stored)} of {planned} points; "
