@@ -297,3 +297,28 @@ def test_group_security_mistakes_are_usage_errors(engines, monkeypatch, env, fla
                                        *flags], env=env)
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def test_junk_in_the_rendezvous_store_is_refused_not_fatal():
+    """Anyone who reaches the store can write a join request: junk is refused and rank 0 goes on."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from prism_trt.runtime.group import ClusterError
+    from prism_trt.runtime.rendezvous import Rendezvous
+
+    port = free_port()
+    rendezvous = Rendezvous(GroupConfig(0, 2, "127.0.0.1", port, 5.0, token="correct horse"))
+    try:
+        intruder = dist.PrefixStore("prism-trt/", dist.TCPStore("127.0.0.1", port, None, False,
+                                                                datetime.timedelta(seconds=5)))
+        challenge = intruder.get("challenge").decode()
+        for junk in (b"\xff not json", b'{"nonce": 1}',
+                     f'{{"nonce": "n", "challenge": "{challenge}", "proof": "\u00e9\u00e9"}}'.encode()):
+            intruder.set("join/1", junk)
+            assert not rendezvous.all_waiting()
+        with pytest.raises(ClusterError, match=r"rank 1 presented a wrong cluster token"):
+            rendezvous.form(timeout_s=0.5)
+    finally:
+        rendezvous.close()

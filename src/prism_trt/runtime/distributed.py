@@ -335,8 +335,8 @@ class DistributedExecutor(Executor):
         try:
             if not self._rendezvous.all_waiting():
                 return
-        except RuntimeError as error:  # rank 0 hosts the store, so this is rare (torchrun's agent store)
-            log.warning("cannot read join requests from the rendezvous store: %s", error)
+        except Exception as error:  # the store answers anyone: nothing read from it may stop this thread
+            log.warning("cannot read join requests from the rendezvous store: %r", error)
             return
         with self._lock:  # no batch is in flight while the lock is held: the queue waits, nothing is lost
             if self._closed.is_set():

@@ -141,7 +141,8 @@ class Rendezvous:
         if challenge != self.challenge:  # asked before the last generation formed: it will ask again
             self._answer(rank, nonce, {"retry": "the challenge changed"})
             return None
-        if not hmac.compare_digest(proof, _proof(self.config.token, challenge, rank, nonce)):
+        # bytes, not str: compare_digest raises on non-ASCII text, which anyone reaching the store could send
+        if not hmac.compare_digest(proof.encode(), _proof(self.config.token, challenge, rank, nonce).encode()):
             self._refused[rank] = "presented a wrong cluster token"
             log.warning("rank %d asked to join with a wrong cluster token; refused", rank)
             self._answer(rank, nonce, {"error": "rank 0 refused this rank: its cluster token does not match "
