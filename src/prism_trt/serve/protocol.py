@@ -21,7 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..engines.chain_key import ChainKey
 from ..model.spec import ViTSpec
-from .binary import binary_size, encode_outputs, flag, split_body, tensor_from_binary
+from .binary import DATATYPES, binary_size, encode_outputs, flag, split_body, tensor_from_binary
 from .request_error import RequestError
 
 INPUT_NAME = "input"
@@ -151,11 +151,20 @@ def array_from_data(data, shape: list[int], name: str, kinds: str, may_hold_bool
     return array.reshape(shape)
 
 
-def _tensor_from_data(data, shape: list[int], may_hold_booleans: bool = True) -> torch.Tensor:
-    array = array_from_data(data, shape, INPUT_NAME, "iuf", may_hold_booleans)
-    with np.errstate(over="ignore"):  # out-of-range values become inf and are reported just below
-        values = array.astype(np.float32)
-    return _finite(values)
+def input_values(tensor: dict, name: str, shape: list[int], datatype: str, size: int | None, raw: bytes,
+                 header_length: str | None, may_hold_booleans: bool) -> np.ndarray:
+    """One input's values, of ``datatype`` ("FP32" or "INT64"): from its JSON ``data``, or, when it
+    declares ``binary_data_size`` (``size``), from ``raw``, exactly its bytes of the binary section."""
+    if size is None:
+        array = array_from_data(tensor["data"], shape, name, "iuf" if datatype == "FP32" else "iu", may_hold_booleans)
+        with np.errstate(over="ignore"):  # out-of-range floats become inf, which the FP32 caller reports
+            return array.astype(DATATYPES[datatype].newbyteorder("="))
+    if "data" in tensor:
+        raise RequestError(400, "binary_data", f"input '{name}' has both 'data' and binary_data_size; send one")
+    if header_length is None:
+        raise RequestError(400, "binary_data", f"input '{name}' declares binary_data_size but the request has no "
+                                               f"Inference-Header-Content-Length header saying where its JSON ends")
+    return tensor_from_binary(raw, size, shape, datatype, name)
 
 
 def _finite(values: np.ndarray) -> torch.Tensor:
@@ -249,20 +258,11 @@ def parse_infer_request(body: bytes, spec: ViTSpec, max_batch: int, header_lengt
         raise RequestError(400, "datatype", f"input '{INPUT_NAME}' has datatype {show_json(tensor['datatype'])}; "
                                             f"this model takes FP32")
     shape = _check_shape(tensor["shape"], spec, max_batch)
-    if size is None:
-        if raw:
-            raise RequestError(400, "binary_data", f"the body holds {len(raw)} bytes after the JSON header, but input "
-                                                   f"'{INPUT_NAME}' declares no binary_data_size")
-        images = _tensor_from_data(tensor["data"], shape, may_hold_booleans=b"true" in body or b"false" in body)
-    else:
-        if "data" in tensor:
-            raise RequestError(400, "binary_data", f"input '{INPUT_NAME}' has both 'data' and binary_data_size; "
-                                                   f"send one")
-        if header_length is None:
-            raise RequestError(400, "binary_data", f"input '{INPUT_NAME}' declares binary_data_size but the request "
-                                                   f"has no Inference-Header-Content-Length header saying where its "
-                                                   f"JSON ends")
-        images = _finite(tensor_from_binary(raw, size, shape, "FP32", INPUT_NAME))
+    if size is None and raw:
+        raise RequestError(400, "binary_data", f"the body holds {len(raw)} bytes after the JSON header, but input "
+                                               f"'{INPUT_NAME}' declares no binary_data_size")
+    images = _finite(input_values(tensor, INPUT_NAME, shape, "FP32", size, raw, header_length,
+                                  may_hold_booleans=b"true" in body or b"false" in body))
     outputs, binary_outputs = requested_outputs(payload)
     return InferRequest(images, uuid.uuid4().hex if request_id is None else request_id, outputs, binary_outputs)
 

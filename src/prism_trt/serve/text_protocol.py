@@ -18,13 +18,13 @@ import torch
 from ..engines.chain_key import ChainKey
 from ..engines.manifest import ModelRecord
 from ..engines.stage_spec import ATTENTION_MASK, INPUT_IDS
-from .binary import binary_size, split_body, tensor_from_binary
+from .binary import binary_size, split_body
 from .protocol import (
     LOGITS_OUTPUT,
     OUTPUT_NAMES,
     PLATFORM,
     InferRequest,
-    array_from_data,
+    input_values,
     load_json,
     requested_outputs,
     shape_text,
@@ -91,14 +91,9 @@ def _tensor(tensor: dict, raw: memoryview, offset: int, header_length: str | Non
         raise RequestError(400, "datatype", f"input '{name}' has datatype {show_json(tensor['datatype'])}; this model "
                                             f"takes INT64")
     shape = _check_shape(tensor["shape"], name, seq_len, max_batch)
-    if size is None:
-        return name, array_from_data(tensor["data"], shape, name, "iu", may_hold_booleans).astype(np.int64), 0
-    if "data" in tensor:
-        raise RequestError(400, "binary_data", f"input '{name}' has both 'data' and binary_data_size; send one")
-    if header_length is None:
-        raise RequestError(400, "binary_data", f"input '{name}' declares binary_data_size but the request has no "
-                                               f"Inference-Header-Content-Length header")
-    return name, tensor_from_binary(bytes(raw[offset:offset + size]), size, shape, "INT64", name), size
+    used = size or 0
+    return name, input_values(tensor, name, shape, "INT64", size, bytes(raw[offset:offset + used]), header_length,
+                              may_hold_booleans), used
 
 
 def parse_text_request(body: bytes, record: ModelRecord, max_batch: int, header_length: str | None = None
