@@ -96,6 +96,12 @@ def test_voltage_and_prism_equal_reference(mnist_model, mnist_dir, cluster, rank
         assert times.collectives == mnist_model.spec.depth
         assert times.bytes_sent == mnist_model.spec.depth * 12 * plan.counts[rank] * 64 * 4
         assert times.compute > 0 and times.total >= times.compute
+    # only rank 0 broadcasts the request; its time is in rank 0's total, accounted, not "other"
+    rank0 = prism.per_rank[0]
+    assert rank0.request > 0 and all(t.request == 0 for t in prism.per_rank[1:])
+    parts = rank0.request + rank0.compute + rank0.staging + (rank0.wait or 0) + rank0.comm + rank0.other
+    assert parts == pytest.approx(rank0.total, rel=1e-9, abs=1e-9)
+    assert prism.timings.request == rank0.request
     local = executor.infer(images, ChainKey.local())
     assert_close(local.logits, reference)
     executor.close()

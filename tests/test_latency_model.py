@@ -1,5 +1,6 @@
 """Sampling statistics and the latency model's maths, on constructed inputs (not measurements):
-every number here is made up so that the right answer is known."""
+every number here is made up so that the right answer is known. The transfer across architectures
+also runs on two real loopback sweeps, where only what is fitted and kept is asserted."""
 
 import math
 from dataclasses import replace
@@ -20,15 +21,19 @@ MS_PER_GFLOP, FIXED = {LOCAL: 1.5, VOLTAGE: 2.0, PRISM: 2.5}, 5.0  # one through
 N, SKEW_SCALE, BARRIER_MS, JITTER = 12, 1.3, 0.02, 0.05
 
 
-def constructed_point(key: ChainKey, batch: int, bandwidth: float | None) -> PerfPoint:
-    compute = [MS_PER_GFLOP[key] + FIXED * batch * g for g in GFLOPS[key]]
+def constructed_point(key: ChainKey, batch: int, bandwidth: float | None, scale: float = 1.0,
+                      request: tuple[float, float] = (0.0, 0.0)) -> PerfPoint:
+    """``scale``: another architecture's compute (every rank, fixed cost and throughput alike);
+    ``request``: (bytes per sample, cap) of a request broadcast whose buffered tail rank 0 waits for."""
+    compute = [scale * (MS_PER_GFLOP[key] + FIXED * batch * g) for g in GFLOPS[key]]
     sigma = [JITTER * c for c in compute]
     distributed = key.mode != "local"
     n = N if distributed else 0
     nbytes = n * batch * 4096 * (4 if key.mode == "voltage" else 1)
     staging = 0.01 * n + nbytes / 4e6 if distributed else 0.0
     transfer = 0.1 * n + nbytes * 8 / (bandwidth * 1e3) if distributed else 0.0
-    skew = SKEW_SCALE * expected_wait(compute, sigma, n) + BARRIER_MS * n if distributed else 0.0
+    lag = min(batch * request[0], request[1]) * 8 / (bandwidth * 1e3) if distributed else 0.0
+    skew = SKEW_SCALE * expected_wait(compute, sigma, n) + BARRIER_MS * n + lag if distributed else 0.0
     other = 0.3 + 0.05 * batch
     total = compute[0] + staging + transfer + skew + other
     ranks = [{"compute": c, "d2h": staging / 2, "h2d": staging / 2, "wait": skew if r == 0 else 0.0,
@@ -41,9 +46,9 @@ def constructed_point(key: ChainKey, batch: int, bandwidth: float | None) -> Per
                      samples=samples, gflops_per_rank=GFLOPS[key])
 
 
-def constructed_points() -> list[PerfPoint]:
-    points = [constructed_point(LOCAL, b, None) for b in (1, 2, 4, 8)]
-    return points + [constructed_point(key, b, bw) for key in (VOLTAGE, PRISM) for b in (1, 2, 4, 8)
+def constructed_points(scale: float = 1.0, request: tuple[float, float] = (0.0, 0.0)) -> list[PerfPoint]:
+    points = [constructed_point(LOCAL, b, None, scale, request) for b in (1, 2, 4, 8)]
+    return points + [constructed_point(key, b, bw, scale, request) for key in (VOLTAGE, PRISM) for b in (1, 2, 4, 8)
                      for bw in (200.0, 500.0, 900.0)]
 
 
@@ -202,3 +207,121 @@ def test_model_fit_prints_every_held_out_scheme_and_the_noise(tmp_path):
     for heading in ("leave-one-out:", "held-out batch:", "held-out bandwidth:", "fitted here, tested on later.json:"):
         assert heading in result.output
     assert "28 sampled to a CI: 2-2 samples" in result.output and "0.0 % apart" in result.output
+
+
+def test_request_lag_is_fitted_with_its_cap_and_carried_by_its_size():
+    """Rank 0 waits at the first barrier for the buffered tail of the request broadcast: with its
+    size known the lag is the buffered bytes' time (r = 1), only the cap is fitted; unknown, r
+    converts units and the map still predicts itself exactly."""
+    request = (1000.0, 2000.0)  # bytes per sample, what the buffers hold: batches 2-8 hit the cap
+    points = constructed_points(request=request)
+    known = LatencyModel.fit(points, request_bytes=request[0])
+    assert known.request_lag == 1.0 and known.request_cap == pytest.approx(request[1], rel=1e-6)
+    assert np.allclose(known.skew, (SKEW_SCALE, BARRIER_MS, 0.0), rtol=1e-6, atol=1e-9)
+    unknown = LatencyModel.fit(points)
+    truth = constructed_point(PRISM, 16, 700.0, request=request)
+    for model in (known, unknown):
+        terms = model.predict_point(constructed_point(PRISM, 8, 500.0, request=request), 700.0, 16)
+        assert terms["total"] == pytest.approx(truth.latency["mean_ms"], rel=1e-6)
+    # another architecture with 1/100 of the request: the known size carries the lag over
+    small = constructed_point(PRISM, 16, 700.0, request=(10.0, request[1]))
+    transferred = known.with_compute(constructed_points(), request_bytes=10.0).predict_point(small)
+    assert transferred["skew"] == pytest.approx(small.per_rank[0]["wait"], rel=1e-6)
+
+
+@pytest.mark.parametrize("local_only", [False, True])
+def test_transfer_refits_only_compute(local_only):
+    """B computes 3x slower than A (fixed costs and throughput alike) on the same link: re-fitting
+    compute alone (every rank's, or local only) predicts B exactly; the naive baseline does not."""
+    from prism_trt.profiler.adaptive.evaluation import transfer_report
+
+    source, target = constructed_points(), constructed_points(scale=3.0)
+    model = LatencyModel.fit(source).with_compute(target, local_only)
+    fitted = LatencyModel.fit(source)
+    assert np.array_equal(model.transfer, fitted.transfer) and np.array_equal(model.skew, fitted.skew)
+    assert model.compute_coef[-2] == pytest.approx(3 * FIXED, rel=1e-6)
+    report = transfer_report(source, target, local_only, detail=True)
+    assert report["total"]["points"] == 24 and len(report["predictions"]) == 24  # B's distributed points
+    for term in ("compute", "transfer", "skew", "total"):
+        assert report[term]["mape_percent"] < 1e-6, term
+    assert report["naive_total"]["mape_percent"] > 1.0
+
+
+def test_naive_transfer_scales_the_nearest_point_by_the_local_ratio():
+    from prism_trt.profiler.adaptive.evaluation import naive_transfer
+
+    source, target = constructed_points(), constructed_points(scale=2.0)
+    point = constructed_point(PRISM, 4, 500.0, 2.0)
+    nearest = next(p for p in source if p.key == PRISM and p.batch == 4 and p.bandwidth_mbit == 500.0)
+    local = {b: next(p.latency["per_sample_ms"] for p in pts if p.mode == "local" and p.batch == 4)
+             for b, pts in (("a", source), ("b", target))}
+    assert naive_transfer(source, target, point) == pytest.approx(nearest.latency["mean_ms"] * local["b"] / local["a"])
+    assert naive_transfer(source, [p for p in target if p.mode != "local"], point) is None
+
+
+# -- real sweeps -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_architectures(tmp_path_factory):
+    """Two architectures (17 tokens of width 32 on 2 blocks; 37 tokens of width 64 on 3 blocks),
+    built and swept on loopback: local, voltage and one prism chain at batches 1, 2 and 4."""
+    from conftest import build_engines, random_model, small_spec
+
+    from prism_trt.profiler.sweep import Launcher, SweepPlan, profile
+
+    maps = {}
+    for name, spec in (("a", small_spec(img=32, depth=2)), ("b", small_spec(img=48, dim=64, depth=3, heads=4))):
+        engines = tmp_path_factory.mktemp(f"transfer-{name}")
+        build_engines(random_model(spec), engines, 2, [2.0], source={"timm": "test"}, max_batch=8)
+        plan = SweepPlan.for_build(engines, [1, 2, 4], [2.0], [None], warmup=1, repeat=3)
+        maps[name] = profile(engines, engines / "map.json", plan, Launcher(2), threads=1, timeout=60,
+                             progress=False, accuracy=[])
+    return maps
+
+
+@pytest.mark.timeout(300)
+def test_transfer_on_real_loopback_sweeps(two_architectures, tmp_path):
+    """The transfer study's code path on measured maps: what is predicted, what is re-fitted and
+    what is kept (the figures themselves depend on the machine and are not asserted)."""
+    from prism_trt.profiler.adaptive.evaluation import transfer_report
+    from prism_trt.profiler.adaptive.plots import error_per_term, prediction_vs_measured
+
+    a, b = two_architectures["a"].points, two_architectures["b"].points
+    assert len(a) == len(b) == 9 and all(p.gflops_per_rank for p in a + b)
+    fitted = LatencyModel.fit(a)
+    for local_only in (False, True):
+        model = fitted.with_compute(b, local_only)
+        assert set(model.chains) == {p.key for p in b}  # B's own chains (B's prism has another CR)
+        assert np.array_equal(model.staging, fitted.staging) and np.array_equal(model.skew, fitted.skew)
+        assert model.burst_ms == fitted.burst_ms and np.array_equal(model.other[True], fitted.other[True])
+    # every rank's compute of B decides the per-rank transfer: the same fit as B's own compute
+    own = LatencyModel.fit(b)
+    assert np.allclose(fitted.with_compute(b).compute_coef, own.compute_coef)
+    assert fitted.with_compute(b).jitter_share == own.jitter_share
+    reports = {}
+    for local_only in (False, True):
+        report = transfer_report(a, b, local_only, (3 * 32 * 32 * 4, 3 * 48 * 48 * 4), detail=True)
+        assert report["total"]["points"] == 6 and report["naive_total"]["points"] == 6
+        for term in ("compute", "staging", "transfer", "skew", "other", "total"):
+            assert report[term]["mape_percent"] is None or math.isfinite(report[term]["mape_percent"])
+        assert all(r["mode"] != "local" and r["predicted"]["total"] > 0 for r in report["predictions"])
+        reports["local" if local_only else "per-rank"] = report
+    prediction_vs_measured(reports["per-rank"]["predictions"], tmp_path / "pvm.png", "a -> b")
+    error_per_term(reports, tmp_path / "terms.png", "a -> b")
+    assert (tmp_path / "pvm.png").stat().st_size > 0 and (tmp_path / "terms.png").stat().st_size > 0
+
+
+def test_model_fit_reports_a_transfer(tmp_path):
+    from click.testing import CliRunner
+
+    from prism_trt.cli import main
+
+    here, there = tmp_path / "a.json", tmp_path / "b.json"
+    data = PerfMap.from_dict(_map_dict())
+    data.points = constructed_points()
+    data.save(here)
+    data.points = constructed_points(scale=2.0)
+    data.save(there)
+    for extra in ([], ["--local-compute"], ["--request-bytes", "1000", "10"]):
+        result = CliRunner().invoke(main, ["model", "fit", str(here), "--compute-from", str(there), *extra])
+        assert result.exit_code == 0, result.output
+        assert "compute from b.json, tested on its distributed points:" in result.output

@@ -171,20 +171,37 @@ def model():
 @click.argument("map_path", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("--test", "test_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="Also fit on the whole map and report on this one (e.g. a later sweep of the same engines).")
+@click.option("--compute-from", "transfer_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              default=None, help="Also report the transfer to another architecture's map: link, staging, skew and "
+                                 "other terms fitted here, compute re-fitted on that map, its distributed points "
+                                 "predicted.")
+@click.option("--local-compute", is_flag=True,
+              help="With --compute-from: re-fit compute on that map's local points only.")
+@click.option("--request-bytes", type=(float, float), default=(None, None),
+              help="Request bytes per sample of this map's model and of --compute-from's (e.g. 602112 for "
+                   "3x224x224 float32): the request's buffered tail is then a known wait at the first barrier. "
+                   "Left out, that wait is fitted and both requests are taken to be the same size.")
 @click.option("--json", "as_json", is_flag=True)
-def model_fit(map_path, test_path, as_json):
+def model_fit(map_path, test_path, transfer_path, local_compute, request_bytes, as_json):
     """Fit the model and report its MAPE on held-out points (leave-one-out, each batch size held
     out, each bandwidth held out) per term and for the total, next to a naive baseline (goal: total
     <= 4 %). "error share" is a term's mean absolute error as a share of the mean total latency."""
     from ..engines.perfmap import PerfMap
     from ..profiler.adaptive import evaluate
-    from ..profiler.adaptive.evaluation import compute_drift, cross_report, sampling_summary
+    from ..profiler.adaptive.evaluation import compute_drift, cross_report, sampling_summary, transfer_report
     from ..report import format_table
 
     data = PerfMap.load(map_path)
-    report, noise, drift = evaluate(data.points), sampling_summary(data.points), compute_drift(data.points)
+    here = request_bytes[0]
+    report = evaluate(data.points, here)
+    noise, drift = sampling_summary(data.points), compute_drift(data.points)
     if test_path is not None:
-        report[f"fitted here, tested on {test_path.name}"] = cross_report(data.points, PerfMap.load(test_path).points)
+        report[f"fitted here, tested on {test_path.name}"] = cross_report(data.points, PerfMap.load(test_path).points,
+                                                                          here)
+    if transfer_path is not None:
+        which = "local" if local_compute else "every rank's"
+        report[f"fitted here, {which} compute from {transfer_path.name}, tested on its distributed points"] = \
+            transfer_report(data.points, PerfMap.load(transfer_path).points, local_compute, request_bytes)
     if as_json:
         click.echo(json.dumps({**report, "sampling": noise, "compute_drift_percent": drift}, indent=2))
         return

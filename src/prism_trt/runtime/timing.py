@@ -8,14 +8,16 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-PHASES = ("compute", "d2h", "h2d", "wait", "comm", "other")
+PHASES = ("request", "compute", "d2h", "h2d", "wait", "comm", "other")
 
 
 @dataclass
 class PhaseTimes:
     """Milliseconds per phase for one inference on one rank, and bytes moved.
 
-    compute: engine execution. d2h / h2d: staging copies device->host before and host->device after
+    request: rank 0's broadcast of the request (images, or ids and mask) to the other ranks of a
+    distributed chain (0 locally and on the workers); on slow links it can outweigh every other
+    phase, so it is part of the total the profiler and the selector compare. compute: engine execution. d2h / h2d: staging copies device->host before and host->device after
     every collective (a CPU backend's host copy, possibly ~0). wait: time at a barrier before each
     collective, i.e. skew between ranks — measured only in profiling mode, else None and folded
     into comm. comm: the collective itself (pure transfer when wait is measured). other: the rest
@@ -23,6 +25,7 @@ class PhaseTimes:
     """
 
     compute: float = 0.0
+    request: float = 0.0
     d2h: float = 0.0
     h2d: float = 0.0
     wait: float | None = None
@@ -43,7 +46,7 @@ class PhaseTimes:
     def close(self, total_ms: float) -> PhaseTimes:
         """Set the total and make ``other`` the unaccounted remainder."""
         self.total = total_ms
-        accounted = self.compute + self.d2h + self.h2d + (self.wait or 0.0) + self.comm
+        accounted = self.request + self.compute + self.d2h + self.h2d + (self.wait or 0.0) + self.comm
         self.other = max(0.0, total_ms - accounted)
         return self
 

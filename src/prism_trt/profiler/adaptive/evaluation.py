@@ -8,6 +8,11 @@ baseline under the same split:
 * ``held-out bandwidth``: for every link rate, its distributed points predicted from the other rates
   (local points do not depend on the link and stay in the fit).
 
+A fourth, across architectures (:func:`transfer_report`): the link, staging, skew and other terms
+fitted on architecture A's map, compute alone re-fitted on architecture B's (its ranks' compute
+phases, or only its local points), B's distributed points predicted — next to a naive transfer
+baseline (A's nearest measured point scaled by B's local latency over A's at that batch).
+
 Per term, MAPE is over the points where the term was measured non-zero; a term that is nearly zero
 (staging on a CPU backend) can have a large MAPE and still no weight in the total, so each term also
 gets its mean absolute error as a share of the mean total latency (``error_share_percent``).
@@ -16,7 +21,7 @@ gets its mean absolute error as a share of the mean total latency (``error_share
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -54,26 +59,64 @@ def naive_prediction(training: list[PerfPoint], point: PerfPoint) -> float | Non
     return nearest.latency["mean_ms"] * point.batch / nearest.batch
 
 
-def held_out_report(points: list[PerfPoint], scheme: str) -> dict:
-    """{term or "total" or "naive_total": {"mape_percent", "error_share_percent", "points"}} under ``scheme``."""
-    return _report(_folds(points, scheme))
+def held_out_report(points: list[PerfPoint], scheme: str, request_bytes: float | None = None,
+                    detail: bool = False) -> dict:
+    """{term or "total" or "naive_total": {"mape_percent", "error_share_percent", "points"}} under
+    ``scheme`` (and, with ``detail``, "predictions": one record per predicted point)."""
+    return _report(((lambda t=training: LatencyModel.fit(t, request_bytes), training, test)
+                    for training, test in _folds(points, scheme)), naive_prediction, detail)
 
 
-def cross_report(training: list[PerfPoint], test: list[PerfPoint]) -> dict:
+def cross_report(training: list[PerfPoint], test: list[PerfPoint], request_bytes: float | None = None,
+                 detail: bool = False) -> dict:
     """:func:`held_out_report`'s figures for a model fitted on one map and tested on another (a
-    later sweep of the same engines, or another model's once its compute is re-measured)."""
-    return _report([(training, test)])
+    later sweep of the same engines)."""
+    return _report([(lambda: LatencyModel.fit(training, request_bytes), training, test)], naive_prediction, detail)
 
 
-def _report(folds) -> dict:
+def naive_transfer(source: list[PerfPoint], target: list[PerfPoint], point: PerfPoint) -> float | None:
+    """Transfer baseline: A's nearest measured point of the same mode (nearest CR, batch ratio,
+    link rate), scaled by the batch ratio and by B's local latency over A's (per sample, nearest
+    batch): "B is that much slower or faster than A"; None without local points on both sides."""
+    same = [p for p in source if p.mode == point.mode]
+    local_a, local_b = ([p for p in pts if p.mode == "local"] for pts in (source, target))
+    if not same or not local_a or not local_b:
+        return None
+
+    def per_sample(points: list[PerfPoint]) -> float:
+        nearest = min(points, key=lambda p: abs(math.log(p.batch / point.batch)))
+        return nearest.latency["per_sample_ms"]
+
+    nearest = min(same, key=lambda p: (abs(math.log((p.key.cr or 1.0) / (point.key.cr or 1.0))),
+                                       abs(math.log(p.batch / point.batch)),
+                                       abs((p.bandwidth or 0.0) - (point.bandwidth or 0.0))))
+    scale = per_sample(local_b) / per_sample(local_a)
+    return nearest.latency["mean_ms"] * point.batch / nearest.batch * scale
+
+
+def transfer_report(source: list[PerfPoint], target: list[PerfPoint], local_only: bool = False,
+                    request_bytes: tuple[float | None, float | None] = (None, None), detail: bool = False) -> dict:
+    """Fit on architecture A's map (``source``), re-fit only compute on B's (``target``: its ranks'
+    measured compute, or with ``local_only`` its local points alone), report on B's distributed
+    points per term and total next to :func:`naive_transfer`. ``request_bytes``: A's and B's request
+    bytes per sample (None for both: the same input size)."""
+    def fit() -> LatencyModel:
+        return LatencyModel.fit(source, request_bytes[0]).with_compute(target, local_only, request_bytes[1])
+
+    test = [p for p in target if p.mode != "local"]
+    return _report([(fit, source, test)], lambda training, point: naive_transfer(training, target, point), detail)
+
+
+def _report(folds: Iterable[tuple[Callable[[], LatencyModel], list[PerfPoint], list[PerfPoint]]],
+            baseline: Callable[[list[PerfPoint], PerfPoint], float | None], detail: bool = False) -> dict:
     names = (*TERMS, "total")
     actual: dict[str, list[float]] = {name: [] for name in names}
     predicted: dict[str, list[float]] = {name: [] for name in names}
-    naive_actual, naive = [], []
-    for training, test in folds:
+    naive_actual, naive, records = [], [], []
+    for fit, training, test in folds:
         if not training:
             continue
-        model = LatencyModel.fit(training)
+        model = fit()
         for point in test:
             try:
                 terms = model.predict_point(point)
@@ -83,26 +126,32 @@ def _report(folds) -> dict:
             for name in names:
                 actual[name].append(measured[name])
                 predicted[name].append(terms[name])
-            baseline = naive_prediction(training, point)
-            if baseline is not None:
+            guess = baseline(training, point)
+            if guess is not None:
                 naive_actual.append(measured["total"])
-                naive.append(baseline)
+                naive.append(guess)
+            if detail:
+                records.append({"chain": point.key.label, "mode": point.mode, "batch": point.batch,
+                                "bandwidth_mbit": point.bandwidth_mbit, "measured": measured, "predicted": terms,
+                                "naive_total": guess})
     mean_total = sum(actual["total"]) / len(actual["total"]) if actual["total"] else 0.0
 
     def share(a: list[float], p: list[float]) -> float | None:
         return None if not a or mean_total <= 0 else 100.0 * sum(abs(x - y) for x, y in zip(a, p)) / len(a) / mean_total
 
-    report = {name: {"mape_percent": mape(actual[name], predicted[name]),
-                     "error_share_percent": share(actual[name], predicted[name]), "points": len(actual[name])}
-              for name in names}
+    report: dict = {name: {"mape_percent": mape(actual[name], predicted[name]),
+                           "error_share_percent": share(actual[name], predicted[name]), "points": len(actual[name])}
+                    for name in names}
     report["naive_total"] = {"mape_percent": mape(naive_actual, naive),
                              "error_share_percent": share(naive_actual, naive), "points": len(naive)}
+    if detail:
+        report["predictions"] = records
     return report
 
 
-def evaluate(points: list[PerfPoint]) -> dict[str, dict]:
+def evaluate(points: list[PerfPoint], request_bytes: float | None = None, detail: bool = False) -> dict[str, dict]:
     """:func:`held_out_report` under every scheme."""
-    return {scheme: held_out_report(points, scheme) for scheme in SCHEMES}
+    return {scheme: held_out_report(points, scheme, request_bytes, detail) for scheme in SCHEMES}
 
 
 def sampling_summary(points: list[PerfPoint]) -> dict | None:

@@ -1,18 +1,29 @@
 """Latency model in the style of seed 004, with the skew between ranks as a term of its own.
 
-Rank 0's request latency is modelled as the sum of five terms, each fitted by least squares on its
+Rank 0's request latency is modelled as the sum of six terms, each fitted by least squares on its
 own measured phase (ms):
 
-    compute_r(chain, B) = a_chain + s * B * G_r            G_r: GFLOPs per sample of rank r's plan
-    staging(bytes, n)   = s0 * n + bytes / copy_bw          D2H + H2D: per-collective cost + bytes
-    transfer(bytes, n)  = t0 * n + bytes * (t1 + 8 / (goodput * k))   per-collective latency + bytes
-    skew                = k_s * n * E[max(0, D + sigma Z)] + w0 * n   wait for the slowest rank
-    other(B)            = o0 + o1 * B                       per mode group (local / distributed)
+    request(B)          = p0 + p1 * B + p2 * B * q / goodput              broadcast of the batch
 
-``s`` is the inverse of the measured throughput (ms per GFLOP), shared by every chain and rank: a
-rank on one core runs a block at the same rate whatever the plan, so the plan's FLOPs carry the
-compute across chains, batches and ranks; ``a_chain`` is the chain's fixed cost. A map without
-FLOPs (written before issue 13) falls back to G_r = 1 with a slope per chain.
+    compute_r(chain, B) = a_chain + s_group * B * G_r      G_r: GFLOPs per sample of rank r's plan
+    staging(bytes, n)   = s0 * n + bytes / copy_bw         D2H + H2D: per-collective cost + bytes
+    transfer(bytes, n)  = t0 * n + t1 * n / goodput + t2 * bytes
+                          + t3 * n * max(0, (bytes / n) * 8 / goodput - tau)
+    skew                = k_s * n * E[max(0, D + sigma Z)] + w0 * n + w1 * n / goodput
+                          + r * min(B * q, cap) * 8 / goodput                wait for the slowest rank
+    other(B)            = o0 + o1 * B                      per mode group (local / distributed)
+
+Compute: ``s_group`` is the inverse of the measured throughput (ms per GFLOP), one for rank 0
+alone (local) and one for the ranks of a distributed chain, which compute at the same time and
+share the host's cores, caches and memory bandwidth (measured on the 2-core testbed: ~12 ms/GFLOP
+alone, ~17-20 with both ranks busy). Within a group the plan's FLOPs carry the compute across
+chains, batches and ranks; ``a_chain`` is the chain's fixed cost. A map without FLOPs (written
+before issue 13) falls back to G_r = 1 with a slope per chain.
+
+Transfer: a shaper (tbf) or a switch lets a burst of each collective through at line rate, so
+the first ``tau`` ms worth of bytes of a collective cost nothing; ``tau`` is searched on a grid
+(0 recovers the plain linear model). Without it, small collectives (Prism's means) were predicted
+to cost bytes / goodput they never paid.
 
 Skew: before each of the n collectives rank 0 waits for the slowest rank. Per block the slowest
 other rank r arrives D = (compute_r - compute_0) / n later on average, with a spread sigma =
@@ -20,23 +31,35 @@ sqrt(sigma_0^2 + sigma_r^2) / sqrt(n) from the ranks' measured compute jitter (p
 from the MAD); the expected wait of a normal difference is sigma phi(D/sigma) + D Phi(D/sigma).
 The plan's imbalance (D) and the jitter (sigma) are both predicted for an unmeasured point: D from
 the compute model, sigma as the fitted share of compute (median jitter / compute of the sweep).
+The request broadcast also lands here: rank 0's broadcast of the batch returns once the bytes are
+in the socket buffers, so the worker is still receiving the last ``min(B * q, cap)`` bytes (q:
+request bytes per sample, cap: what the buffers hold, searched on a grid) when rank 0 reaches the
+first barrier. ``q`` comes from the engines (:func:`request_bytes_per_sample`); unknown, it is one
+unit per sample, which is exact within one model and wrong across input sizes.
 
 bytes is what rank 0 sends + receives, goodput the measured link rate (Mbit/s; the configured
-rate when unmeasured). Loopback points (no rate) fit t1 alone.
+rate when unmeasured). Loopback points (no rate) fit the rate-free coefficients alone.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ...engines.chain_key import ChainKey
 from ...engines.perfmap import PerfPoint
+from ...errors import UsageError
 
-TERMS = ("compute", "staging", "transfer", "skew", "other")
+if TYPE_CHECKING:
+    from ...engines.manifest import Manifest
+
+TERMS = ("request", "compute", "staging", "transfer", "skew", "other")
 DEFAULT_JITTER_SHARE = 0.02  # compute jitter / compute when a map has no samples to measure it
+KNEE_STEPS = 40  # grid points for tau and cap: the SSE is flat near its minimum, finer changes nothing
 
 
 def _inv_bw(bandwidth: float | None) -> float:
@@ -53,10 +76,15 @@ def _jitter(point: PerfPoint) -> list[float] | None:
     return None if point.samples is None else list(point.samples["compute_sigma_ms"])
 
 
+def request_bytes_per_sample(manifest: Manifest) -> float:
+    """Bytes rank 0 broadcasts per sample of a request (images, or ids and mask) of a build."""
+    return float(sum(math.prod(t.concrete(1)) * np.dtype(t.dtype).itemsize for t in manifest.model.request_inputs()))
+
+
 def measured_terms(point: PerfPoint) -> dict[str, float]:
     """Rank 0's measured phases grouped as the model's terms, and the total (mean latency)."""
     rank0 = point.per_rank[0]
-    return {"compute": rank0["compute"], "staging": (rank0["d2h"] or 0.0) + (rank0["h2d"] or 0.0),
+    return {"request": rank0.get("request") or 0.0, "compute": rank0["compute"], "staging": (rank0["d2h"] or 0.0) + (rank0["h2d"] or 0.0),
             "transfer": rank0["comm"] or 0.0, "skew": rank0.get("wait") or 0.0, "other": rank0["other"] or 0.0,
             "total": point.latency["mean_ms"]}
 
@@ -91,61 +119,162 @@ def _lstsq(rows: list[list[float]], targets: list[float], width: int) -> np.ndar
     return coef
 
 
+def _knee_fit(candidates: list[float], problem: Callable[[float], tuple[list[list[float]], list[float]]],
+              width: int) -> tuple[float, np.ndarray]:
+    """The candidate knee whose least-squares fit (``problem(knee)``: rows and targets) leaves the
+    smallest squared error, and that fit. Candidates come simplest first; a later one must do
+    clearly better (not by rounding) to win."""
+    best: tuple[float, np.ndarray, float] | None = None
+    for knee in candidates:
+        design, targets = problem(knee)
+        coef = _lstsq(design, targets, width)
+        residual = np.asarray(design, dtype=float) @ coef - np.asarray(targets, dtype=float) if design else np.zeros(0)
+        sse = float(np.sum(residual ** 2))
+        if best is None or sse < best[2] * (1 - 1e-9):
+            best = (knee, coef, sse)
+    assert best is not None
+    return best[0], best[1]
+
+
 def _staging_row(plan: dict, inv_bw: float) -> list[float]:
     return [plan["n"], plan["bytes"]]
 
 
-def _transfer_row(plan: dict, inv_bw: float) -> list[float]:
-    return [plan["n"], plan["n"] * inv_bw, plan["bytes"], plan["bytes"] * inv_bw]
+def _transfer_row(plan: dict, inv_bw: float, tau: float) -> list[float]:
+    n = plan["n"]
+    per_collective = plan["bytes"] / n * inv_bw if n else 0.0
+    return [n, n * inv_bw, plan["bytes"], n * max(0.0, per_collective - tau)]
 
 
 @dataclass
 class LatencyModel:
     chains: list[ChainKey]  # order of the compute intercepts
-    compute_coef: np.ndarray  # [a_chain..., s] or, without FLOPs, [a_chain..., s_chain...]
+    compute_coef: np.ndarray  # [a_chain..., s_local, s_distributed] or, without FLOPs, [a_chain..., s_chain...]
     per_chain_slope: bool
     staging: np.ndarray
-    transfer: np.ndarray
-    skew: np.ndarray  # (k_s, w0)
+    transfer: np.ndarray  # (t0, t1, t2, t3) of the module's formula
+    request: np.ndarray  # (p0, p1, p2): the request broadcast of a distributed chain
+    skew: np.ndarray  # (k_s, w0, w1)
     other: dict[bool, np.ndarray]  # distributed? -> (o0, o1)
     jitter_share: float
+    burst_ms: float = 0.0  # tau: a collective's transfer time the link lets through at line rate
+    request_lag: float = 0.0  # r: share of the buffered request bytes' transfer time paid at the first barrier
+    request_cap: float = math.inf  # bytes of the request broadcast the socket buffers hold
+    request_bytes: float = 1.0  # q: request bytes per sample (1 unit when not given)
 
     # -- fitting -----------------------------------------------------------------------------------
     @classmethod
-    def fit(cls, points: list[PerfPoint]) -> LatencyModel:
-        chains = list(dict.fromkeys(p.key for p in points))
-        per_chain_slope = any(p.gflops_per_rank is None for p in points)
-        model = cls(chains, np.zeros(0), per_chain_slope, np.zeros(2), np.zeros(4), np.zeros(3), {}, 0.0)
-        rows, targets = [], []
-        for point in points:
-            for rank, timings in enumerate(point.per_rank):
-                rows.append(model._compute_row(point.key, point.batch, _gflops(point)[rank]))
-                targets.append(timings["compute"])
-        model.compute_coef = _lstsq(rows, targets, len(rows[0]) if rows else 0)
-        shares = [sigma / timings["compute"] for p in points if _jitter(p) is not None
-                  for sigma, timings in zip(_jitter(p), p.per_rank) if timings["compute"] > 0]
-        model.jitter_share = float(np.median(shares)) if shares else DEFAULT_JITTER_SHARE
+    def fit(cls, points: list[PerfPoint], request_bytes: float | None = None) -> LatencyModel:
+        """Fit every term on ``points``; ``request_bytes``: bytes per sample of a request (see the module)."""
+        model = cls([], np.zeros(0), False, np.zeros(2), np.zeros(4), np.zeros(3), np.zeros(3), {}, 0.0,
+                    request_bytes=float(request_bytes or 1.0))
+        model._fit_compute(points)
         distributed = [p for p in points if p.mode != "local"]
         plans = [(_plan(p), _inv_bw(p.bandwidth), measured_terms(p)) for p in distributed]
         model.staging = _lstsq([_staging_row(f, b) for f, b, _ in plans], [t["staging"] for *_, t in plans], 2)
-        model.transfer = _lstsq([_transfer_row(f, b) for f, b, _ in plans], [t["transfer"] for *_, t in plans], 4)
-        model.skew = _lstsq([model._skew_row(p, measured=True) for p in distributed],
-                            [measured_terms(p)["skew"] for p in distributed], 3)
+        longest = max([f["bytes"] / f["n"] * b for f, b, _ in plans if f["n"]], default=0.0)
+        model.burst_ms, model.transfer = _knee_fit(
+            list(np.linspace(0.0, longest, KNEE_STEPS + 1)),
+            lambda tau: ([_transfer_row(f, b, tau) for f, b, _ in plans], [t["transfer"] for *_, t in plans]), 4)
+        model.request = _lstsq([model._request_row(p.batch, _inv_bw(p.bandwidth)) for p in distributed],
+                               [measured_terms(p)["request"] for p in distributed], 3)
+        model._fit_skew(distributed, fixed_lag=request_bytes is not None)
         for group in (False, True):
             members = [p for p in points if (p.mode != "local") == group]
             model.other[group] = _lstsq([[1.0, p.batch] for p in members],
                                         [measured_terms(p)["other"] for p in members], 2)
         return model
 
+    def _fit_skew(self, distributed: list[PerfPoint], fixed_lag: bool) -> None:
+        """Fit the skew term and the request's cap. With the request's size known in bytes, the lag
+        is what it says, the buffered bytes' time at the goodput (r = 1): a map whose requests are
+        too small to show it (the MNIST ViT's 3 KB) then still carries it to one where they are not.
+        Unknown (1 unit per sample), r converts units and is fitted."""
+        requests = sorted({p.batch * self.request_bytes for p in distributed})
+        caps = [0.0, math.inf] + (list(np.geomspace(requests[0], requests[-1], KNEE_STEPS)) if requests else [])
+        waits = [measured_terms(p)["skew"] for p in distributed]
+
+        def problem(cap: float) -> tuple[list[list[float]], list[float]]:
+            rows = [self._skew_row(p, measured=True, cap=cap) for p in distributed]
+            if not fixed_lag:
+                return rows, waits
+            return [row[:3] for row in rows], [wait - row[3] for wait, row in zip(waits, rows)]
+
+        self.request_cap, coef = _knee_fit(caps, problem, 3 if fixed_lag else 4)
+        self.skew, self.request_lag = coef[:3], 1.0 if fixed_lag else float(coef[3])
+
+    def _fit_compute(self, points: list[PerfPoint]) -> None:
+        """Fit the compute term (every rank's compute phase) and the jitter share on ``points``."""
+        self.chains = list(dict.fromkeys(p.key for p in points))
+        self.per_chain_slope = any(p.gflops_per_rank is None for p in points)
+        rows, targets = [], []
+        for point in points:
+            for rank, timings in enumerate(point.per_rank):
+                rows.append(self._compute_row(point.key, point.batch, _gflops(point)[rank]))
+                targets.append(timings["compute"])
+        self.compute_coef = _lstsq(rows, targets, len(rows[0]) if rows else 0)
+        if not self.per_chain_slope:
+            groups = {p.mode != "local" for p in points}
+            if len(groups) == 1:  # one group measured: its throughput stands for both
+                slope = self.compute_coef[len(self.chains) + int(groups.pop())]
+                self.compute_coef[len(self.chains):] = slope
+        shares = [sigma / timings["compute"] for p in points if _jitter(p) is not None
+                  for sigma, timings in zip(_jitter(p), p.per_rank) if timings["compute"] > 0]
+        self.jitter_share = float(np.median(shares)) if shares else DEFAULT_JITTER_SHARE
+
+    def with_compute(self, points: list[PerfPoint], local_only: bool = False,
+                     request_bytes: float | None = None) -> LatencyModel:
+        """This model for another architecture: compute (and its jitter) re-fitted on that one's
+        ``points``, staging, transfer, skew and other kept (they depend on the link, the plan's
+        bytes and collectives, which each point carries).
+
+        ``local_only``: only the local points' compute is used; each distributed chain then gets
+        the local fit scaled by this model's distributed / local ratios (throughput and fixed cost
+        of the same mode at the nearest CR); the distributed points only name the chains.
+        ``request_bytes``: the other architecture's request bytes per sample (None: the same); give
+        it when this model was fitted with its own, so both lags are in bytes."""
+        other = replace(self, chains=[], compute_coef=np.zeros(0), other=dict(self.other),
+                        request_bytes=float(request_bytes) if request_bytes else self.request_bytes)
+        if not local_only:
+            other._fit_compute(points)
+            return other
+        local = [p for p in points if p.mode == "local"]
+        if not local or self.per_chain_slope or any(p.gflops_per_rank is None for p in points):
+            raise UsageError("a compute transfer from local points needs local points and FLOPs in both maps")
+        other._fit_compute(local)
+        a_local, s_local = other.compute_coef[:2]
+        mine = {key: self.compute_coef[i] for i, key in enumerate(self.chains)}
+        s_ratio = self.compute_coef[-1] / self.compute_coef[-2] if self.compute_coef[-2] > 0 else 1.0
+        chains, intercepts = [ChainKey.local()], [a_local]
+        for key in dict.fromkeys(p.key for p in points if p.mode != "local"):
+            same = [k for k in self.chains if k.mode == key.mode]
+            if not same:
+                raise UsageError(f"no {key.mode} chain in the fitted map to transfer the {key.label} chain from")
+            nearest = min(same, key=lambda k: abs(math.log((k.cr or 1.0) / (key.cr or 1.0))))
+            # A fitted local intercept <= 0 (compute superlinear in batch) gives no ratio to carry:
+            # the chain then takes B's local fixed cost as it is.
+            a_ratio = mine[nearest] / mine[ChainKey.local()] if mine.get(ChainKey.local(), 0) > 0 else 1.0
+            chains.append(key)
+            intercepts.append(a_local * a_ratio)
+        other.chains = chains
+        other.compute_coef = np.array(intercepts + [s_local, s_local * s_ratio])
+        return other
+
+    def _request_row(self, batch: int, inv_bw: float) -> list[float]:
+        """[1, B, B q / goodput]: a fixed cost, a per-sample copy, the bytes at the link's rate (with
+        more than two ranks GLOO's broadcast relays, which the fitted p2 absorbs)."""
+        return [1.0, float(batch), batch * self.request_bytes * inv_bw]
+
     def _compute_row(self, key: ChainKey, batch: int, gflops: float) -> list[float]:
         onehot = [1.0 if key == chain else 0.0 for chain in self.chains]
         if self.per_chain_slope:  # fitted without FLOPs: the same for a point that has them
             return onehot + [w * batch for w in onehot]
-        return onehot + [batch * gflops]
+        distributed = key.mode != "local"
+        return onehot + [0.0 if distributed else batch * gflops, batch * gflops if distributed else 0.0]
 
-    def _skew_row(self, point: PerfPoint, measured: bool) -> list[float]:
-        """[expected wait, n, n / goodput]: from the point's measured compute and jitter (fitting),
-        or from the model's (predicting)."""
+    def _skew_row(self, point: PerfPoint, measured: bool, cap: float | None = None) -> list[float]:
+        """[expected wait, n, n / goodput, buffered request / goodput]: from the point's measured
+        compute and jitter (fitting), or from the model's (predicting)."""
         n = _plan(point)["n"]
         if measured:
             compute = [t["compute"] for t in point.per_rank]
@@ -153,7 +282,9 @@ class LatencyModel:
         else:
             compute = self.rank_compute(point.key, point.batch, _gflops(point))
             sigma = [self.jitter_share * c for c in compute]
-        return [expected_wait(compute, sigma, n), n, n * _inv_bw(point.bandwidth)]
+        inv_bw = _inv_bw(point.bandwidth)
+        buffered = min(point.batch * self.request_bytes, self.request_cap if cap is None else cap)
+        return [expected_wait(compute, sigma, n), n, n * inv_bw, buffered * inv_bw if n else 0.0]
 
     # -- predicting --------------------------------------------------------------------------------
     def rank_compute(self, key: ChainKey, batch: int, gflops: list[float]) -> list[float]:
@@ -174,9 +305,12 @@ class LatencyModel:
         terms = {"compute": self.rank_compute(point.key, batch, _gflops(point))[0]}
         distributed = point.mode != "local"
         inv_bw = _inv_bw(bandwidth)
+        terms["request"] = float(np.dot(self.request, self._request_row(batch, inv_bw))) if distributed else 0.0
         terms["staging"] = float(np.dot(self.staging, _staging_row(plan, inv_bw))) if distributed else 0.0
-        terms["transfer"] = float(np.dot(self.transfer, _transfer_row(plan, inv_bw))) if distributed else 0.0
-        terms["skew"] = float(np.dot(self.skew, self._skew_row(like, measured=False))) if distributed else 0.0
+        terms["transfer"] = (float(np.dot(self.transfer, _transfer_row(plan, inv_bw, self.burst_ms)))
+                             if distributed else 0.0)
+        skew = np.append(self.skew, self.request_lag)
+        terms["skew"] = float(np.dot(skew, self._skew_row(like, measured=False))) if distributed else 0.0
         terms["other"] = float(np.dot(self.other.get(distributed, np.zeros(2)), [1.0, batch]))
         terms = {name: max(0.0, value) for name, value in terms.items()}
         terms["total"] = sum(terms[t] for t in TERMS)

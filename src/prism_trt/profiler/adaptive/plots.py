@@ -11,8 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ...engines.perfmap import PerfMap, PerfPoint  # noqa: E402
-
-PHASES = ("compute", "d2h", "h2d", "wait", "comm", "other")
+from ...runtime.timing import PHASES  # noqa: E402
+from .latency_model import TERMS  # noqa: E402
 
 
 def _label(point: PerfPoint) -> str:
@@ -43,7 +43,7 @@ def breakdown(data: PerfMap, bandwidth, path: Path) -> None:
         by_batch = {p.batch: p for p in points}
         bottom = np.zeros(len(batches))
         for k, phase in enumerate(PHASES):
-            values = np.array([(by_batch[b].per_rank[0][phase] or 0.0) if b in by_batch else 0.0 for b in batches])
+            values = np.array([(by_batch[b].per_rank[0].get(phase) or 0.0) if b in by_batch else 0.0 for b in batches])
             ax.bar(np.arange(len(batches)) + s * width, values, width, bottom=bottom, color=colors[k % len(colors)],
                    label=phase if s == 0 else None, edgecolor="white", linewidth=0.3)
             bottom += values
@@ -120,6 +120,48 @@ def decision_map(selector, batches: list[int], bandwidths: list[float], path: Pa
     for k, label in enumerate(labels):
         ax.plot([], [], "s", color=cmap(k), label=label)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def prediction_vs_measured(records: list[dict], path: Path, title: str) -> None:
+    """The model's prediction of each held-out point against its measurement: the total, and each
+    term (records from a report made with ``detail=True``); the diagonal is a perfect model."""
+    names = ("total", "compute", "transfer", "skew")
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.8))
+    modes = sorted({r["mode"] for r in records})
+    for ax, name in zip(axes, names):
+        for mode in modes:
+            rows = [r for r in records if r["mode"] == mode]
+            ax.scatter([r["measured"][name] for r in rows], [r["predicted"][name] for r in rows], s=14, label=mode)
+        values = [v for r in records for v in (r["measured"][name], r["predicted"][name])] or [0.0, 1.0]
+        low, high = min(values), max(values)
+        ax.plot([low, high], [low, high], color="black", linewidth=0.8, linestyle="--")
+        ax.set(xlabel=f"measured {name} (ms)", ylabel=f"predicted {name} (ms)", title=name)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def error_per_term(reports: dict[str, dict], path: Path, title: str) -> None:
+    """MAPE (left) and error share of the mean total (right) per term, one bar per held-out scheme
+    or transfer in ``reports``; the naive baseline's total next to the model's."""
+    names = (*TERMS, "total", "naive_total")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.8))
+    width = 0.8 / max(len(reports), 1)
+    x = np.arange(len(names))
+    for k, (scheme, report) in enumerate(reports.items()):
+        for ax, field in ((left, "mape_percent"), (right, "error_share_percent")):
+            values = [report.get(name, {}).get(field) for name in names]
+            ax.bar(x + k * width, [np.nan if v is None else v for v in values], width, label=scheme)
+    for ax, label in ((left, "MAPE (%)"), (right, "error / mean total (%)")):
+        ax.set_xticks(x + width * (len(reports) - 1) / 2, [n.replace("_", " ") for n in names], fontsize=8)
+        ax.set(ylabel=label)
+    left.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
