@@ -33,11 +33,11 @@ def _breakdown_table(result: dict) -> str:
     for rank, times in enumerate(result["per_rank"]):
         total = times["total"] or 1.0
         row = [f"rank{rank}"]
-        for phase in ("compute", "d2h", "h2d", "wait", "comm", "other"):
-            value = times[phase]
+        for phase in ("request", "compute", "d2h", "h2d", "wait", "comm", "other"):
+            value = times.get(phase, 0.0)
             row.append(None if value is None else f"{value:.2f} ({100 * value / total:.0f}%)")
         rows.append(row + [f"{times['total']:.2f}", int(times["bytes_sent"]), int(times["bytes_received"])])
-    return format_table(["rank", "compute ms", "D2H ms", "H2D ms", "wait ms", "comm ms", "other ms", "total ms",
+    return format_table(["rank", "request ms", "compute ms", "D2H ms", "H2D ms", "wait ms", "comm ms", "other ms", "total ms",
                          "sent B", "recv B"], rows)
 
 
@@ -181,12 +181,27 @@ def http_options(func):
               help="Performance map for --mode auto (from `prism-trt profile`).")
 @click.option("--objective", type=click.Choice(["latency", "energy"]), default="latency", show_default=True)
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True)
+@click.option("--online/--no-online", default=True, show_default=True,
+              help="--mode auto: refine the map's predictions with every batch's measured latency, per (mode, batch, "
+                   "bandwidth bucket), track the link rate from the collectives, and explore now and then. "
+                   "--no-online chooses from the map and the latency model alone (needed for --objective energy).")
+@click.option("--explore-fraction", type=click.FloatRange(0, 0.5), default=0.05, show_default=True,
+              help="--mode auto: at most this share of batches runs a mode other than the predicted best (0: never).")
+@click.option("--explore-budget", type=click.FloatRange(min=0), default=0.25, show_default=True,
+              help="--mode auto: explore only modes predicted within (1 + this) x the best latency; modes below "
+                   "--min-agreement are never explored.")
+@click.option("--save-map", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="--mode auto: write the refined performance map here (atomically) every --save-every batches "
+                   "and on shutdown; it loads like a profiled map and is bound to the same engines.")
+@click.option("--save-every", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Batches between two writes of --save-map.")
 @http_options
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="How long a batch waits for more requests.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Engine intra-op threads.")
 @click.option("--device", default="cpu", show_default=True, help="Where engine tensors live (cpu, cuda:0).")
-def serve(engines, group, mode, cr, map_path, objective, min_agreement, http, max_wait_ms, threads, device):
+def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, explore_fraction, explore_budget,
+          save_map, save_every, http, max_wait_ms, threads, device):
     """Serve classifications over the KServe v2 / Open Inference Protocol HTTP API.
 
     Run the same command on every board with its --rank (or under torchrun): rank 0 loads its
@@ -214,6 +229,10 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, http, ma
         return
     if mode == "auto" and map_path is None:
         raise click.UsageError("--mode auto needs --map PERFMAP.json (make one with `prism-trt profile`)")
+    if save_map is not None and not (mode == "auto" and online):
+        raise click.UsageError("--save-map needs --mode auto with online refinement (not --no-online)")
+    if mode == "auto" and online and objective == "energy":
+        raise click.UsageError("online refinement learns latency only; add --no-online to serve --objective energy")
     if not http.allow_unauthenticated:  # refused before loading anything; serve() warns when it is allowed
         try:
             check_exposure(http.host, http.token is not None, allow_unauthenticated=False)
@@ -222,13 +241,21 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, http, ma
     if mode in ("voltage", "prism") and group.world_size == 1:
         raise click.UsageError(f"{mode} mode needs --world-size >= 2")
     executor = open_executor(engines, group, threads, device)
+    selector = None
     try:
         if mode == "auto":
             from ..engines.perfmap import PerfMap
             from ..profiler.adaptive import LiveSelector, MapSelector
+            from ..profiler.adaptive.online import OnlineOptions
+            from ..profiler.adaptive.selector import OnlineSelector
 
             data = PerfMap.load(map_path, engines_dir=engines)
-            selector = LiveSelector(MapSelector(data, objective, min_agreement), executor)
+            if online:
+                selector = OnlineSelector(MapSelector(data, objective, min_agreement), executor,
+                                          OnlineOptions(explore_fraction=explore_fraction, explore_budget=explore_budget),
+                                          save_path=save_map, save_every=save_every if save_map else 0)
+            else:
+                selector = LiveSelector(MapSelector(data, objective, min_agreement), executor)
         else:
             # refuse at start-up what cannot be served: a chain these engines do not hold
             selector = FixedSelector(executor.key_for(mode, cr))
@@ -252,4 +279,17 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, http, ma
             raise
         raise click.ClickException(f"cannot serve on {http.host}:{http.port}: {error}") from None
     finally:
+        _save_refined_map(selector)
         executor.close()
+
+
+def _save_refined_map(selector) -> None:
+    """On shutdown: the refined map, if one was asked for; a failure is reported, not raised, so
+    the workers are still stopped."""
+    if getattr(selector, "save_path", None) is None:
+        return
+    try:
+        path = selector.save()
+        click.echo(f"refined performance map written to {path} ({selector.observed} batches observed)")
+    except (PrismError, OSError) as error:
+        click.echo(f"could not write the refined performance map to {selector.save_path}: {error}", err=True)

@@ -12,17 +12,22 @@ Schema (version 2; 2 keys every chain by its segment count, see :mod:`.chain_key
      "points": [{"mode", "segments", "cr", "batch", "bandwidth_mbit", "measured_mbit",
                  "latency": {"mean_ms", "p50_ms", "p90_ms", "stdev_ms", "per_sample_ms"},
                  "per_rank": [{"compute", "d2h", "h2d", "wait", "comm", "other", "total",
-                               "bytes_sent", "bytes_received", "collectives"}],
+                               "bytes_sent", "bytes_received", "collectives",
+                               "request" (rank 0's request broadcast, ms; absent before it was timed)}],
                  "energy_j": float | null, "energy_per_sample_j": float | null, "fell_back": bool,
                  "samples": {"count", "median_ms", "iqr_ms", "mad_ms", "ci_low_ms", "ci_high_ms", "ci_rel",
                              "outliers", "outlier_ms": [...], "stopped", "compute_sigma_ms": [per rank]} | absent,
-                 "gflops_per_rank": [per rank, per sample] | absent}]}
+                 "gflops_per_rank": [per rank, per sample] | absent,
+                 "online": {"observations", "half_width_ms", "updated"} | absent}]}
 
 Local points do not depend on the network: their ``bandwidth_mbit`` is null. Energy that could
 not be measured is null, never estimated. ``samples`` (rank 0's latency median, its spread, the
 median's confidence interval, the outliers kept in the mean, why sampling stopped, each rank's
 compute jitter) and ``gflops_per_rank`` came with schema 2 maps written after issue 13; older maps
-lack them and still load.
+lack them and still load. ``online`` marks a point that ``serve --mode auto --save-map`` refined from
+the batches it served (latency: the exponentially weighted median per sample x batch, and the
+newest batch's rank-0 phases; ``observations`` counted, ``half_width_ms`` the median's ~95 % bound
+per sample); absent in profiled points, and maps without it load unchanged.
 """
 
 from __future__ import annotations
@@ -87,6 +92,7 @@ class PerfPoint:
     fell_back: bool = False
     samples: dict[str, Any] | None = None  # see the module's schema; None in maps from before it
     gflops_per_rank: list[float] | None = None
+    online: dict[str, Any] | None = None  # see the module's schema; None for profiled points
 
     @property
     def mode(self) -> str:
@@ -107,7 +113,8 @@ class PerfPoint:
                 "measured_mbit": self.measured_mbit, "latency": self.latency, "per_rank": self.per_rank,
                 "energy_j": self.energy_j, "energy_per_sample_j": self.energy_per_sample_j,
                 "fell_back": self.fell_back, **({"samples": self.samples} if self.samples is not None else {}),
-                **({"gflops_per_rank": self.gflops_per_rank} if self.gflops_per_rank is not None else {})}
+                **({"gflops_per_rank": self.gflops_per_rank} if self.gflops_per_rank is not None else {}),
+                **({"online": self.online} if self.online is not None else {})}
 
     @classmethod
     def parse(cls, fields: Fields) -> PerfPoint:
@@ -127,7 +134,17 @@ class PerfPoint:
                    fields.number("energy_j", optional=True, minimum=0),
                    fields.number("energy_per_sample_j", optional=True, minimum=0),
                    bool(fields.get("fell_back", bool, optional=True)), _samples(fields, len(per_rank)),
-                   _gflops(fields, len(per_rank)))
+                   _gflops(fields, len(per_rank)), _online(fields))
+
+
+def _online(point: Fields) -> dict[str, Any] | None:
+    online = point.nested("online", optional=True)
+    if online is None:
+        return None
+    online.integer("observations", minimum=1)
+    online.number("half_width_ms", minimum=0)
+    online.get("updated", str)
+    return online.data
 
 
 def _samples(point: Fields, ranks: int) -> dict[str, Any] | None:

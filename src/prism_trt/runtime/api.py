@@ -102,6 +102,32 @@ class Selector(Protocol):
     def choose(self, batch: int) -> ChainKey: ...
 
 
+@dataclass(frozen=True)
+class Observation:
+    """What a learning selector made of one batch it was shown (for the server's metrics)."""
+
+    mode: str  # the label of the chain that ran
+    measured_ms: float  # per sample
+    predicted_ms: float | None = None  # per sample, predicted for that chain when it was chosen; None if not
+    explored: bool = False  # chosen to explore rather than as the predicted best
+    bandwidth_mbit: float | None = None  # the selector's live link-rate estimate after this batch
+
+    @property
+    def relative_error(self) -> float | None:
+        """|predicted - measured| / measured."""
+        if self.predicted_ms is None or self.measured_ms <= 0:
+            return None
+        return abs(self.predicted_ms - self.measured_ms) / self.measured_ms
+
+
+class ObservingSelector(Selector, Protocol):
+    """A selector that learns from what ran: the server hands it every batch's result, after the
+    batch's responses are settled, on the thread that ran the batch. A plain Selector (no
+    ``observe``) is never shown results."""
+
+    def observe(self, batch: int, result: InferenceResult) -> Observation | None: ...
+
+
 class FixedSelector:
     """Always the same chain (``prism-trt serve --mode ...``)."""
 

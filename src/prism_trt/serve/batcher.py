@@ -14,6 +14,8 @@ Guarantees, and what gives them:
   is skipped, not computed.
 * Isolation: when a merged batch raises, each of its requests is rerun alone, so one request the
   executor chokes on fails only itself; a request fails only when it fails on its own.
+* Learning: a selector with ``observe`` (``--mode auto``) is shown each batch's result after the
+  batch is checked; if it raises, the error is logged and counted and the batch is answered anyway.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engines.chain_key import ChainKey
-from ..runtime.api import Executor, InferenceResult, Inputs, Selector
+from ..runtime.api import Executor, InferenceResult, Inputs, Observation, Selector
 from .metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,7 @@ class Batcher:
                              f"({self.max_batch})")
         self.metrics = metrics or ServerMetrics(self.max_batch)
         self._fallback_log = ThrottledLog()
+        self._observe_log = ThrottledLog()
         self._pending: deque[_Pending] = deque()
         self._queued_images = 0
         self._arrived: asyncio.Event | None = None
@@ -261,7 +264,32 @@ class Batcher:
                                f"{[size, *self.output_shape]}")
         if not torch.isfinite(result.logits).all():
             raise RuntimeError("executor returned non-finite logits")
+        self._observe(size, result)
         return result, choice, elapsed
+
+    def _observe(self, size: int, result: InferenceResult) -> None:
+        """Show a learning selector the batch (on this thread, so it sees batches in order); never
+        lets its failure reach the batch."""
+        observe = getattr(self.selector, "observe", None)
+        if observe is None:
+            return
+        try:
+            observation = observe(size, result)
+            if observation is not None:
+                self._record(observation)
+        except Exception as exc:  # a bug in learning must not cost the batch its answers
+            self.metrics.observer_errors.inc()
+            self._observe_log.warning("the selector could not learn from a batch of %d: %r", size, exc)
+
+    def _record(self, observation: Observation) -> None:
+        if observation.bandwidth_mbit is not None:
+            self.metrics.bandwidth_estimate.set(observation.bandwidth_mbit)
+        if observation.explored:
+            self.metrics.explored.inc(mode=observation.mode)
+        error = observation.relative_error
+        if error is not None:
+            self.metrics.prediction_error.observe(error, mode=observation.mode)
+            self.metrics.last_prediction_error.set(error, mode=observation.mode)
 
     async def _run(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
         batch = [pending for pending in batch if not pending.future.done()]

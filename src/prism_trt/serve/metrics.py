@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+# |predicted - measured| / measured of a learning selector's per-sample latency
+PREDICTION_ERROR_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -205,6 +207,19 @@ class ServerMetrics:
                                             LATENCY_BUCKETS_S, ("mode",))
         self.queue_depth = r.gauge("prism_queue_depth", "Requests waiting for a batch.")
         self.queue_images = r.gauge("prism_queue_images", "Images waiting for a batch.")
+        # what a learning selector (serve --mode auto) made of each batch; absent for a fixed mode
+        self.prediction_error = r.histogram(
+            "prism_prediction_error_ratio", "Per batch, |predicted - measured| / measured per-sample latency of the "
+            "mode that ran, as the selector predicted it when choosing; by mode.", PREDICTION_ERROR_BUCKETS, ("mode",))
+        self.last_prediction_error = r.gauge("prism_prediction_error_last_ratio",
+                                             "The newest batch's prediction error, by mode.", ("mode",))
+        self.explored = r.counter("prism_explored_batches_total",
+                                  "Batches the selector ran on a mode other than its predicted best, to explore.",
+                                  ("mode",))
+        self.bandwidth_estimate = r.gauge("prism_bandwidth_estimate_mbit",
+                                          "The selector's live link-rate estimate, Mbit/s (the performance map's scale).")
+        self.observer_errors = r.counter("prism_selector_observe_errors_total",
+                                         "Batches whose results the selector failed to learn from (answered anyway).")
 
     def render(self) -> str:
         return self.registry.render()

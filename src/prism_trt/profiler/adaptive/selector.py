@@ -2,18 +2,28 @@
 
 Exact map hits use the measurement; other points are predicted by the latency model. Prism CRs
 whose agreement with the local model (measured at profile time) is below ``min_agreement`` are
-never chosen. ``decide`` also says why every other candidate lost.
+never chosen. ``decide`` also says why every other candidate lost. :class:`OnlineSelector` (the
+server's ``--mode auto``) refines those predictions with what the server measures (see
+:mod:`.online`).
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import threading
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ...engines.chain_key import ChainKey
 from ...engines.perfmap import PerfMap, PerfPoint
 from ...errors import PrismError, UsageError
-from ...runtime.api import Executor
+from ...runtime.api import Executor, InferenceResult, Observation
 from .latency_model import LatencyModel
+from .online import BandwidthTracker, ExplorationPolicy, OnlineCells, OnlineOptions, Option, templates_by_chain
+
+log = logging.getLogger(__name__)
 
 
 class NoCandidate(PrismError, ValueError):
@@ -35,6 +45,7 @@ class Decision:
     objective: str
     best: Candidate
     candidates: list[Candidate] = field(default_factory=list)
+    explored: bool = False  # chosen by the online selector's exploration, not as the predicted best
 
     def explain(self) -> str:
         lines = [f"chosen: {self.choice.label} ({self.best.source}: {self.best.per_sample_ms:.2f} ms/sample"
@@ -98,19 +109,159 @@ class MapSelector:
         return self.decide(batch).choice
 
 
-class LiveSelector:
-    """The server's ``--mode auto``: a MapSelector fed the executor's current bandwidth estimate.
+def check_loaded(data: PerfMap, executor: Executor) -> None:
+    """Every chain the map may choose must be loaded by the executor: checked at start-up rather
+    than failing every batch later."""
+    missing = [key.label for key in data.chains() if key not in executor.chains()]
+    if missing:
+        raise UsageError(f"the performance map measured chains that are not loaded here: {', '.join(missing)} "
+                         f"(loaded: {', '.join(k.label for k in executor.chains())})")
 
-    Every chain the map may choose must be loaded by the executor: checked here, at start-up,
-    rather than failing every batch later."""
+
+class LiveSelector:
+    """The server's ``--mode auto --no-online``: a MapSelector fed the executor's bandwidth estimate."""
 
     def __init__(self, selector: MapSelector, executor: Executor):
         self.selector, self.executor = selector, executor
-        missing = [key.label for key in selector.data.chains() if key not in executor.chains()]
-        if missing:
-            raise UsageError(f"the performance map measured chains that are not loaded here: {', '.join(missing)} "
-                             f"(loaded: {', '.join(k.label for k in executor.chains())})")
+        check_loaded(selector.data, executor)
 
     def choose(self, batch: int) -> ChainKey:
         bandwidth = self.executor.bandwidth_mbit or self.selector.bandwidth
         return self.selector.decide(batch, bandwidth).choice
+
+
+@dataclass(frozen=True)
+class _Chosen:
+    choice: ChainKey
+    batch: int
+    predicted_ms: float | None
+    explored: bool
+
+
+class OnlineSelector:
+    """The server's ``--mode auto``: the map's choice, refined online (see :mod:`.online`).
+
+    Per batch: predict every chain at the live link-rate estimate (the map's measurement when it
+    has one in that rate's bucket, else the latency model), blend in what this bucket has observed,
+    drop what the agreement floor rejects, pick the fastest, and now and then explore. ``observe``
+    folds the batch's measured phases into its cell and the bandwidth estimate. ``choose`` and
+    ``observe`` run on the server's inference thread; ``save`` may run on another, hence the lock.
+    """
+
+    def __init__(self, selector: MapSelector, executor: Executor, options: OnlineOptions | None = None,
+                 save_path: Path | None = None, save_every: int = 0):
+        if selector.objective != "latency":
+            raise UsageError("online refinement learns latency only; use --no-online with --objective energy")
+        if save_every < 0:
+            raise UsageError(f"save_every must be >= 0 batches, got {save_every}")
+        check_loaded(selector.data, executor)
+        self.selector, self.options = selector, options or OnlineOptions()
+        rates = [p.bandwidth for p in selector.data.points if p.mode != "local" and p.bandwidth]
+        self.cells = OnlineCells(self.options, max(rates, default=None))
+        self.tracker = None if not rates else BandwidthTracker(
+            selector.model, templates_by_chain(selector.data.points), rates, self.options.bandwidth_window,
+            selector.bandwidth, self.options.bucket_ratio)
+        self.policy = ExplorationPolicy(self.options.explore_fraction, self.options.explore_budget)
+        self.save_path, self.save_every = save_path, save_every
+        self.observed = 0
+        self._chosen: _Chosen | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def bandwidth_mbit(self) -> float | None:
+        """The live link-rate estimate (the map's measured-goodput scale), None without a network."""
+        return None if self.tracker is None else self.tracker.estimate
+
+    def _map_point(self, key: ChainKey, batch: int, bandwidth: float | None) -> PerfPoint | None:
+        """The map's measurement of ``key`` at ``batch`` in the bucket of ``bandwidth`` (nearest rate)."""
+        bucket = self.cells.bucket(key, bandwidth)
+        same = [p for p in self.selector.data.points
+                if p.key == key and p.batch == batch and self.cells.bucket(key, p.bandwidth) == bucket]
+        return min(same, key=lambda p: abs(math.log((p.bandwidth or 1.0) / (bandwidth or 1.0))), default=None)
+
+    def decide(self, batch: int) -> Decision:
+        """Choose for ``batch`` (and count it for exploration); candidates carry the refined predictions."""
+        bandwidth = self.bandwidth_mbit
+        # the MapSelector applies the agreement floor and gives the model's prediction at the live rate
+        base = self.selector.decide(batch, bandwidth)
+        for candidate in base.candidates:
+            point = self._map_point(candidate.choice, batch, bandwidth)
+            if point is not None:
+                candidate.per_sample_ms, candidate.source = point.latency["per_sample_ms"], "measured"
+            refined, source = self.cells.refine(candidate.per_sample_ms, candidate.choice, batch, bandwidth)
+            candidate.per_sample_ms = refined
+            candidate.source = candidate.source if source == "prior" else source
+        eligible = [c for c in base.candidates if not c.rejected and c.per_sample_ms is not None]
+        best = min(eligible, key=lambda c: c.per_sample_ms)
+        options = {c.choice: Option(c.choice, c.per_sample_ms, self.cells.count(c.choice, batch, bandwidth))
+                   for c in eligible}
+        explore = self.policy.pick(options[best.choice], list(options.values()))
+        chosen = best if explore is None else next(c for c in eligible if c.choice == explore.choice)
+        return Decision(chosen.choice, "latency", chosen, base.candidates, explored=explore is not None)
+
+    def choose(self, batch: int) -> ChainKey:
+        with self._lock:
+            decision = self.decide(batch)
+            self._chosen = _Chosen(decision.choice, batch, decision.best.per_sample_ms, decision.explored)
+        return decision.choice
+
+    def observe(self, batch: int, result: InferenceResult) -> Observation | None:
+        """Fold one served batch in; what it made of it, for the metrics (None: nothing measured)."""
+        timings = result.timings
+        if batch < 1 or not timings.total > 0:
+            return None
+        with self._lock:
+            chosen, self._chosen = self._chosen, None
+            ran = result.choice  # local after a fallback: a real local measurement all the same
+            if ran.mode != "local" and not result.fell_back and self.tracker is not None:
+                self.tracker.update(ran, batch, timings)
+            bandwidth = self.bandwidth_mbit
+            self.cells.observe(ran, batch, bandwidth, timings)
+            self.observed += 1
+            matched = chosen is not None and chosen.choice == ran and chosen.batch == batch
+            observation = Observation(ran.label, timings.total / batch, chosen.predicted_ms if matched else None,
+                                      matched and chosen.explored, bandwidth)
+            due = bool(self.save_path and self.save_every and self.observed % self.save_every == 0)
+        if due:
+            self.save()
+        return observation
+
+    def refined_map(self) -> PerfMap:
+        """The map with every cell that has at least ``min_count`` observations as an online point:
+        it replaces the map's point in the same bucket, or joins it at the live rate. Same engines
+        binding (metadata) as the map it refines."""
+        with self._lock:
+            data = self.selector.data
+            refined = PerfMap({**data.metadata, "refined_online": {
+                "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "batches_observed": self.observed,
+                "batches_explored": self.policy.explored, "bandwidth_estimate_mbit": self.bandwidth_mbit}},
+                list(data.accuracy), list(data.points))
+            templates = {p.key: p for p in data.points}
+            for (chain, batch, _), cell in self.cells.cells():
+                if cell.count < self.options.min_count:
+                    continue
+                replaced = self._map_point(chain, batch, cell.bandwidth_mbit)
+                total = cell.median_ms * batch
+                gflops = templates[chain].gflops_per_rank if chain in templates else None
+                rate = cell.bandwidth_mbit
+                label = replaced.bandwidth_mbit if replaced is not None else (round(rate, 1) if rate else None)
+                refined.upsert(PerfPoint(
+                    chain, batch, label,
+                    {"mean_ms": total, "p50_ms": total, "p90_ms": cell.p90_ms * batch,
+                     "stdev_ms": cell.stdev_ms * batch, "per_sample_ms": cell.median_ms},
+                    # rank 0's phases only: the server does not gather the other ranks'
+                    [cell.phases.to_dict()],
+                    measured_mbit=None if chain.mode == "local" else rate,
+                    gflops_per_rank=gflops[:1] if gflops else None,
+                    online={"observations": cell.count, "half_width_ms": cell.half_width_ms,
+                            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+        return refined
+
+    def save(self, path: Path | None = None) -> Path | None:
+        """Write the refined map (checked, atomically) to ``path`` or the configured ``save_path``."""
+        target = path or self.save_path
+        if target is None:
+            return None
+        self.refined_map().save(Path(target))
+        log.info("refined performance map written to %s (%d batches observed)", target, self.observed)
+        return Path(target)
