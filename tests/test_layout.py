@@ -25,6 +25,7 @@ JSON_READERS = {
     "profiler/testbed/testbed.py": "`ip -j` output and the testbed's own state file",
     "profiler/testbed/bandwidth.py": "the bandwidth probe's report line",
     "runtime/rendezvous.py": "join requests and answers in rank 0's rendezvous store",
+    "data/text_corpus.py": "the bundled tiny GPT-2's meta.json (corpus SHA-256s, recorded held-out figures)",
 }
 
 

@@ -26,11 +26,10 @@ def _load(model_name, checkpoint, text: TextModelOptions):
         from ..model import load_model
 
         return load_model(model_name, checkpoint), _model_source(model_name, checkpoint)
-    from ..model.text_adapters import load_text_model, size_overrides
+    from ..model.text_adapters import load_text_model, size_overrides, text_source
 
     overrides = size_overrides(model_name, text.layers, text.hidden_size, text.heads, text.vocab_size)
-    return (load_text_model(model_name, **overrides),
-            {"text": model_name, "random_init": True, "seed": 0, "config": overrides})
+    return load_text_model(model_name, **overrides), text_source(model_name, overrides)
 
 
 @main.command()

@@ -80,24 +80,48 @@ def flops(model_name, checkpoint, ranks, crs, segments, weights, batch, dtype, s
 
 
 @main.command()
-@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Checkpoint in the bundled MNIST ViT format.")
+@click.option("--model", "model_name", metavar="NAME", default=None,
+              help="A bundled trained text model instead (gpt2-pydoc): next-token accuracy on its held-out text.")
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder with t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz "
                    "[default: $PRISM_TRT_DATA/mnist or ../shared/data/mnist].")
 @plan_options
 @click.option("--means-source", type=click.Choice(["ln1", "input", "both"]), default="ln1", show_default=True,
               help="Average LN1(x) (exact keys/values of the mean) or the block input x.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N test images.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=2), default=None,
+              help="Text models: window length N the plans partition [default: the model's context].")
+@click.option("--no-exchange-baseline", "baseline", is_flag=True,
+              help="Text models: add a row where each rank sees only its own partition (no means, means 'none').")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Only the first N test images (text: the first N windows).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[default: 500 images / 64 windows]")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
-def accuracy(checkpoint, data, ranks, crs, segments, weights, means_source, limit, batch_size, threads, as_json):
-    """MNIST test accuracy of Prism plans, and agreement with the unpartitioned model.
+def accuracy(checkpoint, model_name, data, ranks, crs, segments, weights, means_source, seq_len, baseline, limit,
+             batch_size, threads, as_json):
+    """Accuracy of Prism plans, and agreement with the unpartitioned model: MNIST test images for the
+    ViT checkpoint (--checkpoint), next-byte prediction on held-out text for a bundled trained text
+    model (--model gpt2-pydoc).
 
     Without --cr/--segments the plan is CR=1 (Voltage), which must equal the unpartitioned model.
     """
     import torch
+
+    if (checkpoint is None) == (model_name is None):
+        raise click.UsageError("give exactly one of --checkpoint (MNIST ViT) or --model (a bundled text model)")
+    if threads:
+        torch.set_num_threads(threads)
+    progress = sys.stderr.isatty() or not as_json
+    if model_name is not None:
+        if data is not None:
+            raise click.UsageError("--data is for the MNIST checkpoint; text models read their bundled held-out text")
+        _text_accuracy(model_name, ranks, crs, segments, weights, means_source, seq_len, baseline, limit,
+                       batch_size or 64, as_json, progress)
+        return
+    if seq_len is not None or baseline:
+        raise click.UsageError("--seq-len and --no-exchange-baseline are for text models (--model)")
 
     from ..core import make_partition_plan, make_segment_plan, voltage_plan
     from ..core.accuracy import evaluate
@@ -105,8 +129,6 @@ def accuracy(checkpoint, data, ranks, crs, segments, weights, means_source, limi
     from ..model import load_model
     from ..report import format_table
 
-    if threads:
-        torch.set_num_threads(threads)
     model = load_model(checkpoint=checkpoint)
     spec = model.spec
     partition = make_partition_plan(spec.num_tokens, spec.num_prefix_tokens, ranks, weights)
@@ -115,8 +137,8 @@ def accuracy(checkpoint, data, ranks, crs, segments, weights, means_source, limi
     plans = plans or [voltage_plan(partition)]
     dataset = MnistTestSet(data or data_dir() / "mnist", spec.mean[0], spec.std[0], limit)
     sources = ["ln1", "input"] if means_source == "both" else [means_source]
-    results = evaluate(model, dataset.batches(batch_size), plans, sources, total=len(dataset),
-                       progress=sys.stderr.isatty() or not as_json)
+    results = evaluate(model, dataset.batches(batch_size or 500), plans, sources, total=len(dataset),
+                       progress=progress)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2))
         return
@@ -125,3 +147,41 @@ def accuracy(checkpoint, data, ranks, crs, segments, weights, means_source, limi
         ["P", "L", "CR", "means", "correct/total", "accuracy", "agreement"],
         [[r.ranks, r.segments, r.cr, r.means_source, f"{r.correct}/{r.total}", f"{100 * r.accuracy:.2f}%",
           f"{100 * r.agreement:.2f}%"] for r in results]))
+
+
+def _text_accuracy(model_name, ranks, crs, segments, weights, means_source, seq_len, baseline, limit, batch_size,
+                   as_json, progress) -> None:
+    """`accuracy --model`: next-token accuracy / agreement of each plan on the bundled held-out text."""
+    from ..core import make_segment_plan, text_partition, voltage_plan
+    from ..core.text_accuracy import NO_EXCHANGE, evaluate_text
+    from ..data.text_corpus import HELDOUT_FILE, TextWindows, read_corpus
+    from ..model.text_adapters import PRETRAINED_TEXT, load_text_model
+    from ..report import format_table
+
+    if model_name not in PRETRAINED_TEXT:
+        raise click.UsageError(f"accuracy needs trained weights: --model takes {', '.join(PRETRAINED_TEXT)} "
+                               f"(other text models are random-init), or use --checkpoint for the MNIST ViT")
+    model = load_text_model(model_name)
+    spec = model.spec
+    seq_len = seq_len or spec.max_positions
+    partition = text_partition(spec, seq_len, ranks, weights)
+    plans = [make_segment_plan(partition, cr=cr) for cr in crs]
+    plans += [make_segment_plan(partition, segments=L) for L in segments]
+    plans = plans or [voltage_plan(partition)]
+    windows = TextWindows(read_corpus(HELDOUT_FILE), seq_len, limit)
+    sources = ["ln1", "input"] if means_source == "both" else [means_source]
+    results = evaluate_text(model, windows.batches(batch_size), plans, sources, total=len(windows), progress=progress)
+    if baseline:  # one pass more: it does not depend on L, so the first plan's partition stands for all
+        results += evaluate_text(model, windows.batches(batch_size), plans[:1], [NO_EXCHANGE], total=len(windows),
+                                 progress=progress)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+        return
+    first = results[0]
+    click.echo(f"{spec.name}: {len(windows)} windows of N={seq_len} bytes from its held-out text, {first.total} "
+               f"next-byte targets; unpartitioned: {100 * first.reference_accuracy:.2f}% "
+               f"(loss {first.reference_loss:.4f} nats)")
+    click.echo(format_table(
+        ["P", "L", "CR", "means", "tokens", "accuracy", "agreement", "agreement ranks>=1", "loss"],
+        [[r.ranks, r.segments, r.cr, r.means_source, r.total, f"{100 * r.accuracy:.2f}%",
+          f"{100 * r.agreement:.2f}%", f"{100 * r.agreement_approx:.2f}%", f"{r.loss:.4f}"] for r in results]))

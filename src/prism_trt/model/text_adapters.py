@@ -2,16 +2,22 @@
 
 ``transformers`` is an optional extra (``pip install 'prism-trt[text]'``), imported only here and
 only when a text model is asked for, so the ViT path never needs it. Models are built from
-configs with random init: nothing is downloaded.
+configs with random init: nothing is downloaded. The one exception is ``gpt2-pydoc``, a tiny
+byte-level GPT-2 trained on Python's docstrings whose weights ship with the package
+(``data/tiny_gpt2/``, made by ``scripts/train_tiny_gpt2.py``): the one text model whose accuracy
+means something.
 """
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from ..errors import PrismError, UsageError
-from .adapters import UnsupportedModelError
+from ..errors import MissingFileError, PrismError, UsageError
+from .adapters import CheckpointMismatchError, UnsupportedModelError
 from .text import PrismText
 from .text_spec import TextSpec
 
@@ -28,7 +34,12 @@ TEXT_CONFIGS: dict[str, tuple[str, dict]] = {
                                         intermediate_size=4096)),
     "gpt2": ("gpt2", {}),
     "gpt2-medium": ("gpt2", dict(n_embd=1024, n_layer=24, n_head=16)),
+    # The bundled trained tiny GPT-2 (byte-level, Python docstrings; data/tiny_gpt2/README.md).
+    "gpt2-pydoc": ("gpt2", dict(vocab_size=256, n_positions=128, n_embd=128, n_layer=4, n_head=4,
+                                bos_token_id=255, eos_token_id=255)),
 }
+#: Known names whose weights are bundled (trained) rather than random: name -> file under prism_trt/data.
+PRETRAINED_TEXT: dict[str, str] = {"gpt2-pydoc": "tiny_gpt2/gpt2-pydoc.pt"}
 DEFAULT_HEADS = {"bert": "classifier", "gpt2": "lm"}
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
@@ -195,6 +206,40 @@ def text_spec(name: str, head: str | None = None, **overrides) -> TextSpec:
     return spec_from_config(config, head or DEFAULT_HEADS[config.model_type], name)
 
 
+def pretrained_path(name: str) -> Path:
+    """The bundled checkpoint of a trained text model (PRETRAINED_TEXT)."""
+    return Path(__file__).resolve().parents[1] / "data" / PRETRAINED_TEXT[name]
+
+
+def load_pretrained_text(name: str, path: Path | None = None) -> PrismText:
+    """A bundled trained model: its config's spec, weights stored (fp16) in PrismText's layout, run in
+    fp32. ``path`` replaces the bundled file (the training script checks what it has just written)."""
+    path = path or pretrained_path(name)
+    if not path.is_file():
+        raise MissingFileError(f"{name}'s checkpoint {path} is missing: reinstall prism-trt (it is package data)")
+    model = PrismText(text_spec(name))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    expected = model.state_dict()
+    if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
+        raise CheckpointMismatchError(f"{path} does not match {name}'s config {TEXT_CONFIGS[name][1]}")
+    model.load_state_dict({key: value.float() for key, value in state.items()}, strict=True)
+    return model.eval()
+
+
 def load_text_model(name: str, head: str | None = None, seed: int = 0, **overrides) -> PrismText:
-    """A known text model (TEXT_CONFIGS) with random init, as a :class:`PrismText`."""
+    """A known text model (TEXT_CONFIGS) as a :class:`PrismText`: random init from its config, or
+    (PRETRAINED_TEXT) its bundled trained weights, which cannot be resized or given another head."""
+    if name in PRETRAINED_TEXT:
+        if overrides or head not in (None, DEFAULT_HEADS[TEXT_CONFIGS[name][0]]):
+            raise UsageError(f"{name} is a trained checkpoint: it has a fixed size and an LM head "
+                             f"(got {overrides or {}}, head {head!r})")
+        return load_pretrained_text(name)
     return from_hf(create_hf_text(text_config(name, **overrides), head, seed), name)
+
+
+def text_source(name: str, overrides: dict | None = None) -> dict:
+    """The manifest's source record of a text model: its trained checkpoint, or config and seed."""
+    if name in PRETRAINED_TEXT:
+        digest = hashlib.sha256(pretrained_path(name).read_bytes()).hexdigest()
+        return {"text": name, "random_init": False, "checkpoint_sha256": digest}
+    return {"text": name, "random_init": True, "seed": 0, "config": overrides or {}}

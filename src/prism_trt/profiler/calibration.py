@@ -1,7 +1,12 @@
 """Agreement of each Prism plan with the local model on a calibration set, recorded in the map so
 the selector never trades more accuracy than allowed. The bundled MNIST checkpoint calibrates on
-the real MNIST test images (with labels: accuracy too); random-weight timm models on random
-inputs, which gives agreement only and is said so."""
+the real MNIST test images (with labels: accuracy too), the bundled trained text model
+(``gpt2-pydoc``) on its held-out text (next-token accuracy too); random-weight models (timm ViTs,
+BERT / GPT-2 configs) on random inputs, which gives agreement only and is said so.
+
+For a text model, agreement is per prediction: per valid position for a language model (argmax
+of the next-token logits), per sequence for a classifier; rank 0's exact positions count too, as
+in ``prism-trt accuracy``."""
 
 from __future__ import annotations
 
@@ -11,41 +16,87 @@ import torch
 
 from ..core.accuracy import evaluate
 from ..core.plan import PartitionPlan, make_segment_plan
+from ..core.text_accuracy import evaluate_text
 from ..data import MnistTestSet, data_dir
-from ..engines.manifest import Manifest, rank_directory
+from ..data.text_corpus import HELDOUT_FILE, TextWindows, read_corpus
+from ..engines.manifest import ChainConfig, Manifest, ModelRecord, rank_directory
 from ..engines.perfmap import AccuracyEntry
-from ..model import load_model
+from ..model import CheckpointMismatchError, load_model, weights_hash
+from ..model.text_adapters import PRETRAINED_TEXT, load_text_model
+
+#: Random calibration inputs when a model has no real data: at most this many images / sequences.
+RANDOM_SAMPLES = 256
 
 
 def model_from_manifest(engines: Path):
+    """The model a build was made from, rebuilt from its source record and checked against the
+    weights digest the build recorded (calibrating other weights would calibrate another model)."""
     manifest = Manifest.read(rank_directory(engines))
     source = manifest.model.source
-    model = load_model(source.get("timm"), source.get("checkpoint"))
+    if manifest.model.kind == "text":
+        model = load_text_model(source["text"], seed=source.get("seed", 0), **source.get("config", {}))
+        if weights_hash(model) != manifest.model.weights_sha256:
+            raise CheckpointMismatchError(
+                f"{engines}: {source['text']} rebuilt here has other weights than the build recorded "
+                f"({manifest.model.weights_sha256[:12]}...): rebuild the engines with this prism-trt / transformers")
+    else:
+        model = load_model(source.get("timm"), source.get("checkpoint"))
     return model, manifest
 
 
 def calibrate(engines: Path, calib_data: Path | None = None, samples: int = 1000, progress: bool = False
               ) -> list[AccuracyEntry]:
     """One entry per built prism / voltage chain: its agreement with the local model (and accuracy
-    where the calibration set has labels)."""
+    where the calibration set has labels). ``samples``: images, or text windows of the build's N."""
     model, manifest = model_from_manifest(engines)
+    return calibrate_chains(model, manifest.model, manifest.configs, manifest.means_source, calib_data, samples,
+                            progress)
+
+
+def calibrate_chains(model, record: ModelRecord, configs: list[ChainConfig], means_source: str,
+                     calib_data: Path | None = None, samples: int = 1000, progress: bool = False
+                     ) -> list[AccuracyEntry]:
+    """:func:`calibrate` for a model, its manifest record and chains already in hand."""
     spec = model.spec
-    configs = [c for c in manifest.configs if c.mode in ("prism", "voltage")]
+    configs = [c for c in configs if c.mode in ("prism", "voltage")]
     # each chain's own partition: a weighted build's ranks hold unequal shares
-    plans = [make_segment_plan(PartitionPlan(spec.num_tokens, spec.num_prefix_tokens, c.partition), segments=c.segments)
-             for c in configs]
-    source = manifest.means_source
+    plans = [make_segment_plan(PartitionPlan(record.num_tokens, spec.num_prefix_tokens, c.partition),
+                               segments=c.segments) for c in configs]
+    if record.kind == "text":
+        results, label, labelled = _calibrate_text(model, record, plans, means_source, samples, progress)
+    else:
+        results, label, labelled = _calibrate_vit(model, record, plans, means_source, calib_data, samples, progress)
+    return [AccuracyEntry(c.key, r.ranks, r.agreement, r.accuracy if labelled else None,
+                          (r.reference_correct / r.total) if labelled else None, label)
+            for r, c in zip(results, configs)]
+
+
+def _calibrate_vit(model, record: ModelRecord, plans, source, calib_data, samples, progress):
+    spec = model.spec
     mnist_root = calib_data or data_dir() / "mnist"
-    if "checkpoint" in manifest.model.source and (mnist_root / MnistTestSet.IMAGES).is_file():
+    if "checkpoint" in record.source and (mnist_root / MnistTestSet.IMAGES).is_file():
         dataset = MnistTestSet(mnist_root, spec.mean[0], spec.std[0], limit=samples)
         batches, label, labelled = dataset.batches(250), f"mnist:{len(dataset)} images", True
     else:
         generator = torch.Generator().manual_seed(0)
-        count = min(samples, 256)
+        count = min(samples, RANDOM_SAMPLES)
         images = torch.randn((count, spec.in_chans, *spec.img_size), generator=generator)
         batches = [(images[i:i + 32], torch.full((len(images[i:i + 32]),), -1)) for i in range(0, count, 32)]
         label, labelled = f"random:{count} inputs (random weights: agreement only, no accuracy)", False
-    results = evaluate(model, batches, plans, [source], progress=progress)
-    return [AccuracyEntry(c.key, r.ranks, r.agreement, r.accuracy if labelled else None,
-                          (r.reference_correct / r.total) if labelled else None, label)
-            for r, c in zip(results, configs)]
+    return evaluate(model, batches, plans, [source], progress=progress), label, labelled
+
+
+def _calibrate_text(model, record: ModelRecord, plans, source, samples, progress):
+    seq_len = record.sequence_length
+    name = record.source.get("text")
+    if name in PRETRAINED_TEXT and model.spec.head == "lm":
+        windows = TextWindows(read_corpus(HELDOUT_FILE), seq_len, limit=samples)
+        batches = windows.batches(64)
+        label, labelled = f"text:{name} held-out, {len(windows)} windows of {seq_len} bytes (next-token)", True
+    else:
+        generator = torch.Generator().manual_seed(0)
+        count = min(samples, RANDOM_SAMPLES)
+        ids = torch.randint(0, model.spec.vocab_size, (count, seq_len), generator=generator)
+        batches = [(ids[i:i + 32], torch.ones_like(ids[i:i + 32]), None) for i in range(0, count, 32)]
+        label, labelled = f"random:{count} sequences (random weights: agreement only, no accuracy)", False
+    return evaluate_text(model, batches, plans, [source], progress=progress), label, labelled
