@@ -14,8 +14,10 @@ WIDTH = 100
 
 
 def _walk(command: click.Command, path: list[str], parent: click.Context | None):
-    context = click.Context(command, info_name=" ".join(path), parent=parent, terminal_width=WIDTH,
-                            max_content_width=WIDTH)
+    # The command's own context settings (-h): click caches a command's help option from the first
+    # context that asks, so leaving them out made the text depend on whether the CLI had run before.
+    settings = {**command.context_settings, "terminal_width": WIDTH, "max_content_width": WIDTH}
+    context = click.Context(command, info_name=" ".join(path), parent=parent, **settings)
     yield path, command.get_help(context)
     if isinstance(command, click.Group):
         for name in sorted(command.list_commands(context)):
