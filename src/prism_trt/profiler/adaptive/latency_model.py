@@ -3,7 +3,7 @@
 Rank 0's request latency is modelled as the sum of six terms, each fitted by least squares on its
 own measured phase (ms):
 
-    request(B)          = p0 + p1 * B + p2 * B * q / goodput              broadcast of the batch
+    request(B)          = p0 + p1 * B + p2 * max(0, B * q - k) / goodput   broadcast of the batch
 
     compute_r(chain, B) = a_chain + s_group * B * G_r      G_r: GFLOPs per sample of rank r's plan
     staging(bytes, n)   = s0 * n + bytes / copy_bw         D2H + H2D: per-collective cost + bytes
@@ -31,7 +31,13 @@ sqrt(sigma_0^2 + sigma_r^2) / sqrt(n) from the ranks' measured compute jitter (p
 from the MAD); the expected wait of a normal difference is sigma phi(D/sigma) + D Phi(D/sigma).
 The plan's imbalance (D) and the jitter (sigma) are both predicted for an unmeasured point: D from
 the compute model, sigma as the fitted share of compute (median jitter / compute of the sweep).
-The request broadcast also lands here: rank 0's broadcast of the batch returns once the bytes are
+Request: rank 0's broadcast of the batch to the workers returns once the bytes are in the socket
+buffers, so it costs almost nothing until the batch outgrows them (``k`` bytes, searched on a
+grid): beyond that, the excess at the goodput (measured on the testbed: ~1 ms up to 4 images of
+588 KB, then 52 ms at 16 images and 900 Mbit/s, 272 ms at 200). What the buffers held is still
+on its way when rank 0 reaches the first barrier, and so lands in the skew term below.
+
+The request broadcast also lands in skew: rank 0's broadcast of the batch returns once the bytes are
 in the socket buffers, so the worker is still receiving the last ``min(B * q, cap)`` bytes (q:
 request bytes per sample, cap: what the buffers hold, searched on a grid) when rank 0 reaches the
 first barrier. ``q`` comes from the engines (:func:`request_bytes_per_sample`); unknown, it is one
@@ -120,14 +126,17 @@ def _lstsq(rows: list[list[float]], targets: list[float], width: int) -> np.ndar
 
 
 def _knee_fit(candidates: list[float], problem: Callable[[float], tuple[list[list[float]], list[float]]],
-              width: int) -> tuple[float, np.ndarray]:
+              width: int, physical: Callable[[np.ndarray], bool] | None = None) -> tuple[float, np.ndarray]:
     """The candidate knee whose least-squares fit (``problem(knee)``: rows and targets) leaves the
     smallest squared error, and that fit. Candidates come simplest first; a later one must do
-    clearly better (not by rounding) to win."""
+    clearly better (not by rounding) to win. ``physical``: fits it refuses (a negative rate, say)
+    lose to any it accepts; the first candidate must give an accepted fit."""
     best: tuple[float, np.ndarray, float] | None = None
     for knee in candidates:
         design, targets = problem(knee)
         coef = _lstsq(design, targets, width)
+        if best is not None and physical is not None and not physical(coef):
+            continue
         residual = np.asarray(design, dtype=float) @ coef - np.asarray(targets, dtype=float) if design else np.zeros(0)
         sse = float(np.sum(residual ** 2))
         if best is None or sse < best[2] * (1 - 1e-9):
@@ -161,6 +170,7 @@ class LatencyModel:
     request_lag: float = 0.0  # r: share of the buffered request bytes' transfer time paid at the first barrier
     request_cap: float = math.inf  # bytes of the request broadcast the socket buffers hold
     request_bytes: float = 1.0  # q: request bytes per sample (1 unit when not given)
+    request_knee: float = 0.0  # k: request bytes the broadcast hands to the socket buffers without waiting
 
     # -- fitting -----------------------------------------------------------------------------------
     @classmethod
@@ -176,8 +186,14 @@ class LatencyModel:
         model.burst_ms, model.transfer = _knee_fit(
             list(np.linspace(0.0, longest, KNEE_STEPS + 1)),
             lambda tau: ([_transfer_row(f, b, tau) for f, b, _ in plans], [t["transfer"] for *_, t in plans]), 4)
-        model.request = _lstsq([model._request_row(p.batch, _inv_bw(p.bandwidth)) for p in distributed],
-                               [measured_terms(p)["request"] for p in distributed], 3)
+        requests = sorted({p.batch * model.request_bytes for p in distributed})
+        # infinity first: no rate-dependent part at all, the fallback where requests never outgrow
+        # the buffers (the MNIST ViT's 3 KB a sample) and a knee would only fit noise
+        knees = [math.inf, 0.0] + (list(np.geomspace(requests[0], requests[-1], KNEE_STEPS)) if requests else [])
+        model.request_knee, model.request = _knee_fit(
+            knees, lambda knee: ([model._request_row(p.batch, _inv_bw(p.bandwidth), knee) for p in distributed],
+                                 [measured_terms(p)["request"] for p in distributed]), 3,
+            physical=lambda coef: coef[2] >= 0)
         model._fit_skew(distributed, fixed_lag=request_bytes is not None)
         for group in (False, True):
             members = [p for p in points if (p.mode != "local") == group]
@@ -260,10 +276,12 @@ class LatencyModel:
         other.compute_coef = np.array(intercepts + [s_local, s_local * s_ratio])
         return other
 
-    def _request_row(self, batch: int, inv_bw: float) -> list[float]:
-        """[1, B, B q / goodput]: a fixed cost, a per-sample copy, the bytes at the link's rate (with
-        more than two ranks GLOO's broadcast relays, which the fitted p2 absorbs)."""
-        return [1.0, float(batch), batch * self.request_bytes * inv_bw]
+    def _request_row(self, batch: int, inv_bw: float, knee: float | None = None) -> list[float]:
+        """[1, B, max(0, B q - k) / goodput]: a fixed cost, a per-sample copy, the bytes beyond the
+        socket buffers at the link's rate (with more than two ranks GLOO's broadcast relays, which
+        the fitted p2 absorbs)."""
+        knee = self.request_knee if knee is None else knee
+        return [1.0, float(batch), max(0.0, batch * self.request_bytes - knee) * inv_bw]
 
     def _compute_row(self, key: ChainKey, batch: int, gflops: float) -> list[float]:
         onehot = [1.0 if key == chain else 0.0 for chain in self.chains]
