@@ -19,12 +19,15 @@ LOCAL, VOLTAGE, PRISM = ChainKey.local(), ChainKey.voltage(), ChainKey.prism(5, 
 GFLOPS = {LOCAL: [2.0], VOLTAGE: [1.0, 1.0], PRISM: [0.8, 0.9]}
 MS_PER_GFLOP, FIXED = {LOCAL: 1.5, VOLTAGE: 2.0, PRISM: 2.5}, 5.0  # one throughput, fixed cost per chain
 N, SKEW_SCALE, BARRIER_MS, JITTER = 12, 1.3, 0.02, 0.05
+REQUEST_MS = 0.2  # the request broadcast's fixed cost
 
 
 def constructed_point(key: ChainKey, batch: int, bandwidth: float | None, scale: float = 1.0,
                       request: tuple[float, float] = (0.0, 0.0)) -> PerfPoint:
     """``scale``: another architecture's compute (every rank, fixed cost and throughput alike);
-    ``request``: (bytes per sample, cap) of a request broadcast whose buffered tail rank 0 waits for."""
+    ``request``: (bytes per sample, cap) of the request broadcast: what the socket buffers take
+    (up to cap) costs rank 0 nothing at once and is waited for at the first barrier; the rest
+    blocks the broadcast itself."""
     compute = [scale * (MS_PER_GFLOP[key] + FIXED * batch * g) for g in GFLOPS[key]]
     sigma = [JITTER * c for c in compute]
     distributed = key.mode != "local"
@@ -33,12 +36,14 @@ def constructed_point(key: ChainKey, batch: int, bandwidth: float | None, scale:
     staging = 0.01 * n + nbytes / 4e6 if distributed else 0.0
     transfer = 0.1 * n + nbytes * 8 / (bandwidth * 1e3) if distributed else 0.0
     lag = min(batch * request[0], request[1]) * 8 / (bandwidth * 1e3) if distributed else 0.0
+    broadcast = REQUEST_MS + max(0.0, batch * request[0] - request[1]) * 8 / (bandwidth * 1e3) if distributed else 0.0
     skew = SKEW_SCALE * expected_wait(compute, sigma, n) + BARRIER_MS * n + lag if distributed else 0.0
     other = 0.3 + 0.05 * batch
-    total = compute[0] + staging + transfer + skew + other
+    total = broadcast + compute[0] + staging + transfer + skew + other
     ranks = [{"compute": c, "d2h": staging / 2, "h2d": staging / 2, "wait": skew if r == 0 else 0.0,
               "comm": transfer, "other": other, "total": total, "bytes_sent": nbytes / 2,
-              "bytes_received": nbytes / 2, "collectives": n} for r, c in enumerate(compute)]
+              "bytes_received": nbytes / 2, "collectives": n, "request": broadcast if r == 0 else 0.0}
+             for r, c in enumerate(compute)]
     samples = {**robust_summary([total, total]), "stopped": "converged", "compute_sigma_ms": sigma}
     return PerfPoint(key, batch, bandwidth if distributed else None,
                      {"mean_ms": total, "p50_ms": total, "p90_ms": total, "stdev_ms": 0.0,
@@ -218,6 +223,9 @@ def test_request_lag_is_fitted_with_its_cap_and_carried_by_its_size():
     known = LatencyModel.fit(points, request_bytes=request[0])
     assert known.request_lag == 1.0 and known.request_cap == pytest.approx(request[1], rel=1e-6)
     assert np.allclose(known.skew, (SKEW_SCALE, BARRIER_MS, 0.0), rtol=1e-6, atol=1e-9)
+    # the broadcast blocks only for what the buffers do not take: the same knee, the bytes' time
+    assert known.request_knee == pytest.approx(request[1], rel=1e-6)
+    assert np.allclose(known.request, (REQUEST_MS, 0.0, 1.0), rtol=1e-6, atol=1e-9)
     unknown = LatencyModel.fit(points)
     truth = constructed_point(PRISM, 16, 700.0, request=request)
     for model in (known, unknown):
@@ -227,6 +235,7 @@ def test_request_lag_is_fitted_with_its_cap_and_carried_by_its_size():
     small = constructed_point(PRISM, 16, 700.0, request=(10.0, request[1]))
     transferred = known.with_compute(constructed_points(), request_bytes=10.0).predict_point(small)
     assert transferred["skew"] == pytest.approx(small.per_rank[0]["wait"], rel=1e-6)
+    assert transferred["request"] == pytest.approx(REQUEST_MS, rel=1e-6)  # 160 bytes never outgrow the buffers
 
 
 @pytest.mark.parametrize("local_only", [False, True])
@@ -325,3 +334,18 @@ def test_model_fit_reports_a_transfer(tmp_path):
         result = CliRunner().invoke(main, ["model", "fit", str(here), "--compute-from", str(there), *extra])
         assert result.exit_code == 0, result.output
         assert "compute from b.json, tested on its distributed points:" in result.output
+
+
+def test_request_knee_never_fits_a_negative_rate():
+    """Requests that never outgrow the buffers (the MNIST ViT's) measure a flat broadcast with noise;
+    a knee placed to fit a dip would predict a link that pays back time: refused, flat instead."""
+    points = constructed_points()
+    for point in points:
+        if point.mode != "local" and point.batch == 8 and point.bandwidth == 200.0:
+            point.per_rank[0]["request"] = 0.1  # a dip at the largest batch on the slowest link
+    model = LatencyModel.fit(points, request_bytes=1000.0)
+    assert model.request[2] >= 0
+    unconstrained = np.linalg.lstsq(
+        np.array([model._request_row(p.batch, 8 / (p.bandwidth * 1e3), 4000.0) for p in points if p.mode != "local"]),
+        np.array([p.per_rank[0]["request"] for p in points if p.mode != "local"]), rcond=None)[0]
+    assert unconstrained[2] < 0  # what the knee search would have taken without the check
