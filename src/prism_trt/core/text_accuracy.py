@@ -35,6 +35,7 @@ from ..data.text_corpus import IGNORE
 from ..errors import UsageError
 from ..model.text import PrismText
 from ..model.vit import MeansSource
+from .accuracy import AccuracyResult
 from .plan import SegmentPlan
 from .text_rank import TextRankForward, simulate_text
 
@@ -43,15 +44,10 @@ NO_EXCHANGE = "none"
 
 
 @dataclass(frozen=True)
-class TextAccuracyResult:
-    ranks: int
-    segments: int
-    cr: float
-    means_source: str
-    correct: int
-    reference_correct: int
-    agree: int
-    total: int
+class TextAccuracyResult(AccuracyResult):
+    """:class:`~prism_trt.core.accuracy.AccuracyResult`'s counts over valid positions, plus the loss
+    and the agreement over approximated positions."""
+
     nll_sum: float  # summed cross-entropy (nats) of the true next tokens
     reference_nll_sum: float
     agree_approx: int  # agreement over the positions the plan approximates only (see the module doc)
@@ -68,10 +64,6 @@ class TextAccuracyResult:
     @property
     def reference_accuracy(self) -> float:
         return self._labelled_share(self.reference_correct)
-
-    @property
-    def agreement(self) -> float:
-        return self.agree / self.total if self.total else float("nan")
 
     @property
     def agreement_approx(self) -> float:
