@@ -196,3 +196,34 @@ def test_ranks_that_ignore_sigterm_are_killed_after_the_bounded_wait(engines, tm
     assert stopped.value.exit_code == 143
     left = [int(path.name) for path in Path("/proc").glob("[0-9]*") if _alive(int(path.name), str(marker))]
     assert left == []
+
+
+@pytest.mark.timeout(60)
+def test_rank0_stuck_leaving_after_every_point_does_not_fail_the_sweep(tmp_path, monkeypatch, caplog):
+    """A rank 0 that wrote every point but never exits (seen once in CI on torch 2.5: stuck leaving
+    the group) is stopped after a bounded grace; the sweep keeps the points and reports where the
+    rank's threads stood (faulthandler on SIGUSR1)."""
+    from prism_trt.profiler import sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "EXIT_GRACE_S", 1.0)
+    ranks = sweep_module._RankProcesses(tmp_path, 1)
+    lines = _ResultLines(tmp_path / "points.jsonl")
+    stuck = ("import faulthandler, json, signal, sys, time\n"
+             "faulthandler.register(signal.SIGUSR1, all_threads=True)\n"
+             "with open(sys.argv[1], 'a') as out:\n"
+             "    out.write(json.dumps({'batch': 1}) + '\\n' + json.dumps({'batch': 2}) + '\\n')\n"
+             "def leaving_the_group():\n"
+             "    time.sleep(600)\n"
+             "leaving_the_group()\n")
+    rank0 = ranks.start(0, [sys.executable, "-c", stuck, str(lines.path)], dict(os.environ))
+    seen: list[dict] = []
+    stop = sweep_module.StopSignals()
+    try:
+        with caplog.at_level("WARNING", logger=sweep_module.__name__):
+            assert sweep_module._follow(rank0, ranks, lines, 2, 1.0, seen.append, stop) is True
+        assert seen == [{"batch": 1}, {"batch": 2}]
+        assert rank0.poll() is None  # left for finish(), which stops it with the workers
+        assert "did not exit" in caplog.text and "leaving_the_group" in caplog.text
+    finally:
+        ranks.finish(False, 1.0, stop)
+    assert rank0.poll() is not None

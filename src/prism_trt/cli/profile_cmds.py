@@ -129,6 +129,11 @@ def sweep_rank0(engines, group, threads, warmup, repeat, max_repeat, target_ci, 
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    import faulthandler
+
+    # The driver sends SIGUSR1 when this rank measured everything but does not exit: every thread's
+    # stack then lands in this rank's log.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     import logging
 

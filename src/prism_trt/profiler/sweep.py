@@ -37,6 +37,9 @@ SEED_BUDGET_PASSES = 2000  # seed 000 section 3.3: "approximately 2000 inference
 # After a signal, how long the ranks get to leave on their own before SIGKILL. Rank 0 has its
 # --timeout to finish the point in progress first; workers then only have to exit.
 WORKER_GRACE_S = 10.0
+#: After the last point, how long past its collective timeout rank 0 gets to tell the workers to
+#: stop and leave the group before the driver stops it (every point is in the map by then).
+EXIT_GRACE_S = 30.0
 
 TOKEN_ENV = "PRISM_TRT_CLUSTER_TOKEN"  # read by the ranks' group options (`--cluster-token`)
 
@@ -274,12 +277,12 @@ def run_cluster(engines: Path, launcher: Launcher, points: list[tuple[ChainKey, 
                     "--out", str(lines.path)]
             argv += (["--iface", launcher.iface] if launcher.iface else []) + (["--energy", energy] if energy else [])
             rank0 = ranks.start(0, launcher.wrap(0, argv), env)
-            _follow(rank0, ranks, lines, len(points), timeout, on_result, stop)
+            hung = _follow(rank0, ranks, lines, len(points), timeout, on_result, stop)
             stop.check()
-            if rank0.returncode != 0:
+            if not hung and rank0.returncode != 0:
                 raise ClusterError(f"rank 0 of the sweep failed (exit {rank0.returncode}); its log ends with:\n"
                                    f"{_tail(ranks.logs[0])}")
-            clean = True
+            clean = not hung  # a rank 0 stuck leaving is stopped with the workers, its points kept
         finally:
             with stop.mode("shield"):
                 ranks.finish(clean, timeout, stop)
@@ -290,8 +293,9 @@ def run_cluster(engines: Path, launcher: Launcher, points: list[tuple[ChainKey, 
 
 
 def _follow(rank0: subprocess.Popen, ranks: _RankProcesses, lines: _ResultLines, count: int, timeout: float,
-            on_result: Callable[[dict], None], stop: StopSignals) -> None:
-    """Pass rank 0's results on as they land, until rank 0 exits or a signal stops the sweep."""
+            on_result: Callable[[dict], None], stop: StopSignals) -> bool:
+    """Pass rank 0's results on as they land, until rank 0 exits or a signal stops the sweep.
+    Returns True when rank 0 measured every point but did not exit in time (then left running)."""
     # Joining, and every collective, give up after `timeout`; rank 0 then falls back and goes on.
     # A sweep with no new point for longer than this is stuck, not slow.
     stall_s = 3 * timeout + 60
@@ -304,7 +308,15 @@ def _follow(rank0: subprocess.Popen, ranks: _RankProcesses, lines: _ResultLines,
         if results:
             progress = time.monotonic()
         if done or stop.count >= 2:  # a second signal: stop now, the point in progress is lost
-            return
+            return False
+        if lines.seen >= count and time.monotonic() - progress > timeout + EXIT_GRACE_S:
+            # Every point is in; a rank 0 stuck leaving the group must not fail the sweep. Its
+            # threads' stacks (faulthandler, registered by sweep-rank0) go to its log, to say where.
+            ranks.signal(signal.SIGUSR1, [0])
+            time.sleep(1.0)
+            log.warning("rank 0 measured all %d points but did not exit within %.0f s; stopping the ranks. "
+                        "Its log ends with:\n%s", count, timeout + EXIT_GRACE_S, _tail(ranks.logs[0], 6000))
+            return True
         if stop.signum is not None:
             if stopping_until is None:
                 # SIGTERM whichever signal came: the ranks handle both alike, and SIGINT would raise
