@@ -40,3 +40,13 @@ def write_result(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"environment": environment(), **payload}, indent=2))
     return path
+
+
+def testbed_available() -> bool:
+    """Whether the network-namespace testbed can run here; says why not (the profile_* studies need it)."""
+    from prism_trt.profiler.testbed import root_available
+
+    ok, why = root_available()
+    if not ok:
+        print(f"testbed unavailable ({why}); this benchmark needs root, ip and tc")
+    return ok

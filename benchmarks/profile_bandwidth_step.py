@@ -203,14 +203,14 @@ def _stop(process: subprocess.Popen, timeout: float) -> None:
 
 
 def main() -> int:
+    from common import testbed_available
+
     from prism_trt.engines import AccuracyEntry, PerfMap
     from prism_trt.profiler.sampling import SamplingRule
     from prism_trt.profiler.sweep import Launcher, SweepPlan, profile
-    from prism_trt.profiler.testbed import Testbed, root_available
+    from prism_trt.profiler.testbed import Testbed
 
-    ok, why = root_available()
-    if not ok:
-        print(f"testbed unavailable ({why}); this benchmark needs root, ip and tc")
+    if not testbed_available():
         return 1
     started, load_start = time.time(), os.getloadavg()
     engines = _engines()

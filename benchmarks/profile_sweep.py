@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, write_result
+from common import RESULTS, testbed_available, write_result
 
 from prism_trt.engines import BuildOptions, Manifest, PerfMap, get_backend
 from prism_trt.engines.manifest import rank_directory
@@ -152,11 +152,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny grid, results under results/quick/ (smoke run)")
     args = parser.parse_args()
     from prism_trt.model import load_model
-    from prism_trt.profiler.testbed import Testbed, root_available
+    from prism_trt.profiler.testbed import Testbed
 
-    ok, why = root_available()
-    if not ok:
-        print(f"testbed unavailable ({why}); this benchmark needs root, ip and tc")
+    if not testbed_available():
         return 1
     grid, started, load_start = QUICK if args.quick else STUDY, time.monotonic(), os.getloadavg()
     out = results_dir(args.quick) / "profile"

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-from common import RESULTS, write_result
+from common import RESULTS, testbed_available, write_result
 from profile_sweep import MODEL, Grid, build, model_report, print_report, results_dir, sweep
 
 from prism_trt.engines import Manifest, PerfMap
@@ -62,11 +62,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny grids, results under results/quick/ (smoke run)")
     args = parser.parse_args()
-    from prism_trt.profiler.testbed import Testbed, root_available
+    from prism_trt.profiler.testbed import Testbed
 
-    ok, why = root_available()
-    if not ok:
-        print(f"testbed unavailable ({why}); this benchmark needs root, ip and tc")
+    if not testbed_available():
         return 1
     root = results_dir(args.quick)
     tiny_map = root / "profile" / "perfmap.json"
