@@ -82,3 +82,38 @@ def test_mnist_accuracy_of_reduced_precision_gpu_builds(mnist_model, mnist_dir, 
         for images, labels in MnistTestSet(mnist_dir).batches(500):
             correct += int((run_chains_in_process([chain], images.cuda()).argmax(-1).cpu() == labels).sum())
     assert abs(correct - 9721) <= 10, correct
+
+
+@needs_ort_cuda
+@pytest.mark.parametrize("precision", ["tf32", "fp16"])
+@pytest.mark.parametrize("name", ["gpt2", "bert-base-uncased"])
+def test_text_chains_on_the_cuda_ep(tmp_path, name, precision):
+    """Text stages built for the CUDA EP (every stage verified there by `build`), then a 2-rank
+    prism chain and the local chain fed device ids and mask, equal to the torch reference under the
+    precision's tolerance on right-padded batches."""
+    pytest.importorskip("transformers", reason="the text models need the 'text' extra")
+    from click.testing import CliRunner
+    from conftest import TEXT_SEQ_LEN, TEXT_SIZE, text_request
+
+    from prism_trt.cli import main
+    from prism_trt.core.text_rank import simulate_text, text_partition
+    from prism_trt.engines.stage_spec import ATTENTION_MASK, INPUT_IDS
+    from prism_trt.model.text_adapters import load_text_model, size_overrides
+    from prism_trt.runtime import load_chain
+
+    sizes = [f"--{key.replace('_', '-')}={value}" for key, value in TEXT_SIZE.items()]
+    result = CliRunner().invoke(main, ["build", "--model", name, *sizes, "--seq-len", str(TEXT_SEQ_LEN), "--ranks",
+                                       "2", "--cr", "2", "--provider", "cuda", "--precision", precision,
+                                       "--exporter", "torchscript", "--opt-batch", "2", "--max-batch", "4", "--out", str(tmp_path), "-q"])
+    assert result.exit_code == 0, result.output
+    model = load_text_model(name, **size_overrides(name, **TEXT_SIZE))
+    ids, mask = text_request()
+    request = {INPUT_IDS: ids.cuda(), ATTENTION_MASK: mask.cuda()}
+    ranks = [load_chain(tmp_path / f"rank{r}", "prism", 2.0).__enter__() for r in range(2)]
+    got = run_chains_in_process(ranks, request)
+    assert got.is_cuda
+    plan = make_segment_plan(text_partition(model.spec, TEXT_SEQ_LEN, 2), segments=ranks[0].config.segments)
+    assert_close(got.cpu(), simulate_text(model, plan, ids, mask), precision, name=f"{name} prism {precision}")
+    with load_chain(tmp_path / "rank0", "local") as local:
+        assert_close(run_chains_in_process([local], request).cpu(), model(ids, mask), precision,
+                     name=f"{name} local {precision}")
