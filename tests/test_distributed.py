@@ -197,7 +197,7 @@ def test_steady_state_allocates_nothing(cluster):
     executor, _ = cluster(2)
     images = torch.randn(5, 1, 28, 28)
     executor.infer(images, executor.key_for("prism", 5.0))
-    staging = executor.rank.staging
+    staging = {route.config.name: route.staging for route in executor.rank.routes}
     before = {name: s.allocations for name, s in staging.items()}
     buffers = {name: id(s.buffers((name, 5), 5).send) for name, s in staging.items() if name.startswith("prism")}
     for _ in range(4):

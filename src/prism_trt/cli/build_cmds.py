@@ -75,8 +75,10 @@ def build(model_name, checkpoint, ranks, crs, segments, weights, text, backend, 
     setting); rank 0 always gets the local (P=1) chain. Unchanged stages are not rebuilt.
 
     Text models (--model bert-base-uncased | gpt2 | ..., random init, shrunk with --layers,
-    --hidden-size, --heads, --vocab-size) are built for one sequence length (--seq-len): requests
-    bring INT64 input_ids and attention_mask padded to it.
+    --hidden-size, --heads, --vocab-size) are built for a sequence length (--seq-len): requests
+    bring INT64 input_ids and attention_mask, padded to it. Several lengths (--seq-len 32,128) are
+    sequence buckets: one engine set each (rankN/seqM/ for the shorter ones), served together, a
+    request running on the shortest that holds it; every bucket gets the same chains.
     """
     from ..engines import BuildOptions, get_backend
     from ..export.build import Builder, config_plans
@@ -90,13 +92,14 @@ def build(model_name, checkpoint, ranks, crs, segments, weights, text, backend, 
                            optimization_level=opt_level, timing_cache=str(out_dir / "timing.cache"))
     model, source = _load(model_name, checkpoint, text)
     spec = model.spec
-    num_tokens = text.seq_len if is_text_model(model_name) else spec.num_tokens
-    if num_tokens > getattr(spec, "max_positions", num_tokens):
-        raise click.UsageError(f"--seq-len {num_tokens} exceeds {spec.name}'s {spec.max_positions} positions")
-    configs = config_plans(num_tokens, spec.num_prefix_tokens, ranks, list(crs), list(segments), weights,
-                           include_voltage=not no_voltage)
+    lengths = text.seq_lens if is_text_model(model_name) else (spec.num_tokens,)
+    if lengths[-1] > getattr(spec, "max_positions", lengths[-1]):
+        raise click.UsageError(f"--seq-len {lengths[-1]} exceeds {spec.name}'s {spec.max_positions} positions")
+    plans = {length: config_plans(length, spec.num_prefix_tokens, ranks, list(crs), list(segments), weights,
+                                  include_voltage=not no_voltage) for length in lengths}
+    _require_matching_buckets(plans)
     builder = Builder(model, source, engine_backend, options, means_source, exporter, verify=not no_verify)
-    result = builder.build(out_dir, ranks, configs, progress=not quiet)
+    result = builder.build(out_dir, ranks, plans.pop(lengths[-1]), progress=not quiet, shorter=plans)
     groups: dict = {}
     for stage in result.stages:
         groups.setdefault((stage.rank, stage.config), []).append(stage)
@@ -111,6 +114,18 @@ def build(model_name, checkpoint, ranks, crs, segments, weights, text, backend, 
     click.echo(f"{backend} ({engine_backend.device()}, {options.precision}) engines for {spec.name} in {out_dir} "
                f"({result.seconds:.1f} s; unchanged stages reused). tol. used: the largest share of the "
                f"{options.precision} tolerance any output element needed (100 % fails).")
+
+
+def _require_matching_buckets(plans: dict) -> None:
+    """Every sequence bucket must hold the same chains, in the same order: the runtime maps a chain
+    across buckets by its position. A build drops a CR whose L repeats an earlier one's, so CRs
+    that collapse to one L in a short bucket (and not in a long one) are refused here."""
+    kept = {length: [(c.mode, c.request) for c in configs] for length, configs in plans.items()}
+    if len({tuple(chains) for chains in kept.values()}) > 1:
+        counts = {length: len(chains) for length, chains in kept.items()}
+        raise click.UsageError(f"the requested CRs give different chains per --seq-len (chains per length: {counts}): "
+                               f"in a short sequence several CRs round to the same segment count L; ask for fewer "
+                               f"CRs, give --segments instead, or raise the shortest --seq-len")
 
 
 def _percent(share: float) -> str:

@@ -45,11 +45,16 @@ def model_options(func):
 class TextModelOptions(NamedTuple):
     """The text-model flags of `build` (see :func:`text_options`)."""
 
-    seq_len: int
+    seq_lens: tuple[int, ...]  # ascending, distinct; several are sequence buckets
     layers: int | None
     hidden_size: int | None
     heads: int | None
     vocab_size: int | None
+
+    @property
+    def seq_len(self) -> int:
+        """The longest sequence length (the rank directory's own engines)."""
+        return self.seq_lens[-1]
 
     @property
     def resized(self) -> bool:
@@ -65,15 +70,21 @@ def is_text_model(name: str | None) -> bool:
 
 def text_options(func):
     """--seq-len and the size flags of a text model (--model bert-base-uncased, gpt2, ...)."""
-    @click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True,
-                  help="Text models: the sequence length N the plans partition; requests are padded to it.")
+    @click.option("--seq-len", "seq_len", default="128", show_default=True, metavar="N[,N...]",
+                  help="Text models: the sequence length N the plans partition; requests are padded to it. Several "
+                       "(e.g. 32,128) build one engine set per length (sequence buckets): a request runs on the "
+                       "shortest that holds it.")
     @click.option("--layers", type=click.IntRange(min=1), default=None, help="Text models: number of blocks.")
     @click.option("--hidden-size", type=click.IntRange(min=1), default=None, help="Text models: width D (MLP 4D).")
     @click.option("--heads", type=click.IntRange(min=1), default=None, help="Text models: attention heads.")
     @click.option("--vocab-size", type=click.IntRange(min=2), default=None, help="Text models: vocabulary size.")
     @functools.wraps(func)
     def wrapper(*args, seq_len, layers, hidden_size, heads, vocab_size, **kwargs):
-        return func(*args, text=TextModelOptions(seq_len, layers, hidden_size, heads, vocab_size), **kwargs)
+        lengths = parse_numbers(seq_len, int, "--seq-len")
+        if not lengths or min(lengths) < 1:
+            raise click.BadParameter(f"expected positive integers, got {seq_len!r}", param_hint="--seq-len")
+        return func(*args, text=TextModelOptions(tuple(sorted(set(lengths))), layers, hidden_size, heads, vocab_size),
+                    **kwargs)
     return wrapper
 
 

@@ -60,7 +60,10 @@ def _breakdown_table(result: dict) -> str:
               help="Write the result as JSON here (rank 0).")
 @click.option("--trace", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a torch profiler Chrome trace of the timed runs (rank 0).")
-def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, threads, device, json_out, trace):
+@click.option("--seq-len", "positions", type=click.IntRange(min=1), default=None,
+              help="Text models: positions per request [default: the longest built --seq-len]; a shorter one runs "
+                   "on the shortest sequence bucket that holds it.")
+def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, threads, device, json_out, trace, positions):
     """Time inferences and print the per-rank breakdown (compute / staging / comm / other).
 
     Start the same command on every board with its --rank (or under torchrun); rank 0 drives and
@@ -84,11 +87,14 @@ def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, thread
     executor = open_executor(engines, group, threads, device, profile_barrier)
     try:
         key = executor.key_for(mode, cr)
-        result = measure(executor, key, batch, warmup, repeat, trace=trace)
+        if positions is not None and executor.manifest.model.kind != "text":
+            raise click.UsageError("--seq-len is for text models; a ViT's requests are images")
+        result = measure(executor, key, batch, warmup, repeat, trace=trace, positions=positions)
     finally:
         executor.close()
     latency = result["latency"]
-    click.echo(f"{executor.model_name} {key.label} batch {batch}: mean {latency['mean_ms']:.2f} ms "
+    bucket = f" (n={positions}, bucket N={executor.buckets.for_length(positions).length})" if positions else ""
+    click.echo(f"{executor.model_name} {key.label} batch {batch}{bucket}: mean {latency['mean_ms']:.2f} ms "
                f"(p50 {latency['p50_ms']:.2f}, p90 {latency['p90_ms']:.2f}, sd {latency['stdev_ms']:.2f}), "
                f"{latency['per_sample_ms']:.2f} ms/sample over {repeat} runs"
                + (" -- FELL BACK to local" if result["fell_back"] else ""))

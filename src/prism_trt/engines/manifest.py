@@ -13,7 +13,12 @@ verification report, and the SHA-256 of every file; checked on every load.
                   "stages": [{StageSpec, "onnx", "onnx_sha256", "engine", "engine_sha256", "export_key",
                               "cache_key", "verification"}]}],
      "monolithic": {stage entry} | null, "files": {relative path: sha256},
+     ["sequence_buckets": [shorter N, ...]],
      "manifest_sha256": SHA-256 of every other field}
+
+``sequence_buckets`` (text builds of several ``--seq-len``, written only when there are any) lists
+the shorter sequence lengths whose engines lie in ``seqN/`` beside this manifest, each with its
+own manifest (:mod:`.buckets`).
 
 The files' digests protect the engines; ``manifest_sha256`` protects the manifest's own fields
 (an edited ``max_batch`` or plan would otherwise be served as if the build had verified it).
@@ -203,6 +208,8 @@ class Manifest:
     tool: dict = field(default_factory=dict)
     created: str = ""
     schema_version: int = SCHEMA_VERSION
+    #: the shorter sequence lengths built beside this one (``seqN/``), ascending; () for one length
+    sequence_buckets: tuple[int, ...] = ()
     #: the digest recorded in the file and the one its content has (None: not read from a file)
     recorded_digest: str | None = field(default=None, compare=False, repr=False)
     content_digest: str | None = field(default=None, compare=False, repr=False)
@@ -263,6 +270,8 @@ class Manifest:
                    "build_options": self.build_options.to_dict(), "export": self.export,
                    "configs": [c.to_dict() for c in self.configs],
                    "monolithic": None if self.monolithic is None else self.monolithic.to_dict(), "files": self.files}
+        if self.sequence_buckets:  # one-length builds keep their layout, so their digests do not change
+            content["sequence_buckets"] = list(self.sequence_buckets)
         return {**content, DIGEST_FIELD: sha256_json(content)}
 
     @classmethod
@@ -293,6 +302,7 @@ class Manifest:
             configs=[ChainConfig.parse(c) for c in fields.items("configs")],
             monolithic=None if monolithic is None else StageEntry.parse(monolithic), files=dict(files),
             tool=fields.get("tool", dict, optional=True) or {}, created=fields.get("created", str, optional=True) or "",
+            sequence_buckets=fields.integers("sequence_buckets", minimum=1) if "sequence_buckets" in data else (),
             recorded_digest=fields.get(DIGEST_FIELD, str),
             content_digest=sha256_json({k: v for k, v in data.items() if k != DIGEST_FIELD}))
         if manifest.rank >= manifest.world_size:

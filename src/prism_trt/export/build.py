@@ -8,6 +8,7 @@ Layout of a build directory (one sub-directory per board; copy ``rankN/`` to boa
     OUT/rank0/voltage/...             CR = 1
     OUT/rank0/prism-cr9.9/...         one directory per compression rate
     OUT/rank1/...
+    OUT/rank0/seq32/manifest.json ... a text build's shorter --seq-len, each a whole engine directory
 
 A stage is re-exported only when its export key (weights, spec, plan, rank, exporter, ONNX format,
 versions) changed, and its engine rebuilt only when its cache key (ONNX hash, backend, version,
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..core.plan import SegmentPlan, make_partition_plan, make_segment_plan, voltage_plan
 from ..engines.base import Backend, BuildOptions
+from ..engines.buckets import BUCKET_PREFIX, bucket_directory
 from ..engines.json_record import sha256_file, sha256_json, write_json_atomic
 from ..engines.manifest import (
     SCHEMA_VERSION,
@@ -52,10 +54,11 @@ class ConfigPlan:
 
     chain: ChainConfig
     plan: SegmentPlan
+    request: int | None = None  # which --cr / --segments value (in that order) a prism chain was built for
 
     @classmethod
-    def of(cls, mode: str, plan: SegmentPlan) -> ConfigPlan:
-        return cls(ChainConfig.of_plan(mode, plan), plan)
+    def of(cls, mode: str, plan: SegmentPlan, request: int | None = None) -> ConfigPlan:
+        return cls(ChainConfig.of_plan(mode, plan), plan, request)
 
     @property
     def name(self) -> str:
@@ -105,10 +108,10 @@ def config_plans(num_tokens: int, num_prefix: int, ranks: int, crs: list[float],
     plans = [make_segment_plan(partition, cr=cr) for cr in crs] + [make_segment_plan(partition, segments=L)
                                                                     for L in segments]
     seen = set()
-    for plan in plans:
+    for request, plan in enumerate(plans):
         if plan.segments not in seen:
             seen.add(plan.segments)
-            configs.append(ConfigPlan.of("prism", plan))
+            configs.append(ConfigPlan.of("prism", plan, request))
     return configs
 
 
@@ -146,26 +149,36 @@ class Builder:
         # The ONNX file needs a check of its own only where the engine check does not run it at fp32 on the CPU.
         self.check_export_separately = options.precision != "fp32" or backend.runs_on_cuda
 
-    def build(self, out_dir: Path, ranks: int, configs: list[ConfigPlan], progress: bool = True) -> BuildResult:
+    def build(self, out_dir: Path, ranks: int, configs: list[ConfigPlan], progress: bool = True,
+              shorter: dict[int, list[ConfigPlan]] | None = None) -> BuildResult:
+        """Every rank's engines for ``configs``; ``shorter``: a text build's shorter sequence
+        buckets (length -> the same chains planned for it), built into ``rankN/seqM/`` first."""
         started = time.perf_counter()
         out_dir = Path(out_dir)
+        shorter = dict(sorted((shorter or {}).items()))
         result = BuildResult(out_dir, [out_dir / f"rank{r}" for r in range(ranks)])
-        work = [(r, c) for r in range(ranks) for c in configs if c.mode != "local" or r == 0]
+        sets = [*((length, plans) for length, plans in shorter.items()), (None, configs)]
+        work = [(r, c) for _, plans in sets for r in range(ranks) for c in plans if c.mode != "local" or r == 0]
         depth = self.model.spec.depth
-        total = sum(depth + 1 + (rank == 0) for rank, _ in work) + 1  # embed + blocks (+ head), + monolithic
+        total = sum(depth + 1 + (rank == 0) for rank, _ in work) + len(sets)  # + each set's monolithic
         with tqdm(total=total, unit="stage", disable=not progress, desc="build") as bar:
-            for rank in range(ranks):
-                rank_configs = [c for c in configs if c.mode != "local" or rank == 0]
-                self._build_rank(result, out_dir / f"rank{rank}", rank, ranks, rank_configs, bar)
+            for length, plans in sets:
+                for rank in range(ranks):
+                    rank_dir = out_dir / f"rank{rank}"
+                    rank_configs = [c for c in plans if c.mode != "local" or rank == 0]
+                    if length is None:
+                        self._build_rank(result, rank_dir, rank, ranks, rank_configs, bar, tuple(shorter))
+                    else:
+                        self._build_rank(result, bucket_directory(rank_dir, length), rank, ranks, rank_configs, bar)
         write_json_atomic(out_dir / "build.json", {
             "schema_version": SCHEMA_VERSION, "tool_version": __version__, "world_size": ranks,
             "ranks": [f"rank{r}" for r in range(ranks)], "model": self.source, "backend": self.backend_record.to_dict(),
-            "configs": [c.name for c in configs]})
+            "configs": [c.name for c in configs], "sequence_buckets": list(shorter)})
         result.seconds = time.perf_counter() - started
         return result
 
     def _build_rank(self, result: BuildResult, rank_dir: Path, rank: int, ranks: int, configs: list[ConfigPlan],
-                    bar: tqdm) -> None:
+                    bar: tqdm, sequence_buckets: tuple[int, ...] = ()) -> None:
         previous = _previous_stages(rank_dir)
         num_tokens = configs[0].plan.partition.num_tokens
         text = isinstance(self.model, PrismText)
@@ -175,7 +188,8 @@ class Builder:
             rank=rank, world_size=ranks, means_source=self.means_source, model=record, backend=self.backend_record,
             build_options=self.options,
             export={"exporter": self.exporter, **self.onnx_format.to_dict(), "torch": torch.__version__},
-            tool={"name": "prism-trt", "version": __version__}, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            tool={"name": "prism-trt", "version": __version__}, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            sequence_buckets=sequence_buckets)
         for config in configs:
             stage_rank = 0 if config.mode == "local" else rank
             entries = tuple(self._stage(result, rank_dir, rank, config, stage, module, previous, manifest, bar)
@@ -189,7 +203,8 @@ class Builder:
 
     def _stage(self, result: BuildResult, rank_dir: Path, rank: int, config: ConfigPlan, stage: StageSpec, module,
                previous: dict[tuple[str, str], StageEntry], manifest: Manifest, bar: tqdm) -> StageEntry:
-        bar.set_postfix_str(f"rank{rank}/{config.name}/{stage.name}")
+        bucket = rank_dir.name + "/" if rank_dir.name.startswith(BUCKET_PREFIX) else ""  # a shorter --seq-len
+        bar.set_postfix_str(f"rank{rank}/{bucket}{config.name}/{stage.name}")
         old = previous.get((config.name, stage.name))
         onnx_rel = f"{config.name}/{stage.name}.onnx"
         engine_rel = f"{config.name}/{stage.name}{self.backend.engine_suffix}"
@@ -210,13 +225,13 @@ class Builder:
             self.backend.build(onnx_path, engine_path, list(stage.inputs), self.options)
         verification = None if built else old.verification
         if built and self.verify:
-            verification = self._verify(module, stage, onnx_path, engine_path, f"rank{rank}/{config.name}/")
+            verification = self._verify(module, stage, onnx_path, engine_path, f"rank{rank}/{bucket}{config.name}/")
         entry = StageEntry(stage, onnx_rel, onnx_sha, engine_rel, sha256_file(engine_path), export_key, cache_key,
                            verification)
         manifest.files[onnx_rel] = onnx_sha
         manifest.files[engine_rel] = entry.engine_sha256
         engine_check = verification["engine"] if verification else None
-        result.stages.append(StageReport(rank, config.name, stage.name, exported, built, engine_check,
+        result.stages.append(StageReport(rank, bucket + config.name, stage.name, exported, built, engine_check,
                                          onnx_path.stat().st_size + engine_path.stat().st_size))
         bar.update(1)
         return entry

@@ -21,18 +21,17 @@ from ..core.accounting import plan_cost
 from ..core.plan import PartitionPlan, SegmentPlan
 from ..engines.chain_key import ChainKey
 from ..engines.manifest import Manifest, rank_directory
-from ..model.spec import ViTSpec
 from ..runtime import GroupConfig, open_executor
 from ..runtime.measure import example_request, summarize_runs
 from .energy import detect_meter
 from .sampling import MAD_TO_SIGMA, SamplingRule, mad, robust_summary
 
 
-def chain_gflops(manifest: Manifest, key: ChainKey) -> list[float] | None:
-    """GFLOPs per sample of each rank of chain ``key`` (None for text models: not modelled yet)."""
+def chain_gflops(manifest: Manifest, key: ChainKey) -> list[float]:
+    """GFLOPs per sample of each rank of chain ``key``: the ViT's patches and tokens, or a text
+    build's positions at its sequence length (the longest bucket's; a text model's causal mask
+    counted as the engines run it: attention over the attended ranks' means)."""
     spec = manifest.spec
-    if not isinstance(spec, ViTSpec):
-        return None
     config = manifest.config(key)
     partition = PartitionPlan(sum(config.partition), spec.num_prefix_tokens, config.partition)
     plan = SegmentPlan(partition, config.segments or 1, config.segment_sizes)

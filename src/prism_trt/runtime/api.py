@@ -12,9 +12,10 @@ from typing import Protocol
 
 import torch
 
+from ..engines.buckets import Bucket, BucketSet
 from ..engines.chain_key import ChainKey
 from ..engines.manifest import Manifest, ModelRecord
-from ..engines.stage_spec import IMAGES
+from ..engines.stage_spec import ATTENTION_MASK, IMAGES, INPUT_IDS
 from ..errors import UsageError
 from ..model.spec import ViTSpec
 from ..model.text_spec import TextSpec
@@ -41,6 +42,33 @@ def as_request(inputs: Inputs, model: ModelRecord) -> dict[str, torch.Tensor]:
     return {spec.name: request[spec.name] for spec in specs}
 
 
+def fit_request(inputs: Inputs, buckets: BucketSet) -> tuple[dict[str, torch.Tensor], Bucket, int | None]:
+    """The batch as request tensors for the bucket that runs it: a text batch of n <= N positions is
+    right-padded (ids 0, mask 0: exact, padding never changes a real position's output) to the
+    smallest built N >= n. Returns (request, bucket, n); n is None for a ViT."""
+    if isinstance(inputs, torch.Tensor) or not buckets.lengths or INPUT_IDS not in inputs:
+        return as_request(inputs, buckets.primary.manifest.model), buckets.primary, None
+    ids = inputs[INPUT_IDS]
+    if ids.dim() != 2 or ids.shape[1] < 1:
+        raise UsageError(f"input {INPUT_IDS!r} must be (B, n) with n >= 1 positions, got shape {list(ids.shape)}")
+    mask = inputs.get(ATTENTION_MASK)
+    if mask is not None and tuple(mask.shape) != tuple(ids.shape):
+        raise UsageError(f"{ATTENTION_MASK!r} has shape {list(mask.shape)}, {INPUT_IDS!r} {list(ids.shape)}; they must "
+                         f"match")
+    positions = int(ids.shape[1])
+    bucket = buckets.for_length(positions)
+    request = dict(inputs)
+    if positions < bucket.length and mask is not None:
+        for name in (INPUT_IDS, ATTENTION_MASK):
+            request[name] = torch.nn.functional.pad(request[name], (0, bucket.length - positions))
+    return as_request(request, bucket.manifest.model), bucket, positions
+
+
+def trim_positions(logits: torch.Tensor, positions: int | None, model: ModelRecord) -> torch.Tensor:
+    """A per-position head's logits cut back to the request's own positions (padding removed)."""
+    return logits[:, :positions] if positions is not None and model.head_reads_all_positions else logits
+
+
 @dataclass
 class InferenceResult:
     logits: torch.Tensor  # (B, classes), or (B, N, V | D) for a per-position text head; on the CPU
@@ -48,6 +76,7 @@ class InferenceResult:
     timings: PhaseTimes  # rank 0's breakdown
     fell_back: bool = False  # True when a distributed run failed and the local chain answered
     per_rank: list[PhaseTimes] = field(default_factory=list)  # every rank's, when gathered (profiling)
+    sequence_length: int | None = None  # the text bucket N that ran (the request padded to it); None: a ViT
 
 
 @dataclass(frozen=True)
@@ -61,10 +90,13 @@ class Health:
 class Executor(ABC):
     """Runs batches on rank 0 (and, for distributed chains, on the workers with it).
 
-    Subclasses set ``manifest`` (rank 0's), ``spec``, ``model_name`` and ``max_batch``.
+    Subclasses set ``manifest`` (rank 0's), ``buckets``, ``spec``, ``model_name`` and ``max_batch``.
+    Text inputs may be shorter than the longest bucket: they run padded on the shortest that holds
+    them, and a per-position head answers their own positions.
     """
 
     manifest: Manifest
+    buckets: BucketSet
     spec: ViTSpec | TextSpec
     model_name: str
     max_batch: int

@@ -15,6 +15,7 @@ import torch
 
 from ..core.plan import attended_ranks
 from ..engines.base import Backend, Runner
+from ..engines.buckets import BucketSet
 from ..engines.chain_key import ChainKey
 from ..engines.manifest import ChainConfig, Manifest, ManifestError
 from ..engines.registry import get_backend
@@ -94,6 +95,13 @@ def load_manifest_here(rank_dir: Path, threads: int | None = None) -> tuple[Mani
     manifest = Manifest.read(rank_dir)
     backend = backend_for(manifest, threads)
     return manifest.check(rank_dir, backend=backend.name, device=backend.device()), backend
+
+
+def load_buckets_here(rank_dir: Path, threads: int | None = None) -> tuple[BucketSet, Backend]:
+    """``rank_dir``'s engine sets (one, or a text build's sequence buckets), each checked against
+    this machine's backend and device with its files hashed, and the backend that runs them."""
+    manifest, backend = load_manifest_here(rank_dir, threads)
+    return BucketSet.read(rank_dir, manifest, backend.name, backend.device()), backend
 
 
 def load_chain(rank_dir: Path, mode: str | ChainKey, cr: float | None = None, threads: int | None = None,

@@ -28,18 +28,21 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ..engines.buckets import Bucket
 from ..engines.chain_key import ChainKey
+from ..engines.manifest import ChainConfig, ManifestError
 from ..errors import PrismError, UsageError
-from .api import Executor, Health, InferenceResult, Inputs, as_request
-from .chain import EngineChain, load_manifest_here, run_chains_in_process
+from .api import Executor, Health, InferenceResult, Inputs, fit_request, trim_positions
+from .chain import EngineChain, load_buckets_here, run_chains_in_process
 from .group import ClusterError, GroupConfig
 from .rendezvous import Rendezvous
-from .staging import FinalGather, make_staging
+from .staging import FinalGather, Staging, make_staging
 from .timing import PhaseTimes, Stopwatch
 
 log = logging.getLogger(__name__)
@@ -60,12 +63,26 @@ def peer_failures(what: str):
         raise ClusterError(f"{what} ({error}); restart every rank together") from error
 
 
+@dataclass(frozen=True)
+class Route:
+    """One distributed chain of one engine set (a text build's sequence bucket, or the only one),
+    with its staging buffers and final gather; the header names it by its index."""
+
+    bucket: Bucket
+    config: ChainConfig
+    chain: EngineChain
+    staging: Staging
+    final_gather: FinalGather
+
+
 class DistributedRank:
-    """This rank's engine chains for every distributed config, and the exchange between blocks."""
+    """This rank's engine chains for every distributed config (of every sequence bucket), and the
+    exchange between blocks."""
 
     def __init__(self, rank_dir: Path, rank: int, world_size: int, threads: int | None = None,
                  device: str = "cpu"):
-        manifest, backend = load_manifest_here(rank_dir, threads)
+        self.buckets, backend = load_buckets_here(rank_dir, threads)
+        manifest = self.buckets.primary.manifest
         if manifest.rank != rank or manifest.world_size != world_size:
             raise UsageError(f"{rank_dir} holds engines for rank {manifest.rank} of {manifest.world_size}, "
                              f"this process is rank {rank} of {world_size}")
@@ -74,16 +91,20 @@ class DistributedRank:
         self.spec = manifest.spec
         self.weights = manifest.model.weights_sha256
         self.max_batch = manifest.build_options.max_batch
-        self.configs = [c for c in manifest.configs if c.mode != "local"]
-        self.chains = {c.name: EngineChain(rank_dir, manifest, c, backend).__enter__() for c in self.configs}
-        self.staging = {c.name: make_staging(list(c.counts), rank, self.spec.embed_dim, device,
-                                             self.chains[c.name].sources) for c in self.configs}
-        local = [c for c in manifest.configs if c.mode == "local"]
-        self.local_chain = EngineChain(rank_dir, manifest, local[0], backend).__enter__() if local else None
-        self._requests: dict[int, dict[str, torch.Tensor]] = {}
-        self.final_gather = {c.name: FinalGather(list(c.partition), rank, self.spec.embed_dim, device)
-                             for c in self.configs}
-        # The per-batch header [op, config, batch, barrier], one buffer for the rank's whole life.
+        dim = self.spec.embed_dim
+        self.routes: list[Route] = []
+        self.local_chains: dict[int | None, EngineChain] = {}
+        for bucket in self.buckets:
+            for config in bucket.manifest.configs:
+                chain = EngineChain(bucket.directory, bucket.manifest, config, backend).__enter__()
+                if config.mode == "local":
+                    self.local_chains[bucket.length] = chain
+                    continue
+                self.routes.append(Route(bucket, config, chain,
+                                         make_staging(list(config.counts), rank, dim, device, chain.sources),
+                                         FinalGather(list(config.partition), rank, dim, device)))
+        self._requests: dict[tuple[int | None, int], dict[str, torch.Tensor]] = {}
+        # The per-batch header [op, route, batch, barrier], one buffer for the rank's whole life.
         # Besides saving an allocation, it must outlive the group: torch 2.5's ProcessGroupGloo
         # destructor holds the GIL while joining its worker threads, and a worker thread that drops
         # the last reference to a tensor Python has already let go of needs the GIL to free it, so
@@ -93,10 +114,16 @@ class DistributedRank:
         self.progress_at = time.monotonic()  # when the last collective completed (stall detection)
         self.batches_run = 0
 
+    @property
+    def local_chain(self) -> EngineChain | None:
+        """The longest bucket's local chain (rank 0's fallback); None on the workers."""
+        return self.local_chains.get(self.buckets.primary.length)
+
     def signature(self) -> dict:
         """What every rank must agree on before the first collective."""
         return {"weights": self.weights, "world_size": self.world_size,
-                "configs": [(c.name, list(c.counts), list(c.partition)) for c in self.configs]}
+                "configs": [(r.bucket.length, r.config.name, list(r.config.counts), list(r.config.partition))
+                            for r in self.routes]}
 
     def check_consistent(self) -> None:
         signatures: list = [None] * self.world_size
@@ -106,23 +133,32 @@ class DistributedRank:
                 raise ClusterError(f"rank {rank}'s engines do not match rank 0's (weights, configs or plan "
                                    f"differ): {other} vs {signatures[0]}; build all ranks from one `prism-trt build`")
 
-    def request_buffers(self, batch: int) -> dict[str, torch.Tensor]:
-        """The receive buffers for a broadcast request (images, or ids and mask; one set per batch size, reused)."""
-        if batch not in self._requests:
-            self._requests[batch] = {t.name: torch.empty(t.concrete(batch), dtype=getattr(torch, t.dtype))
-                                     for t in self.manifest.model.request_inputs()}
-        return self._requests[batch]
+    def request_buffers(self, route_index: int, batch: int) -> dict[str, torch.Tensor]:
+        """The receive buffers for a broadcast request to a route (images, or ids and mask; one set
+        per bucket and batch size, reused)."""
+        bucket = self.routes[route_index].bucket
+        if (bucket.length, batch) not in self._requests:
+            self._requests[bucket.length, batch] = {
+                t.name: torch.empty(t.concrete(batch), dtype=getattr(torch, t.dtype))
+                for t in bucket.manifest.model.request_inputs()}
+        return self._requests[bucket.length, batch]
 
-    def config_index(self, key: ChainKey) -> int:
-        """Position of the chain's config; raises ManifestError (not a fallback) when not built."""
-        return self.configs.index(self.manifest.config(key))
+    def config_index(self, key: ChainKey, bucket: Bucket | None = None) -> int:
+        """The route of the chain the longest bucket knows as ``key``, in ``bucket`` (default the
+        longest); raises ManifestError (not a fallback) when not built."""
+        bucket = bucket or self.buckets.primary
+        wanted = bucket.manifest.config(self.buckets.translate(key, bucket))
+        for index, route in enumerate(self.routes):
+            if route.bucket is bucket and route.config is wanted:
+                return index
+        raise ManifestError(f"{bucket.directory}: {wanted.name} is built for one rank only, not distributed")
 
     def run(self, config_index: int, request: dict[str, torch.Tensor], barrier: bool = False
             ) -> tuple[torch.Tensor | None, PhaseTimes]:
         """One forward of config ``config_index`` with the all-gathers; logits on rank 0, None elsewhere.
         ``barrier``: a barrier before each all-gather, timed as ``wait`` (every rank must agree)."""
-        config = self.configs[config_index]
-        chain, staging = self.chains[config.name], self.staging[config.name]
+        route = self.routes[config_index]
+        config, chain, staging = route.config, route.chain, route.staging
         watch = Stopwatch()
         start = time.perf_counter()
         with watch.phase("h2d"):
@@ -135,7 +171,7 @@ class DistributedRank:
             with watch.phase("compute"):
                 tokens, means = chain.block(block, tokens, remote, request)
         if chain.head_reads_all_positions:
-            tokens = self.final_gather[config.name].gather(tokens, watch)
+            tokens = route.final_gather.gather(tokens, watch)
             self.progress_at = time.monotonic()
         logits = None
         if self.rank == 0:
@@ -163,9 +199,8 @@ class DistributedRank:
         return remote
 
     def close(self) -> None:
-        for chain in [*self.chains.values(), self.local_chain]:
-            if chain is not None:
-                chain.__exit__(None, None, None)
+        for chain in [*(r.chain for r in self.routes), *self.local_chains.values()]:
+            chain.__exit__(None, None, None)
 
 
 def worker_loop(rank: DistributedRank, stop: threading.Event | None = None) -> int:
@@ -181,7 +216,7 @@ def worker_loop(rank: DistributedRank, stop: threading.Event | None = None) -> i
             return batches
         if op == OP_HEARTBEAT:
             continue
-        request = rank.request_buffers(batch)
+        request = rank.request_buffers(index, batch)
         for tensor in request.values():
             dist.broadcast(tensor, src=0)
         _, times = rank.run(index, request, bool(barrier))
@@ -209,6 +244,7 @@ class DistributedExecutor(Executor):
             self.rank.close()
             raise UsageError(f"{rank_dir} has no local chain: rank 0 needs it as the fallback")
         self.manifest, self.spec, self.max_batch = self.rank.manifest, self.rank.spec, self.rank.max_batch
+        self.buckets = self.rank.buckets
         self.model_name = self.spec.name
         self._lock = threading.Lock()  # collectives must be issued in the same order on every rank
         self._degraded = ""
@@ -240,7 +276,8 @@ class DistributedExecutor(Executor):
         return self._rendezvous.generation
 
     def chains(self) -> list[ChainKey]:
-        return [ChainKey.local()] + [c.key for c in self.rank.configs]
+        primary = self.buckets.primary
+        return [ChainKey.local()] + [r.config.key for r in self.rank.routes if r.bucket is primary]
 
     def health(self) -> Health:
         reason = self._degraded
@@ -274,23 +311,25 @@ class DistributedExecutor(Executor):
                   why)
         self._rendezvous.leave()
 
-    def _local(self, request: dict[str, torch.Tensor], fell_back: bool) -> InferenceResult:
+    def _local(self, request: dict[str, torch.Tensor], bucket: Bucket, positions: int | None, fell_back: bool
+               ) -> InferenceResult:
         watch = Stopwatch()
         start = time.perf_counter()
         with watch.phase("compute"):
-            logits = run_chains_in_process([self.rank.local_chain], request)
-        return InferenceResult(logits, ChainKey.local(), watch.times.close((time.perf_counter() - start) * 1e3),
-                               fell_back=fell_back)
+            logits = run_chains_in_process([self.rank.local_chains[bucket.length]], request)
+        return InferenceResult(trim_positions(logits, positions, self.manifest.model), ChainKey.local(),
+                               watch.times.close((time.perf_counter() - start) * 1e3), fell_back=fell_back,
+                               sequence_length=bucket.length)
 
     def infer(self, inputs: Inputs, key: ChainKey, gather_timings: bool = False) -> InferenceResult:
-        request = as_request(inputs, self.manifest.model)
+        request, bucket, positions = fit_request(inputs, self.buckets)
         batch = next(iter(request.values())).shape[0]
         if batch > self.max_batch:
             raise UsageError(f"batch {batch} is over the engines' max batch {self.max_batch}")
         with self._lock:
             if key.mode == "local" or self._degraded or self._closed.is_set():
-                return self._local(request, fell_back=key.mode != "local")
-            index = self.rank.config_index(key)
+                return self._local(request, bucket, positions, fell_back=key.mode != "local")
+            index = self.rank.config_index(key, bucket)
             try:
                 with self._collectives():
                     # The request's way to the workers is part of the batch's latency (on a slow
@@ -308,10 +347,11 @@ class DistributedExecutor(Executor):
                         dist.gather_object(times.to_dict(), gathered, dst=0)
                         per_rank = [PhaseTimes(**t) for t in gathered]
                 self._update_bandwidth(times)
-                return InferenceResult(logits, key, times, per_rank=per_rank)
+                return InferenceResult(trim_positions(logits, positions, self.manifest.model), key, times,
+                                       per_rank=per_rank, sequence_length=bucket.length)
             except RuntimeError as error:  # GLOO reports peer loss and timeouts as RuntimeError
                 self._degrade(f"{key.label} batch of {batch} failed: {error}")
-        return self._local(request, fell_back=True)
+        return self._local(request, bucket, positions, fell_back=True)
 
     def _update_bandwidth(self, times: PhaseTimes) -> None:
         """Moving average of the rate the all-gathers achieved (bits moved / time in the collective);

@@ -8,21 +8,24 @@ from pathlib import Path
 
 from ..engines.chain_key import ChainKey
 from ..errors import UsageError
-from .api import Executor, Health, InferenceResult, Inputs
-from .chain import EngineChain, load_manifest_here, run_chains_in_process
+from .api import Executor, Health, InferenceResult, Inputs, fit_request, trim_positions
+from .chain import EngineChain, load_buckets_here, run_chains_in_process
 from .timing import PhaseTimes
 
 
 class LocalExecutor(Executor):
-    """Runs every batch on this machine with the local chain of a rank-0 engine directory."""
+    """Runs every batch on this machine with the local chain of a rank-0 engine directory (one per
+    sequence bucket of a text build)."""
 
     def __init__(self, rank_dir: Path, threads: int | None = None):
-        self.manifest, backend = load_manifest_here(rank_dir, threads)
+        self.buckets, backend = load_buckets_here(rank_dir, threads)
+        self.manifest = self.buckets.primary.manifest
         self.spec = self.manifest.spec
         self.model_name = self.spec.name
         self.max_batch = self.manifest.build_options.max_batch
-        local = self.manifest.config(ChainKey.local())
-        self.chain = EngineChain(rank_dir, self.manifest, local, backend).__enter__()
+        self.chain_of = {bucket.length: EngineChain(bucket.directory, bucket.manifest,
+                                                    bucket.manifest.config(ChainKey.local()), backend).__enter__()
+                         for bucket in self.buckets}
         self._lock = threading.Lock()  # one inference at a time through the chain's reused buffers
 
     def chains(self) -> list[ChainKey]:
@@ -31,16 +34,20 @@ class LocalExecutor(Executor):
     def infer(self, inputs: Inputs, key: ChainKey, gather_timings: bool = False) -> InferenceResult:
         if key.mode != "local":
             raise UsageError(f"this executor runs only the local chain, not {key.label}")
+        request, bucket, positions = fit_request(inputs, self.buckets)
+        chain = self.chain_of[bucket.length]
         with self._lock:
             start = time.perf_counter()
-            logits = run_chains_in_process([self.chain], inputs)
+            logits = trim_positions(run_chains_in_process([chain], request), positions, self.manifest.model)
             total = (time.perf_counter() - start) * 1e3
-            compute = sum((r.last_infer_time_s or 0.0) for r in self.chain.runners) * 1e3
+            compute = sum((r.last_infer_time_s or 0.0) for r in chain.runners) * 1e3
         times = PhaseTimes(compute=compute).close(total)
-        return InferenceResult(logits, ChainKey.local(), times, per_rank=[times] if gather_timings else [])
+        return InferenceResult(logits, ChainKey.local(), times, per_rank=[times] if gather_timings else [],
+                               sequence_length=bucket.length)
 
     def health(self) -> Health:
         return Health(live=True, ready=True)
 
     def close(self) -> None:
-        self.chain.__exit__(None, None, None)
+        for chain in self.chain_of.values():
+            chain.__exit__(None, None, None)

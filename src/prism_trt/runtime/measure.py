@@ -28,21 +28,24 @@ def latency_stats(samples_ms: list[float], batch: int) -> dict:
             "per_sample_ms": mean / batch, "samples_ms": samples_ms}
 
 
-def example_request(model: ModelRecord, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A deterministic random request: normal images, or ids below the vocabulary with a full mask."""
+def example_request(model: ModelRecord, batch: int, seed: int = 0, positions: int | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """A deterministic random request: normal images, or ids below the vocabulary with a full mask
+    of ``positions`` (default the build's sequence length)."""
     generator = torch.Generator().manual_seed(seed)
     if model.kind == "text":
-        ids = torch.randint(0, model.spec.vocab_size, (batch, model.sequence_length), generator=generator)
+        ids = torch.randint(0, model.spec.vocab_size, (batch, positions or model.sequence_length), generator=generator)
         return {INPUT_IDS: ids, ATTENTION_MASK: torch.ones_like(ids)}
     spec = model.spec
     return {IMAGES: torch.randn((batch, spec.in_chans, *spec.img_size), generator=generator)}
 
 
 def measure(executor: Executor, key: ChainKey, batch: int, warmup: int = 3, repeat: int = 20, seed: int = 0,
-            trace: Path | None = None, meter=None) -> dict:
+            trace: Path | None = None, meter=None, positions: int | None = None) -> dict:
     """Run ``warmup`` + ``repeat`` batches of chain ``key``; per-rank phase means come from every
-    rank that ran (rank 0 alone for the local chain)."""
-    images = example_request(executor.manifest.model, batch, seed)
+    rank that ran (rank 0 alone for the local chain). ``positions``: a text request's length (it
+    runs on the shortest sequence bucket that holds it; default the longest)."""
+    images = example_request(executor.manifest.model, batch, seed, positions)
     for _ in range(warmup):
         executor.infer(images, key, gather_timings=True)
     runs, fell_back = [], False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import math
@@ -122,7 +123,8 @@ class _Server:
         self.metrics = ServerMetrics(executor.max_batch)
         self.batcher = Batcher(executor, selector, max_wait_s=max_wait_ms / 1e3, max_queue_images=max_queue_images,
                                metrics=self.metrics,
-                               output_shape=self.record.output_shape if self.text else None)
+                               output_shape=self.record.output_shape if self.text else None,
+                               per_position=self.text and self.record.head_reads_all_positions)
 
     # ---------------------------------------------------------------- plumbing
 
@@ -256,7 +258,8 @@ class _Server:
         self._check_model(request)
         choices, max_batch = self.executor.chains(), self.executor.max_batch
         if self.text:
-            return JSONResponse(text_model_metadata(self.model_name, self.record, max_batch, choices))
+            return JSONResponse(text_model_metadata(self.model_name, self.record, max_batch, choices,
+                                                    self.executor.buckets.lengths))
         return JSONResponse(model_metadata(self.model_name, self.executor.spec, max_batch, choices))
 
     async def model_ready(self, request: Request) -> Response:
@@ -268,7 +271,8 @@ class _Server:
         header_length = request.headers.get(HEADER_LENGTH)  # Triton's binary tensor extension
         body = await self._read_body(request, self.body_limits["json" if header_length is None else "binary"])
         # parsing a full batch takes milliseconds: off the loop, so the batch worker keeps going
-        parse, model = (parse_text_request, self.record) if self.text else (parse_infer_request, self.executor.spec)
+        parse, model = ((functools.partial(parse_text_request, lengths=self.executor.buckets.lengths), self.record)
+                        if self.text else (parse_infer_request, self.executor.spec))
         async with self.parse_slots:
             parsed = await run_in_threadpool(parse, body, model, self.executor.max_batch, header_length)
         return await self._infer(parsed.inputs, parsed.request_id, parsed.outputs, parsed.binary_outputs,

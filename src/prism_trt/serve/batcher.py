@@ -12,6 +12,9 @@ Guarantees, and what gives them:
   touches a future twice; a ``finally`` fails whatever a batch left unanswered (worker cancelled,
   a bug), and ``stop`` fails what is still queued. A caller that gave up (its future cancelled)
   is skipped, not computed.
+* One shape per batch: requests are merged only with those of the same item shape (a text
+  build's sequence buckets: requests padded to different N); a request of another shape ends the
+  batch and heads the next one, so FIFO order holds across buckets too.
 * Isolation: when a merged batch raises, each of its requests is rerun alone, so one request the
   executor chokes on fails only itself; a request fails only when it fails on its own.
 * Learning: a selector with ``observe`` (``--mode auto``) is shown each batch's result after the
@@ -85,6 +88,13 @@ def batch_size(inputs: Inputs) -> int:
     return int(first.shape[0])
 
 
+def item_shape(inputs: Inputs) -> tuple:
+    """What must agree for requests to share a batch: every tensor's shape past the batch axis."""
+    if isinstance(inputs, torch.Tensor):
+        return tuple(inputs.shape[1:])
+    return tuple((name, tuple(tensor.shape[1:])) for name, tensor in sorted(inputs.items()))
+
+
 def concatenate(requests: list[Inputs]) -> Inputs:
     """One executor batch of several requests, in order (per name for named tensors)."""
     if len(requests) == 1:
@@ -108,12 +118,14 @@ class _Pending:
 class Batcher:
     def __init__(self, executor: Executor, selector: Selector, *, max_wait_s: float = 0.005,
                  max_queue_images: int | None = None, metrics: ServerMetrics | None = None,
-                 output_shape: tuple[int, ...] | None = None):
-        """output_shape: one item's logits (default ``(classes,)``; a per-position text head's is (N, V))."""
+                 output_shape: tuple[int, ...] | None = None, per_position: bool = False):
+        """output_shape: one item's logits (default ``(classes,)``; a per-position text head's is (N, V),
+        with ``per_position``: N is then each batch's own sequence length)."""
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
         self.executor, self.selector = executor, selector
         self.output_shape = tuple(output_shape or (executor.spec.num_classes,))
+        self.per_position = per_position
         self.max_batch = int(executor.max_batch)
         self.max_wait_s = max_wait_s
         self.max_queue_images = max_queue_images if max_queue_images is not None else 16 * self.max_batch
@@ -225,17 +237,18 @@ class Batcher:
 
     async def _collect(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
         """Fill ``batch`` from the head of the queue (see the module docstring for the policy)."""
-        size = 0
+        size, shape = 0, None
         deadline = None
         while True:
             while self._pending and self._pending[0].future.done():
                 self._pop()  # its caller is gone; computing it would only delay the others
             if self._pending:
                 head = self._pending[0]
-                if size + head.count > self.max_batch:
+                if size + head.count > self.max_batch or (batch and item_shape(head.images) != shape):
                     return
                 batch.append(self._pop())
                 size += head.count
+                shape = item_shape(head.images)
                 if deadline is None:
                     deadline = head.enqueued + self.max_wait_s
                 if size == self.max_batch:
@@ -258,10 +271,12 @@ class Batcher:
         start = time.perf_counter()
         result = self.executor.infer(images, choice)
         elapsed = time.perf_counter() - start
-        shape = tuple(result.logits.shape)
-        if shape != (size, *self.output_shape):
+        shape, expected = tuple(result.logits.shape), (size, *self.output_shape)
+        if self.per_position:  # (B, n, V): n is the batch's own (padded) sequence length
+            expected = (size, next(iter(images.values())).shape[1], *self.output_shape[1:])
+        if shape != expected:
             raise RuntimeError(f"executor returned logits of shape {list(shape)} for a batch of {size}; expected "
-                               f"{[size, *self.output_shape]}")
+                               f"{list(expected)}")
         if not torch.isfinite(result.logits).all():
             raise RuntimeError("executor returned non-finite logits")
         self._observe(size, result)

@@ -1,15 +1,17 @@
 """KServe v2 / Open Inference Protocol for text models: INT64 ``input_ids`` (and optionally
 ``attention_mask``, default all ones) of shape [B, n] in, ``logits`` out.
 
-A build partitions one sequence length N, so a request of n <= N positions is right-padded to N
-(ids 0, mask 0) before batching; padding never changes the outputs of real positions, and a
-per-position head's logits (GPT-2: [B, n, V]) are cut back to the request's n. A classifier
+A build partitions one sequence length N (or several: sequence buckets), so a request of n
+positions is right-padded (ids 0, mask 0) to the shortest built N >= n before batching; padding
+never changes the outputs of real positions, and a per-position head's logits (GPT-2: [B, n, V])
+are cut back to the request's n. A classifier
 (BERT) answers [B, classes] logits and their ``label``. Values arrive as JSON ``data`` or in
 Triton's binary tensor extension, in the order the inputs are listed.
 """
 
 from __future__ import annotations
 
+import bisect
 import uuid
 
 import numpy as np
@@ -40,7 +42,10 @@ def text_output_names(record: ModelRecord) -> tuple[str, ...]:
     return OUTPUT_NAMES if record.spec.head == "classifier" else (LOGITS_OUTPUT,)
 
 
-def text_model_metadata(model_name: str, record: ModelRecord, max_batch: int, choices: list[ChainKey]) -> dict:
+def text_model_metadata(model_name: str, record: ModelRecord, max_batch: int, choices: list[ChainKey],
+                        lengths: tuple[int, ...] = ()) -> dict:
+    """lengths: the sequence buckets, ascending (default the record's one length)."""
+    lengths = lengths or (record.sequence_length,)
     per_position = record.head_reads_all_positions
     logits_shape = [-1, -1, record.output_shape[1]] if per_position else [-1, *record.output_shape]
     outputs = [{"name": LOGITS_OUTPUT, "datatype": "FP32", "shape": logits_shape}]
@@ -52,7 +57,8 @@ def text_model_metadata(model_name: str, record: ModelRecord, max_batch: int, ch
         "platform": PLATFORM,
         "inputs": [{"name": name, "datatype": "INT64", "shape": [-1, -1]} for name in TEXT_INPUT_NAMES],
         "outputs": outputs,
-        "parameters": {"max_batch_size": max_batch, "max_sequence_length": record.sequence_length,
+        "parameters": {"max_batch_size": max_batch, "max_sequence_length": lengths[-1],
+                       "sequence_buckets": ",".join(map(str, lengths)),
                        "vocab_size": record.spec.vocab_size, "modes": ",".join(choice.label for choice in choices)},
     }
 
@@ -96,11 +102,13 @@ def _tensor(tensor: dict, raw: memoryview, offset: int, header_length: str | Non
                               may_hold_booleans), used
 
 
-def parse_text_request(body: bytes, record: ModelRecord, max_batch: int, header_length: str | None = None
-                       ) -> InferRequest:
+def parse_text_request(body: bytes, record: ModelRecord, max_batch: int, header_length: str | None = None,
+                       lengths: tuple[int, ...] = ()) -> InferRequest:
     """Validate an OIP request for a text model, or raise :class:`RequestError`; the inputs come
-    back padded to the build's sequence length."""
-    seq_len, vocab = record.sequence_length, record.spec.vocab_size
+    back padded to the shortest of ``lengths`` (the sequence buckets, ascending; default the
+    record's one length) that holds them."""
+    lengths = lengths or (record.sequence_length,)
+    seq_len, vocab = lengths[-1], record.spec.vocab_size
     json_part, raw = split_body(body, header_length)
     payload = load_json(json_part)
     if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
@@ -132,7 +140,8 @@ def parse_text_request(body: bytes, record: ModelRecord, max_batch: int, header_
     if not np.isin(mask, (0, 1)).all():
         raise RequestError(400, "attention_mask", f"'{ATTENTION_MASK}' must hold only 0 (padding) and 1 (token)")
     batch, length = ids.shape
-    padded = {name: torch.zeros((batch, seq_len), dtype=torch.int64) for name in TEXT_INPUT_NAMES}
+    bucket = lengths[bisect.bisect_left(lengths, length)]
+    padded = {name: torch.zeros((batch, bucket), dtype=torch.int64) for name in TEXT_INPUT_NAMES}
     padded[INPUT_IDS][:, :length] = torch.from_numpy(ids)
     padded[ATTENTION_MASK][:, :length] = torch.from_numpy(mask)
     outputs, binary_outputs = requested_outputs(payload, text_output_names(record))

@@ -163,6 +163,9 @@ class OnlineSelector:
             selector.bandwidth, self.options.bucket_ratio)
         self.policy = ExplorationPolicy(self.options.explore_fraction, self.options.explore_budget)
         self.save_path, self.save_every = save_path, save_every
+        # The map was measured on the rank directory's own (longest) sequence length: a batch that
+        # ran on a shorter sequence bucket costs less and would teach the cells a wrong latency.
+        self.sequence_length = executor.manifest.model.sequence_length
         self.observed = 0
         self._chosen: _Chosen | None = None
         self._lock = threading.Lock()
@@ -212,6 +215,8 @@ class OnlineSelector:
             return None
         with self._lock:
             chosen, self._chosen = self._chosen, None
+            if result.sequence_length != self.sequence_length:  # a shorter sequence bucket: not the map's cost
+                return None
             ran = result.choice  # local after a fallback: a real local measurement all the same
             if ran.mode != "local" and not result.fell_back and self.tracker is not None:
                 self.tracker.update(ran, batch, timings)
