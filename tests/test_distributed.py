@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -40,6 +41,24 @@ def start_workers(directory, ranks: int, port: int, extra=()) -> list[subprocess
                               "--threads", "1", "--timeout", str(TIMEOUT_S), *extra],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
             for rank in range(1, ranks)]
+
+
+@contextmanager
+def rank0_with_workers(directory, ranks: int = 2):
+    """Rank 0's real DistributedExecutor over ``directory`` with P-1 `prism-trt run` worker
+    processes on loopback; torn down however the body ends, and the workers must exit cleanly."""
+    port = free_port()
+    workers = start_workers(directory, ranks, port)
+    executor = None
+    try:
+        executor = DistributedExecutor(directory / "rank0", GroupConfig(0, ranks, "127.0.0.1", port, TIMEOUT_S),
+                                       threads=1)
+        yield executor
+    finally:
+        if executor is not None:
+            executor.close()
+        results = finish(workers)
+    assert all(code == 0 for code, _ in results), results
 
 
 def finish(workers: list[subprocess.Popen]) -> list[tuple[int, str]]:
@@ -150,7 +169,7 @@ def test_unbuilt_cr_is_an_error_not_a_fallback(cluster):
 
 
 def test_wrong_rank_directory_is_refused(engines):
-    from prism_trt.runtime.distributed import DistributedRank
+    from prism_trt.runtime.distributed_rank import DistributedRank
 
     with pytest.raises(ValueError, match="holds engines for rank 1 of 2, this process is rank 0 of 2"):
         DistributedRank(engines / "p2" / "rank1", 0, 2)

@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from conftest import TEXT_SIZE, assert_close
 from serving import running
-from test_distributed import TIMEOUT_S, finish, start_workers
+from test_distributed import rank0_with_workers
 from test_serve_cluster import _output, _serve, _stop
 from test_text_serve import triton_infer
 
@@ -27,8 +27,7 @@ from prism_trt.engines.manifest import Manifest, ManifestError
 from prism_trt.engines.stage_spec import ATTENTION_MASK, INPUT_IDS
 from prism_trt.errors import UsageError
 from prism_trt.runtime.api import FixedSelector
-from prism_trt.runtime.distributed import DistributedExecutor
-from prism_trt.runtime.group import GroupConfig, free_port
+from prism_trt.runtime.group import free_port
 from prism_trt.runtime.local import LocalExecutor
 from prism_trt.serve import create_app
 from prism_trt.serve.client import wait_until_ready
@@ -114,11 +113,7 @@ def test_local_executor_runs_each_length_on_its_bucket(bucket_build):
 
 def test_two_ranks_run_each_length_on_its_bucket(bucket_build):
     name, out, model = bucket_build
-    port = free_port()
-    workers = start_workers(out, 2, port)
-    executor = None
-    try:
-        executor = DistributedExecutor(out / "rank0", GroupConfig(0, 2, "127.0.0.1", port, TIMEOUT_S), threads=1)
+    with rank0_with_workers(out) as executor:
         assert executor.chains() == [ChainKey.local(), ChainKey.voltage(), ChainKey.prism(4, 16, 2)]
         for positions, bucket in ((5, 8), (13, 16), (8, 8), (2, 8)):
             ids, mask = requests(positions, (positions, 1, max(1, positions // 2))[:3], positions)
@@ -128,11 +123,6 @@ def test_two_ranks_run_each_length_on_its_bucket(bucket_build):
                 assert not result.fell_back and result.choice == key and result.sequence_length == bucket
                 assert_close(result.logits, bucket_reference(model, mode, ids, mask),
                              name=f"{name} {mode} n={positions}")
-    finally:
-        if executor is not None:
-            executor.close()
-        results = finish(workers)
-    assert all(code == 0 for code, _ in results), results
 
 
 def test_server_batches_each_bucket_apart(bucket_build):
@@ -231,11 +221,7 @@ def test_online_selector_learns_only_from_the_mapped_bucket(bucket_build, tmp_pa
             accuracy=[AccuracyEntry(plan.prism[0], 2, 1.0, calibration="test")])
     data = PerfMap.load(path)
     assert all(p.gflops_per_rank and len(p.gflops_per_rank) == len(p.per_rank) for p in data.points)
-    port = free_port()
-    workers = start_workers(out, 2, port)
-    executor = None
-    try:
-        executor = DistributedExecutor(out / "rank0", GroupConfig(0, 2, "127.0.0.1", port, TIMEOUT_S), threads=1)
+    with rank0_with_workers(out) as executor:
         selector = OnlineSelector(MapSelector(data), executor)
         for positions, learnt in ((16, True), (5, False), (12, True), (8, False)):
             ids, mask = requests(positions, (positions, 2), positions)
@@ -243,8 +229,3 @@ def test_online_selector_learns_only_from_the_mapped_bucket(bucket_build, tmp_pa
             before = selector.observed
             observation = selector.observe(2, result)
             assert (observation is not None) == learnt and selector.observed == before + learnt, positions
-    finally:
-        if executor is not None:
-            executor.close()
-        results = finish(workers)
-    assert all(code == 0 for code, _ in results), results

@@ -8,14 +8,13 @@ rank 0 over the gathered hidden states of all 16 positions."""
 import pytest
 import torch
 from conftest import TEXT_SEQ_LEN, assert_close, text_request
-from test_distributed import TIMEOUT_S, finish, start_workers
+from test_distributed import TIMEOUT_S, rank0_with_workers
 from test_text_export import reference
 
 from prism_trt.engines import ChainKey
 from prism_trt.engines.stage_spec import ATTENTION_MASK, IMAGES, INPUT_IDS
 from prism_trt.errors import UsageError
 from prism_trt.runtime import open_executor
-from prism_trt.runtime.distributed import DistributedExecutor
 from prism_trt.runtime.group import GroupConfig, free_port
 from prism_trt.runtime.measure import measure
 
@@ -26,11 +25,7 @@ pytestmark = pytest.mark.timeout(240)
 @pytest.mark.parametrize("name", ["gpt2", "bert-base-uncased"])
 def test_two_ranks_equal_the_simulation(text_engines, name):
     directory, model = text_engines(name)
-    port = free_port()
-    workers = start_workers(directory, 2, port)
-    executor = None
-    try:
-        executor = DistributedExecutor(directory / "rank0", GroupConfig(0, 2, "127.0.0.1", port, TIMEOUT_S), threads=1)
+    with rank0_with_workers(directory) as executor:
         for seed, lengths in enumerate([(16, 11, 5), (3, 16, 9)]):
             ids, mask = text_request(3, seed, lengths)
             for key in (executor.key_for("voltage"), executor.key_for("prism", 2.0)):
@@ -45,11 +40,6 @@ def test_two_ranks_equal_the_simulation(text_engines, name):
             assert sent[0] == 2 * 4 * 32 * 4 and sent[1] == 8 * 32 * 4
         local = executor.infer({INPUT_IDS: ids, ATTENTION_MASK: mask}, ChainKey.local())
         assert_close(local.logits, model(ids, mask))
-    finally:
-        if executor is not None:
-            executor.close()
-        results = finish(workers)
-    assert all(code == 0 for code, _ in results), results
 
 
 def test_single_board_executor_and_measure(text_engines):

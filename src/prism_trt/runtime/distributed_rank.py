@@ -1,0 +1,162 @@
+"""One rank's side of distributed inference: the engine chains of every distributed config (of
+every sequence bucket), the request buffers, and the exchange of segment means between blocks
+with explicit, timed staging around each all-gather. :mod:`.distributed` drives it: rank 0's
+executor and the workers' loop."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..engines.buckets import Bucket
+from ..engines.chain_key import ChainKey
+from ..engines.manifest import ChainConfig, ManifestError
+from ..errors import UsageError
+from .chain import EngineChain, load_buckets_here
+from .group import ClusterError
+from .staging import FinalGather, Staging, make_staging
+from .timing import PhaseTimes, Stopwatch
+
+
+@dataclass(frozen=True)
+class Route:
+    """One distributed chain of one engine set (a text build's sequence bucket, or the only one),
+    with its staging buffers and final gather; the header names it by its index."""
+
+    bucket: Bucket
+    config: ChainConfig
+    chain: EngineChain
+    staging: Staging
+    final_gather: FinalGather
+
+
+class DistributedRank:
+    """This rank's engine chains for every distributed config (of every sequence bucket), and the
+    exchange between blocks."""
+
+    def __init__(self, rank_dir: Path, rank: int, world_size: int, threads: int | None = None,
+                 device: str = "cpu"):
+        self.buckets, backend = load_buckets_here(rank_dir, threads)
+        manifest = self.buckets.primary.manifest
+        if manifest.rank != rank or manifest.world_size != world_size:
+            raise UsageError(f"{rank_dir} holds engines for rank {manifest.rank} of {manifest.world_size}, "
+                             f"this process is rank {rank} of {world_size}")
+        self.manifest = manifest
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.spec = manifest.spec
+        self.weights = manifest.model.weights_sha256
+        self.max_batch = manifest.build_options.max_batch
+        dim = self.spec.embed_dim
+        self.routes: list[Route] = []
+        self.local_chains: dict[int | None, EngineChain] = {}
+        for bucket in self.buckets:
+            for config in bucket.manifest.configs:
+                chain = EngineChain(bucket.directory, bucket.manifest, config, backend).__enter__()
+                if config.mode == "local":
+                    self.local_chains[bucket.length] = chain
+                    continue
+                self.routes.append(Route(bucket, config, chain,
+                                         make_staging(list(config.counts), rank, dim, device, chain.sources),
+                                         FinalGather(list(config.partition), rank, dim, device)))
+        self._requests: dict[tuple[int | None, int], dict[str, torch.Tensor]] = {}
+        # The per-batch header [op, route, batch, barrier], one buffer for the rank's whole life.
+        # Besides saving an allocation, it must outlive the group: torch 2.5's ProcessGroupGloo
+        # destructor holds the GIL while joining its worker threads, and a worker thread that drops
+        # the last reference to a tensor Python has already let go of needs the GIL to free it, so
+        # destroy_process_group() deadlocked when the STOP header was a temporary (3 of 5 runs of the
+        # two-rank CLI tests with torch 2.5 hung; 0 of 10 since).
+        self.header = torch.zeros(4, dtype=torch.int64)
+        self.progress_at = time.monotonic()  # when the last collective completed (stall detection)
+        self.batches_run = 0
+
+    @property
+    def local_chain(self) -> EngineChain | None:
+        """The longest bucket's local chain (rank 0's fallback); None on the workers."""
+        return self.local_chains.get(self.buckets.primary.length)
+
+    def signature(self) -> dict:
+        """What every rank must agree on before the first collective."""
+        return {"weights": self.weights, "world_size": self.world_size,
+                "configs": [(r.bucket.length, r.config.name, list(r.config.counts), list(r.config.partition))
+                            for r in self.routes]}
+
+    def check_consistent(self) -> None:
+        signatures: list = [None] * self.world_size
+        dist.all_gather_object(signatures, self.signature())
+        for rank, other in enumerate(signatures):
+            if other != signatures[0]:
+                raise ClusterError(f"rank {rank}'s engines do not match rank 0's (weights, configs or plan "
+                                   f"differ): {other} vs {signatures[0]}; build all ranks from one `prism-trt build`")
+
+    def request_buffers(self, route_index: int, batch: int) -> dict[str, torch.Tensor]:
+        """The receive buffers for a broadcast request to a route (images, or ids and mask; one set
+        per bucket and batch size, reused)."""
+        bucket = self.routes[route_index].bucket
+        if (bucket.length, batch) not in self._requests:
+            self._requests[bucket.length, batch] = {
+                t.name: torch.empty(t.concrete(batch), dtype=getattr(torch, t.dtype))
+                for t in bucket.manifest.model.request_inputs()}
+        return self._requests[bucket.length, batch]
+
+    def config_index(self, key: ChainKey, bucket: Bucket | None = None) -> int:
+        """The route of the chain the longest bucket knows as ``key``, in ``bucket`` (default the
+        longest); raises ManifestError (not a fallback) when not built."""
+        bucket = bucket or self.buckets.primary
+        wanted = bucket.manifest.config(self.buckets.translate(key, bucket))
+        for index, route in enumerate(self.routes):
+            if route.bucket is bucket and route.config is wanted:
+                return index
+        raise ManifestError(f"{bucket.directory}: {wanted.name} is built for one rank only, not distributed")
+
+    def run(self, config_index: int, request: dict[str, torch.Tensor], barrier: bool = False
+            ) -> tuple[torch.Tensor | None, PhaseTimes]:
+        """One forward of config ``config_index`` with the all-gathers; logits on rank 0, None elsewhere.
+        ``barrier``: a barrier before each all-gather, timed as ``wait`` (every rank must agree)."""
+        route = self.routes[config_index]
+        config, chain, staging = route.config, route.chain, route.staging
+        watch = Stopwatch()
+        start = time.perf_counter()
+        with watch.phase("h2d"):
+            request = {name: tensor.to(self.device, non_blocking=True) for name, tensor in request.items()}
+        batch = next(iter(request.values())).shape[0]
+        with watch.phase("compute"):
+            tokens, means = chain.embed(request)
+        for block in range(chain.depth):
+            remote = self._exchange(config.name, staging, means, batch, watch, barrier)
+            with watch.phase("compute"):
+                tokens, means = chain.block(block, tokens, remote, request)
+        if chain.head_reads_all_positions:
+            tokens = route.final_gather.gather(tokens, watch)
+            self.progress_at = time.monotonic()
+        logits = None
+        if self.rank == 0:
+            with watch.phase("compute"):
+                logits = chain.head(tokens).cpu()
+        return logits, watch.times.close((time.perf_counter() - start) * 1e3)
+
+    def _exchange(self, name: str, staging, means: torch.Tensor | None, batch: int, watch: Stopwatch, barrier: bool
+                  ) -> torch.Tensor | None:
+        buffers = staging.buffers((name, batch), batch)
+        with watch.phase("d2h"):
+            send = staging.to_host(means, buffers)
+        if barrier:
+            with watch.phase("wait"):
+                dist.barrier()
+        with watch.phase("comm"):
+            dist.all_gather(buffers.gathered, send)
+        self.progress_at = time.monotonic()
+        with watch.phase("h2d"):
+            remote = staging.to_device(buffers)
+        entry = batch * self.spec.embed_dim * 4
+        watch.times.bytes_sent += staging.counts[self.rank] * entry if means is not None else 0
+        watch.times.bytes_received += remote.shape[1] * entry if remote is not None else 0
+        watch.times.collectives += 1
+        return remote
+
+    def close(self) -> None:
+        for chain in [*(r.chain for r in self.routes), *self.local_chains.values()]:
+            chain.__exit__(None, None, None)
