@@ -97,7 +97,6 @@ def build(model_name, checkpoint, ranks, crs, segments, weights, text, backend, 
         raise click.UsageError(f"--seq-len {lengths[-1]} exceeds {spec.name}'s {spec.max_positions} positions")
     plans = {length: config_plans(length, spec.num_prefix_tokens, ranks, list(crs), list(segments), weights,
                                   include_voltage=not no_voltage) for length in lengths}
-    _require_matching_buckets(plans)
     builder = Builder(model, source, engine_backend, options, means_source, exporter, verify=not no_verify)
     result = builder.build(out_dir, ranks, plans.pop(lengths[-1]), progress=not quiet, shorter=plans)
     groups: dict = {}
@@ -114,18 +113,6 @@ def build(model_name, checkpoint, ranks, crs, segments, weights, text, backend, 
     click.echo(f"{backend} ({engine_backend.device()}, {options.precision}) engines for {spec.name} in {out_dir} "
                f"({result.seconds:.1f} s; unchanged stages reused). tol. used: the largest share of the "
                f"{options.precision} tolerance any output element needed (100 % fails).")
-
-
-def _require_matching_buckets(plans: dict) -> None:
-    """Every sequence bucket must hold the same chains, in the same order: the runtime maps a chain
-    across buckets by its position. A build drops a CR whose L repeats an earlier one's, so CRs
-    that collapse to one L in a short bucket (and not in a long one) are refused here."""
-    kept = {length: [(c.mode, c.request) for c in configs] for length, configs in plans.items()}
-    if len({tuple(chains) for chains in kept.values()}) > 1:
-        counts = {length: len(chains) for length, chains in kept.items()}
-        raise click.UsageError(f"the requested CRs give different chains per --seq-len (chains per length: {counts}): "
-                               f"in a short sequence several CRs round to the same segment count L; ask for fewer "
-                               f"CRs, give --segments instead, or raise the shortest --seq-len")
 
 
 def _percent(share: float) -> str:

@@ -31,6 +31,13 @@ from .manifest import Manifest, ManifestError
 BUCKET_PREFIX = "seq"
 
 
+def shortest_holding(lengths: tuple[int, ...], positions: int) -> int | None:
+    """The position in ``lengths`` (ascending) of the shortest length >= ``positions``; None when
+    none holds it. The one rule by which a request is given its bucket."""
+    index = bisect.bisect_left(lengths, positions)
+    return index if index < len(lengths) else None
+
+
 def bucket_directory(rank_dir: Path, length: int) -> Path:
     """Where a shorter bucket's engines lie inside a rank directory."""
     return Path(rank_dir) / f"{BUCKET_PREFIX}{length}"
@@ -89,8 +96,8 @@ class BucketSet:
         lengths = self.lengths
         if not lengths:
             return self.primary
-        index = bisect.bisect_left(lengths, positions)
-        if index == len(lengths):
+        index = shortest_holding(lengths, positions)
+        if index is None:
             raise UsageError(f"{positions} positions are more than these engines were built for (longest sequence "
                              f"{lengths[-1]}; prism-trt build --seq-len)")
         return self.buckets[index]
@@ -99,8 +106,8 @@ class BucketSet:
         """The key, in ``bucket``, of the chain the longest bucket knows as ``key``."""
         if bucket is self.primary:
             return key
-        index = self.primary.manifest.keys().index(self.primary.manifest.config(key).key)
-        return bucket.manifest.configs[index].key
+        primary = self.primary.manifest
+        return bucket.manifest.configs[primary.configs.index(primary.config(key))].key
 
 
 def _require_same_build(primary: Manifest, other: Manifest, directory: Path, length: int) -> None:

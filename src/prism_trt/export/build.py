@@ -41,6 +41,7 @@ from ..engines.manifest import (
     StageEntry,
 )
 from ..engines.stage_spec import StageSpec
+from ..errors import UsageError
 from ..model import PrismText, PrismViT, weights_hash
 from ..model.vit import MeansSource
 from .onnx_export import check_onnx, export_stage, resolve_exporter
@@ -115,6 +116,22 @@ def config_plans(num_tokens: int, num_prefix: int, ranks: int, crs: list[float],
     return configs
 
 
+def _require_matching_buckets(configs: list[ConfigPlan], shorter: dict[int, list[ConfigPlan]]) -> None:
+    """Every sequence bucket must hold the same chains, in the same order: the runtime maps a chain
+    across buckets by its position (:mod:`..engines.buckets`). :func:`config_plans` drops a CR whose
+    L repeats an earlier one's, so CRs that collapse to one L in a short bucket (and not in a long
+    one) are refused here, before anything is written."""
+    def chains(plans: list[ConfigPlan]) -> list[tuple[str, int | None]]:
+        return [(c.mode, c.request) for c in plans]
+
+    if any(chains(plans) != chains(configs) for plans in shorter.values()):
+        counts = {length: len(plans) for length, plans in shorter.items()}
+        counts[configs[0].plan.partition.num_tokens] = len(configs)
+        raise UsageError(f"the requested CRs give different chains per --seq-len (chains per length: {counts}): in a "
+                         f"short sequence several CRs round to the same segment count L; ask for fewer CRs, give "
+                         f"--segments instead, or raise the shortest --seq-len")
+
+
 def _previous_stages(rank_dir: Path) -> dict[tuple[str, str], StageEntry]:
     """Stage entries of an earlier build in the same directory, to skip unchanged work."""
     try:
@@ -156,6 +173,7 @@ class Builder:
         started = time.perf_counter()
         out_dir = Path(out_dir)
         shorter = dict(sorted((shorter or {}).items()))
+        _require_matching_buckets(configs, shorter)
         result = BuildResult(out_dir, [out_dir / f"rank{r}" for r in range(ranks)])
         sets = [*((length, plans) for length, plans in shorter.items()), (None, configs)]
         work = [(r, c) for _, plans in sets for r in range(ranks) for c in plans if c.mode != "local" or r == 0]

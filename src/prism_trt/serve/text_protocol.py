@@ -11,12 +11,12 @@ Triton's binary tensor extension, in the order the inputs are listed.
 
 from __future__ import annotations
 
-import bisect
 import uuid
 
 import numpy as np
 import torch
 
+from ..engines.buckets import shortest_holding
 from ..engines.chain_key import ChainKey
 from ..engines.manifest import ModelRecord
 from ..engines.stage_spec import ATTENTION_MASK, INPUT_IDS
@@ -140,7 +140,7 @@ def parse_text_request(body: bytes, record: ModelRecord, max_batch: int, header_
     if not np.isin(mask, (0, 1)).all():
         raise RequestError(400, "attention_mask", f"'{ATTENTION_MASK}' must hold only 0 (padding) and 1 (token)")
     batch, length = ids.shape
-    bucket = lengths[bisect.bisect_left(lengths, length)]
+    bucket = lengths[shortest_holding(lengths, length)]  # within the longest: checked with the shape
     padded = {name: torch.zeros((batch, bucket), dtype=torch.int64) for name in TEXT_INPUT_NAMES}
     padded[INPUT_IDS][:, :length] = torch.from_numpy(ids)
     padded[ATTENTION_MASK][:, :length] = torch.from_numpy(mask)
