@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from conftest import TEXT_SIZE, assert_close
 from serving import running
 from test_distributed import rank0_with_workers
-from test_serve_cluster import _output, _serve, _stop
-from test_text_serve import triton_infer
+from test_serve_cluster import _output, _stop
+from test_text_serve import triton_infer, two_rank_serve
 
 from prism_trt.cli import main
 from prism_trt.core import make_segment_plan, voltage_plan
@@ -27,10 +27,8 @@ from prism_trt.engines.manifest import Manifest, ManifestError
 from prism_trt.engines.stage_spec import ATTENTION_MASK, INPUT_IDS
 from prism_trt.errors import UsageError
 from prism_trt.runtime.api import FixedSelector
-from prism_trt.runtime.group import free_port
 from prism_trt.runtime.local import LocalExecutor
 from prism_trt.serve import create_app
-from prism_trt.serve.client import wait_until_ready
 
 pytest.importorskip("transformers", reason="the text models need the 'text' extra (also in 'dev')")
 pytestmark = pytest.mark.timeout(300)
@@ -150,12 +148,7 @@ def test_two_rank_serve_over_buckets(bucket_build):
     name, out, model = bucket_build
     if name != "gpt2":
         pytest.skip("one family is enough for the process-level check")
-    master, http = free_port(), free_port()
-    worker = _serve(out, 1, master, http, cr="2")
-    server = _serve(out, 0, master, http, cr="2")
-    url = f"http://127.0.0.1:{http}"
-    try:
-        assert wait_until_ready(url, [server, worker]), _output(server, 5)[-3000:]
+    with two_rank_serve(out) as (url, server, worker):
         for positions in (6, 15):
             ids, mask = requests(positions, (positions, 3), positions)
             result = triton_infer(url, name, ids.numpy(), mask.numpy(), True)
@@ -163,8 +156,6 @@ def test_two_rank_serve_over_buckets(bucket_build):
             assert_close(result.as_numpy("logits"), bucket_reference(model, "prism", ids, mask))
         _stop(server)
         assert "stopped by rank 0" in _output(worker, 60) and worker.returncode == 0
-    finally:
-        _stop(server, worker)
 
 
 def test_crs_that_collapse_in_a_short_bucket_are_refused(tmp_path):

@@ -4,6 +4,8 @@ tritonclient (JSON and binary) on the in-process app, and a real two-rank `prism
 Requests shorter than the build's 16 positions are padded by the server; a GPT-2 answers logits
 for the request's own positions, a BERT classifier [B, classes] logits and their label."""
 
+from contextlib import contextmanager
+
 import httpx
 import numpy as np
 import pytest
@@ -112,15 +114,25 @@ def test_text_model_has_no_image_endpoint(text_app):
     assert response.status_code == 404 and "text model" in response.json()["error"]
 
 
-def test_two_rank_serve(text_engines):
-    """`prism-trt serve --mode prism` on two real ranks answers what the Prism simulation computes."""
-    directory, model = text_engines("gpt2")
+@contextmanager
+def two_rank_serve(directory, cr: str = "2"):
+    """(URL, rank 0, worker) of a real two-rank `prism-trt serve --mode prism`, once ready; both
+    ranks are stopped however the body ends."""
     master, http = free_port(), free_port()
-    worker = _serve(directory, 1, master, http, cr="2")
-    server = _serve(directory, 0, master, http, cr="2")
+    worker = _serve(directory, 1, master, http, cr=cr)
+    server = _serve(directory, 0, master, http, cr=cr)
     url = f"http://127.0.0.1:{http}"
     try:
         assert wait_until_ready(url, [server, worker]), _output(server, 5)[-3000:]
+        yield url, server, worker
+    finally:
+        _stop(server, worker)
+
+
+def test_two_rank_serve(text_engines):
+    """`prism-trt serve --mode prism` on two real ranks answers what the Prism simulation computes."""
+    directory, model = text_engines("gpt2")
+    with two_rank_serve(directory) as (url, server, worker):
         ids, mask = text_request(2, seed=9, lengths=(16, 12))
         for binary in (True, False):
             result = triton_infer(url, "gpt2", ids.numpy(), mask.numpy(), binary)
@@ -129,5 +141,3 @@ def test_two_rank_serve(text_engines):
         _stop(server)  # SIGTERM on rank 0 stops every rank
         assert "stopped by rank 0" in _output(worker, 60) and worker.returncode == 0
         assert server.returncode == 0, _output(server)
-    finally:
-        _stop(server, worker)
