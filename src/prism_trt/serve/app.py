@@ -33,7 +33,7 @@ from ..errors import UsageError
 from ..model.text_spec import TextSpec
 from ..runtime.api import Executor, Health, Selector
 from .batcher import Batcher, BatcherStopped, InferenceFailed, QueueFull
-from .binary import HEADER_LENGTH, encode_body
+from .binary import HEADER_LENGTH, byte_count, encode_body
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (
     OUTPUT_NAMES,
@@ -187,9 +187,7 @@ class _Server:
                                                         f"request_compression_algorithm unset)")
         declared = request.headers.get("content-length")
         if declared is not None:
-            if not declared.isdigit():
-                raise RequestError(400, "bad_header", f"Content-Length must be a number of bytes, got {declared!r}")
-            if int(declared) > limit:
+            if byte_count(declared, "Content-Length") > limit:
                 raise RequestError(413, "body_too_large", f"request body is {int(declared)} bytes; this server "
                                                           f"accepts at most {limit}")
         chunks, received = [], 0

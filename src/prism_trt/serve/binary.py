@@ -24,14 +24,25 @@ BINARY_CONTENT_TYPE = "application/octet-stream"
 DATATYPES = {"FP32": np.dtype("<f4"), "INT64": np.dtype("<i8")}
 
 
+MAX_BYTE_COUNT_DIGITS = 18  # far above any body this server accepts, far below int()'s digit limit
+
+
+def byte_count(text: str, header: str, reason: str = "bad_header") -> int:
+    """A header's value as a byte count: ASCII digits only (``str.isdigit`` also admits ``²``, which
+    ``int`` refuses) and at most :data:`MAX_BYTE_COUNT_DIGITS` of them; otherwise a 400 naming it."""
+    value = text.strip()
+    if not (value.isascii() and value.isdigit() and len(value) <= MAX_BYTE_COUNT_DIGITS):
+        shown = value if len(value) <= 40 else f"{value[:20]}...({len(value)} characters)"
+        raise RequestError(400, reason, f"{header} must be a number of bytes, got {shown!r} (ASCII digits, "
+                                        f"at most {MAX_BYTE_COUNT_DIGITS})")
+    return int(value)
+
+
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     """(JSON header, binary section) of a request body; the whole body is JSON without the header."""
     if header_length is None:
         return body, b""
-    text = header_length.strip()
-    if not text.isdigit():
-        raise RequestError(400, "binary_data", f"{HEADER_LENGTH} must be a number of bytes, got {header_length!r}")
-    length = int(text)
+    length = byte_count(header_length, HEADER_LENGTH, "binary_data")
     if length < 2 or length > len(body):  # the smallest JSON object is {}
         raise RequestError(400, "binary_data", f"{HEADER_LENGTH} is {length}, but the body holds {len(body)} "
                                                f"bytes; it must be the length of the JSON header at the body's start")
