@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,10 @@ from typing import Any
 from ..errors import PrismError
 
 NUMBER = (int, float)
+# a manifest or map nests a handful of levels; Python's parser recurses once per level and raises
+# RecursionError near 1000, so deeper files are refused before parsing
+MAX_JSON_DEPTH = 64
+_STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
 
 
 def sha256_file(path: Path) -> str:
@@ -46,14 +51,34 @@ def read_json_object(path: Path, error: type[PrismError], missing_hint: str) -> 
     if not path.is_file():
         raise error(f"{path}: missing; {missing_hint}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise error(f"{path}: not a text file (not UTF-8); {missing_hint}") from None
+    if _nested_deeper_than(text, MAX_JSON_DEPTH):
+        raise error(f"{path}: nested deeper than {MAX_JSON_DEPTH} levels of brackets, which no file written by "
+                    f"prism-trt is; {missing_hint}")
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as problem:
         raise error(f"{path}: not valid JSON ({problem})") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
+
+
+def _nested_deeper_than(text: str, limit: int) -> bool:
+    """Whether the JSON ``text`` opens more than ``limit`` arrays or objects inside each other
+    (brackets within strings do not count), found without recursing."""
+    depth = 0
+    for match in _STRING_OR_BRACKET.finditer(text):
+        bracket = match.group()
+        if bracket in ("[", "{"):
+            depth += 1
+            if depth > limit:
+                return True
+        elif bracket in ("]", "}"):
+            depth -= 1
+    return False
 
 
 class Fields:
