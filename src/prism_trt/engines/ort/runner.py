@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..base import BuildOptions, Runner, TensorSpec
+from ..base import BuildOptions, EngineLoadError, Runner, TensorSpec
 
 
 class OnnxRuntimeRunner(Runner):
@@ -27,9 +27,20 @@ class OnnxRuntimeRunner(Runner):
 
     def activate_impl(self) -> None:
         import onnxruntime as ort
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-        self.session = ort.InferenceSession(str(self.path), self.backend.session_options(),
-                                            providers=self.backend.providers(list(self._inputs.values()), self.options))
+        # what onnxruntime raises for a file it cannot parse or run here (a corrupt engine, one written
+        # by a newer onnxruntime); they derive from Exception only
+        unloadable = (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail,
+                      ort_errors.NotImplemented, ort_errors.NoSuchFile)
+        try:
+            self.session = ort.InferenceSession(str(self.path), self.backend.session_options(),
+                                                providers=self.backend.providers(list(self._inputs.values()),
+                                                                                 self.options))
+        except unloadable as problem:
+            raise EngineLoadError(f"{self.path}: onnxruntime {ort.__version__} cannot load this engine ({problem}); "
+                                  f"the file is corrupt or was built by another onnxruntime: rebuild with "
+                                  f"`prism-trt build`") from None
         self._binding = self.session.io_binding()
 
     def deactivate_impl(self) -> None:
