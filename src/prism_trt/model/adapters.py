@@ -229,13 +229,20 @@ def from_mnist_checkpoint(path: str | Path) -> PrismViT:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"checkpoint not found: {path}")
+    with open(path, "rb") as stream:
+        magic = stream.read(4)
+    # torch.save writes a zip archive (or, before torch 1.6, a pickle: protocol byte 0x80)
+    if not (magic == b"PK\x03\x04" or magic[:1] == b"\x80"):
+        raise CheckpointMismatchError(f"{path} is not a checkpoint: a torch checkpoint is a zip archive or a "
+                                      f"pickle, this file starts with {magic!r}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointMismatchError(f"{path} is not a plain state_dict of tensors (refused by weights_only "
                                       f"loading): {str(error).splitlines()[0]}") from None
-    except (RuntimeError, EOFError) as error:
-        raise CheckpointMismatchError(f"{path} is not a readable torch checkpoint: {error}") from None
+    except Exception as error:  # noqa: BLE001  (a damaged file fails anywhere in the unpickler or the zip reader)
+        raise CheckpointMismatchError(f"{path} is not a readable torch checkpoint: "
+                                      f"{type(error).__name__}: {error}") from None
     if not isinstance(state, dict):
         raise CheckpointMismatchError(f"{path} holds a {type(state).__name__}, expected a state_dict")
     spec = spec_from_mnist_state(state, name=path.stem)
