@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -26,6 +27,50 @@ class PrismGroup(click.Group):
             failure = click.ClickException(str(error))
             failure.exit_code = getattr(error, "exit_code", 1)
             raise failure from error
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that refuses ``nan`` and ``inf`` as well as values out of its range: click's
+    FLOAT and FloatRange take both (every comparison with nan is false). Every float option uses it."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+class DeviceType(click.ParamType):
+    """``cpu``, ``cuda`` or ``cuda:N`` of a CUDA device torch sees here; anything else is refused
+    where the option is parsed, naming what is available, rather than run somewhere else."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        if value == "cpu":
+            return value
+        import torch
+
+        try:
+            device = torch.device(value)
+        except (RuntimeError, ValueError):
+            self.fail(f"{value!r} is not a device; use cpu or cuda:N", param, ctx)
+        if device.type == "cpu" and device.index is None:
+            return "cpu"
+        if device.type != "cuda":
+            self.fail(f"{value!r}: engines run on cpu or cuda:N, not {device.type}", param, ctx)
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            self.fail(f"{value!r}: torch sees no CUDA device here; available: cpu", param, ctx)
+        if device.index is not None and device.index >= count:
+            available = ", ".join(["cpu", *(f"cuda:{index}" for index in range(count))])
+            self.fail(f"{value!r}: torch sees {count} CUDA device(s) here; available: {available}", param, ctx)
+        return value
+
+
+DEVICE = DeviceType()
 
 
 def model_options(func):
@@ -91,7 +136,7 @@ def text_options(func):
 def plan_options(func):
     """--ranks / --cr / --segments / --weights, shared by commands that take a partition."""
     @click.option("--ranks", "-P", type=click.IntRange(min=1), default=2, show_default=True, help="Number of ranks (boards).")
-    @click.option("--cr", "crs", type=float, multiple=True,
+    @click.option("--cr", "crs", type=FiniteFloat(), multiple=True,
                   help="Compression rate ceil(N/P)/L; repeat for several (e.g. --cr 9.9 --cr 4.95).")
     @click.option("--segments", "-L", "segments", type=click.IntRange(min=1), multiple=True,
                   help="Segments per partition L instead of a CR; repeatable.")
@@ -99,12 +144,7 @@ def plan_options(func):
                   help="Comma-separated relative speed per rank for uneven partitions (e.g. 2,1).")
     @functools.wraps(func)
     def wrapper(*args, weights, **kwargs):
-        parsed = None
-        if weights is not None:
-            try:
-                parsed = [float(w) for w in weights.split(",")]
-            except ValueError:
-                raise click.BadParameter(f"expected comma-separated numbers, got {weights!r}", param_hint="--weights") from None
+        parsed = None if weights is None else parse_numbers(weights, float, "--weights")
         return func(*args, weights=parsed, **kwargs)
     return wrapper
 
@@ -138,7 +178,7 @@ def group_options(func):
     @click.option("--master-port", type=click.IntRange(1, 65535), default=None,
                   help="Rank 0's rendezvous port [env MASTER_PORT, default 29500].")
     @click.option("--iface", default=None, help="Network interface for GLOO [env GLOO_SOCKET_IFNAME].")
-    @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+    @click.option("--timeout", "timeout_s", type=FiniteFloat(min=0.1), default=30.0, show_default=True,
                   help="Seconds before a collective (or joining the group) fails.")
     @click.option("--cluster-token", default=None, metavar="SECRET",
                   help="Shared secret every rank must present to join the group; required unless "
@@ -159,9 +199,13 @@ def group_options(func):
 
 
 def parse_numbers(text: str | None, cast, name: str) -> list:
+    """A comma-separated list of positive finite numbers (batch sizes, rates, CRs, weights)."""
     if not text:
         return []
     try:
-        return [cast(v) for v in text.split(",") if v.strip()]
+        values = [cast(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=name) from None
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise click.BadParameter(f"expected positive finite numbers, got {text!r}", param_hint=name)
+    return values

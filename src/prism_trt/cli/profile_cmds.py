@@ -7,14 +7,14 @@ from pathlib import Path
 
 import click
 
-from .common import group_options, main, parse_numbers
+from .common import FiniteFloat, group_options, main, parse_numbers
 
 
 def sampling_options(command):
     """--max-repeat, --target-ci and --point-budget: when to stop timing a point."""
-    command = click.option("--point-budget", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+    command = click.option("--point-budget", type=FiniteFloat(min=0.1), default=60.0, show_default=True,
                            help="Seconds of timed runs per point at most.")(command)
-    command = click.option("--target-ci", type=click.FloatRange(min=0), default=0.02, show_default=True,
+    command = click.option("--target-ci", type=FiniteFloat(min=0), default=0.02, show_default=True,
                            help="Stop once the median's 95 % CI half-width is this share of it.")(command)
     return click.option("--max-repeat", type=click.IntRange(min=1), default=100, show_default=True,
                         help="Timed runs per point at most (at least --repeat).")(command)
@@ -40,7 +40,7 @@ def _rule(repeat: int, max_repeat: int, target_ci: float, point_budget: float):
 @sampling_options
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Performance map JSON.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Threads (cores) per rank.")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=60.0, show_default=True)
+@click.option("--timeout", "timeout_s", type=FiniteFloat(min=1), default=60.0, show_default=True)
 @click.option("--calib-data", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Calibration images for the agreement of each CR [default: MNIST test set for the bundled "
                    "checkpoint, random inputs for random-weight models].")
@@ -64,8 +64,9 @@ def profile(engines, batches, crs, bandwidths, warmup, repeat, max_repeat, targe
     from ..profiler.sweep import profile as run_profile
 
     batch_list, rates = parse_numbers(batches, int, "--batch"), parse_numbers(bandwidths, float, "--bandwidth")
+    cr_list = parse_numbers(crs, float, "--cr") or None
     world = Manifest.read(engines / "rank0").world_size
-    plan = SweepPlan.for_build(engines, batch_list, parse_numbers(crs, float, "--cr") or None, rates or [None],
+    plan = SweepPlan.for_build(engines, batch_list, cr_list, rates or [None],
                                warmup, repeat, _rule(repeat, max_repeat, target_ci, point_budget))
     click.echo(f"{world} ranks, {len(batch_list)} batches x {len(plan.prism)} CRs "
                f"({', '.join(k.label for k in plan.prism)}) x {len(plan.bandwidths)} bandwidths: "
@@ -152,9 +153,10 @@ def sweep_rank0(engines, group, threads, warmup, repeat, max_repeat, target_ci, 
 @main.command()
 @click.option("--map", "map_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), required=True)
 @click.option("--batch", "-B", type=click.IntRange(min=1), required=True)
-@click.option("--bandwidth", type=float, default=None, help="Measured bandwidth in Mbit/s (omit for loopback).")
+@click.option("--bandwidth", type=FiniteFloat(min=0, min_open=True), default=None,
+              help="Measured bandwidth in Mbit/s (omit for loopback).")
 @click.option("--objective", type=click.Choice(["latency", "energy"]), default="latency", show_default=True)
-@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+@click.option("--min-agreement", type=FiniteFloat(0, 1), default=0.99, show_default=True,
               help="Never pick a CR whose agreement with the local model is lower (0: latency only, as the paper).")
 @click.option("--engines", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="Refuse a map measured with other engines than these.")
@@ -182,7 +184,7 @@ def model():
                                  "predicted.")
 @click.option("--local-compute", is_flag=True,
               help="With --compute-from: re-fit compute on that map's local points only.")
-@click.option("--request-bytes", type=(float, float), default=(None, None),
+@click.option("--request-bytes", type=(FiniteFloat(min=0), FiniteFloat(min=0)), default=(None, None),
               help="Request bytes per sample of this map's model and of --compute-from's (e.g. 602112 for "
                    "3x224x224 float32): the request's buffered tail is then a known wait at the first barrier. "
                    "Left out, that wait is fitted and both requests are taken to be the same size.")
@@ -229,7 +231,7 @@ def model_fit(map_path, test_path, transfer_path, local_compute, request_bytes, 
 @main.command()
 @click.argument("map_path", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True)
+@click.option("--min-agreement", type=FiniteFloat(0, 1), default=0.99, show_default=True)
 def plot(map_path, out, min_agreement):
     """Breakdown, per-sample, bandwidth and decision-map PNGs from a performance map."""
     from ..engines.perfmap import PerfMap

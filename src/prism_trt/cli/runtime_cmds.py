@@ -11,7 +11,7 @@ import click
 from ..engines.manifest import rank_directory
 from ..errors import PrismError
 from ..serve.http_server import HttpLimits, check_exposure
-from .common import group_options, main
+from .common import DEVICE, FiniteFloat, group_options, main
 
 
 class HttpOptions(NamedTuple):
@@ -48,14 +48,15 @@ def _breakdown_table(result: dict) -> str:
               help="A build directory (rankN/ is picked by rank) or one rank's engine directory.")
 @group_options
 @click.option("--mode", type=click.Choice(["local", "voltage", "prism"]), default="prism", show_default=True)
-@click.option("--cr", type=float, default=None, help="Compression rate for prism mode (one that was built).")
+@click.option("--cr", type=FiniteFloat(), default=None, help="Compression rate for prism mode (one that was built).")
 @click.option("--batch", "-B", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--repeat", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
 @click.option("--profile-barrier", is_flag=True,
               help="Barrier before every collective: splits comm into wait (rank skew) and transfer.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Engine intra-op threads.")
-@click.option("--device", default="cpu", show_default=True, help="Where engine tensors live (cpu, cuda:0).")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True,
+              help="Where engine tensors live (cpu, cuda:0).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the result as JSON here (rank 0).")
 @click.option("--trace", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -136,7 +137,7 @@ def _check_token(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 def http_options(func):
     """The HTTP server's flags for `serve`: address, authentication, body and read limits."""
-    seconds = click.FloatRange(min=0, min_open=True)
+    seconds = FiniteFloat(min=0, min_open=True)
 
     @click.option("--host", default="127.0.0.1", show_default=True,
                   help="Address to bind (rank 0). A non-loopback address (0.0.0.0 exposes every interface) needs "
@@ -182,18 +183,18 @@ def http_options(func):
 @group_options
 @click.option("--mode", type=click.Choice(["local", "voltage", "prism", "auto"]), default="local", show_default=True,
               help="How batches run; auto chooses per batch from a performance map (--map).")
-@click.option("--cr", type=float, default=None, help="Compression rate for --mode prism.")
+@click.option("--cr", type=FiniteFloat(), default=None, help="Compression rate for --mode prism.")
 @click.option("--map", "map_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="Performance map for --mode auto (from `prism-trt profile`).")
 @click.option("--objective", type=click.Choice(["latency", "energy"]), default="latency", show_default=True)
-@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True)
+@click.option("--min-agreement", type=FiniteFloat(0, 1), default=0.99, show_default=True)
 @click.option("--online/--no-online", default=True, show_default=True,
               help="--mode auto: refine the map's predictions with every batch's measured latency, per (mode, batch, "
                    "bandwidth bucket), track the link rate from the collectives, and explore now and then. "
                    "--no-online chooses from the map and the latency model alone (needed for --objective energy).")
-@click.option("--explore-fraction", type=click.FloatRange(0, 0.5), default=0.05, show_default=True,
+@click.option("--explore-fraction", type=FiniteFloat(0, 0.5), default=0.05, show_default=True,
               help="--mode auto: at most this share of batches runs a mode other than the predicted best (0: never).")
-@click.option("--explore-budget", type=click.FloatRange(min=0), default=0.25, show_default=True,
+@click.option("--explore-budget", type=FiniteFloat(min=0), default=0.25, show_default=True,
               help="--mode auto: explore only modes predicted within (1 + this) x the best latency; modes below "
                    "--min-agreement are never explored.")
 @click.option("--save-map", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -202,10 +203,11 @@ def http_options(func):
 @click.option("--save-every", type=click.IntRange(min=1), default=50, show_default=True,
               help="Batches between two writes of --save-map.")
 @http_options
-@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
+@click.option("--max-wait-ms", type=FiniteFloat(min=0), default=5.0, show_default=True,
               help="How long a batch waits for more requests.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Engine intra-op threads.")
-@click.option("--device", default="cpu", show_default=True, help="Where engine tensors live (cpu, cuda:0).")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True,
+              help="Where engine tensors live (cpu, cuda:0).")
 def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, explore_fraction, explore_budget,
           save_map, save_every, http, max_wait_ms, threads, device):
     """Serve classifications over the KServe v2 / Open Inference Protocol HTTP API.

@@ -12,6 +12,7 @@ import torch
 from ..engines.chain_key import ChainKey
 from ..engines.manifest import ModelRecord
 from ..engines.stage_spec import ATTENTION_MASK, IMAGES, INPUT_IDS
+from ..errors import UsageError
 from .api import Executor
 from .timing import PHASES, PhaseTimes
 
@@ -45,6 +46,9 @@ def measure(executor: Executor, key: ChainKey, batch: int, warmup: int = 3, repe
     """Run ``warmup`` + ``repeat`` batches of chain ``key``; per-rank phase means come from every
     rank that ran (rank 0 alone for the local chain). ``positions``: a text request's length (it
     runs on the shortest sequence bucket that holds it; default the longest)."""
+    if not 1 <= batch <= executor.max_batch:  # before the batch is allocated: 10^5 images are gigabytes
+        raise UsageError(f"--batch {batch} is outside the engines' batch range: 1 to max batch {executor.max_batch}; "
+                         f"use a smaller batch, or rebuild with a larger `prism-trt build --max-batch`")
     images = example_request(executor.manifest.model, batch, seed, positions)
     for _ in range(warmup):
         executor.infer(images, key, gather_timings=True)
