@@ -15,7 +15,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from prism_trt.engines.chain_key import ChainKey
+from prism_trt.core.chain_key import ChainKey
 from prism_trt.model.spec import ViTSpec
 from prism_trt.runtime.api import InferenceResult
 from prism_trt.runtime.timing import PhaseTimes

@@ -112,7 +112,7 @@ def test_text_chains_on_the_cuda_ep(tmp_path, name, precision):
     ranks = [load_chain(tmp_path / f"rank{r}", "prism", 2.0).__enter__() for r in range(2)]
     got = run_chains_in_process(ranks, request)
     assert got.is_cuda
-    plan = make_segment_plan(text_partition(model.spec, TEXT_SEQ_LEN, 2), segments=ranks[0].config.segments)
+    plan = make_segment_plan(text_partition(model.spec, TEXT_SEQ_LEN, 2), segments=ranks[0].config.plan.segments)
     assert_close(got.cpu(), simulate_text(model, plan, ids, mask), precision, name=f"{name} prism {precision}")
     with load_chain(tmp_path / "rank0", "local") as local:
         assert_close(run_chains_in_process([local], request).cpu(), model(ids, mask), precision,

@@ -62,7 +62,7 @@ def test_chained_engines_equal_reference(timm_pair, tiny_builds, ranks, mode, cr
     got = run_chains_in_process(chains, images)
     with torch.no_grad():
         if mode == "prism":
-            segments = chains[0].config.segments
+            segments = chains[0].config.plan.segments
             expected = simulate(model, images, make_segment_plan(make_partition_plan(197, 1, ranks), segments=segments))
         else:
             expected = reference(images)

@@ -8,9 +8,9 @@ import sys
 import pytest
 from conftest import build_engines, random_model, small_spec
 
+from prism_trt.core import PlanError
 from prism_trt.engines import ChainKey, Manifest, ManifestError
 from prism_trt.engines.manifest import SCHEMA_VERSION
-from prism_trt.errors import UsageError
 from prism_trt.runtime import load_chain
 
 
@@ -100,7 +100,7 @@ def test_missing_mode(rank_dir):
         load_chain(rank_dir, "local")
     with pytest.raises(ManifestError, match=r"no prism-cr4\.5 engines in this directory \(built: voltage, prism-cr3\)"):
         load_chain(rank_dir, "prism", 4.5)
-    with pytest.raises(UsageError, match=r"CR must be between 1 \(no compression\) and ceil\(N/P\) = 9"):
+    with pytest.raises(PlanError, match=r"CR must be between 1 \(no compression\) and ceil\(N/P\) = 9"):
         load_chain(rank_dir, "prism", 9.9)
 
 

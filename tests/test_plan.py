@@ -125,4 +125,4 @@ def test_segment_plan_errors(kwargs, message):
 
 def test_segments_for_cr_rounds_to_nearest():
     partition = make_partition_plan(197, 1, 2)
-    assert segments_for_cr(partition, 5) == 20  # 99 / 5 = 19.8
+    assert segments_for_cr(partition.num_tokens, partition.ranks, 5) == 20  # 99 / 5 = 19.8

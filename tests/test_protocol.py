@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from prism_trt.engines.chain_key import ChainKey
+from prism_trt.core.chain_key import ChainKey
 from prism_trt.model.spec import ViTSpec
 from prism_trt.serve.protocol import (
     RequestError,

@@ -69,7 +69,7 @@ def test_engines_equal_the_reference(text_engines, name, mode):
     ids, mask = text_request()
     ranks = chains(directory, mode, 2.0 if mode == "prism" else None)
     got = run_chains_in_process(ranks, {INPUT_IDS: ids, ATTENTION_MASK: mask})
-    segments = ranks[0].config.segments
+    segments = ranks[0].config.plan.segments
     assert_close(got, reference(model, mode, segments, ids, mask), name=f"{name} {mode}")
     if mode == "local":  # and the monolithic model, the P = 1 comparison
         with load_chain(directory / "rank0", "local", threads=1, use_monolithic=True) as whole:

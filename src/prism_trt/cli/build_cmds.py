@@ -146,8 +146,9 @@ def inspect(directory, no_verify, as_json):
         for config in manifest.configs:
             checks = [s.verification["engine"] for s in config.stages if s.verification]
             errors = [check["max_abs_error"] for check in checks]
-            rows.append([config.name, config.mode, config.ranks, config.cr, config.segments,
-                         "/".join(map(str, config.counts)), len(config.stages),
+            plan = config.plan_dict()  # as recorded: a local chain has no CR or L
+            rows.append([config.name, config.mode, config.ranks, plan["cr"], plan["segments"],
+                         "/".join(map(str, config.plan.counts)), len(config.stages),
                          f"{len(checks)}/{len(config.stages)}", f"{max(errors):.1e}" if errors else None,
                          _percent(max(c["used"] for c in checks)) if checks else None])
         click.echo("  " + format_table(["config", "mode", "P", "CR", "L", "sent/rank", "stages", "verified",

@@ -22,6 +22,7 @@ import click
 import httpx
 import torch
 
+from ..core.chain_key import Mode
 from ..data import MnistTestSet, data_dir
 from ..engines import BuildOptions, get_backend
 from ..export.build import Builder, config_plans
@@ -209,7 +210,7 @@ def run_demo(settings: DemoSettings) -> dict:
     click.echo(f"requests: {served['images']} images answered, {served['agree_with_local']} agree with the local "
                f"model" + (f", {served['correct']} correct (local model: {served['local_correct']})"
                             if served["correct"] is not None else " (random weights: no accuracy)"))
-    distributed = [p for p in data.points if p.mode != "local"]
+    distributed = [p for p in data.points if p.mode != Mode.LOCAL]
     best = min(distributed, key=lambda p: p.latency["per_sample_ms"])
     breakdown = best.per_rank[0]
     click.echo(f"fastest distributed point: {best.key.label} batch {best.batch} at "

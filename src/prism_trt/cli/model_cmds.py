@@ -48,6 +48,7 @@ def flops(model_name, checkpoint, ranks, crs, segments, weights, batch, dtype, s
     `prism-trt flops --model bert-base-uncased --seq-len 256 --ranks 2 --cr 128 --no-cls-segment`.
     """
     from ..core.accounting import flops_report, text_flops_report
+    from ..core.chain_key import Mode
     from ..model.text_adapters import TEXT_CONFIGS, text_spec
     from ..report import format_table
 
@@ -68,8 +69,8 @@ def flops(model_name, checkpoint, ranks, crs, segments, weights, batch, dtype, s
     local_gflops = report["local"]["gflops_per_device"]
     rows = []
     for entry in [report["local"], report["voltage"], *report["prism"]]:
-        speedup = None if entry["strategy"] == "local" else 1 - entry["gflops_per_device"] / local_gflops
-        reduction = entry["comm_reduction"] if entry["strategy"] == "prism" else None
+        speedup = None if entry["strategy"] == Mode.LOCAL else 1 - entry["gflops_per_device"] / local_gflops
+        reduction = entry["comm_reduction"] if entry["strategy"] == Mode.PRISM else None
         rows.append([entry["strategy"], entry["ranks"], entry["cr"], entry["segments"], entry["gflops_per_device"],
                      None if speedup is None else f"{100 * speedup:.2f}%",
                      None if reduction is None else f"{100 * reduction:.1f}%",

@@ -138,7 +138,7 @@ def sweep_rank0(engines, group, threads, warmup, repeat, max_repeat, target_ci, 
 
     import logging
 
-    from ..engines.chain_key import ChainKey
+    from ..core.chain_key import ChainKey
     from ..profiler.rank0 import measure_points
 
     logging.basicConfig(level=logging.WARNING)

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import click
 
+from ..core.chain_key import Mode
 from ..engines.manifest import rank_directory
 from ..errors import PrismError
 from ..serve.http_server import HttpLimits, check_exposure
@@ -47,7 +48,7 @@ def _breakdown_table(result: dict) -> str:
 @click.option("--engines", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
               help="A build directory (rankN/ is picked by rank) or one rank's engine directory.")
 @group_options
-@click.option("--mode", type=click.Choice(["local", "voltage", "prism"]), default="prism", show_default=True)
+@click.option("--mode", type=click.Choice([m.value for m in Mode]), default="prism", show_default=True)
 @click.option("--cr", type=FiniteFloat(), default=None, help="Compression rate for prism mode (one that was built).")
 @click.option("--batch", "-B", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--repeat", type=click.IntRange(min=1), default=20, show_default=True)
@@ -181,7 +182,7 @@ def http_options(func):
 @click.option("--engines", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
               help="A build directory (rankN/ is picked by rank) or one rank's engine directory.")
 @group_options
-@click.option("--mode", type=click.Choice(["local", "voltage", "prism", "auto"]), default="local", show_default=True,
+@click.option("--mode", type=click.Choice([*(m.value for m in Mode), "auto"]), default="local", show_default=True,
               help="How batches run; auto chooses per batch from a performance map (--map).")
 @click.option("--cr", type=FiniteFloat(), default=None, help="Compression rate for --mode prism.")
 @click.option("--map", "map_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
@@ -246,7 +247,7 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, 
             check_exposure(http.host, http.token is not None, allow_unauthenticated=False)
         except PrismError as error:
             raise click.UsageError(str(error)) from None
-    if mode in ("voltage", "prism") and group.world_size == 1:
+    if mode in (Mode.VOLTAGE, Mode.PRISM) and group.world_size == 1:
         raise click.UsageError(f"{mode} mode needs --world-size >= 2")
     executor = open_executor(engines, group, threads, device)
     selector = None

@@ -1,17 +1,19 @@
 """The Prism core: partition and segment plans, per-rank forward, simulation and accounting."""
 
+from .chain_key import ChainKey, Mode
 from .plan import (
-                   PartitionPlan,
-                   PlanError,
-                   SegmentPlan,
-                   make_partition_plan,
-                   make_segment_plan,
-                   segments_for_cr,
-                   voltage_plan,
+    PartitionPlan,
+    PlanError,
+    SegmentPlan,
+    cr_for_segments,
+    make_partition_plan,
+    make_segment_plan,
+    segments_for_cr,
+    voltage_plan,
 )
 from .rank import RankForward, concat_remote, run_ranks, simulate, simulate_blocks
 from .text_rank import RankMasks, TextRankForward, simulate_text, text_partition
 
-__all__ = ["PartitionPlan", "PlanError", "SegmentPlan", "make_partition_plan", "make_segment_plan",
-           "segments_for_cr", "voltage_plan", "RankForward", "concat_remote", "run_ranks", "simulate", "simulate_blocks",
-           "RankMasks", "TextRankForward", "simulate_text", "text_partition"]
+__all__ = ["ChainKey", "Mode", "PartitionPlan", "PlanError", "SegmentPlan", "cr_for_segments", "make_partition_plan",
+           "make_segment_plan", "segments_for_cr", "voltage_plan", "RankForward", "concat_remote", "run_ranks",
+           "simulate", "simulate_blocks", "RankMasks", "TextRankForward", "simulate_text", "text_partition"]

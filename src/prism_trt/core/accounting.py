@@ -12,12 +12,20 @@ paper's convention for GPT-2 is unknown, prism-text.md 4.2).
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 from ..model.spec import BlockSpec, ViTSpec
 from ..model.text_spec import TextSpec
-from .plan import PartitionPlan, PlanError, SegmentPlan, make_partition_plan, make_segment_plan, voltage_plan
+from .chain_key import Mode
+from .plan import (
+    PartitionPlan,
+    PlanError,
+    SegmentPlan,
+    make_partition_plan,
+    make_segment_plan,
+    tokens_per_rank,
+    voltage_plan,
+)
 
 
 def block_flops(spec: BlockSpec, queries: int, kv_tokens: int) -> int:
@@ -46,7 +54,7 @@ class RankCost:
 
 @dataclass(frozen=True)
 class StrategyCost:
-    strategy: str  # "local", "voltage" or "prism"
+    strategy: Mode
     ranks: int
     cr: float | None
     segments: int | None
@@ -60,7 +68,7 @@ class StrategyCost:
         return asdict(self)
 
 
-def plan_cost(spec: ViTSpec | TextSpec, plan: SegmentPlan, strategy: str, batch: int = 1,
+def plan_cost(spec: ViTSpec | TextSpec, plan: SegmentPlan, strategy: Mode, batch: int = 1,
               bytes_per_element: int = 4) -> StrategyCost:
     """Cost of one forward over ``plan`` (local: P=1; voltage: CR=1; prism: any CR)."""
     partition = plan.partition
@@ -85,7 +93,7 @@ def plan_cost(spec: ViTSpec | TextSpec, plan: SegmentPlan, strategy: str, batch:
         segments=plan.segments if distributed else None,
         per_rank=tuple(per_rank),
         gflops_per_device=sum(r.gflops for r in per_rank) / len(per_rank),
-        comm_reduction=(1 - plan.segments / math.ceil(partition.num_tokens / plan.ranks)) if distributed else None,
+        comm_reduction=(1 - plan.segments / tokens_per_rank(partition.num_tokens, plan.ranks)) if distributed else None,
         bytes_reduction=(1 - sum(r.sent_per_block for r in per_rank) / voltage_entries) if distributed else None,
         bytes_per_block_per_rank=tuple(r.bytes_sent_per_block for r in per_rank),
     )
@@ -101,9 +109,9 @@ def _strategies(spec: ViTSpec | TextSpec, partition: PartitionPlan, local: Parti
         "partition": list(partition.sizes),
         "batch": batch,
         "bytes_per_element": bytes_per_element,
-        "local": plan_cost(spec, make_segment_plan(local, segments=1), "local", batch, bytes_per_element).to_dict(),
-        "voltage": plan_cost(spec, voltage_plan(partition), "voltage", batch, bytes_per_element).to_dict(),
-        "prism": [plan_cost(spec, plan, "prism", batch, bytes_per_element).to_dict() for plan in plans],
+        "local": plan_cost(spec, make_segment_plan(local, segments=1), Mode.LOCAL, batch, bytes_per_element).to_dict(),
+        "voltage": plan_cost(spec, voltage_plan(partition), Mode.VOLTAGE, batch, bytes_per_element).to_dict(),
+        "prism": [plan_cost(spec, plan, Mode.PRISM, batch, bytes_per_element).to_dict() for plan in plans],
     }
 
 

@@ -141,7 +141,7 @@ class SegmentPlan:
     def cr(self) -> float:
         """Compression rate as in seed 000: ceil(N/P) / L (1 for Voltage, even on a weighted
         partition whose largest rank needs L > ceil(N/P) to send every token)."""
-        return max(1.0, math.ceil(self.partition.num_tokens / self.partition.ranks) / self.segments)
+        return cr_for_segments(self.partition.num_tokens, self.partition.ranks, self.segments)
 
     @property
     def counts(self) -> tuple[int, ...]:
@@ -188,17 +188,25 @@ class SegmentPlan:
                 f"sent/rank={list(self.counts)}")
 
 
-def segments_for_cr(partition: PartitionPlan, cr: float) -> int:
-    """L = ceil(N/P) / CR rounded half up; CR must lie in [1, ceil(N/P)]."""
-    per_rank = math.ceil(partition.num_tokens / partition.ranks)
-    if not (isinstance(cr, (int, float)) and math.isfinite(cr)) or cr < 1 or cr > per_rank:
-        raise PlanError(f"CR must be between 1 (no compression) and ceil(N/P) = {per_rank} (one segment), got {cr}")
-    return segments_for(partition.num_tokens, partition.ranks, cr)
+def tokens_per_rank(num_tokens: int, ranks: int) -> int:
+    """ceil(N/P): the most tokens a rank of a near-equal partition holds, the L of CR 1."""
+    return math.ceil(num_tokens / ranks)
 
 
-def segments_for(num_tokens: int, ranks: int, cr: float) -> int:
-    """The segment count a compression rate stands for: round(ceil(N/P) / CR), at least 1."""
-    return max(1, math.floor(math.ceil(num_tokens / ranks) / cr + 0.5))
+def segments_for_cr(num_tokens: int, ranks: int, cr: float) -> int:
+    """The segment count L a compression rate stands for, the one CR -> L rule:
+    L = ceil(N/P) / CR rounded half up. CR must lie in [1, ceil(N/P)]."""
+    per_rank = tokens_per_rank(num_tokens, ranks)
+    if isinstance(cr, bool) or not isinstance(cr, (int, float)) or not math.isfinite(cr) or not 1 <= cr <= per_rank:
+        raise PlanError(f"CR must be between 1 (no compression) and ceil(N/P) = {per_rank} (one segment per "
+                        f"partition), got {cr}")
+    return max(1, math.floor(per_rank / cr + 0.5))
+
+
+def cr_for_segments(num_tokens: int, ranks: int, segments: int) -> float:
+    """The compression rate of L segments per partition, the one L -> CR rule: ceil(N/P) / L, at
+    least 1 (a voltage plan on a weighted partition can need L > ceil(N/P))."""
+    return max(1.0, tokens_per_rank(num_tokens, ranks) / segments)
 
 
 def make_segment_plan(partition: PartitionPlan, segments: int | None = None, cr: float | None = None) -> SegmentPlan:
@@ -206,9 +214,10 @@ def make_segment_plan(partition: PartitionPlan, segments: int | None = None, cr:
     if (segments is None) == (cr is None):
         raise PlanError("give exactly one of segments (L) or cr")
     if cr is not None:
-        segments = segments_for_cr(partition, cr)
+        segments = segments_for_cr(partition.num_tokens, partition.ranks, cr)
     # ceil(N/P), or more on a weighted partition: one segment per patch of its largest rank.
-    most = max(math.ceil(partition.num_tokens / partition.ranks), *map(partition.patch_count, range(partition.ranks)))
+    most = max(tokens_per_rank(partition.num_tokens, partition.ranks),
+               *map(partition.patch_count, range(partition.ranks)))
     if not isinstance(segments, (int, np.integer)) or segments < 1 or segments > most:
         raise PlanError(f"segments per partition must be an integer in [1, {most}] (one segment per token of the "
                         f"largest partition), got {segments}")
@@ -223,5 +232,6 @@ def make_segment_plan(partition: PartitionPlan, segments: int | None = None, cr:
 def voltage_plan(partition: PartitionPlan) -> SegmentPlan:
     """CR = 1: every token is its own segment. L is the largest rank's patch count, which on a
     weighted partition can exceed ceil(N/P) (with L = ceil(N/P) that rank would average pairs)."""
-    most = max(math.ceil(partition.num_tokens / partition.ranks), *map(partition.patch_count, range(partition.ranks)))
+    most = max(tokens_per_rank(partition.num_tokens, partition.ranks),
+               *map(partition.patch_count, range(partition.ranks)))
     return make_segment_plan(partition, segments=most)

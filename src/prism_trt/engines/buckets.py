@@ -11,10 +11,11 @@ directory of its own in ``seqN/`` (its manifest, chains, verification reports an
     OUT/rank0/seq32/manifest.json  N = 32
 
 A request of n positions runs on the smallest bucket with N >= n. Chains correspond across
-buckets by position: one build asks every bucket for the same chains in the same order (and
+buckets by build order: one build asks every bucket for the same chains in the same order (and
 refuses CRs that would give the same L in a short bucket), so the chain a user or selector picks
 by the longest bucket's key (``--mode prism --cr 8``) runs as the chain built from the same request
-in a shorter one. :class:`BucketSet` is the one reader of that layout.
+in a shorter one. :class:`BucketSet` is the one reader of that layout; it pairs the chains once,
+as ``(bucket length, key)``.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.chain_key import ChainKey
 from ..errors import UsageError
-from .chain_key import ChainKey
-from .manifest import Manifest, ManifestError
+from .manifest import ChainConfig, Manifest, ManifestError
 
 BUCKET_PREFIX = "seq"
 
@@ -59,6 +60,13 @@ class BucketSet:
         if not buckets:
             raise ValueError("a bucket set needs at least the rank directory's own engines")
         self.buckets = sorted(buckets, key=lambda b: b.length or 0)
+        primary = self.primary.manifest.configs
+        #: (bucket length, the longest bucket's key) -> that bucket's chain, shortest bucket first, each
+        #: in build order: the build gives every bucket the same chains in the same order
+        self.chains: dict[tuple[int | None, ChainKey], tuple[Bucket, ChainConfig]] = {}
+        for bucket in self.buckets:  # read() has checked that every bucket holds the same chains
+            pairs = zip(primary, bucket.manifest.configs, strict=True)
+            self.chains.update({(bucket.length, ours.key): (bucket, theirs) for ours, theirs in pairs})
 
     @classmethod
     def read(cls, rank_dir: Path, primary: Manifest, backend: str | None = None, device: str | None = None,
@@ -102,12 +110,14 @@ class BucketSet:
                              f"{lengths[-1]}; prism-trt build --seq-len)")
         return self.buckets[index]
 
-    def translate(self, key: ChainKey, bucket: Bucket) -> ChainKey:
-        """The key, in ``bucket``, of the chain the longest bucket knows as ``key``."""
-        if bucket is self.primary:
-            return key
-        primary = self.primary.manifest
-        return bucket.manifest.configs[primary.configs.index(primary.config(key))].key
+    def chain(self, key: ChainKey, bucket: Bucket) -> ChainConfig:
+        """The chain, in ``bucket``, that the longest bucket knows as ``key``; a ManifestError naming
+        the chains that were built when there is none."""
+        found = self.chains.get((bucket.length, key))
+        if found is None:
+            self.primary.manifest.config(key)  # raises, naming what was built
+            raise ManifestError(f"{bucket.directory}: no {key.label} engines")
+        return found[1]
 
 
 def _require_same_build(primary: Manifest, other: Manifest, directory: Path, length: int) -> None:

@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..core.plan import SegmentPlan
+from ..core.chain_key import MODE_NAMES, ChainKey, Mode
+from ..core.plan import PartitionPlan, PlanError, SegmentPlan, make_segment_plan, voltage_plan
 from ..errors import PrismError
 from ..model.spec import ViTSpec
 from ..model.text_spec import TextSpec
 from .base import BuildOptions
-from .chain_key import ChainKey
 from .json_record import Fields, read_json_object, sha256_file, sha256_json, write_json_atomic
 from .model_record import ModelRecord
 from .stage_spec import StageSpec
@@ -110,36 +110,34 @@ class StageEntry:
 
 @dataclass(frozen=True)
 class ChainConfig:
-    """One chain a rank can run, with its plan's shape and its stages in execution order.
+    """One chain a rank can run: its identity, its plan and its stages in execution order. A
+    local chain's plan has one rank; voltage's L is one segment per token of the largest partition."""
 
-    ``segments`` and ``cr`` are the plan's (voltage's L is one segment per token of the largest
-    partition); the chain's identity is :attr:`key`.
-    """
-
-    name: str
-    mode: str
-    ranks: int
-    partition: tuple[int, ...]
-    segments: int | None
-    cr: float | None
-    counts: tuple[int, ...]
-    segment_sizes: tuple[tuple[int, ...], ...]
+    key: ChainKey
+    plan: SegmentPlan
     stages: tuple[StageEntry, ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.key != ChainKey.of_plan(self.key.mode, self.plan) or (self.mode is Mode.LOCAL) != (self.ranks == 1):
+            raise PlanError(f"a {self.key.label} chain cannot run the plan {self.plan.describe()}")
+
     @classmethod
-    def of_plan(cls, mode: str, plan: SegmentPlan) -> ChainConfig:
+    def of_plan(cls, mode: Mode | str, plan: SegmentPlan) -> ChainConfig:
         """A chain (no stages yet) for ``plan``; local chains have a one-rank plan."""
-        key = ChainKey.of_plan(mode, plan)
-        distributed = plan.ranks > 1
-        return cls("local" if mode == "local" else key.label, mode, plan.ranks, tuple(plan.partition.sizes),
-                   plan.segments if distributed else None, plan.cr if distributed else None, tuple(plan.counts),
-                   tuple(tuple(s) for s in plan.segment_sizes))
+        return cls(ChainKey.of_plan(mode, plan), plan)
 
     @property
-    def key(self) -> ChainKey:
-        if self.mode == "prism":
-            return ChainKey.prism(self.segments, sum(self.partition), self.ranks)
-        return ChainKey.voltage() if self.mode == "voltage" else ChainKey.local()
+    def name(self) -> str:
+        """The chain's directory in the build, its key's label."""
+        return self.key.label
+
+    @property
+    def mode(self) -> Mode:
+        return self.key.mode
+
+    @property
+    def ranks(self) -> int:
+        return self.plan.ranks
 
     def stage(self, name: str) -> StageEntry:
         for entry in self.stages:
@@ -149,29 +147,45 @@ class ChainConfig:
 
     def plan_dict(self) -> dict[str, Any]:
         """The chain without its stages (part of every stage's export key)."""
-        return {"name": self.name, "mode": self.mode, "ranks": self.ranks, "partition": list(self.partition),
-                "segments": self.segments, "cr": self.cr, "counts": list(self.counts),
-                "segment_sizes": [list(s) for s in self.segment_sizes]}
+        plan, distributed = self.plan, self.ranks > 1
+        return {"name": self.name, "mode": self.mode.value, "ranks": self.ranks,
+                "partition": list(plan.partition.sizes),
+                "segments": plan.segments if distributed else None, "cr": plan.cr if distributed else None,
+                "counts": list(plan.counts), "segment_sizes": [list(s) for s in plan.segment_sizes]}
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.plan_dict(), "stages": [s.to_dict() for s in self.stages]}
 
     @classmethod
-    def parse(cls, fields: Fields) -> ChainConfig:
+    def parse(cls, fields: Fields, num_tokens: int, num_prefix_tokens: int) -> ChainConfig:
+        """The chain recorded in ``fields``, its plan rebuilt from the partition and L by the plan's
+        own rules and required to be the one recorded (segment sizes, counts, CR and name)."""
         mode = fields.get("mode", str)
-        if mode not in ("local", "voltage", "prism"):
+        if mode not in MODE_NAMES:
             raise fields.fail("mode", f"expected local, voltage or prism, found {mode!r}")
         ranks = fields.integer("ranks", minimum=1)
-        sizes = fields.get("segment_sizes", list)
-        if len(sizes) != ranks:
-            raise fields.fail("segment_sizes", f"expected one list per rank ({ranks}), found {len(sizes)}")
-        segment_sizes = tuple(Fields({"sizes": s}, f"{fields.where}.segment_sizes[{rank}]", ManifestError)
-                              .integers("sizes", minimum=1) for rank, s in enumerate(sizes))
-        return cls(fields.get("name", str), mode, ranks, fields.integers("partition", minimum=1, length=ranks),
-                   fields.integer("segments", minimum=1, optional=mode == "local"),
-                   fields.number("cr", optional=mode == "local", minimum=1),
-                   fields.integers("counts", minimum=1, length=ranks), segment_sizes,
-                   tuple(StageEntry.parse(s) for s in fields.items("stages")))
+        sizes = fields.integers("partition", minimum=1, length=ranks)
+        segments = fields.integer("segments", minimum=1, optional=mode == Mode.LOCAL)
+        fields.number("cr", optional=mode == Mode.LOCAL, minimum=1)
+        fields.integers("counts", minimum=1, length=ranks)
+        recorded = fields.get("segment_sizes", list)
+        if len(recorded) != ranks:
+            raise fields.fail("segment_sizes", f"expected one list per rank ({ranks}), found {len(recorded)}")
+        for rank, rank_sizes in enumerate(recorded):
+            Fields({"sizes": rank_sizes}, f"{fields.where}.segment_sizes[{rank}]", ManifestError).integers(
+                "sizes", minimum=1)
+        stages = tuple(StageEntry.parse(s) for s in fields.items("stages"))
+        try:
+            partition = PartitionPlan(num_tokens, num_prefix_tokens, sizes)
+            plan = voltage_plan(partition) if mode == Mode.LOCAL else make_segment_plan(partition, segments=segments)
+            config = cls(ChainKey.of_plan(mode, plan), plan, stages)
+        except PlanError as error:
+            raise fields.error(f"{fields.where}: not a plan of {num_tokens} tokens ({error}); rebuild the engines "
+                               f"with `prism-trt build`") from None
+        if config.plan_dict() != {k: v for k, v in fields.data.items() if k != "stages"}:
+            raise fields.error(f"{fields.where}: the recorded plan is not the one its partition and segment count "
+                               f"make ({config.plan_dict()}); rebuild the engines with `prism-trt build`")
+        return config
 
 
 @dataclass(frozen=True)
@@ -292,14 +306,16 @@ class Manifest:
             if not isinstance(digest, str):
                 raise ManifestError(f"{where}.files.{relative}: expected a SHA-256 hex string, found {digest!r}")
         monolithic = fields.nested("monolithic", optional=True)
+        model = ModelRecord.parse(fields.nested("model"))
         manifest = cls(
             rank=fields.integer("rank", minimum=0), world_size=fields.integer("world_size", minimum=1),
             means_source=fields.get("means_source", str),
-            model=ModelRecord.parse(fields.nested("model")),
+            model=model,
             backend=BackendRecord(backend.get("name", str), backend.get("version", str), backend.get("device", str),
                                   backend.get("provider", str, optional=True)),
             build_options=options, export=fields.get("export", dict),
-            configs=[ChainConfig.parse(c) for c in fields.items("configs")],
+            configs=[ChainConfig.parse(c, model.num_tokens, model.spec.num_prefix_tokens)
+                     for c in fields.items("configs")],
             monolithic=None if monolithic is None else StageEntry.parse(monolithic), files=dict(files),
             tool=fields.get("tool", dict, optional=True) or {}, created=fields.get("created", str, optional=True) or "",
             sequence_buckets=fields.integers("sequence_buckets", minimum=1) if "sequence_buckets" in data else (),
@@ -331,7 +347,7 @@ class Manifest:
         raise ManifestError(f"no {key.label} engines in this directory (built: {built}); build them with "
                             f"`prism-trt build`")
 
-    def key_for(self, mode: str, cr: float | None = None) -> ChainKey:
+    def key_for(self, mode: Mode | str, cr: float | None = None) -> ChainKey:
         """The built chain a user's mode and CR stand for (the CR mapped to L by the one rule)."""
         key = ChainKey.parse(mode, cr, self.num_tokens, self.world_size)
         return self.config(key).key

@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..core.chain_key import ChainKey, Mode
 from ..errors import PrismError
-from .chain_key import ChainKey
 from .json_record import Fields, read_json_object, write_json_atomic
 from .manifest import Manifest, rank_directory
 
@@ -68,9 +68,9 @@ def _bandwidth_cell(bandwidth: float | None) -> float | None:
 
 def _key(fields: Fields) -> ChainKey:
     mode = fields.get("mode", str)
-    if mode == "prism":
+    if mode == Mode.PRISM:
         fields.integer("segments", minimum=1)
-    fields.number("cr", optional=mode != "prism", minimum=1)
+    fields.number("cr", optional=mode != Mode.PRISM, minimum=1)
     try:
         return ChainKey.from_dict(fields.data)
     except PrismError as error:
@@ -101,7 +101,7 @@ class PerfPoint:
     @property
     def cell(self) -> tuple:
         """Identity of a point: local points ignore bandwidth."""
-        return (self.key, self.batch, None if self.key.mode == "local" else _bandwidth_cell(self.bandwidth_mbit))
+        return (self.key, self.batch, None if self.key.mode == Mode.LOCAL else _bandwidth_cell(self.bandwidth_mbit))
 
     @property
     def bandwidth(self) -> float | None:
@@ -128,7 +128,7 @@ class PerfPoint:
                 rank.number(phase, minimum=0)
             rank.number("wait", optional=True, minimum=0)
         return cls(key, fields.integer("batch", minimum=1),
-                   None if key.mode == "local" else fields.number("bandwidth_mbit", optional=True, positive=True),
+                   None if key.mode == Mode.LOCAL else fields.number("bandwidth_mbit", optional=True, positive=True),
                    {name: latency.number(name, minimum=0) for name in LATENCY_FIELDS}, [r.data for r in per_rank],
                    fields.number("measured_mbit", optional=True, positive=True),
                    fields.number("energy_j", optional=True, minimum=0),
@@ -270,7 +270,7 @@ class PerfMap:
         return self.metadata["ranks"]
 
     def find(self, key: ChainKey, batch: int, bandwidth: float | None) -> PerfPoint | None:
-        cell = (key, int(batch), None if key.mode == "local" else _bandwidth_cell(bandwidth))
+        cell = (key, int(batch), None if key.mode == Mode.LOCAL else _bandwidth_cell(bandwidth))
         return next((p for p in self.points if p.cell == cell), None)
 
     def upsert(self, point: PerfPoint) -> None:

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__
+from ..core.chain_key import Mode
 from ..core.plan import SegmentPlan, make_partition_plan, make_segment_plan, voltage_plan
 from ..engines.base import Backend, BuildOptions
 from ..engines.buckets import BUCKET_PREFIX, bucket_directory
@@ -54,19 +55,22 @@ class ConfigPlan:
     """One chain a rank can run, with its plan: local (P=1), voltage (CR=1) or prism at one CR."""
 
     chain: ChainConfig
-    plan: SegmentPlan
     request: int | None = None  # which --cr / --segments value (in that order) a prism chain was built for
 
     @classmethod
-    def of(cls, mode: str, plan: SegmentPlan, request: int | None = None) -> ConfigPlan:
-        return cls(ChainConfig.of_plan(mode, plan), plan, request)
+    def of(cls, mode: Mode, plan: SegmentPlan, request: int | None = None) -> ConfigPlan:
+        return cls(ChainConfig.of_plan(mode, plan), request)
+
+    @property
+    def plan(self) -> SegmentPlan:
+        return self.chain.plan
 
     @property
     def name(self) -> str:
         return self.chain.name
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> Mode:
         return self.chain.mode
 
 
@@ -100,19 +104,19 @@ class BuildResult:
 def config_plans(num_tokens: int, num_prefix: int, ranks: int, crs: list[float], segments: list[int],
                  weights: list[float] | None = None, include_voltage: bool = True) -> list[ConfigPlan]:
     """The chains a build holds: local, then voltage and one prism chain per CR / segment count."""
-    configs = [ConfigPlan.of("local", voltage_plan(make_partition_plan(num_tokens, num_prefix, 1)))]
+    configs = [ConfigPlan.of(Mode.LOCAL, voltage_plan(make_partition_plan(num_tokens, num_prefix, 1)))]
     if ranks == 1:
         return configs
     partition = make_partition_plan(num_tokens, num_prefix, ranks, weights)
     if include_voltage:
-        configs.append(ConfigPlan.of("voltage", voltage_plan(partition)))
+        configs.append(ConfigPlan.of(Mode.VOLTAGE, voltage_plan(partition)))
     plans = [make_segment_plan(partition, cr=cr) for cr in crs] + [make_segment_plan(partition, segments=L)
                                                                     for L in segments]
     seen = set()
     for request, plan in enumerate(plans):
         if plan.segments not in seen:
             seen.add(plan.segments)
-            configs.append(ConfigPlan.of("prism", plan, request))
+            configs.append(ConfigPlan.of(Mode.PRISM, plan, request))
     return configs
 
 
@@ -121,7 +125,7 @@ def _require_matching_buckets(configs: list[ConfigPlan], shorter: dict[int, list
     across buckets by its position (:mod:`..engines.buckets`). :func:`config_plans` drops a CR whose
     L repeats an earlier one's, so CRs that collapse to one L in a short bucket (and not in a long
     one) are refused here, before anything is written."""
-    def chains(plans: list[ConfigPlan]) -> list[tuple[str, int | None]]:
+    def chains(plans: list[ConfigPlan]) -> list[tuple[Mode, int | None]]:
         return [(c.mode, c.request) for c in plans]
 
     if any(chains(plans) != chains(configs) for plans in shorter.values()):
@@ -176,14 +180,14 @@ class Builder:
         _require_matching_buckets(configs, shorter)
         result = BuildResult(out_dir, [out_dir / f"rank{r}" for r in range(ranks)])
         sets = [*((length, plans) for length, plans in shorter.items()), (None, configs)]
-        work = [(r, c) for _, plans in sets for r in range(ranks) for c in plans if c.mode != "local" or r == 0]
+        work = [(r, c) for _, plans in sets for r in range(ranks) for c in plans if c.mode is not Mode.LOCAL or r == 0]
         depth = self.model.spec.depth
         total = sum(depth + 1 + (rank == 0) for rank, _ in work) + len(sets)  # + each set's monolithic
         with tqdm(total=total, unit="stage", disable=not progress, desc="build") as bar:
             for length, plans in sets:
                 for rank in range(ranks):
                     rank_dir = out_dir / f"rank{rank}"
-                    rank_configs = [c for c in plans if c.mode != "local" or rank == 0]
+                    rank_configs = [c for c in plans if c.mode is not Mode.LOCAL or rank == 0]
                     if length is None:
                         self._build_rank(result, rank_dir, rank, ranks, rank_configs, bar, tuple(shorter))
                     else:
@@ -209,11 +213,11 @@ class Builder:
             tool={"name": "prism-trt", "version": __version__}, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             sequence_buckets=sequence_buckets)
         for config in configs:
-            stage_rank = 0 if config.mode == "local" else rank
+            stage_rank = 0 if config.mode is Mode.LOCAL else rank
             entries = tuple(self._stage(result, rank_dir, rank, config, stage, module, previous, manifest, bar)
                             for stage, module in rank_stages(self.model, config.plan, stage_rank, self.means_source))
             manifest.configs.append(dataclasses.replace(config.chain, stages=entries))
-            if config.mode == "local" and rank == 0:
+            if config.mode is Mode.LOCAL and rank == 0:
                 stage, module = monolithic_stage(self.model, num_tokens)
                 manifest.monolithic = self._stage(result, rank_dir, rank, config, stage, module, previous, manifest,
                                                   bar)

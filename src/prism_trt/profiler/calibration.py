@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..core.accuracy import evaluate
+from ..core.chain_key import Mode
 from ..core.plan import PartitionPlan, make_segment_plan
 from ..core.text_accuracy import evaluate_text
 from ..data import MnistTestSet, data_dir
@@ -58,7 +59,7 @@ def calibrate_chains(model, record: ModelRecord, configs: list[ChainConfig], mea
                      ) -> list[AccuracyEntry]:
     """:func:`calibrate` for a model, its manifest record and chains already in hand."""
     spec = model.spec
-    configs = [c for c in configs if c.mode in ("prism", "voltage")]
+    configs = [c for c in configs if c.mode in (Mode.PRISM, Mode.VOLTAGE)]
     # each chain's own partition: a weighted build's ranks hold unequal shares
     plans = [make_segment_plan(PartitionPlan(record.num_tokens, spec.num_prefix_tokens, c.partition),
                                segments=c.segments) for c in configs]

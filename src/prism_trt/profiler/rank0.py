@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 from ..core.accounting import plan_cost
-from ..core.plan import PartitionPlan, SegmentPlan
-from ..engines.chain_key import ChainKey
+from ..core.chain_key import ChainKey
 from ..engines.manifest import Manifest, rank_directory
 from ..runtime import GroupConfig, open_executor
 from ..runtime.measure import example_request, summarize_runs
@@ -31,11 +30,7 @@ def chain_gflops(manifest: Manifest, key: ChainKey) -> list[float]:
     """GFLOPs per sample of each rank of chain ``key``: the ViT's patches and tokens, or a text
     build's positions at its sequence length (the longest bucket's; a text model's causal mask
     counted as the engines run it: attention over the attended ranks' means)."""
-    spec = manifest.spec
-    config = manifest.config(key)
-    partition = PartitionPlan(sum(config.partition), spec.num_prefix_tokens, config.partition)
-    plan = SegmentPlan(partition, config.segments or 1, config.segment_sizes)
-    return [rank.gflops for rank in plan_cost(spec, plan, key.mode).per_rank]
+    return [rank.gflops for rank in plan_cost(manifest.spec, manifest.config(key).plan, key.mode).per_rank]
 
 
 def _sample_stats(runs: list, stopped: str) -> dict:

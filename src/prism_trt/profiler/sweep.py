@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..engines.chain_key import ChainKey
+from ..core.chain_key import ChainKey, Mode
 from ..engines.manifest import Manifest, rank_directory
 from ..engines.perfmap import LATENCY_FIELDS, AccuracyEntry, PerfMap, PerfMapError, PerfPoint
 from ..errors import PrismError
@@ -68,8 +68,8 @@ class SweepPlan:
         """A plan over the prism chains of a build: the requested CRs, each mapped to the segment
         count it stands for (an error names the built ones when it was not built), or every one."""
         manifest = Manifest.read(rank_directory(engines))
-        built = [key for key in manifest.keys() if key.mode == "prism"]
-        chains = built if crs is None else list(dict.fromkeys(manifest.key_for("prism", cr) for cr in crs))
+        built = [key for key in manifest.keys() if key.mode == Mode.PRISM]
+        chains = built if crs is None else list(dict.fromkeys(manifest.key_for(Mode.PRISM, cr) for cr in crs))
         return cls(batches, chains, bandwidths, warmup, repeat, sampling)
 
     def points_for(self, bandwidth: float | None, include_local: bool) -> list[tuple[ChainKey, int]]:
@@ -385,7 +385,7 @@ def profile(engines: Path, out: Path, plan: SweepPlan, launcher: Launcher, threa
 
                 def store(result: dict, bandwidth=bandwidth, measured=measured) -> None:
                     key = ChainKey.from_dict(result)
-                    data.upsert(PerfPoint(key, result["batch"], None if key.mode == "local" else bandwidth,
+                    data.upsert(PerfPoint(key, result["batch"], None if key.mode == Mode.LOCAL else bandwidth,
                                           {k: result["latency"][k] for k in LATENCY_FIELDS}, result["per_rank"],
                                           measured, result["energy_j"], result["energy_per_sample_j"],
                                           result["fell_back"], result.get("samples"),

@@ -12,8 +12,8 @@ from typing import Protocol
 
 import torch
 
+from ..core.chain_key import ChainKey, Mode
 from ..engines.buckets import Bucket, BucketSet
-from ..engines.chain_key import ChainKey
 from ..engines.manifest import Manifest, ModelRecord
 from ..engines.stage_spec import ATTENTION_MASK, IMAGES, INPUT_IDS
 from ..errors import UsageError
@@ -113,7 +113,7 @@ class Executor(ABC):
         for loaded in self.chains():
             if loaded == key:
                 return loaded
-        single = key.mode != "local" and self.manifest.world_size > 1 and len(self.chains()) == 1
+        single = key.mode != Mode.LOCAL and self.manifest.world_size > 1 and len(self.chains()) == 1
         raise UsageError(f"no {key.label} chain is loaded here (loaded: {', '.join(k.label for k in self.chains())})"
                          + ("; voltage and prism need --world-size >= 2" if single else ""))
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
+from ..core.chain_key import ChainKey, Mode
 from ..core.plan import attended_ranks
 from ..engines.base import Backend, Runner
 from ..engines.buckets import BucketSet
-from ..engines.chain_key import ChainKey
 from ..engines.manifest import ChainConfig, Manifest, ManifestError
 from ..engines.registry import get_backend
 from ..engines.stage_spec import LOGITS, MEANS, NEXT_TOKENS, REMOTE_MEANS, TOKENS, StageSpec
@@ -30,7 +30,7 @@ class EngineChain:
                  use_monolithic: bool = False):
         self.rank_dir, self.manifest, self.config = Path(rank_dir), manifest, config
         self.key = config.key
-        self.rank = 0 if config.mode == "local" else manifest.rank
+        self.rank = 0 if config.mode == Mode.LOCAL else manifest.rank
         if use_monolithic and manifest.monolithic is None:
             raise ManifestError(f"{rank_dir} has no monolithic model (only rank 0 of a build has one)")
         entries = [manifest.monolithic] if use_monolithic else config.stages

@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..core.chain_key import ChainKey, Mode
 from ..engines.buckets import Bucket
-from ..engines.chain_key import ChainKey
 from ..errors import PrismError, UsageError
 from .api import Executor, Health, InferenceResult, Inputs, fit_request, trim_positions
 from .chain import run_chains_in_process
@@ -185,8 +185,8 @@ class DistributedExecutor(Executor):
         if batch > self.max_batch:
             raise UsageError(f"batch {batch} is over the engines' max batch {self.max_batch}")
         with self._lock:
-            if key.mode == "local" or self._degraded or self._closed.is_set():
-                return self._local(request, bucket, positions, fell_back=key.mode != "local")
+            if key.mode == Mode.LOCAL or self._degraded or self._closed.is_set():
+                return self._local(request, bucket, positions, fell_back=key.mode != Mode.LOCAL)
             index = self.rank.config_index(key, bucket)
             try:
                 with self._collectives():

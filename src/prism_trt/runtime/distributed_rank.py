@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..core.chain_key import ChainKey, Mode
 from ..engines.buckets import Bucket
-from ..engines.chain_key import ChainKey
 from ..engines.manifest import ChainConfig, ManifestError
 from ..errors import UsageError
 from .chain import EngineChain, load_buckets_here
@@ -53,15 +53,16 @@ class DistributedRank:
         dim = self.spec.embed_dim
         self.routes: list[Route] = []
         self.local_chains: dict[int | None, EngineChain] = {}
-        for bucket in self.buckets:
-            for config in bucket.manifest.configs:
-                chain = EngineChain(bucket.directory, bucket.manifest, config, backend).__enter__()
-                if config.mode == "local":
-                    self.local_chains[bucket.length] = chain
-                    continue
-                self.routes.append(Route(bucket, config, chain,
-                                         make_staging(list(config.counts), rank, dim, device, chain.sources),
-                                         FinalGather(list(config.partition), rank, dim, device)))
+        self.route_of: dict[tuple[int | None, ChainKey], int] = {}  # (bucket length, key) -> the header's index
+        for (length, key), (bucket, config) in self.buckets.chains.items():
+            chain = EngineChain(bucket.directory, bucket.manifest, config, backend).__enter__()
+            if config.mode is Mode.LOCAL:
+                self.local_chains[bucket.length] = chain
+                continue
+            self.route_of[length, key] = len(self.routes)
+            self.routes.append(Route(bucket, config, chain,
+                                     make_staging(list(config.plan.counts), rank, dim, device, chain.sources),
+                                     FinalGather(list(config.plan.partition.sizes), rank, dim, device)))
         self._requests: dict[tuple[int | None, int], dict[str, torch.Tensor]] = {}
         # The per-batch header [op, route, batch, barrier], one buffer for the rank's whole life.
         # Besides saving an allocation, it must outlive the group: torch 2.5's ProcessGroupGloo
@@ -81,8 +82,8 @@ class DistributedRank:
     def signature(self) -> dict:
         """What every rank must agree on before the first collective."""
         return {"weights": self.weights, "world_size": self.world_size,
-                "configs": [(r.bucket.length, r.config.name, list(r.config.counts), list(r.config.partition))
-                            for r in self.routes]}
+                "configs": [(r.bucket.length, r.config.name, list(r.config.plan.counts),
+                             list(r.config.plan.partition.sizes)) for r in self.routes]}
 
     def check_consistent(self) -> None:
         signatures: list = [None] * self.world_size
@@ -106,11 +107,11 @@ class DistributedRank:
         """The route of the chain the longest bucket knows as ``key``, in ``bucket`` (default the
         longest); raises ManifestError (not a fallback) when not built."""
         bucket = bucket or self.buckets.primary
-        wanted = bucket.manifest.config(self.buckets.translate(key, bucket))
-        for index, route in enumerate(self.routes):
-            if route.bucket is bucket and route.config is wanted:
-                return index
-        raise ManifestError(f"{bucket.directory}: {wanted.name} is built for one rank only, not distributed")
+        index = self.route_of.get((bucket.length, key))
+        if index is None:
+            raise ManifestError(f"{bucket.directory}: {self.buckets.chain(key, bucket).name} is built for one rank "
+                                f"only, not distributed")
+        return index
 
     def run(self, config_index: int, request: dict[str, torch.Tensor], barrier: bool = False
             ) -> tuple[torch.Tensor | None, PhaseTimes]:

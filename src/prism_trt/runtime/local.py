@@ -6,7 +6,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..engines.chain_key import ChainKey
+from ..core.chain_key import ChainKey, Mode
 from ..errors import UsageError
 from .api import Executor, Health, InferenceResult, Inputs, fit_request, trim_positions
 from .chain import EngineChain, load_buckets_here, run_chains_in_process
@@ -32,7 +32,7 @@ class LocalExecutor(Executor):
         return [ChainKey.local()]
 
     def infer(self, inputs: Inputs, key: ChainKey, gather_timings: bool = False) -> InferenceResult:
-        if key.mode != "local":
+        if key.mode != Mode.LOCAL:
             raise UsageError(f"this executor runs only the local chain, not {key.label}")
         request, bucket, positions = fit_request(inputs, self.buckets)
         chain = self.chain_of[bucket.length]

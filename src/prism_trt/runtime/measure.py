@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..engines.chain_key import ChainKey
+from ..core.chain_key import ChainKey
 from ..engines.manifest import ModelRecord
 from ..engines.stage_spec import ATTENTION_MASK, IMAGES, INPUT_IDS
 from ..errors import UsageError

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engines.chain_key import ChainKey
+from ..core.chain_key import ChainKey
 from ..runtime.api import Executor, InferenceResult, Inputs, Observation, Selector
 from .metrics import ServerMetrics
 

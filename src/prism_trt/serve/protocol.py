@@ -19,7 +19,7 @@ import orjson
 import torch
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
-from ..engines.chain_key import ChainKey
+from ..core.chain_key import ChainKey, Mode
 from ..model.spec import ViTSpec
 from .binary import DATATYPES, binary_size, encode_outputs, flag, split_body, tensor_from_binary
 from .request_error import RequestError
@@ -280,7 +280,7 @@ def infer_response(model_name: str, request_id: str, outputs: tuple[str, ...], l
                                  values.argmax(axis=1))
     parameters = {"mode": choice.mode, "choice": choice.label, "fell_back": fell_back, "batch_size": batch_size,
                   "queue_ms": round(queue_ms, 3), "executor_ms": round(executor_ms, 3)}
-    if choice.mode == "prism":  # OIP parameter values cannot be null
+    if choice.mode == Mode.PRISM:  # OIP parameter values cannot be null
         parameters["segments"] = choice.segments
         if choice.cr is not None:
             parameters["cr"] = choice.cr

@@ -16,8 +16,8 @@ import uuid
 import numpy as np
 import torch
 
+from ..core.chain_key import ChainKey
 from ..engines.buckets import shortest_holding
-from ..engines.chain_key import ChainKey
 from ..engines.manifest import ModelRecord
 from ..engines.stage_spec import ATTENTION_MASK, INPUT_IDS
 from .binary import binary_size, split_body

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
+from ...core.chain_key import Mode
 from ...engines.perfmap import PerfPoint
 from .latency_model import TERMS, LatencyModel, mape, measured_terms
 
@@ -40,9 +41,9 @@ def _folds(points: list[PerfPoint], scheme: str) -> Iterator[tuple[list[PerfPoin
         for batch in sorted({p.batch for p in points}):
             yield [p for p in points if p.batch != batch], [p for p in points if p.batch == batch]
     elif scheme == "held-out bandwidth":
-        rates = sorted({p.bandwidth_mbit for p in points if p.mode != "local" and p.bandwidth_mbit})
+        rates = sorted({p.bandwidth_mbit for p in points if p.mode != Mode.LOCAL and p.bandwidth_mbit})
         for rate in rates:
-            held = [p.mode != "local" and p.bandwidth_mbit == rate for p in points]
+            held = [p.mode != Mode.LOCAL and p.bandwidth_mbit == rate for p in points]
             yield [p for p, out in zip(points, held) if not out], [p for p, out in zip(points, held) if out]
     else:
         raise ValueError(f"unknown scheme {scheme!r}, expected one of {', '.join(SCHEMES)}")
@@ -79,7 +80,7 @@ def naive_transfer(source: list[PerfPoint], target: list[PerfPoint], point: Perf
     link rate), scaled by the batch ratio and by B's local latency over A's (per sample, nearest
     batch): "B is that much slower or faster than A"; None without local points on both sides."""
     same = [p for p in source if p.mode == point.mode]
-    local_a, local_b = ([p for p in pts if p.mode == "local"] for pts in (source, target))
+    local_a, local_b = ([p for p in pts if p.mode == Mode.LOCAL] for pts in (source, target))
     if not same or not local_a or not local_b:
         return None
 
@@ -103,7 +104,7 @@ def transfer_report(source: list[PerfPoint], target: list[PerfPoint], local_only
     def fit() -> LatencyModel:
         return LatencyModel.fit(source, request_bytes[0]).with_compute(target, local_only, request_bytes[1])
 
-    test = [p for p in target if p.mode != "local"]
+    test = [p for p in target if p.mode != Mode.LOCAL]
     return _report([(fit, source, test)], lambda training, point: naive_transfer(training, target, point), detail)
 
 
@@ -179,7 +180,7 @@ def compute_drift(points: list[PerfPoint]) -> float | None:
     under the compute term's error that no model of the point can go below. None without repeats."""
     groups: dict[tuple, list[float]] = {}
     for point in points:
-        if point.mode != "local" and point.bandwidth_mbit:
+        if point.mode != Mode.LOCAL and point.bandwidth_mbit:
             groups.setdefault((point.key, point.batch), []).append(point.per_rank[0]["compute"])
     spreads = [float(np.std(values, ddof=1) / np.mean(values)) for values in groups.values() if len(values) > 1]
     return 100 * float(np.median(spreads)) if spreads else None

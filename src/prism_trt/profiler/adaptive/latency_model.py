@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ...engines.chain_key import ChainKey
+from ...core.chain_key import ChainKey, Mode
 from ...engines.perfmap import PerfPoint
 from ...errors import UsageError
 
@@ -179,7 +179,7 @@ class LatencyModel:
         model = cls([], np.zeros(0), False, np.zeros(2), np.zeros(4), np.zeros(3), np.zeros(3), {}, 0.0,
                     request_bytes=float(request_bytes or 1.0))
         model._fit_compute(points)
-        distributed = [p for p in points if p.mode != "local"]
+        distributed = [p for p in points if p.mode != Mode.LOCAL]
         plans = [(_plan(p), _inv_bw(p.bandwidth), measured_terms(p)) for p in distributed]
         model.staging = _lstsq([_staging_row(f, b) for f, b, _ in plans], [t["staging"] for *_, t in plans], 2)
         longest = max([f["bytes"] / f["n"] * b for f, b, _ in plans if f["n"]], default=0.0)
@@ -196,7 +196,7 @@ class LatencyModel:
             physical=lambda coef: coef[2] >= 0)
         model._fit_skew(distributed, fixed_lag=request_bytes is not None)
         for group in (False, True):
-            members = [p for p in points if (p.mode != "local") == group]
+            members = [p for p in points if (p.mode != Mode.LOCAL) == group]
             model.other[group] = _lstsq([[1.0, p.batch] for p in members],
                                         [measured_terms(p)["other"] for p in members], 2)
         return model
@@ -230,7 +230,7 @@ class LatencyModel:
                 targets.append(timings["compute"])
         self.compute_coef = _lstsq(rows, targets, len(rows[0]) if rows else 0)
         if not self.per_chain_slope:
-            groups = {p.mode != "local" for p in points}
+            groups = {p.mode != Mode.LOCAL for p in points}
             if len(groups) == 1:  # one group measured: its throughput stands for both
                 slope = self.compute_coef[len(self.chains) + int(groups.pop())]
                 self.compute_coef[len(self.chains):] = slope
@@ -254,7 +254,7 @@ class LatencyModel:
         if not local_only:
             other._fit_compute(points)
             return other
-        local = [p for p in points if p.mode == "local"]
+        local = [p for p in points if p.mode == Mode.LOCAL]
         if not local or self.per_chain_slope or any(p.gflops_per_rank is None for p in points):
             raise UsageError("a compute transfer from local points needs local points and FLOPs in both maps")
         other._fit_compute(local)
@@ -262,7 +262,7 @@ class LatencyModel:
         mine = {key: self.compute_coef[i] for i, key in enumerate(self.chains)}
         s_ratio = self.compute_coef[-1] / self.compute_coef[-2] if self.compute_coef[-2] > 0 else 1.0
         chains, intercepts = [ChainKey.local()], [a_local]
-        for key in dict.fromkeys(p.key for p in points if p.mode != "local"):
+        for key in dict.fromkeys(p.key for p in points if p.mode != Mode.LOCAL):
             same = [k for k in self.chains if k.mode == key.mode]
             if not same:
                 raise UsageError(f"no {key.mode} chain in the fitted map to transfer the {key.label} chain from")
@@ -287,7 +287,7 @@ class LatencyModel:
         onehot = [1.0 if key == chain else 0.0 for chain in self.chains]
         if self.per_chain_slope:  # fitted without FLOPs: the same for a point that has them
             return onehot + [w * batch for w in onehot]
-        distributed = key.mode != "local"
+        distributed = key.mode != Mode.LOCAL
         return onehot + [0.0 if distributed else batch * gflops, batch * gflops if distributed else 0.0]
 
     def _skew_row(self, point: PerfPoint, measured: bool, cap: float | None = None) -> list[float]:
@@ -321,7 +321,7 @@ class LatencyModel:
         like = PerfPoint(point.key, batch, bandwidth, point.latency, point.per_rank,
                          gflops_per_rank=point.gflops_per_rank)
         terms = {"compute": self.rank_compute(point.key, batch, _gflops(point))[0]}
-        distributed = point.mode != "local"
+        distributed = point.mode != Mode.LOCAL
         inv_bw = _inv_bw(bandwidth)
         terms["request"] = float(np.dot(self.request, self._request_row(batch, inv_bw))) if distributed else 0.0
         terms["staging"] = float(np.dot(self.staging, _staging_row(plan, inv_bw))) if distributed else 0.0

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...engines.chain_key import ChainKey
+from ...core.chain_key import ChainKey, Mode
 from ...engines.perfmap import PerfPoint
 from ...errors import UsageError
 from ...runtime.timing import PhaseTimes
@@ -126,7 +126,7 @@ class OnlineCells:
 
     def bucket(self, key: ChainKey, bandwidth: float | None) -> int | None:
         """Local chains and unknown rates have no bucket; others round(log_r(bandwidth / anchor))."""
-        if key.mode == "local" or not bandwidth:
+        if key.mode == Mode.LOCAL or not bandwidth:
             return None
         return round(math.log(bandwidth / self.anchor) / math.log(self.options.bucket_ratio))
 
@@ -268,7 +268,8 @@ def templates_by_chain(points: list[PerfPoint]) -> dict[ChainKey, PerfPoint]:
     the largest batch at the highest rate, to predict that chain anywhere."""
     best: dict[ChainKey, PerfPoint] = {}
     for point in points:
-        if point.mode != "local" and (point.key not in best or _template_rank(point) > _template_rank(best[point.key])):
+        if point.mode != Mode.LOCAL and (point.key not in best
+                                         or _template_rank(point) > _template_rank(best[point.key])):
             best[point.key] = point
     return best
 

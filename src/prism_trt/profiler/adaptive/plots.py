@@ -10,24 +10,25 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ...core.chain_key import Mode  # noqa: E402
 from ...engines.perfmap import PerfMap, PerfPoint  # noqa: E402
 from ...runtime.timing import PHASES  # noqa: E402
 from .latency_model import TERMS  # noqa: E402
 
 
 def _label(point: PerfPoint) -> str:
-    return f"prism CR {point.key.cr:.3g}" if point.mode == "prism" else point.mode
+    return f"prism CR {point.key.cr:.3g}" if point.mode == Mode.PRISM else point.mode
 
 
 def _bandwidths(data: PerfMap) -> list:
-    return sorted({p.bandwidth_mbit for p in data.points if p.mode != "local"}, key=lambda b: (b is None, b or 0))
+    return sorted({p.bandwidth_mbit for p in data.points if p.mode != Mode.LOCAL}, key=lambda b: (b is None, b or 0))
 
 
 def _series(data: PerfMap, bandwidth) -> dict[str, list[PerfPoint]]:
     """Each chain's points at ``bandwidth`` (local: at every bandwidth) by batch, keyed by its label."""
     series: dict = {}
     for point in data.points:
-        if point.mode == "local" or point.bandwidth_mbit == bandwidth:
+        if point.mode == Mode.LOCAL or point.bandwidth_mbit == bandwidth:
             series.setdefault(point.key, []).append(point)
     return {_label(points[0]): sorted(points, key=lambda p: p.batch) for points in series.values()}
 
@@ -83,9 +84,9 @@ def per_sample(data: PerfMap, bandwidth, path: Path) -> None:
 def vs_bandwidth(data: PerfMap, batch: int, path: Path) -> None:
     """Fig. 6: latency vs bandwidth at a fixed batch (local as a flat line)."""
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    local = [p for p in data.points if p.mode == "local" and p.batch == batch]
+    local = [p for p in data.points if p.mode == Mode.LOCAL and p.batch == batch]
     shaped = [b for b in _bandwidths(data) if b is not None]
-    for key in sorted({p.key for p in data.points if p.mode != "local"}, key=lambda k: (k.mode, k.segments or 0)):
+    for key in sorted({p.key for p in data.points if p.mode != Mode.LOCAL}, key=lambda k: (k.mode, k.segments or 0)):
         points = sorted([p for p in data.points if p.key == key and p.batch == batch and p.bandwidth_mbit is not None],
                         key=lambda p: p.bandwidth_mbit)
         if points:

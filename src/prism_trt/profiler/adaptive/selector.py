@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...engines.chain_key import ChainKey
+from ...core.chain_key import ChainKey, Mode
 from ...engines.perfmap import PerfMap, PerfPoint
 from ...errors import PrismError, UsageError
 from ...runtime.api import Executor, InferenceResult, Observation
@@ -88,7 +88,7 @@ class MapSelector:
             raise NoCandidate("the performance map has no measured points; run `prism-trt profile` to fill it")
         for choice in self.data.chains():
             candidate = self.candidate(choice, batch, bandwidth)
-            if choice.mode == "prism":
+            if choice.mode == Mode.PRISM:
                 agreement = self.data.agreement(choice)
                 if agreement is None and self.min_agreement > 0:
                     candidate.rejected = "agreement with the local model was not measured"
@@ -156,7 +156,7 @@ class OnlineSelector:
             raise UsageError(f"save_every must be >= 0 batches, got {save_every}")
         check_loaded(selector.data, executor)
         self.selector, self.options = selector, options or OnlineOptions()
-        rates = [p.bandwidth for p in selector.data.points if p.mode != "local" and p.bandwidth]
+        rates = [p.bandwidth for p in selector.data.points if p.mode != Mode.LOCAL and p.bandwidth]
         self.cells = OnlineCells(self.options, max(rates, default=None))
         self.tracker = None if not rates else BandwidthTracker(
             selector.model, templates_by_chain(selector.data.points), rates, self.options.bandwidth_window,
@@ -218,7 +218,7 @@ class OnlineSelector:
             if result.sequence_length != self.sequence_length:  # a shorter sequence bucket: not the map's cost
                 return None
             ran = result.choice  # local after a fallback: a real local measurement all the same
-            if ran.mode != "local" and not result.fell_back and self.tracker is not None:
+            if ran.mode != Mode.LOCAL and not result.fell_back and self.tracker is not None:
                 self.tracker.update(ran, batch, timings)
             bandwidth = self.bandwidth_mbit
             self.cells.observe(ran, batch, bandwidth, timings)
@@ -256,7 +256,7 @@ class OnlineSelector:
                      "stdev_ms": cell.stdev_ms * batch, "per_sample_ms": cell.median_ms},
                     # rank 0's phases only: the server does not gather the other ranks'
                     [cell.phases.to_dict()],
-                    measured_mbit=None if chain.mode == "local" else rate,
+                    measured_mbit=None if chain.mode == Mode.LOCAL else rate,
                     gflops_per_rank=gflops[:1] if gflops else None,
                     online={"observations": cell.count, "half_width_ms": cell.half_width_ms,
                             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
