@@ -86,10 +86,10 @@ def test_layout_and_manifests(bucket_build):
         assert buckets.for_length(8).length == 8 and buckets.for_length(9).length == 16
         short = buckets.for_length(5).manifest
         assert short.num_tokens == 8 and short.sequence_buckets == ()
-        # the same chains by position; prism CR 2 is L = 4 at N = 16 and L = 2 at N = 8
+        # the same chains in build order; prism CR 2 is L = 4 at N = 16 and L = 2 at N = 8
         assert [c.mode for c in short.configs] == [c.mode for c in primary.configs]
         if rank == 0:
-            assert buckets.translate(ChainKey.prism(4, 16, 2), buckets.for_length(5)) == ChainKey.prism(2, 8, 2)
+            assert buckets.chain(ChainKey.prism(4, 16, 2), buckets.for_length(5)).key == ChainKey.prism(2, 8, 2)
     assert json.loads((out / "build.json").read_text())["sequence_buckets"] == [8]
     with pytest.raises(UsageError, match="longest sequence 16"):
         buckets.for_length(17)

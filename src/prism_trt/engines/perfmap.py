@@ -95,7 +95,7 @@ class PerfPoint:
     online: dict[str, Any] | None = None  # see the module's schema; None for profiled points
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> Mode:
         return self.key.mode
 
     @property
