@@ -60,6 +60,14 @@ class TensorSpec:
         return cls(data["name"], tuple(data["shape"]), data["dtype"])
 
 
+# Bounds on what a build may record, checked again when a manifest is read: the digest proves a
+# manifest unedited only to someone who cannot recompute it, and max_batch sizes the server's body limit
+MAX_BATCH_LIMIT = 4096
+_INTEGER_BOUNDS = {"min_batch": (1, MAX_BATCH_LIMIT), "opt_batch": (1, MAX_BATCH_LIMIT),
+                   "max_batch": (1, MAX_BATCH_LIMIT), "workspace_mib": (1, 1 << 20), "optimization_level": (0, 5),
+                   "device_id": (0, 1023)}
+
+
 @dataclass(frozen=True)
 class BuildOptions:
     """How engines are built. Batch profile min/opt/max applies to the dynamic batch axis.
@@ -86,11 +94,18 @@ class BuildOptions:
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        for name in _INTEGER_BOUNDS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise UsageError(f"{name} must be an integer, got {value!r}")
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
             raise UsageError(f"batch profile must satisfy 1 <= min <= opt <= max, got "
                              f"{self.min_batch}/{self.opt_batch}/{self.max_batch}")
-        if not 0 <= self.optimization_level <= 5:
-            raise UsageError(f"optimization level must be 0..5, got {self.optimization_level}")
+        for name, (low, high) in _INTEGER_BOUNDS.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                shown = value if abs(value) < 10**12 else f"a {len(str(abs(value)))}-digit number"
+                raise UsageError(f"{name} must be at least {low} and at most {high}, got {shown}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
