@@ -300,7 +300,7 @@ def test_a_worker_with_a_wrong_token_is_refused(engines):
     workers = start_workers(engines / "p2", 2, port, extra=("--cluster-token", "guessed"))
     try:
         with pytest.raises(ClusterError, match=r"rank\(s\) \[1\] did not join .*rank 1 presented a wrong cluster token"):
-            DistributedExecutor(engines / "p2" / "rank0", GroupConfig(0, 2, "127.0.0.1", port, 60.0,
+            DistributedExecutor(engines / "p2" / "rank0", GroupConfig(0, 2, "127.0.0.1", port, 15.0,
                                                                      token="correct horse"), threads=1)
     finally:
         [(code, out)] = finish(workers)

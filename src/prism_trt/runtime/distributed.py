@@ -114,7 +114,7 @@ class DistributedExecutor(Executor):
             self.rank.close()
             raise
         try:
-            self._rendezvous.form(fail_on_refusal=True)
+            self._rendezvous.form()
             with peer_failures("rank 0: the workers went away while checking their engines"):
                 self.rank.check_consistent()
         except PrismError:

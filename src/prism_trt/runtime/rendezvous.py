@@ -158,11 +158,12 @@ class Rendezvous:
         """Whether every worker has a valid join request waiting (cheap: one store check per worker)."""
         return all(self._join_request(rank) is not None for rank in range(1, self.config.world_size))
 
-    def form(self, timeout_s: float | None = None, fail_on_refusal: bool = False) -> int:
+    def form(self, timeout_s: float | None = None) -> int:
         """Rank 0: wait until every worker asks to join (at most ``timeout_s``, default the group's
         timeout), admit them, and create the next generation's group. Returns the generation.
-        fail_on_refusal: give up as soon as a rank is refused (at start-up: its operator must fix
-        the token; later, a board may still come back with the right one)."""
+        A refused request (a wrong token) does not end the wait: whoever reaches the port could
+        otherwise stop a cluster from starting; the right worker may still come. The timeout's
+        error names the refusals."""
         deadline = time.monotonic() + (self.config.timeout_s if timeout_s is None else timeout_s)
         workers = range(1, self.config.world_size)
         requests: dict[int, dict] = {}
@@ -172,12 +173,12 @@ class Rendezvous:
                     requests[rank] = request
             if len(requests) == len(workers):
                 break
-            if time.monotonic() > deadline or (fail_on_refusal and self._refused):
+            if time.monotonic() > deadline:
                 missing = [rank for rank in workers if rank not in requests]
                 reasons = "; ".join(f"rank {rank} {self._refused[rank]}" for rank in missing if rank in self._refused)
-                waited = "" if fail_on_refusal and self._refused else f" within {self.config.timeout_s:g} s"
+                waited = self.config.timeout_s if timeout_s is None else timeout_s
                 raise ClusterError(f"rank(s) {missing} did not join the group at {self.config.master_addr}:"
-                                   f"{self.config.master_port}{waited}"
+                                   f"{self.config.master_port} within {waited:g} s"
                                    + (f" ({reasons})" if reasons else " (not started, or started with another "
                                                                       "--master-addr/--master-port?)"))
             time.sleep(POLL_S)
