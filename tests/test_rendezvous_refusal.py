@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -84,3 +85,16 @@ def test_with_no_right_worker_rank_0_times_out_naming_the_refusal(engines):
     finally:
         out, _ = intruder.communicate(timeout=TIMEOUT_S)
     assert intruder.returncode == 1 and "its cluster token does not match rank 0's" in out
+
+
+@pytest.mark.parametrize("command", ["serve", "run"])
+def test_an_unbuilt_cr_is_refused_before_waiting_for_the_workers(engines, command):
+    """No worker is started: rank 0 must say what is wrong with its own options at once."""
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "prism_trt.cli", command, "--engines", str(engines), "--rank", "0",
+                             "--world-size", "2", "--master-port", str(free_port()), "--timeout", "40",
+                             "--mode", "prism", "--cr", "7"], capture_output=True, text=True, timeout=300)
+    assert result.returncode in (1, 2) and "Traceback" not in result.stderr, result.stderr
+    assert "no prism-cr" in result.stderr and "built: local, voltage" in result.stderr, result.stderr
+    assert "did not join" not in result.stderr
+    assert time.monotonic() - started < 35, "rank 0 waited for the workers before checking --cr"

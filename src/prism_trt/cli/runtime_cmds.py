@@ -86,6 +86,7 @@ def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, thread
         batches = run_worker(rank_directory(engines, group.rank), group, threads, device)
         click.echo(f"rank {group.rank}: ran {batches} batches, stopped by rank 0")
         return
+    _check_chain_built(engines, mode, cr)
     executor = open_executor(engines, group, threads, device, profile_barrier)
     try:
         key = executor.key_for(mode, cr)
@@ -112,6 +113,14 @@ def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, thread
         click.echo(f"trace written to {trace} (open in chrome://tracing or ui.perfetto.dev)")
 
 
+
+
+def _check_chain_built(engines: Path, mode: str, cr: float | None) -> None:
+    """Refuse a mode and CR rank 0's engines do not hold before joining: the workers may not be up
+    yet, and waiting for them would only delay the answer by the join timeout."""
+    from ..engines.manifest import Manifest
+
+    Manifest.read(rank_directory(engines, 0)).key_for(mode, cr)
 
 
 class _Stopped(Exception):
@@ -249,6 +258,8 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, 
             raise click.UsageError(str(error)) from None
     if mode in (Mode.VOLTAGE, Mode.PRISM) and group.world_size == 1:
         raise click.UsageError(f"{mode} mode needs --world-size >= 2")
+    if mode != "auto":
+        _check_chain_built(engines, mode, cr)
     executor = open_executor(engines, group, threads, device)
     selector = None
     try:
