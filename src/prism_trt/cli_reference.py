@@ -1,9 +1,13 @@
-"""The README's CLI reference, generated from the click commands' own --help text.
+"""The documentation's CLI reference (docs/cli.md), generated from the click commands' own --help text.
 
-``python -m prism_trt.cli_reference`` prints it; a test keeps README.md in sync.
+``python -m prism_trt.cli_reference`` prints it; ``python -m prism_trt.cli_reference --write docs/cli.md``
+replaces the text between the markers in that file. A test keeps docs/cli.md in sync.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import click
 
@@ -29,10 +33,26 @@ def _walk(command: click.Command, path: list[str], parent: click.Context | None)
 def reference() -> str:
     parts = [BEGIN]
     for path, text in _walk(main, ["prism-trt"], None):
-        parts.append(f"#### `{' '.join(path)}`\n\n```text\n{text.rstrip()}\n```\n")
+        parts.append(f"## `{' '.join(path)}`\n\n```text\n{text.rstrip()}\n```\n")
     parts.append(END)
     return "\n".join(parts)
 
 
+def generated_part(text: str) -> str:
+    """The text between (and including) the markers; ValueError when they are missing."""
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"no {BEGIN} ... {END} markers")
+    return text[text.index(BEGIN): text.index(END) + len(END)]
+
+
+def write(path: Path) -> None:
+    """Replace the generated part of ``path`` with the current reference."""
+    text = path.read_text()
+    path.write_text(text.replace(generated_part(text), reference()))
+
+
 if __name__ == "__main__":
-    print(reference())
+    if sys.argv[1:2] == ["--write"] and len(sys.argv) == 3:
+        write(Path(sys.argv[2]))
+    else:
+        print(reference())
