@@ -42,7 +42,7 @@ def info(model_name, checkpoint, as_json):
 def flops(model_name, checkpoint, ranks, crs, segments, weights, batch, dtype, seq_len, cls_segment, as_json):
     """GFLOPs per device and bytes exchanged per block: local vs Voltage vs Prism.
 
-    Reproduces seed 000 Table 3 with
+    Reproduces Table 3 of the Prism-on-Jetson paper with
     `prism-trt flops --model vit_base_patch16_224 --ranks 2 --cr 9.9 --cr 4.95 --cr 3.3`, and the
     PRISM paper's BERT figures (99.2 % less communication, 51.24 % less computation at CR 128) with
     `prism-trt flops --model bert-base-uncased --seq-len 256 --ranks 2 --cr 128 --no-cls-segment`.
