@@ -296,7 +296,7 @@ def test_serve_refuses_a_cr_that_was_not_built(engines):
     try:
         out = _output(server)
         assert server.returncode == 2, out
-        assert "no prism-cr8.33 chain is loaded here (loaded: local, voltage, prism-cr5, prism-cr1.92)" in out
+        assert "no prism-cr8.33 engines in this directory (built: local, voltage, prism-cr5, prism-cr1.92)" in out
         assert "Traceback" not in out
     finally:
         _stop(server, worker)

@@ -118,9 +118,14 @@ def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, thread
 def _check_chain_built(engines: Path, mode: str, cr: float | None) -> None:
     """Refuse a mode and CR rank 0's engines do not hold before joining: the workers may not be up
     yet, and waiting for them would only delay the answer by the join timeout."""
-    from ..engines.manifest import Manifest
+    from ..engines.manifest import Manifest, ManifestError
+    from ..errors import UsageError
 
-    Manifest.read(rank_directory(engines, 0)).key_for(mode, cr)
+    manifest = Manifest.read(rank_directory(engines, 0))
+    try:
+        manifest.key_for(mode, cr)
+    except ManifestError as error:  # the engines are fine; the option asks for one they do not hold
+        raise UsageError(str(error)) from None
 
 
 class _Stopped(Exception):
