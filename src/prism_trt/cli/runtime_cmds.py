@@ -174,6 +174,9 @@ def http_options(func):
                        "(408 and close).")
     @click.option("--body-timeout", type=seconds, default=HttpLimits.body_timeout_s, show_default=True,
                   help="Longest silence while a request body is outstanding (408 and close).")
+    @click.option("--min-body-rate", type=FiniteFloat(min=0, min_open=True), default=HttpLimits.min_body_bytes_per_s,
+                  show_default=True, help="Bytes/s a request body must average once --body-timeout has passed since "
+                                          "it began (408 and close).")
     @click.option("--keep-alive", type=seconds, default=HttpLimits.keep_alive_s, show_default=True,
                   help="Seconds an idle keep-alive connection stays open.")
     @click.option("--max-header-bytes", type=click.IntRange(min=256), default=HttpLimits.max_header_bytes,
@@ -184,9 +187,10 @@ def http_options(func):
                   help="Connections the kernel queues before the server accepts them.")
     @functools.wraps(func)
     def wrapper(*args, host, port, token, allow_unauthenticated, max_body_bytes, max_image_bytes, header_timeout,
-                body_timeout, keep_alive, max_header_bytes, max_connections, backlog, **kwargs):
+                body_timeout, min_body_rate, keep_alive, max_header_bytes, max_connections, backlog, **kwargs):
         limits = HttpLimits(header_timeout_s=header_timeout, body_timeout_s=body_timeout, keep_alive_s=keep_alive,
-                            max_header_bytes=max_header_bytes, max_connections=max_connections, backlog=backlog)
+                            max_header_bytes=max_header_bytes, max_connections=max_connections, backlog=backlog,
+                            min_body_bytes_per_s=min_body_rate)
         http = HttpOptions(host, port, token, allow_unauthenticated, max_body_bytes, max_image_bytes, limits)
         return func(*args, http=http, **kwargs)
     return wrapper
