@@ -57,7 +57,8 @@ def test_manifest_records_the_text_model(text_engines, name):
         assert head.inputs[0].shape[1] == TEXT_SEQ_LEN and head.outputs[0].shape[1:] == (TEXT_SEQ_LEN, 97)
     else:
         assert REMOTE_MEANS in inputs[0] and REMOTE_MEANS in inputs[1] and MEANS in outputs[1]
-        assert head.inputs[0].shape[1] == prism0.partition[0] and head.outputs[0].shape[1:] == (model.spec.num_classes,)
+        assert head.inputs[0].shape[1] == prism0.plan.partition.sizes[0]
+        assert head.outputs[0].shape[1:] == (model.spec.num_classes,)
     assert all(ATTENTION_MASK in names for names in inputs.values())
 
 
