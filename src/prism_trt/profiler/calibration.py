@@ -16,7 +16,6 @@ import torch
 
 from ..core.accuracy import evaluate
 from ..core.chain_key import Mode
-from ..core.plan import PartitionPlan, make_segment_plan
 from ..core.text_accuracy import evaluate_text
 from ..data import MnistTestSet, data_dir
 from ..data.text_corpus import HELDOUT_FILE, TextWindows, read_corpus
@@ -58,11 +57,8 @@ def calibrate_chains(model, record: ModelRecord, configs: list[ChainConfig], mea
                      calib_data: Path | None = None, samples: int = 1000, progress: bool = False
                      ) -> list[AccuracyEntry]:
     """:func:`calibrate` for a model, its manifest record and chains already in hand."""
-    spec = model.spec
     configs = [c for c in configs if c.mode in (Mode.PRISM, Mode.VOLTAGE)]
-    # each chain's own partition: a weighted build's ranks hold unequal shares
-    plans = [make_segment_plan(PartitionPlan(record.num_tokens, spec.num_prefix_tokens, c.partition),
-                               segments=c.segments) for c in configs]
+    plans = [c.plan for c in configs]  # each chain's own: a weighted build's ranks hold unequal shares
     if record.kind == "text":
         results, label, labelled = _calibrate_text(model, record, plans, means_source, samples, progress)
     else:
