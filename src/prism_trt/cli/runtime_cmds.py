@@ -90,8 +90,6 @@ def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, thread
     executor = open_executor(engines, group, threads, device, profile_barrier)
     try:
         key = executor.key_for(mode, cr)
-        if positions is not None and executor.manifest.model.kind != "text":
-            raise click.UsageError("--seq-len is for text models; a ViT's requests are images")
         result = measure(executor, key, batch, warmup, repeat, trace=trace, positions=positions)
     finally:
         executor.close()

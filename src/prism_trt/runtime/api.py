@@ -13,65 +13,18 @@ from typing import Protocol
 import torch
 
 from ..core.chain_key import ChainKey, Mode
-from ..engines.buckets import Bucket, BucketSet
-from ..engines.manifest import Manifest, ModelRecord
-from ..engines.stage_spec import ATTENTION_MASK, IMAGES, INPUT_IDS
+from ..engines.buckets import BucketSet
+from ..engines.manifest import Manifest
 from ..errors import UsageError
 from ..model.spec import ViTSpec
 from ..model.text_spec import TextSpec
+from .request import InferenceRequest
 from .timing import PhaseTimes
-
-#: A batch: a ViT's images (B, C, H, W), or named tensors (a text model's ``input_ids`` and
-#: ``attention_mask``, (B, N) int64 each; ``{"images": ...}`` works for a ViT too).
-Inputs = torch.Tensor | Mapping[str, torch.Tensor]
-
-
-def as_request(inputs: Inputs, model: ModelRecord) -> dict[str, torch.Tensor]:
-    """The batch as the model's named request tensors, checked: names, dtypes, shapes, one batch size."""
-    request = {IMAGES: inputs} if isinstance(inputs, torch.Tensor) else dict(inputs)
-    specs = model.request_inputs()
-    if sorted(request) != sorted(t.name for t in specs):
-        raise UsageError(f"{model.spec.name} takes inputs {[t.name for t in specs]}, got {sorted(request)}")
-    batch = request[specs[0].name].shape[0]
-    for spec in specs:
-        tensor = request[spec.name]
-        want = spec.concrete(batch)
-        if str(tensor.dtype).removeprefix("torch.") != spec.dtype or tuple(tensor.shape) != want:
-            raise UsageError(f"input {spec.name!r} must be {spec.dtype} of shape {list(want)}, got {tensor.dtype} "
-                             f"of shape {list(tensor.shape)}")
-    return {spec.name: request[spec.name] for spec in specs}
-
-
-def fit_request(inputs: Inputs, buckets: BucketSet) -> tuple[dict[str, torch.Tensor], Bucket, int | None]:
-    """The batch as request tensors for the bucket that runs it: a text batch of n <= N positions is
-    right-padded (ids 0, mask 0: exact, padding never changes a real position's output) to the
-    smallest built N >= n. Returns (request, bucket, n); n is None for a ViT."""
-    if isinstance(inputs, torch.Tensor) or not buckets.lengths or INPUT_IDS not in inputs:
-        return as_request(inputs, buckets.primary.manifest.model), buckets.primary, None
-    ids = inputs[INPUT_IDS]
-    if ids.dim() != 2 or ids.shape[1] < 1:
-        raise UsageError(f"input {INPUT_IDS!r} must be (B, n) with n >= 1 positions, got shape {list(ids.shape)}")
-    mask = inputs.get(ATTENTION_MASK)
-    if mask is not None and tuple(mask.shape) != tuple(ids.shape):
-        raise UsageError(f"{ATTENTION_MASK!r} has shape {list(mask.shape)}, {INPUT_IDS!r} {list(ids.shape)}; they must "
-                         f"match")
-    positions = int(ids.shape[1])
-    bucket = buckets.for_length(positions)
-    request = dict(inputs)
-    if positions < bucket.length and mask is not None:
-        for name in (INPUT_IDS, ATTENTION_MASK):
-            request[name] = torch.nn.functional.pad(request[name], (0, bucket.length - positions))
-    return as_request(request, bucket.manifest.model), bucket, positions
-
-
-def trim_positions(logits: torch.Tensor, positions: int | None, model: ModelRecord) -> torch.Tensor:
-    """A per-position head's logits cut back to the request's own positions (padding removed)."""
-    return logits[:, :positions] if positions is not None and model.head_reads_all_positions else logits
 
 
 @dataclass
 class InferenceResult:
-    logits: torch.Tensor  # (B, classes), or (B, N, V | D) for a per-position text head; on the CPU
+    logits: torch.Tensor  # (B, classes), or (B, N, V | D) of a per-position head on the request's bucket N; CPU
     choice: ChainKey  # the chain that actually ran (local after a fallback)
     timings: PhaseTimes  # rank 0's breakdown
     fell_back: bool = False  # True when a distributed run failed and the local chain answered
@@ -91,8 +44,7 @@ class Executor(ABC):
     """Runs batches on rank 0 (and, for distributed chains, on the workers with it).
 
     Subclasses set ``manifest`` (rank 0's), ``buckets``, ``spec``, ``model_name`` and ``max_batch``.
-    Text inputs may be shorter than the longest bucket: they run padded on the shortest that holds
-    them, and a per-position head answers their own positions.
+    A request runs on the bucket it was made for (:meth:`request` makes one of plain tensors).
     """
 
     manifest: Manifest
@@ -117,11 +69,16 @@ class Executor(ABC):
         raise UsageError(f"no {key.label} chain is loaded here (loaded: {', '.join(k.label for k in self.chains())})"
                          + ("; voltage and prism need --world-size >= 2" if single else ""))
 
+    def request(self, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> InferenceRequest:
+        """A request for this executor's model and buckets: images (B, C, H, W) float32 normalised,
+        or the model's named tensors (a text model's ids and mask of n <= the longest bucket)."""
+        return InferenceRequest.of(self.manifest.model, inputs, self.buckets.lengths)
+
     @abstractmethod
-    def infer(self, inputs: Inputs, key: ChainKey, gather_timings: bool = False) -> InferenceResult:
-        """inputs: images (B, C, H, W) float32 normalised, or the model's named request tensors
-        (:func:`as_request`), 1 <= B <= max_batch. ``gather_timings``: every rank's phase times in
-        ``per_rank`` (one more collective; rank 0's alone otherwise)."""
+    def infer(self, request: InferenceRequest, key: ChainKey, gather_timings: bool = False) -> InferenceResult:
+        """Run ``request`` (1 <= B <= max_batch) on its bucket. The logits are the bucket's: a
+        per-position head's are cut back with ``request.trim``. ``gather_timings``: every rank's
+        phase times in ``per_rank`` (one more collective; rank 0's alone otherwise)."""
 
     @abstractmethod
     def health(self) -> Health: ...

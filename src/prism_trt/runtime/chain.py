@@ -20,7 +20,7 @@ from ..engines.buckets import BucketSet
 from ..engines.manifest import ChainConfig, Manifest, ManifestError
 from ..engines.registry import get_backend
 from ..engines.stage_spec import LOGITS, MEANS, NEXT_TOKENS, REMOTE_MEANS, TOKENS, StageSpec
-from .api import Inputs, as_request
+from .request import InferenceRequest
 
 
 class EngineChain:
@@ -81,8 +81,8 @@ class EngineChain:
         # Runners reuse their output buffers; what leaves the chain must outlive the next request.
         return self._run("head", {}, {TOKENS: tokens})[LOGITS].clone()
 
-    def monolithic(self, inputs: Inputs) -> torch.Tensor:
-        return self._run("model", as_request(inputs, self.manifest.model))[LOGITS].clone()
+    def monolithic(self, request: InferenceRequest) -> torch.Tensor:
+        return self._run("model", request.tensors)[LOGITS].clone()
 
 
 def backend_for(manifest: Manifest, threads: int | None = None) -> Backend:
@@ -114,10 +114,10 @@ def load_chain(rank_dir: Path, mode: str | ChainKey, cr: float | None = None, th
 
 
 @torch.no_grad()
-def run_chains_in_process(chains: list[EngineChain], inputs: Inputs) -> torch.Tensor:
+def run_chains_in_process(chains: list[EngineChain], inputs: InferenceRequest) -> torch.Tensor:
     """All ranks' chains in this process (the exchange is a list), in rank order: the local
-    executors' loop, and a test and debugging aid."""
-    request = as_request(inputs, chains[0].manifest.model)
+    executors' loop, and a test and debugging aid (``InferenceRequest.of(manifest.model, images)``)."""
+    request = inputs.tensors
     states = [chain.embed(request) for chain in chains]
     for index in range(chains[0].depth):
         gathered = [means for _, means in states]

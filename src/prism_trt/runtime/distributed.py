@@ -34,13 +34,13 @@ import torch
 import torch.distributed as dist
 
 from ..core.chain_key import ChainKey, Mode
-from ..engines.buckets import Bucket
 from ..errors import PrismError, UsageError
-from .api import Executor, Health, InferenceResult, Inputs, fit_request, trim_positions
+from .api import Executor, Health, InferenceResult
 from .chain import run_chains_in_process
 from .distributed_rank import DistributedRank
 from .group import ClusterError, GroupConfig
 from .rendezvous import Rendezvous
+from .request import InferenceRequest
 from .timing import PhaseTimes, Stopwatch
 
 log = logging.getLogger(__name__)
@@ -169,24 +169,22 @@ class DistributedExecutor(Executor):
                   why)
         self._rendezvous.leave()
 
-    def _local(self, request: dict[str, torch.Tensor], bucket: Bucket, positions: int | None, fell_back: bool
-               ) -> InferenceResult:
+    def _local(self, request: InferenceRequest, fell_back: bool) -> InferenceResult:
         watch = Stopwatch()
         start = time.perf_counter()
         with watch.phase("compute"):
-            logits = run_chains_in_process([self.rank.local_chains[bucket.length]], request)
-        return InferenceResult(trim_positions(logits, positions, self.manifest.model), ChainKey.local(),
-                               watch.times.close((time.perf_counter() - start) * 1e3), fell_back=fell_back,
-                               sequence_length=bucket.length)
+            logits = run_chains_in_process([self.rank.local_chains[request.bucket_length]], request)
+        return InferenceResult(logits, ChainKey.local(), watch.times.close((time.perf_counter() - start) * 1e3),
+                               fell_back=fell_back, sequence_length=request.bucket_length)
 
-    def infer(self, inputs: Inputs, key: ChainKey, gather_timings: bool = False) -> InferenceResult:
-        request, bucket, positions = fit_request(inputs, self.buckets)
-        batch = next(iter(request.values())).shape[0]
+    def infer(self, inputs: InferenceRequest, key: ChainKey, gather_timings: bool = False) -> InferenceResult:
+        batch = inputs.batch_size
         if batch > self.max_batch:
             raise UsageError(f"batch {batch} is over the engines' max batch {self.max_batch}")
+        request, bucket = inputs.tensors, self.buckets.for_length(inputs.bucket_length)
         with self._lock:
             if key.mode == Mode.LOCAL or self._degraded or self._closed.is_set():
-                return self._local(request, bucket, positions, fell_back=key.mode != Mode.LOCAL)
+                return self._local(inputs, fell_back=key.mode != Mode.LOCAL)
             index = self.rank.config_index(key, bucket)
             try:
                 with self._collectives():
@@ -205,11 +203,10 @@ class DistributedExecutor(Executor):
                         dist.gather_object(times.to_dict(), gathered, dst=0)
                         per_rank = [PhaseTimes(**t) for t in gathered]
                 self._update_bandwidth(times)
-                return InferenceResult(trim_positions(logits, positions, self.manifest.model), key, times,
-                                       per_rank=per_rank, sequence_length=bucket.length)
+                return InferenceResult(logits, key, times, per_rank=per_rank, sequence_length=bucket.length)
             except RuntimeError as error:  # GLOO reports peer loss and timeouts as RuntimeError
                 self._degrade(f"{key.label} batch of {batch} failed: {error}")
-        return self._local(request, bucket, positions, fell_back=True)
+        return self._local(inputs, fell_back=True)
 
     def _update_bandwidth(self, times: PhaseTimes) -> None:
         """Moving average of the rate the all-gathers achieved (bits moved / time in the collective);

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from ..core.chain_key import ChainKey, Mode
 from ..errors import UsageError
-from .api import Executor, Health, InferenceResult, Inputs, fit_request, trim_positions
+from .api import Executor, Health, InferenceResult
 from .chain import EngineChain, load_buckets_here, run_chains_in_process
+from .request import InferenceRequest
 from .timing import PhaseTimes
 
 
@@ -31,19 +32,18 @@ class LocalExecutor(Executor):
     def chains(self) -> list[ChainKey]:
         return [ChainKey.local()]
 
-    def infer(self, inputs: Inputs, key: ChainKey, gather_timings: bool = False) -> InferenceResult:
+    def infer(self, request: InferenceRequest, key: ChainKey, gather_timings: bool = False) -> InferenceResult:
         if key.mode != Mode.LOCAL:
             raise UsageError(f"this executor runs only the local chain, not {key.label}")
-        request, bucket, positions = fit_request(inputs, self.buckets)
-        chain = self.chain_of[bucket.length]
+        chain = self.chain_of[request.bucket_length]
         with self._lock:
             start = time.perf_counter()
-            logits = trim_positions(run_chains_in_process([chain], request), positions, self.manifest.model)
+            logits = run_chains_in_process([chain], request)
             total = (time.perf_counter() - start) * 1e3
             compute = sum((r.last_infer_time_s or 0.0) for r in chain.runners) * 1e3
         times = PhaseTimes(compute=compute).close(total)
         return InferenceResult(logits, ChainKey.local(), times, per_rank=[times] if gather_timings else [],
-                               sequence_length=bucket.length)
+                               sequence_length=request.bucket_length)
 
     def health(self) -> Health:
         return Health(live=True, ready=True)

@@ -11,9 +11,9 @@ import torch
 
 from ..core.chain_key import ChainKey
 from ..engines.manifest import ModelRecord
-from ..engines.stage_spec import ATTENTION_MASK, IMAGES, INPUT_IDS
 from ..errors import UsageError
 from .api import Executor
+from .request import InferenceRequest
 from .timing import PHASES, PhaseTimes
 
 
@@ -29,16 +29,11 @@ def latency_stats(samples_ms: list[float], batch: int) -> dict:
             "per_sample_ms": mean / batch, "samples_ms": samples_ms}
 
 
-def example_request(model: ModelRecord, batch: int, seed: int = 0, positions: int | None = None
-                    ) -> dict[str, torch.Tensor]:
+def example_request(model: ModelRecord, batch: int, seed: int = 0, positions: int | None = None,
+                    lengths: tuple[int, ...] = ()) -> InferenceRequest:
     """A deterministic random request: normal images, or ids below the vocabulary with a full mask
-    of ``positions`` (default the build's sequence length)."""
-    generator = torch.Generator().manual_seed(seed)
-    if model.kind == "text":
-        ids = torch.randint(0, model.spec.vocab_size, (batch, positions or model.sequence_length), generator=generator)
-        return {INPUT_IDS: ids, ATTENTION_MASK: torch.ones_like(ids)}
-    spec = model.spec
-    return {IMAGES: torch.randn((batch, spec.in_chans, *spec.img_size), generator=generator)}
+    of ``positions`` (default the build's sequence length), on the shortest of ``lengths`` holding it."""
+    return InferenceRequest.of(model, model.modality.example_inputs(batch, seed, positions), lengths)
 
 
 def measure(executor: Executor, key: ChainKey, batch: int, warmup: int = 3, repeat: int = 20, seed: int = 0,
@@ -49,7 +44,7 @@ def measure(executor: Executor, key: ChainKey, batch: int, warmup: int = 3, repe
     if not 1 <= batch <= executor.max_batch:  # before the batch is allocated: 10^5 images are gigabytes
         raise UsageError(f"--batch {batch} is outside the engines' batch range: 1 to max batch {executor.max_batch}; "
                          f"use a smaller batch, or rebuild with a larger `prism-trt build --max-batch`")
-    images = example_request(executor.manifest.model, batch, seed, positions)
+    images = example_request(executor.manifest.model, batch, seed, positions, executor.buckets.lengths)
     for _ in range(warmup):
         executor.infer(images, key, gather_timings=True)
     runs, fell_back = [], False

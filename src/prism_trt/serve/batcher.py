@@ -33,7 +33,9 @@ from dataclasses import dataclass
 import torch
 
 from ..core.chain_key import ChainKey
-from ..runtime.api import Executor, InferenceResult, Inputs, Observation, Selector
+from ..engines.modality import Modality
+from ..runtime.api import Executor, InferenceResult, Observation, Selector
+from ..runtime.request import InferenceRequest
 from .metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ class InferenceFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class BatchOutcome:
-    logits: torch.Tensor  # this request's rows
+    logits: torch.Tensor  # this request's rows (a per-position head's cut to its own positions)
     choice: ChainKey  # the chain that actually ran
     fell_back: bool
     batch_size: int  # images in the executor batch this request rode in
@@ -82,50 +84,26 @@ class BatchOutcome:
     executor_s: float
 
 
-def batch_size(inputs: Inputs) -> int:
-    """Items in a request: images, or rows of a text model's named tensors."""
-    first = inputs if isinstance(inputs, torch.Tensor) else next(iter(inputs.values()))
-    return int(first.shape[0])
-
-
-def item_shape(inputs: Inputs) -> tuple:
-    """What must agree for requests to share a batch: every tensor's shape past the batch axis."""
-    if isinstance(inputs, torch.Tensor):
-        return tuple(inputs.shape[1:])
-    return tuple((name, tuple(tensor.shape[1:])) for name, tensor in sorted(inputs.items()))
-
-
-def concatenate(requests: list[Inputs]) -> Inputs:
-    """One executor batch of several requests, in order (per name for named tensors)."""
-    if len(requests) == 1:
-        return requests[0]
-    if isinstance(requests[0], torch.Tensor):
-        return torch.cat(requests)
-    return {name: torch.cat([request[name] for request in requests]) for name in requests[0]}
-
-
 @dataclass
 class _Pending:
-    images: Inputs  # images (B, C, H, W), or a text model's named tensors
+    request: InferenceRequest
     future: asyncio.Future
     enqueued: float  # loop time
 
     @property
     def count(self) -> int:
-        return batch_size(self.images)
+        return self.request.batch_size
 
 
 class Batcher:
     def __init__(self, executor: Executor, selector: Selector, *, max_wait_s: float = 0.005,
                  max_queue_images: int | None = None, metrics: ServerMetrics | None = None,
-                 output_shape: tuple[int, ...] | None = None, per_position: bool = False):
-        """output_shape: one item's logits (default ``(classes,)``; a per-position text head's is (N, V),
-        with ``per_position``: N is then each batch's own sequence length)."""
+                 modality: Modality | None = None):
+        """modality: what one item's logits look like on a bucket (default the executor's model's)."""
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
         self.executor, self.selector = executor, selector
-        self.output_shape = tuple(output_shape or (executor.spec.num_classes,))
-        self.per_position = per_position
+        self.modality = modality or executor.manifest.model.modality
         self.max_batch = int(executor.max_batch)
         self.max_wait_s = max_wait_s
         self.max_queue_images = max_queue_images if max_queue_images is not None else 16 * self.max_batch
@@ -170,17 +148,17 @@ class Batcher:
         # Wait out a batch still inside the executor, so the caller may close the executor next.
         await asyncio.get_running_loop().run_in_executor(None, self._thread.shutdown, True)
 
-    async def submit(self, images: Inputs) -> BatchOutcome:
-        """Queue (B, C, H, W) images (or a text model's named (B, N) tensors), 1 <= B <= max_batch,
-        and wait for their logits."""
-        count = batch_size(images)
+    async def submit(self, request: InferenceRequest) -> BatchOutcome:
+        """Queue a request of 1 <= B <= max_batch items and wait for its logits (a per-position
+        head's cut back to the request's own positions)."""
+        count = request.batch_size
         if not 1 <= count <= self.max_batch:
             raise ValueError(f"a request holds 1 to {self.max_batch} images, got {count}")
         if self._queued_images + count > self.max_queue_images:
             raise QueueFull(f"the queue already holds {self._queued_images} images (limit {self.max_queue_images})")
         self.start()
         loop = asyncio.get_running_loop()
-        pending = _Pending(images, loop.create_future(), loop.time())
+        pending = _Pending(request, loop.create_future(), loop.time())
         self._pending.append(pending)
         self._queued_images += count
         self._report_queue()
@@ -244,11 +222,11 @@ class Batcher:
                 self._pop()  # its caller is gone; computing it would only delay the others
             if self._pending:
                 head = self._pending[0]
-                if size + head.count > self.max_batch or (batch and item_shape(head.images) != shape):
+                if size + head.count > self.max_batch or (batch and head.request.item_shape != shape):
                     return
                 batch.append(self._pop())
                 size += head.count
-                shape = item_shape(head.images)
+                shape = head.request.item_shape
                 if deadline is None:
                     deadline = head.enqueued + self.max_wait_s
                 if size == self.max_batch:
@@ -266,14 +244,12 @@ class Batcher:
             except asyncio.TimeoutError:
                 return
 
-    def _infer(self, images: Inputs, size: int) -> tuple[InferenceResult, ChainKey, float]:
+    def _infer(self, request: InferenceRequest, size: int) -> tuple[InferenceResult, ChainKey, float]:
         choice = self.selector.choose(size)
         start = time.perf_counter()
-        result = self.executor.infer(images, choice)
+        result = self.executor.infer(request, choice)
         elapsed = time.perf_counter() - start
-        shape, expected = tuple(result.logits.shape), (size, *self.output_shape)
-        if self.per_position:  # (B, n, V): n is the batch's own (padded) sequence length
-            expected = (size, next(iter(images.values())).shape[1], *self.output_shape[1:])
+        shape, expected = tuple(result.logits.shape), (size, *self.modality.output_shape(request.bucket_length))
         if shape != expected:
             raise RuntimeError(f"executor returned logits of shape {list(shape)} for a batch of {size}; expected "
                                f"{list(expected)}")
@@ -311,11 +287,11 @@ class Batcher:
         if not batch:
             return
         size = sum(pending.count for pending in batch)
-        images = concatenate([pending.images for pending in batch])
+        request = InferenceRequest.concatenate([pending.request for pending in batch])
         started = loop.time()
         try:
             # the selector runs in the thread too: an adaptive one may consult profiles
-            result, chosen, executor_s = await loop.run_in_executor(self._thread, self._infer, images, size)
+            result, chosen, executor_s = await loop.run_in_executor(self._thread, self._infer, request, size)
         except Exception as exc:
             if len(batch) > 1:
                 log.warning("batch of %d requests (%d images) failed (%r); rerunning them one at a time",
@@ -339,7 +315,7 @@ class Batcher:
         logits = result.logits.detach().to("cpu", torch.float32)
         offset = 0
         for pending in batch:
-            rows = logits[offset:offset + pending.count]
+            rows = pending.request.trim(logits[offset:offset + pending.count])
             offset += pending.count
             self._answer(pending, BatchOutcome(rows, result.choice, result.fell_back, size,
                                                started - pending.enqueued, executor_s))
