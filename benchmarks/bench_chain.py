@@ -23,6 +23,7 @@ from prism_trt.engines import BuildOptions, get_backend  # noqa: E402
 from prism_trt.export.build import Builder, config_plans  # noqa: E402
 from prism_trt.model import load_model  # noqa: E402
 from prism_trt.runtime import load_chain, run_chains_in_process  # noqa: E402
+from prism_trt.runtime.request import InferenceRequest
 
 MODEL, THREADS, BATCHES, ROUNDS, WARMUP = "vit_tiny_patch16_224", 2, (1, 16), 15, 3
 GOALS = {"chain_vs_monolithic": 1.05, "ort_chain_vs_torch": 0.8}
@@ -55,9 +56,10 @@ def main() -> int:
     rows = {}
     for batch in BATCHES:
         images = torch.randn(batch, spec.in_chans, *spec.img_size, generator=torch.Generator().manual_seed(batch))
+        request = InferenceRequest.of(chain.manifest.model, images)
         samples = interleaved({
-            "ort_chain": lambda images=images: run_chains_in_process([chain], images),
-            "ort_monolithic": lambda images=images: monolithic.monolithic(images),
+            "ort_chain": lambda request=request: run_chains_in_process([chain], request),
+            "ort_monolithic": lambda request=request: monolithic.monolithic(request),
             "torch_eager": lambda images=images: model(images),
         }, ROUNDS, WARMUP)
         medians = {name: statistics.median(values) for name, values in samples.items()}

@@ -85,7 +85,7 @@ def logits_of(response: httpx.Response) -> np.ndarray:
 
 
 def expected_logits(executor, x: torch.Tensor) -> np.ndarray:
-    return executor.infer(x, LOCAL).logits.numpy()
+    return executor.infer(executor.request(x), LOCAL).logits.numpy()
 
 
 def assert_still_serving(client: httpx.Client, executor) -> None:

@@ -9,6 +9,7 @@ import contextlib
 import functools
 import re
 import threading
+import types
 
 import pytest
 import torch
@@ -16,8 +17,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from prism_trt.core.chain_key import ChainKey
+from prism_trt.engines.manifest import ModelRecord
 from prism_trt.model.spec import ViTSpec
 from prism_trt.runtime.api import InferenceResult
+from prism_trt.runtime.request import InferenceRequest
 from prism_trt.runtime.timing import PhaseTimes
 from prism_trt.serve.batcher import Batcher, BatcherStopped, InferenceFailed, QueueFull
 
@@ -30,12 +33,17 @@ SPEC = ViTSpec(name="batcher-test", img_size=(4, 4), patch_size=(2, 2), in_chans
                qkv_bias=True, pre_norm=False, final_norm=True, pool="token", fc_norm=False, num_classes=CLASSES,
                mean=(0.5,), std=(0.5,))
 LOCAL, VOLTAGE, PRISM = ChainKey.local(), ChainKey.voltage(), ChainKey.prism(2, SPEC.num_tokens, 2)
+MODEL = ModelRecord({"timm": "batcher-test"}, SPEC, "0" * 64)
 POISON = -1000.0  # an image whose first pixel is this makes the executor raise
 
 
 def logits_for(images: torch.Tensor) -> torch.Tensor:
     """Each row is a function of its own image only, so a misrouted row shows."""
     return images.flatten(1)[:, :CLASSES] * 2.0 + images.flatten(1).sum(dim=1, keepdim=True)
+
+
+def request(images: torch.Tensor) -> InferenceRequest:
+    return InferenceRequest.of(MODEL, images)
 
 
 def images(count: int, seed: int) -> torch.Tensor:
@@ -47,6 +55,7 @@ class RowExecutor:
 
     model_name = "batcher-test"
     spec = SPEC
+    manifest = types.SimpleNamespace(model=MODEL)
 
     def __init__(self, max_batch: int = 4):
         self.max_batch = max_batch
@@ -59,7 +68,8 @@ class RowExecutor:
     def sizes(self) -> list[int]:
         return [size for size, _ in self.calls]
 
-    def infer(self, images: torch.Tensor, key: ChainKey) -> InferenceResult:
+    def infer(self, request: InferenceRequest, key: ChainKey) -> InferenceResult:
+        images = request.tensors["images"]
         self.calls.append((int(images.shape[0]), key))
         self.entered.set()
         assert self.gate.wait(SAFETY_S), "the test never opened the gate"
@@ -122,7 +132,7 @@ async def taken(batcher: Batcher) -> None:
 async def hold_executor(batcher: Batcher, executor: RowExecutor) -> asyncio.Task:
     """Put a one-image batch into the executor and keep it there until ``executor.gate`` is set."""
     executor.gate.clear()
-    blocker = asyncio.ensure_future(batcher.submit(images(1, 999)))
+    blocker = asyncio.ensure_future(batcher.submit(request(images(1, 999))))
     assert await asyncio.to_thread(executor.entered.wait, SAFETY_S), "the executor was never called"
     return blocker
 
@@ -130,7 +140,7 @@ async def hold_executor(batcher: Batcher, executor: RowExecutor) -> asyncio.Task
 async def queue(batcher: Batcher, batches: list[torch.Tensor]) -> list[asyncio.Task]:
     """Submit each tensor as its own request and wait until all of them sit in the queue."""
     before = batcher.metrics.queue_depth.value()
-    tasks = [asyncio.ensure_future(batcher.submit(x)) for x in batches]
+    tasks = [asyncio.ensure_future(batcher.submit(request(x))) for x in batches]
     await until(lambda: batcher.metrics.queue_depth.value() == before + len(batches), "requests queued")
     return tasks
 
@@ -201,7 +211,7 @@ async def test_selector_choice_reaches_executor_and_outcome():
     executor = RowExecutor(max_batch=4)
     selector = RecordingSelector({2: PRISM, 3: VOLTAGE})
     async with batcher_for(executor, selector, max_wait_s=0) as batcher:
-        outcomes = [await asyncio.wait_for(batcher.submit(images(n, n)), SAFETY_S) for n in (1, 2, 3)]
+        outcomes = [await asyncio.wait_for(batcher.submit(request(images(n, n))), SAFETY_S) for n in (1, 2, 3)]
         assert selector.sizes == [1, 2, 3]
         assert executor.calls == [(1, LOCAL), (2, PRISM), (3, VOLTAGE)]
         assert [(o.choice, o.fell_back) for o in outcomes] == [(LOCAL, False), (PRISM, False), (LOCAL, True)]
@@ -241,14 +251,14 @@ async def test_failing_request_fails_alone_and_the_rest_are_answered():
     poison[0, 0, 0, 0] = POISON
     batches = [images(2, 1), poison, images(1, 2)]
     async with batcher_for(executor, max_wait_s=3 * SAFETY_S) as batcher:  # one batch: it runs once full
-        tasks = [asyncio.ensure_future(batcher.submit(x)) for x in batches]
+        tasks = [asyncio.ensure_future(batcher.submit(request(x))) for x in batches]
         good, bad, last = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), SAFETY_S)
         assert isinstance(bad, InferenceFailed) and str(bad) == "ValueError: poison image"
         check_rows([good, last], [batches[0], batches[2]])
         assert executor.sizes == [4, 2, 1, 1]  # merged, then each alone
         assert batcher.metrics.isolations.value() == 1
         later = images(4, 9)
-        check_rows([await asyncio.wait_for(batcher.submit(later), SAFETY_S)], [later])
+        check_rows([await asyncio.wait_for(batcher.submit(request(later)), SAFETY_S)], [later])
         assert batcher.healthy
 
 
@@ -265,14 +275,14 @@ async def test_broken_batches_fail_their_requests_then_serving_resumes(fault, me
     executor.fault = None if fault == "selector" else fault
     selector.error = KeyError("no profile") if fault == "selector" else None
     async with batcher_for(executor, selector, max_wait_s=3 * SAFETY_S) as batcher:
-        tasks = [asyncio.ensure_future(batcher.submit(images(2, seed))) for seed in (1, 2)]
+        tasks = [asyncio.ensure_future(batcher.submit(request(images(2, seed)))) for seed in (1, 2)]
         errors = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), SAFETY_S)
         for error in errors:
             assert isinstance(error, InferenceFailed) and re.search(message, str(error)), error
         assert selector.sizes == [4, 2, 2]  # the merged batch, then each request alone
         executor.fault, selector.error = None, None
         x = images(4, 3)
-        check_rows([await asyncio.wait_for(batcher.submit(x), SAFETY_S)], [x])
+        check_rows([await asyncio.wait_for(batcher.submit(request(x)), SAFETY_S)], [x])
         assert batcher.healthy
 
 
@@ -287,12 +297,12 @@ async def test_queue_bound_refuses_then_recovers():
         batches = [images(3, 1), images(1, 2)]
         tasks = await queue(batcher, batches)
         with pytest.raises(QueueFull, match=r"already holds 4 images \(limit 4\)"):
-            await asyncio.wait_for(batcher.submit(images(1, 3)), SAFETY_S)
+            await asyncio.wait_for(batcher.submit(request(images(1, 3))), SAFETY_S)
         executor.gate.set()
         check_rows(await asyncio.wait_for(asyncio.gather(*tasks), SAFETY_S), batches)
         await blocker
         full = images(4, 4)
-        check_rows([await asyncio.wait_for(batcher.submit(full), SAFETY_S)], [full])
+        check_rows([await asyncio.wait_for(batcher.submit(request(full)), SAFETY_S)], [full])
         assert executor.sizes == [1, 4, 4]
 
 
@@ -307,7 +317,7 @@ async def test_a_request_given_up_frees_its_place_in_the_queue_at_once():
         with pytest.raises(asyncio.CancelledError):
             await gone
         kept = images(3, 2)  # would not fit beside the 4 images given up
-        task = asyncio.ensure_future(batcher.submit(kept))
+        task = asyncio.ensure_future(batcher.submit(request(kept)))
         executor.gate.set()
         check_rows([await asyncio.wait_for(task, SAFETY_S)], [kept])
         await blocker
@@ -324,7 +334,7 @@ async def test_invalid_arguments():
     async with batcher_for(executor) as batcher:
         for count in (0, 5):
             with pytest.raises(ValueError, match=f"1 to 4 images, got {count}"):
-                await batcher.submit(torch.zeros(count, 1, 4, 4))
+                await batcher.submit(request(torch.zeros(count, 1, 4, 4)))
     assert executor.calls == []
 
 
@@ -346,7 +356,7 @@ async def test_stop_answers_every_accepted_request_and_waits_for_the_executor():
         await asyncio.wait_for(blocker, SAFETY_S)  # documented: stop fails the running batch's requests
     assert len(executor.calls) == 1  # queued work never reached the executor
     with pytest.raises(BatcherStopped):
-        await batcher.submit(images(1, 3))
+        await batcher.submit(request(images(1, 3)))
     await asyncio.wait_for(batcher.stop(), SAFETY_S)  # idempotent
 
 

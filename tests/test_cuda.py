@@ -7,6 +7,7 @@ from conftest import assert_close, build_engines, random_model, small_spec
 from prism_trt.core import make_partition_plan, make_segment_plan, simulate
 from prism_trt.engines import get_backend
 from prism_trt.runtime.chain import EngineChain, run_chains_in_process
+from prism_trt.runtime.request import InferenceRequest
 from prism_trt.runtime.staging import TorchCudaStaging
 
 HAS_CUDA = torch.cuda.is_available()
@@ -59,7 +60,7 @@ def test_ort_cuda_chain_on_device_tensors(tmp_path, precision):
         chains.append(EngineChain(tmp_path / f"rank{rank}", manifest, manifest.config(manifest.key_for("prism", 3.0)),
                                   backend).__enter__())
     images = torch.randn(3, 3, 32, 32)
-    got = run_chains_in_process(chains, images.cuda())
+    got = run_chains_in_process(chains, InferenceRequest.of(chains[0].manifest.model, images.cuda()))
     assert got.is_cuda
     plan = make_segment_plan(make_partition_plan(spec.num_tokens, 1, 2), cr=3.0)
     assert_close(got.cpu(), simulate(model, images, plan), precision)
@@ -80,7 +81,7 @@ def test_mnist_accuracy_of_reduced_precision_gpu_builds(mnist_model, mnist_dir, 
     correct = 0
     with load_chain(tmp_path / "rank0", "local") as chain:
         for images, labels in MnistTestSet(mnist_dir).batches(500):
-            correct += int((run_chains_in_process([chain], images.cuda()).argmax(-1).cpu() == labels).sum())
+            correct += int((run_chains_in_process([chain], InferenceRequest.of(chain.manifest.model, images.cuda())).argmax(-1).cpu() == labels).sum())
     assert abs(correct - 9721) <= 10, correct
 
 
@@ -110,10 +111,10 @@ def test_text_chains_on_the_cuda_ep(tmp_path, name, precision):
     ids, mask = text_request()
     request = {INPUT_IDS: ids.cuda(), ATTENTION_MASK: mask.cuda()}
     ranks = [load_chain(tmp_path / f"rank{r}", "prism", 2.0).__enter__() for r in range(2)]
-    got = run_chains_in_process(ranks, request)
+    got = run_chains_in_process(ranks, InferenceRequest.of(ranks[0].manifest.model, request))
     assert got.is_cuda
     plan = make_segment_plan(text_partition(model.spec, TEXT_SEQ_LEN, 2), segments=ranks[0].config.plan.segments)
     assert_close(got.cpu(), simulate_text(model, plan, ids, mask), precision, name=f"{name} prism {precision}")
     with load_chain(tmp_path / "rank0", "local") as local:
-        assert_close(run_chains_in_process([local], request).cpu(), model(ids, mask), precision,
+        assert_close(run_chains_in_process([local], InferenceRequest.of(local.manifest.model, request)).cpu(), model(ids, mask), precision,
                      name=f"{name} local {precision}")

@@ -103,11 +103,11 @@ def test_voltage_and_prism_equal_reference(mnist_model, mnist_dir, cluster, rank
     images, _ = next(MnistTestSet(mnist_dir, limit=12).batches(12))
     with torch.no_grad():
         reference = mnist_model(images)
-    voltage = executor.infer(images, ChainKey.voltage())
+    voltage = executor.infer(executor.request(images), ChainKey.voltage())
     assert not voltage.fell_back and voltage.choice.mode == "voltage"
     assert_close(voltage.logits, reference)
     plan = make_segment_plan(make_partition_plan(50, 1, ranks), cr=5.0)
-    prism = executor.infer(images, executor.key_for("prism", 5.0), gather_timings=True)
+    prism = executor.infer(executor.request(images), executor.key_for("prism", 5.0), gather_timings=True)
     assert_close(prism.logits, simulate(mnist_model, images, plan))
     # every rank reports its breakdown; bytes follow the plan (B * L_p * D * 4 per block)
     assert len(prism.per_rank) == ranks
@@ -121,7 +121,7 @@ def test_voltage_and_prism_equal_reference(mnist_model, mnist_dir, cluster, rank
     parts = rank0.request + rank0.compute + rank0.staging + (rank0.wait or 0) + rank0.comm + rank0.other
     assert parts == pytest.approx(rank0.total, rel=1e-9, abs=1e-9)
     assert prism.timings.request == rank0.request
-    local = executor.infer(images, ChainKey.local())
+    local = executor.infer(executor.request(images), ChainKey.local())
     assert_close(local.logits, reference)
     executor.close()
     for code, out in finish(workers):
@@ -132,7 +132,7 @@ def test_voltage_and_prism_equal_reference(mnist_model, mnist_dir, cluster, rank
 def test_profile_barrier_is_followed_by_workers(mnist_model, cluster):
     executor, workers = cluster(2, profile_barrier=True)
     images = torch.randn(3, 1, 28, 28)
-    result = executor.infer(images, executor.key_for("prism", 5.0), gather_timings=True)
+    result = executor.infer(executor.request(images), executor.key_for("prism", 5.0), gather_timings=True)
     assert all(t.wait is not None and t.wait >= 0 for t in result.per_rank)
     plan = make_segment_plan(make_partition_plan(50, 1, 2), cr=5.0)
     assert_close(result.logits, simulate(mnist_model, images, plan))
@@ -141,17 +141,18 @@ def test_profile_barrier_is_followed_by_workers(mnist_model, cluster):
 def test_dead_worker_falls_back_to_local(mnist_model, cluster):
     executor, workers = cluster(2)
     images = torch.randn(4, 1, 28, 28)
-    assert not executor.infer(images, executor.key_for("prism", 5.0)).fell_back
+    assert not executor.infer(executor.request(images), executor.key_for("prism", 5.0)).fell_back
     workers[0].send_signal(signal.SIGKILL)
     workers[0].wait(timeout=30)
-    result = executor.infer(images, executor.key_for("prism", 5.0))
+    result = executor.infer(executor.request(images), executor.key_for("prism", 5.0))
     with torch.no_grad():
         expected = mnist_model(images)
     assert result.fell_back and result.choice.mode == "local"
     assert_close(result.logits, expected)
     health = executor.health()
     assert health.live and health.degraded and "failed" in health.reason
-    again = executor.infer(images, ChainKey.voltage())  # later batches go straight to the local chain
+    # later batches go straight to the local chain
+    again = executor.infer(executor.request(images), ChainKey.voltage())
     assert again.fell_back
     assert_close(again.logits, expected)
 
@@ -164,7 +165,7 @@ def test_unbuilt_cr_is_an_error_not_a_fallback(cluster):
     with pytest.raises(UsageError, match=r"no prism-cr8\.33 chain is loaded here \(loaded: local, voltage, prism-cr5"):
         executor.key_for("prism", 9.9)  # 50 tokens over 2 ranks: CR 9.9 is L = 3, i.e. CR 8.33
     with pytest.raises(ManifestError, match=r"no prism-cr8\.33 engines in this directory"):
-        executor.infer(torch.randn(1, 1, 28, 28), ChainKey.for_cr(9.9, 50, 2))
+        executor.infer(executor.request(torch.randn(1, 1, 28, 28)), ChainKey.for_cr(9.9, 50, 2))
     assert not executor.health().degraded
 
 
@@ -215,12 +216,12 @@ def test_torchrun_launch(engines, tmp_path):
 def test_steady_state_allocates_nothing(cluster):
     executor, _ = cluster(2)
     images = torch.randn(5, 1, 28, 28)
-    executor.infer(images, executor.key_for("prism", 5.0))
+    executor.infer(executor.request(images), executor.key_for("prism", 5.0))
     staging = {route.config.name: route.staging for route in executor.rank.routes}
     before = {name: s.allocations for name, s in staging.items()}
     buffers = {name: id(s.buffers((name, 5), 5).send) for name, s in staging.items() if name.startswith("prism")}
     for _ in range(4):
-        executor.infer(images, executor.key_for("prism", 5.0))
+        executor.infer(executor.request(images), executor.key_for("prism", 5.0))
     assert {name: s.allocations for name, s in staging.items()} == before
     assert buffers == {name: id(s.buffers((name, 5), 5).send) for name, s in staging.items() if name.startswith("prism")}
 
@@ -286,7 +287,7 @@ def test_ranks_with_the_same_token_form_the_group(engines):
     executor = DistributedExecutor(engines / "p2" / "rank0", GroupConfig(0, 2, "127.0.0.1", port, TIMEOUT_S,
                                                                        token="correct horse"), threads=1)
     try:
-        result = executor.infer(torch.randn(2, 1, 28, 28), executor.key_for("prism", 5.0))
+        result = executor.infer(executor.request(torch.randn(2, 1, 28, 28)), executor.key_for("prism", 5.0))
         assert result.choice.mode == "prism" and not result.fell_back
     finally:
         executor.close()

@@ -12,6 +12,7 @@ from prism_trt.export.onnx_export import check_onnx, export_stage
 from prism_trt.export.stages import monolithic_stage, rank_stages
 from prism_trt.export.verify import verify_onnx
 from prism_trt.runtime import load_chain, run_chains_in_process
+from prism_trt.runtime.request import InferenceRequest
 
 CRS = [9.9, 3.3]
 
@@ -28,6 +29,10 @@ def tiny_builds(timm_pair, tmp_path_factory):
     for ranks in (1, 2, 3):
         build(model, {"timm": "vit_tiny_patch16_224"}, root / f"p{ranks}", ranks)
     return root
+
+
+def _run(chains, images: torch.Tensor) -> torch.Tensor:
+    return run_chains_in_process(chains, InferenceRequest.of(chains[0].manifest.model, images))
 
 
 def _chains(directory: Path, ranks: int, mode: str, cr=None):
@@ -59,7 +64,7 @@ def test_chained_engines_equal_reference(timm_pair, tiny_builds, ranks, mode, cr
     torch.manual_seed(3)
     images = torch.randn(3, 3, 224, 224)
     chains = _chains(tiny_builds / f"p{ranks}", ranks if mode != "local" else 1, mode, cr)
-    got = run_chains_in_process(chains, images)
+    got = run_chains_in_process(chains, InferenceRequest.of(chains[0].manifest.model, images))
     with torch.no_grad():
         if mode == "prism":
             segments = chains[0].config.plan.segments
@@ -73,7 +78,7 @@ def test_monolithic_equals_reference(timm_pair, tiny_builds):
     reference, _ = timm_pair("vit_tiny_patch16_224")
     images = torch.randn(2, 3, 224, 224)
     with load_chain(tiny_builds / "p1" / "rank0", "local", use_monolithic=True, threads=2) as chain:
-        got = chain.monolithic(images)
+        got = chain.monolithic(InferenceRequest.of(chain.manifest.model, images))
     with torch.no_grad():
         assert_close(got, reference(images))
 
@@ -115,7 +120,7 @@ def test_mnist_local_chain_full_test_set(mnist_model, mnist_dir, tmp_path):
     correct = 0
     with load_chain(tmp_path / "rank0", "local", threads=2) as chain:
         for images, labels in MnistTestSet(mnist_dir).batches(500):
-            correct += int((run_chains_in_process([chain], images).argmax(-1) == labels).sum())
+            correct += int((run_chains_in_process([chain], InferenceRequest.of(chain.manifest.model, images)).argmax(-1) == labels).sum())
     assert correct == 9721
 
 
@@ -126,9 +131,9 @@ def test_mnist_p2_chains_agree(mnist_model, mnist_dir, tmp_path):
     images, labels = next(MnistTestSet(mnist_dir, limit=256).batches(256))
     with torch.no_grad():
         reference = mnist_model(images)
-    voltage = run_chains_in_process(_chains(tmp_path, 2, "voltage"), images)
+    voltage = _run(_chains(tmp_path, 2, "voltage"), images)
     assert_close(voltage, reference)
-    prism = run_chains_in_process(_chains(tmp_path, 2, "prism", 5.0), images)
+    prism = _run(_chains(tmp_path, 2, "prism", 5.0), images)
     expected = simulate(mnist_model, images, make_segment_plan(make_partition_plan(50, 1, 2), cr=5.0))
     assert_close(prism, expected)
 
@@ -154,7 +159,7 @@ def test_dynamo_full_build_vit_tiny(timm_pair, tmp_path, ranks):
     with torch.no_grad():
         expected = reference(images)
     mode = "local" if ranks == 1 else "voltage"
-    got = run_chains_in_process(_chains(tmp_path, ranks if ranks > 1 else 1, mode), images)
+    got = _run(_chains(tmp_path, ranks if ranks > 1 else 1, mode), images)
     assert_close(got, expected)
     if ranks > 1:
         plan = voltage_plan(make_partition_plan(197, 1, ranks))

@@ -18,7 +18,7 @@ LAYER = {"__init__": 0, "errors": 0, "model": 1, "data": 1, "report": 1, "profil
 # which only their typed records in engines/ read (through engines/json_record.py).
 JSON_READERS = {
     "engines/json_record.py": "manifest.json and perfmap.json, for engines/manifest.py and engines/perfmap.py",
-    "serve/protocol.py": "KServe v2 request bodies",
+    "serve/kserve.py": "KServe v2 request bodies",
     "profiler/sweep.py": "rank 0's result lines during a sweep",
     "cli/profile_cmds.py": "the sweep's --points argument to its rank-0 process",
     "profiler/testbed/namespaces.py": "`ip -j` output",

@@ -162,7 +162,7 @@ def _serve(selector: OnlineSelector, executor, batch: int, count: int, seed: int
     observations = []
     for index in range(count):
         choice = selector.choose(batch)
-        observations.append(selector.observe(batch, executor.infer(_images(batch, seed + index), choice)))
+        observations.append(selector.observe(batch, executor.infer(executor.request(_images(batch, seed + index)), choice)))
     return observations
 
 
@@ -174,7 +174,7 @@ def test_cells_fill_from_real_batches_and_estimates_move_to_what_was_measured(lo
     measured: dict[ChainKey, list[float]] = {}
     for key in data.chains():  # every chain, as exploration or a changing link would run them
         for seed in range(4):
-            result = cluster.infer(_images(4, seed), key)
+            result = cluster.infer(cluster.request(_images(4, seed)), key)
             assert result.choice == key and not result.fell_back
             observation = selector.observe(4, result)
             assert observation.mode == key.label and observation.predicted_ms is None  # nothing chose it
@@ -264,7 +264,7 @@ def test_the_batcher_hands_over_results_and_survives_an_observer_that_raises(sma
     async def serve_two() -> list:
         batcher = Batcher(executor, selector, max_wait_s=0.0)
         try:
-            return [await asyncio.wait_for(batcher.submit(_images(2, seed)), 60) for seed in range(2)], batcher
+            return [await asyncio.wait_for(batcher.submit(executor.request(_images(2, seed))), 60) for seed in range(2)], batcher
         finally:
             await batcher.stop()
 

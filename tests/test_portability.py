@@ -30,6 +30,7 @@ from prism_trt.engines.onnx_format import (
 from prism_trt.engines.ort import OnnxRuntimeBackend
 from prism_trt.engines.trt import TensorRTBackend
 from prism_trt.runtime import load_chain, run_chains_in_process
+from prism_trt.runtime.request import InferenceRequest
 
 MNIST_CORRECT = 9721  # the shipped checkpoint at fp32, P=1 (test_mnist.py)
 OLDEST_ONNXRUNTIME = min(RUNTIME_LIMITS["onnxruntime"])
@@ -106,7 +107,7 @@ def test_fp16_build_is_verified_and_keeps_mnist_accuracy(mnist_model, mnist_dir,
     correct = 0
     with load_chain(tmp_path / "rank0", "local", threads=2) as chain:
         for images, labels in MnistTestSet(mnist_dir).batches(500):
-            correct += int((run_chains_in_process([chain], images).argmax(-1) == labels).sum())
+            correct += int((run_chains_in_process([chain], InferenceRequest.of(chain.manifest.model, images)).argmax(-1) == labels).sum())
     assert abs(correct - MNIST_CORRECT) <= 10, correct
 
 

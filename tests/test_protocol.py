@@ -17,16 +17,11 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from prism_trt.core.chain_key import ChainKey
+from prism_trt.engines.modality import Vision
 from prism_trt.model.spec import ViTSpec
-from prism_trt.serve.protocol import (
-    RequestError,
-    decode_image,
-    infer_response,
-    max_image_pixels,
-    model_metadata,
-    parse_infer_request,
-    server_metadata,
-)
+from prism_trt.serve.kserve import infer_response, server_metadata
+from prism_trt.serve.protocol import VisionServing, decode_image, max_image_pixels
+from prism_trt.serve.request_error import RequestError
 
 MAX_BATCH = 4
 SHAPE = [3, 16, 8]  # C, H, W: not square, so a swapped height and width shows
@@ -53,8 +48,20 @@ def body(*inputs, **extra) -> bytes:
     return json.dumps({"inputs": list(inputs) if inputs else [tensor()], **extra}).encode()
 
 
+SERVED = VisionServing(Vision(SPEC), "proto-test", MAX_BATCH)
+
+
+class Parsed:
+    """A parsed request, with its images under the HTTP name's stage name."""
+
+    def __init__(self, raw: bytes):
+        parsed = SERVED.parse(raw)
+        self.images = parsed.request.tensors["images"]
+        self.request_id, self.outputs = parsed.request_id, parsed.outputs
+
+
 def parse(raw: bytes):
-    return parse_infer_request(raw, SPEC, MAX_BATCH)
+    return Parsed(raw)
 
 
 def refusal(raw: bytes) -> RequestError:
@@ -226,7 +233,7 @@ def test_response_parameters_are_never_null():
 
 def test_model_and_server_metadata():
     keys = [ChainKey.local(), ChainKey.voltage(), ChainKey.prism(2, 9, 2)]
-    meta = model_metadata("proto-test", SPEC, MAX_BATCH, keys)
+    meta = SERVED.metadata(keys)
     assert meta["name"] == "proto-test" and meta["platform"] == "prism_trt" and meta["versions"] == []
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 16, 8]}]
     assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 5]},

@@ -102,9 +102,10 @@ def test_local_executor_runs_each_length_on_its_bucket(bucket_build):
         assert executor.buckets.lengths == LENGTHS
         for positions, bucket in ((3, 8), (8, 8), (12, 16), (16, 16)):
             ids, mask = requests(positions, (positions, max(1, positions - 2)), positions)
-            result = executor.infer({INPUT_IDS: ids, ATTENTION_MASK: mask}, ChainKey.local())
+            request = executor.request({INPUT_IDS: ids, ATTENTION_MASK: mask})
+            result = executor.infer(request, ChainKey.local())
             assert result.sequence_length == bucket
-            assert_close(result.logits, bucket_reference(model, "local", ids, mask), name=f"{name} n={positions}")
+            assert_close(request.trim(result.logits), bucket_reference(model, "local", ids, mask), name=f"{name} n={positions}")
     finally:
         executor.close()
 
@@ -117,9 +118,10 @@ def test_two_ranks_run_each_length_on_its_bucket(bucket_build):
             ids, mask = requests(positions, (positions, 1, max(1, positions // 2))[:3], positions)
             for mode in ("voltage", "prism", "local"):
                 key = executor.key_for(mode, 2.0 if mode == "prism" else None)
-                result = executor.infer({INPUT_IDS: ids, ATTENTION_MASK: mask}, key)
+                request = executor.request({INPUT_IDS: ids, ATTENTION_MASK: mask})
+                result = executor.infer(request, key)
                 assert not result.fell_back and result.choice == key and result.sequence_length == bucket
-                assert_close(result.logits, bucket_reference(model, mode, ids, mask),
+                assert_close(request.trim(result.logits), bucket_reference(model, mode, ids, mask),
                              name=f"{name} {mode} n={positions}")
 
 
@@ -216,7 +218,7 @@ def test_online_selector_learns_only_from_the_mapped_bucket(bucket_build, tmp_pa
         selector = OnlineSelector(MapSelector(data), executor)
         for positions, learnt in ((16, True), (5, False), (12, True), (8, False)):
             ids, mask = requests(positions, (positions, 2), positions)
-            result = executor.infer({INPUT_IDS: ids, ATTENTION_MASK: mask}, selector.choose(2))
+            result = executor.infer(executor.request({INPUT_IDS: ids, ATTENTION_MASK: mask}), selector.choose(2))
             before = selector.observed
             observation = selector.observe(2, result)
             assert (observation is not None) == learnt and selector.observed == before + learnt, positions

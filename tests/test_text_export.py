@@ -18,6 +18,7 @@ from prism_trt.engines.manifest import Manifest, ManifestError, ModelRecord
 from prism_trt.engines.stage_spec import ATTENTION_MASK, INPUT_IDS, MEANS, REMOTE_MEANS
 from prism_trt.model import weights_hash
 from prism_trt.runtime import load_chain, run_chains_in_process
+from prism_trt.runtime.request import InferenceRequest
 
 pytest.importorskip("transformers", reason="the text models need the 'text' extra (also in 'dev')")
 pytestmark = pytest.mark.timeout(300)
@@ -69,12 +70,13 @@ def test_engines_equal_the_reference(text_engines, name, mode):
     directory, model = text_engines(name)
     ids, mask = text_request()
     ranks = chains(directory, mode, 2.0 if mode == "prism" else None)
-    got = run_chains_in_process(ranks, {INPUT_IDS: ids, ATTENTION_MASK: mask})
+    request = InferenceRequest.of(ranks[0].manifest.model, {INPUT_IDS: ids, ATTENTION_MASK: mask})
+    got = run_chains_in_process(ranks, request)
     segments = ranks[0].config.plan.segments
     assert_close(got, reference(model, mode, segments, ids, mask), name=f"{name} {mode}")
     if mode == "local":  # and the monolithic model, the P = 1 comparison
         with load_chain(directory / "rank0", "local", threads=1, use_monolithic=True) as whole:
-            assert_close(whole.monolithic({INPUT_IDS: ids, ATTENTION_MASK: mask}), got, name="monolithic")
+            assert_close(whole.monolithic(request), got, name="monolithic")
 
 
 def test_vit_manifests_keep_their_layout():

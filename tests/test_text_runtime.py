@@ -29,16 +29,17 @@ def test_two_ranks_equal_the_simulation(text_engines, name):
         for seed, lengths in enumerate([(16, 11, 5), (3, 16, 9)]):
             ids, mask = text_request(3, seed, lengths)
             for key in (executor.key_for("voltage"), executor.key_for("prism", 2.0)):
-                result = executor.infer({INPUT_IDS: ids, ATTENTION_MASK: mask}, key)
+                result = executor.infer(executor.request({INPUT_IDS: ids, ATTENTION_MASK: mask}), key)
                 assert not result.fell_back and result.choice == key
                 assert_close(result.logits, reference(model, key.mode, key.segments, ids, mask), name=f"{name} {key}")
         ids, mask = text_request(1, 7, (16,))  # another batch size, with the phase times of both ranks
-        result = executor.infer({INPUT_IDS: ids, ATTENTION_MASK: mask}, executor.key_for("prism", 2.0), True)
+        request = executor.request({INPUT_IDS: ids, ATTENTION_MASK: mask})
+        result = executor.infer(request, executor.key_for("prism", 2.0), True)
         assert_close(result.logits, reference(model, "prism", 4, ids, mask))
         sent = [times.bytes_sent for times in result.per_rank]
         if model.spec.causal:  # rank 1's means are never read; both send their hidden states or means
             assert sent[0] == 2 * 4 * 32 * 4 and sent[1] == 8 * 32 * 4
-        local = executor.infer({INPUT_IDS: ids, ATTENTION_MASK: mask}, ChainKey.local())
+        local = executor.infer(executor.request({INPUT_IDS: ids, ATTENTION_MASK: mask}), ChainKey.local())
         assert_close(local.logits, model(ids, mask))
 
 
@@ -48,21 +49,21 @@ def test_single_board_executor_and_measure(text_engines):
     executor = open_executor(directory, GroupConfig(0, 1, "127.0.0.1", free_port(), TIMEOUT_S), threads=1)
     try:
         ids, mask = text_request(2, 3, (16, 4))
-        result = executor.infer({INPUT_IDS: ids, ATTENTION_MASK: mask}, ChainKey.local())
+        result = executor.infer(executor.request({INPUT_IDS: ids, ATTENTION_MASK: mask}), ChainKey.local())
         assert_close(result.logits, model(ids, mask))
         assert measure(executor, ChainKey.local(), batch=2, warmup=0, repeat=2)["latency"]["mean_ms"] > 0
         with pytest.raises(UsageError, match="takes inputs"):
-            executor.infer({IMAGES: torch.zeros(1, 3, 8, 8)}, ChainKey.local())
+            executor.request({IMAGES: torch.zeros(1, 3, 8, 8)})
         with pytest.raises(UsageError, match="must be int64 of shape"):
-            executor.infer({INPUT_IDS: ids.int(), ATTENTION_MASK: mask}, ChainKey.local())
+            executor.request({INPUT_IDS: ids.int(), ATTENTION_MASK: mask})
         with pytest.raises(UsageError, match="they must match"):
-            executor.infer({INPUT_IDS: ids[:, :8], ATTENTION_MASK: mask}, ChainKey.local())
+            executor.request({INPUT_IDS: ids[:, :8], ATTENTION_MASK: mask})
         with pytest.raises(UsageError, match=f"longest sequence {TEXT_SEQ_LEN}"):
-            executor.infer({INPUT_IDS: torch.cat([ids, ids], 1), ATTENTION_MASK: torch.cat([mask, mask], 1)},
-                           ChainKey.local())
+            executor.request({INPUT_IDS: torch.cat([ids, ids], 1), ATTENTION_MASK: torch.cat([mask, mask], 1)})
         # shorter than the build's N: padded to it, and a per-position head answers the request's own positions
-        short = executor.infer({INPUT_IDS: ids[:, :5], ATTENTION_MASK: mask[:, :5]}, ChainKey.local())
-        assert short.logits.shape[1] == 5 and short.sequence_length == TEXT_SEQ_LEN
-        assert_close(short.logits, model(ids, mask)[:, :5])
+        request = executor.request({INPUT_IDS: ids[:, :5], ATTENTION_MASK: mask[:, :5]})
+        short = executor.infer(request, ChainKey.local())
+        assert short.logits.shape[1] == TEXT_SEQ_LEN and short.sequence_length == TEXT_SEQ_LEN
+        assert_close(request.trim(short.logits), model(ids, mask)[:, :5])
     finally:
         executor.close()

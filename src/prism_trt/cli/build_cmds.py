@@ -18,9 +18,9 @@ def _model_source(model_name, checkpoint) -> dict:
     return {"checkpoint": str(checkpoint), "sha256": sha256_file(checkpoint)}
 
 
-def _load(model_name, checkpoint, text: TextModelOptions):
+def _load(model_name, checkpoint, text: TextModelOptions, text_model: bool):
     """The model and the source record of its build: a timm ViT, a checkpoint, or a text config."""
-    if not is_text_model(model_name):
+    if not text_model:
         if text.resized:
             raise click.UsageError("--layers, --hidden-size, --heads and --vocab-size apply to text models only")
         from ..model import load_model
@@ -84,15 +84,16 @@ def build(model_name, checkpoint, ranks, crs, segments, weights, text, backend, 
     from ..export.build import Builder, config_plans
     from ..report import format_table
 
+    text_model = is_text_model(model_name)  # the one place the CLI asks: it picks the loader and the defaults
     if not crs and not segments:
-        crs, segments = ((), (1,)) if is_text_model(model_name) else ((9.9, 4.95, 3.3), ())
+        crs, segments = ((), (1,)) if text_model else ((9.9, 4.95, 3.3), ())
     engine_backend = get_backend(backend, provider, threads)
     options = BuildOptions(precision=engine_backend.resolve_precision(precision), min_batch=min_batch,
                            opt_batch=opt_batch, max_batch=max_batch, workspace_mib=workspace_mib,
                            optimization_level=opt_level, timing_cache=str(out_dir / "timing.cache"))
-    model, source = _load(model_name, checkpoint, text)
+    model, source = _load(model_name, checkpoint, text, text_model)
     spec = model.spec
-    lengths = text.seq_lens if is_text_model(model_name) else (spec.num_tokens,)
+    lengths = text.seq_lens if text_model else (spec.num_tokens,)
     if lengths[-1] > getattr(spec, "max_positions", lengths[-1]):
         raise click.UsageError(f"--seq-len {lengths[-1]} exceeds {spec.name}'s {spec.max_positions} positions")
     plans = {length: config_plans(length, spec.num_prefix_tokens, ranks, list(crs), list(segments), weights,

@@ -84,12 +84,17 @@ class Modality(ABC):
         return modality.recorded(spec, sequence_length)
 
     @staticmethod
-    def of_spec(spec: ViTSpec | TextSpec, num_tokens: int) -> Modality:
-        """The modality of a model with ``spec``, built for ``num_tokens`` positions."""
+    def family(spec: ViTSpec | TextSpec) -> type[Modality]:
+        """The modality of models described by ``spec``."""
         for modality in MODALITIES.values():
             if isinstance(spec, modality.spec_class):
-                return modality.built_for(spec, num_tokens)
+                return modality
         raise UsageError(f"no modality takes a {type(spec).__name__}")
+
+    @staticmethod
+    def of_spec(spec: ViTSpec | TextSpec, num_tokens: int) -> Modality:
+        """The modality of a model with ``spec``, built for ``num_tokens`` positions."""
+        return Modality.family(spec).built_for(spec, num_tokens)
 
     @classmethod
     @abstractmethod

@@ -41,6 +41,7 @@ from ..engines.manifest import (
     ModelRecord,
     StageEntry,
 )
+from ..engines.modality import Modality
 from ..engines.stage_spec import StageSpec
 from ..errors import UsageError
 from ..model import PrismText, PrismViT, weights_hash
@@ -203,9 +204,7 @@ class Builder:
                     bar: tqdm, sequence_buckets: tuple[int, ...] = ()) -> None:
         previous = _previous_stages(rank_dir)
         num_tokens = configs[0].plan.partition.num_tokens
-        text = isinstance(self.model, PrismText)
-        record = ModelRecord(self.source, self.model.spec, self.weights_sha256, "text" if text else "vit",
-                             num_tokens if text else None)
+        record = ModelRecord.of(self.source, Modality.of_spec(self.model.spec, num_tokens), self.weights_sha256)
         manifest = Manifest(
             rank=rank, world_size=ranks, means_source=self.means_source, model=record, backend=self.backend_record,
             build_options=self.options,

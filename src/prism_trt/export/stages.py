@@ -13,12 +13,16 @@ baked into each block stage as a constant instead of being one more input to bin
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from ..core.plan import SegmentPlan
 from ..core.rank import RankForward
 from ..engines.base import BATCH_AXIS, TensorSpec
+from ..engines.modality import Modality, Text, Vision
 from ..engines.stage_spec import IMAGES, LOGITS, MEANS, NEXT_TOKENS, REMOTE_MEANS, TOKENS, StageSpec
 from ..model.text import PrismText
 from ..model.vit import MeansSource, PrismViT
@@ -61,8 +65,18 @@ class HeadStage(nn.Module):
 def rank_stages(model: PrismViT | PrismText, plan: SegmentPlan, rank: int, means_source: MeansSource = "ln1"
                 ) -> list[tuple[StageSpec, nn.Module]]:
     """The stages rank ``rank`` runs over ``plan``, in execution order, with their I/O."""
-    if isinstance(model, PrismText):
-        return text_rank_stages(model, plan, rank, means_source)
+    return STAGE_BUILDERS[Modality.family(model.spec).kind].rank_stages(model, plan, rank, means_source)
+
+
+def monolithic_stage(model: PrismViT | PrismText, num_tokens: int | None = None) -> tuple[StageSpec, nn.Module]:
+    """The whole unpartitioned model as one stage, for P=1 comparisons (``num_tokens``: a text
+    build's sequence length, required there; a ViT's is fixed by its spec)."""
+    return STAGE_BUILDERS[Modality.family(model.spec).kind].monolithic_stage(model, num_tokens)
+
+
+def vit_rank_stages(model: PrismViT, plan: SegmentPlan, rank: int, means_source: MeansSource = "ln1"
+                    ) -> list[tuple[StageSpec, nn.Module]]:
+    """A ViT rank's stages: embed (images in), its blocks, and on rank 0 the classifier head."""
     spec = model.spec
     forward = RankForward(model, plan, rank, means_source).eval()
     D, n_p = spec.embed_dim, plan.partition.sizes[rank]
@@ -83,16 +97,25 @@ def rank_stages(model: PrismViT | PrismText, plan: SegmentPlan, rank: int, means
     return stages
 
 
-def monolithic_stage(model: PrismViT | PrismText, num_tokens: int | None = None) -> tuple[StageSpec, nn.Module]:
-    """The whole unpartitioned model as one stage, for P=1 comparisons (``num_tokens``: a text
-    build's sequence length, required there; a ViT's is fixed by its spec)."""
-    if isinstance(model, PrismText):
-        if num_tokens is None:
-            raise ValueError("a text model's monolithic stage needs the build's sequence length")
-        return text_monolithic_stage(model, num_tokens)
+def vit_monolithic_stage(model: PrismViT, num_tokens: int | None = None) -> tuple[StageSpec, nn.Module]:
+    """The whole ViT as one stage (its tokens are fixed by its spec)."""
     spec = model.spec
     return (StageSpec("model", "model", None, (_tensor(IMAGES, spec.in_chans, *spec.img_size),),
                       (_tensor(LOGITS, spec.num_classes),)), model.eval())
+
+
+class StageBuilder(NamedTuple):
+    """How the exporter cuts one modality's models into stages."""
+
+    rank_stages: Callable[..., list[tuple[StageSpec, nn.Module]]]
+    monolithic_stage: Callable[..., tuple[StageSpec, nn.Module]]
+
+
+#: The stage builder that exports each modality, by its kind.
+STAGE_BUILDERS: dict[str, StageBuilder] = {
+    Vision.kind: StageBuilder(vit_rank_stages, vit_monolithic_stage),
+    Text.kind: StageBuilder(text_rank_stages, text_monolithic_stage),
+}
 
 
 def example_feed(stage: StageSpec, batch: int, seed: int = 0, module: nn.Module | None = None

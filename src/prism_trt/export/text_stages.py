@@ -128,8 +128,10 @@ class _Monolithic(nn.Module):
         return self.model(input_ids, attention_mask)
 
 
-def text_monolithic_stage(model: PrismText, seq_len: int) -> tuple[StageSpec, nn.Module]:
+def text_monolithic_stage(model: PrismText, seq_len: int | None) -> tuple[StageSpec, nn.Module]:
     """The whole unpartitioned model as one stage, for P=1 comparisons."""
+    if seq_len is None:
+        raise ValueError("a text model's monolithic stage needs the build's sequence length")
     return (StageSpec("model", "model", None, text_request_inputs(seq_len), (head_outputs(model, seq_len),)),
             _Monolithic(model.eval()))
 

@@ -20,6 +20,7 @@ from ..core.text_accuracy import evaluate_text
 from ..data import MnistTestSet, data_dir
 from ..data.text_corpus import HELDOUT_FILE, TextWindows, read_corpus
 from ..engines.manifest import ChainConfig, Manifest, ModelRecord, rank_directory
+from ..engines.modality import Text, Vision
 from ..engines.perfmap import AccuracyEntry
 from ..model import CheckpointMismatchError, load_model, weights_hash
 from ..model.text_adapters import PRETRAINED_TEXT, load_text_model
@@ -32,16 +33,21 @@ def model_from_manifest(engines: Path):
     """The model a build was made from, rebuilt from its source record and checked against the
     weights digest the build recorded (calibrating other weights would calibrate another model)."""
     manifest = Manifest.read(rank_directory(engines))
-    source = manifest.model.source
-    if manifest.model.kind == "text":
-        model = load_text_model(source["text"], seed=source.get("seed", 0), **source.get("config", {}))
-        if weights_hash(model) != manifest.model.weights_sha256:
-            raise CheckpointMismatchError(
-                f"{engines}: {source['text']} rebuilt here has other weights than the build recorded "
-                f"({manifest.model.weights_sha256[:12]}...): rebuild the engines with this prism-trt / transformers")
-    else:
-        model = load_model(source.get("timm"), source.get("checkpoint"))
-    return model, manifest
+    return _LOADERS[manifest.model.kind](engines, manifest.model), manifest
+
+
+def _load_vit(engines: Path, record: ModelRecord):
+    return load_model(record.source.get("timm"), record.source.get("checkpoint"))
+
+
+def _load_text(engines: Path, record: ModelRecord):
+    source = record.source
+    model = load_text_model(source["text"], seed=source.get("seed", 0), **source.get("config", {}))
+    if weights_hash(model) != record.weights_sha256:
+        raise CheckpointMismatchError(
+            f"{engines}: {source['text']} rebuilt here has other weights than the build recorded "
+            f"({record.weights_sha256[:12]}...): rebuild the engines with this prism-trt / transformers")
+    return model
 
 
 def calibrate(engines: Path, calib_data: Path | None = None, samples: int = 1000, progress: bool = False
@@ -59,10 +65,8 @@ def calibrate_chains(model, record: ModelRecord, configs: list[ChainConfig], mea
     """:func:`calibrate` for a model, its manifest record and chains already in hand."""
     configs = [c for c in configs if c.mode in (Mode.PRISM, Mode.VOLTAGE)]
     plans = [c.plan for c in configs]  # each chain's own: a weighted build's ranks hold unequal shares
-    if record.kind == "text":
-        results, label, labelled = _calibrate_text(model, record, plans, means_source, samples, progress)
-    else:
-        results, label, labelled = _calibrate_vit(model, record, plans, means_source, calib_data, samples, progress)
+    calibrate_family = _CALIBRATIONS[record.kind]
+    results, label, labelled = calibrate_family(model, record, plans, means_source, calib_data, samples, progress)
     return [AccuracyEntry(c.key, r.ranks, r.agreement, r.accuracy if labelled else None,
                           (r.reference_correct / r.total) if labelled else None, label)
             for r, c in zip(results, configs)]
@@ -83,7 +87,8 @@ def _calibrate_vit(model, record: ModelRecord, plans, source, calib_data, sample
     return evaluate(model, batches, plans, [source], progress=progress), label, labelled
 
 
-def _calibrate_text(model, record: ModelRecord, plans, source, samples, progress):
+def _calibrate_text(model, record: ModelRecord, plans, source, calib_data, samples, progress):
+    """calib_data is for image sets: text calibrates on the bundled held-out corpus (or random ids)."""
     seq_len = record.sequence_length
     name = record.source.get("text")
     if name in PRETRAINED_TEXT and model.spec.head == "lm":
@@ -97,3 +102,8 @@ def _calibrate_text(model, record: ModelRecord, plans, source, samples, progress
         batches = [(ids[i:i + 32], torch.ones_like(ids[i:i + 32]), None) for i in range(0, count, 32)]
         label, labelled = f"random:{count} sequences (random weights: agreement only, no accuracy)", False
     return evaluate_text(model, batches, plans, [source], progress=progress), label, labelled
+
+
+#: How each modality's model is rebuilt from its record, and calibrated, by its kind.
+_LOADERS = {Vision.kind: _load_vit, Text.kind: _load_text}
+_CALIBRATIONS = {Vision.kind: _calibrate_vit, Text.kind: _calibrate_text}

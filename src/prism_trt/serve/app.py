@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hmac
 import logging
-import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -27,35 +24,27 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
-from ..engines.base import TensorSpec
-from ..engines.stage_spec import image_request_inputs
+from ..engines.modality import Text, Vision
 from ..errors import UsageError
-from ..model.text_spec import TextSpec
 from ..runtime.api import Executor, Health, Selector
 from .batcher import Batcher, BatcherStopped, InferenceFailed, QueueFull
 from .binary import HEADER_LENGTH, byte_count, encode_body
-from .metrics import CONTENT_TYPE, ServerMetrics
-from .protocol import (
+from .kserve import (
+    BYTES_PER_VALUE,
     OUTPUT_NAMES,
-    decode_image,
+    KServeRequest,
+    ServedModality,
     infer_response,
-    max_image_pixels,
-    model_metadata,
-    parse_infer_request,
     server_metadata,
 )
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .protocol import VisionServing
 from .request_error import RequestError
-from .text_protocol import parse_text_request, text_model_metadata
+from .text_protocol import TextServing
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_WAIT_MS = 5.0
-# What one value of a full batch may take in a request body: as JSON, a float64 written in full
-# (up to 24 characters, "-2.2250738585072014e-308") with its separator, nesting brackets and some
-# whitespace; in Triton's binary encoding, the value's own size (4 bytes FP32, 8 bytes INT64).
-BYTES_PER_VALUE = {"json": 32, "binary": None}
-BODY_ALLOWANCE = 64 << 10  # the rest of a request: id, names, parameters, the binary request's JSON header
-IMAGE_BYTES_PER_PIXEL = 2  # a compressed image at the pixel cap is well under 2 bytes a pixel
 # Parsing a full JSON batch or decoding an image takes a core for milliseconds and, for images,
 # tens of MB: at most this many at once, the rest wait (their number bounded by the connection limit).
 PARSE_CONCURRENCY = 2
@@ -63,35 +52,27 @@ DECODE_CONCURRENCY = 2
 
 Handler = Callable[[Request], Awaitable[Response]]
 
+#: The server's side of each modality, by its kind.
+SERVED: dict[str, type[ServedModality]] = {Vision.kind: VisionServing, Text.kind: TextServing}
 
-def _is_text(executor: Executor) -> bool:
-    return isinstance(executor.spec, TextSpec)
 
-
-def _request_inputs(executor: Executor) -> tuple[TensorSpec, ...]:
-    """What one request brings: a text model's ids and mask (its build's N), or a ViT's images."""
-    if _is_text(executor):
-        return executor.manifest.model.request_inputs()
-    return image_request_inputs(executor.spec.in_chans, executor.spec.img_size)
+def served_modality(executor: Executor) -> ServedModality:
+    """How the server speaks the executor's model: inputs, metadata, parsing, body limits."""
+    modality = executor.manifest.model.modality
+    return SERVED[modality.kind](modality, executor.model_name, executor.max_batch, executor.buckets.lengths)
 
 
 def default_max_body_bytes(executor: Executor, encoding: str = "json") -> int:
     """The /infer body limit: a full batch of the model's inputs (max batch x C x H x W values, or
     max batch x N ids and mask values) in ``encoding`` ("json" or "binary", the Triton binary tensor
     extension) and an allowance for the rest of the request."""
-    total = 0
-    for tensor in _request_inputs(executor):
-        width = BYTES_PER_VALUE[encoding] or np.dtype(tensor.dtype).itemsize
-        total += width * math.prod(tensor.concrete(executor.max_batch))
-    return total + BODY_ALLOWANCE
+    return served_modality(executor).max_body_bytes(encoding)
 
 
 def default_max_image_bytes(executor: Executor) -> int:
     """The /infer/image body limit: an image file at the pixel cap (:func:`max_image_pixels`); a
     text model has no image endpoint."""
-    if _is_text(executor):
-        return BODY_ALLOWANCE
-    return IMAGE_BYTES_PER_PIXEL * max_image_pixels(executor.spec) + BODY_ALLOWANCE
+    return served_modality(executor).max_image_bytes()
 
 
 def check_token(token: str) -> None:
@@ -110,21 +91,18 @@ class _Server:
             if value is not None and value <= 0:
                 raise UsageError(f"{name} must be positive, got {value}")
         self.executor, self.token = executor, token
-        self.text = _is_text(executor)
-        self.record = executor.manifest.model if self.text else None
+        self.served = served_modality(executor)
         # an explicit body limit holds for both encodings; the defaults follow the model's full batch
-        self.body_limits = {encoding: max_body_bytes or default_max_body_bytes(executor, encoding)
+        self.body_limits = {encoding: max_body_bytes or self.served.max_body_bytes(encoding)
                             for encoding in BYTES_PER_VALUE}
-        self.image_limit = max_image_bytes or default_max_image_bytes(executor)
-        self.max_pixels = 0 if self.text else max_image_pixels(executor.spec)
+        self.image_limit = max_image_bytes or self.served.max_image_bytes()
+        self.max_pixels = self.served.max_pixels
         self.parse_slots = asyncio.Semaphore(PARSE_CONCURRENCY)
         self.decode_slots = asyncio.Semaphore(DECODE_CONCURRENCY)
         self.model_name = executor.model_name
         self.metrics = ServerMetrics(executor.max_batch)
         self.batcher = Batcher(executor, selector, max_wait_s=max_wait_ms / 1e3, max_queue_images=max_queue_images,
-                               metrics=self.metrics,
-                               output_shape=self.record.output_shape if self.text else None,
-                               per_position=self.text and self.record.head_reads_all_positions)
+                               metrics=self.metrics, modality=self.served.modality)
 
     # ---------------------------------------------------------------- plumbing
 
@@ -209,23 +187,20 @@ class _Server:
             return Health(live=health.live, ready=False, degraded=health.degraded, reason="the batch worker stopped")
         return health
 
-    async def _infer(self, images, request_id: str, outputs: tuple[str, ...],
-                     binary_outputs: frozenset[str] = frozenset(), positions: int | None = None) -> Response:
-        """Run one request (images, or a text model's padded tensors); ``positions``: cut a
-        per-position text head's logits back to the request's own length."""
+    async def _infer(self, parsed: KServeRequest) -> Response:
+        """Run one request and answer it."""
         started = time.perf_counter()
         try:
-            outcome = await self.batcher.submit(images)
+            outcome = await self.batcher.submit(parsed.request)
         except QueueFull as exc:
             raise RequestError(503, "overloaded", f"server busy: {exc}; retry later", {"Retry-After": "1"}) from None
         except BatcherStopped as exc:
             raise RequestError(503, "shutting_down", str(exc)) from None
         except InferenceFailed as exc:
             raise RequestError(500, "executor_error", f"inference failed: {exc}") from None
-        logits = outcome.logits if positions is None else outcome.logits[:, :positions]
-        header, raw = infer_response(self.model_name, request_id, outputs, logits, outcome.choice,
-                                     outcome.fell_back, outcome.batch_size, outcome.queue_s * 1e3,
-                                     outcome.executor_s * 1e3, binary_outputs)
+        header, raw = infer_response(self.model_name, parsed.request_id, parsed.outputs, outcome.logits,
+                                     outcome.choice, outcome.fell_back, outcome.batch_size, outcome.queue_s * 1e3,
+                                     outcome.executor_s * 1e3, parsed.binary_outputs)
         content, headers, media_type = encode_body(header, raw)
         self.metrics.latency.observe(time.perf_counter() - started, mode=outcome.choice.label)
         return Response(content, headers=headers, media_type=media_type)
@@ -254,11 +229,7 @@ class _Server:
 
     async def model_metadata(self, request: Request) -> Response:
         self._check_model(request)
-        choices, max_batch = self.executor.chains(), self.executor.max_batch
-        if self.text:
-            return JSONResponse(text_model_metadata(self.model_name, self.record, max_batch, choices,
-                                                    self.executor.buckets.lengths))
-        return JSONResponse(model_metadata(self.model_name, self.executor.spec, max_batch, choices))
+        return JSONResponse(self.served.metadata(self.executor.chains()))
 
     async def model_ready(self, request: Request) -> Response:
         self._check_model(request)
@@ -269,18 +240,13 @@ class _Server:
         header_length = request.headers.get(HEADER_LENGTH)  # Triton's binary tensor extension
         body = await self._read_body(request, self.body_limits["json" if header_length is None else "binary"])
         # parsing a full batch takes milliseconds: off the loop, so the batch worker keeps going
-        parse, model = ((functools.partial(parse_text_request, lengths=self.executor.buckets.lengths), self.record)
-                        if self.text else (parse_infer_request, self.executor.spec))
         async with self.parse_slots:
-            parsed = await run_in_threadpool(parse, body, model, self.executor.max_batch, header_length)
-        return await self._infer(parsed.inputs, parsed.request_id, parsed.outputs, parsed.binary_outputs,
-                                 parsed.positions)
+            parsed = await run_in_threadpool(self.served.parse, body, header_length)
+        return await self._infer(parsed)
 
     async def infer_image(self, request: Request) -> Response:
         self._check_model(request)
-        if self.text:
-            raise RequestError(404, "no_image_input", f"'{self.model_name}' is a text model: POST INT64 input_ids "
-                                                      f"(and attention_mask) to /v2/models/{self.model_name}/infer")
+        self.served.require_image_input()
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         body = await self._read_body(request, self.image_limit)
         if content_type == "multipart/form-data":
@@ -292,9 +258,10 @@ class _Server:
                                                     f"raw image body (Content-Type image/*), got "
                                                     f"{content_type or 'no Content-Type'}")
         async with self.decode_slots:
-            images = await run_in_threadpool(decode_image, data, self.executor.spec, self.max_pixels)
+            images = await run_in_threadpool(self.served.decode_image, data)
         request_id = request.headers.get("x-request-id") or request.query_params.get("id") or ""
-        return await self._infer(images, request_id or uuid.uuid4().hex, OUTPUT_NAMES)
+        return await self._infer(KServeRequest(self.served.request(images), request_id or uuid.uuid4().hex,
+                                               OUTPUT_NAMES))
 
     async def _uploaded_file(self, request: Request, body: bytes) -> bytes:
         async def replay() -> dict:  # the body was already read under the size limit; parse it from memory

@@ -1,35 +1,38 @@
-"""KServe v2 / Open Inference Protocol: request validation (JSON tensors, or raw bytes by Triton's
-binary tensor data extension, see binary.py), response and metadata shapes, and image decoding
-for the image endpoint.
-
-JSON is parsed with orjson (several times faster than the standard library on a full batch). It
-refuses what JSON itself does not allow, such as NaN and Infinity, which the error message names.
+"""The vision input spec of the KServe v2 server: one FP32 tensor named ``input`` (B, C, H, W) of
+normalised images, (B, classes) ``logits`` and their ``label`` out; and the image endpoint's
+decoding (an image file in, the model's input out). The protocol itself is in kserve.py.
 """
 
 from __future__ import annotations
 
 import io
-import math
-import re
-import uuid
-from dataclasses import dataclass
 
 import numpy as np
 import orjson
 import torch
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
-from ..core.chain_key import ChainKey, Mode
+from ..core.chain_key import ChainKey
+from ..engines.modality import Vision
+from ..engines.stage_spec import IMAGES
 from ..model.spec import ViTSpec
-from .binary import DATATYPES, binary_size, encode_outputs, flag, split_body, tensor_from_binary
+from .binary import binary_size
+from .kserve import (
+    BODY_ALLOWANCE,
+    LABEL_OUTPUT,
+    LOGITS_OUTPUT,
+    PLATFORM,
+    KServeRequest,
+    ServedModality,
+    input_values,
+    read_payload,
+    requested_outputs,
+    shape_text,
+    show_json,
+)
 from .request_error import RequestError
 
 INPUT_NAME = "input"
-LOGITS_OUTPUT = "logits"
-LABEL_OUTPUT = "label"
-OUTPUT_NAMES = (LOGITS_OUTPUT, LABEL_OUTPUT)
-PLATFORM = "prism_trt"
-PROTOCOL_EXTENSIONS: list[str] = ["binary_tensor_data"]
 
 # The image endpoint decodes at most max(IMAGE_PIXELS_FLOOR, IMAGE_PIXELS_PER_INPUT x the model's
 # input pixels): a phone screenshot (~3 Mpx) of a digit still works for a 28 x 28 model, while a
@@ -39,7 +42,7 @@ PROTOCOL_EXTENSIONS: list[str] = ["binary_tensor_data"]
 IMAGE_PIXELS_FLOOR = 4 * 1024 * 1024
 IMAGE_PIXELS_PER_INPUT = 64
 
-_NON_JSON_NUMBER = re.compile(rb"(?<![\w\"])-?(NaN|Infinity)\b")
+IMAGE_BYTES_PER_PIXEL = 2  # a compressed image at the pixel cap is well under 2 bytes a pixel
 
 
 def max_image_pixels(spec: ViTSpec) -> int:
@@ -48,22 +51,31 @@ def max_image_pixels(spec: ViTSpec) -> int:
     return max(IMAGE_PIXELS_FLOOR, IMAGE_PIXELS_PER_INPUT * height * width)
 
 
-@dataclass(frozen=True)
-class InferRequest:
-    inputs: torch.Tensor | dict[str, torch.Tensor]  # images (B, C, H, W) float32, finite; or text tensors
-    request_id: str
-    outputs: tuple[str, ...]  # requested outputs, in response order
-    binary_outputs: frozenset[str] = frozenset()  # outputs to send as raw bytes (binary extension)
-    positions: int | None = None  # a text request's own length: per-position outputs are cut back to it
+class VisionServing(ServedModality):
+    """A ViT served: the HTTP input ``input`` is the stage input ``images``."""
+
+    input_names = {INPUT_NAME: IMAGES}
+    modality: Vision
 
     @property
-    def images(self) -> torch.Tensor:
-        """A ViT request's images."""
-        return self.inputs
+    def max_pixels(self) -> int:
+        return max_image_pixels(self.modality.spec)
 
+    def max_image_bytes(self) -> int:
+        """An image file at the pixel cap (:func:`max_image_pixels`)."""
+        return IMAGE_BYTES_PER_PIXEL * self.max_pixels + BODY_ALLOWANCE
 
-def server_metadata(version: str) -> dict:
-    return {"name": "prism-trt", "version": version, "extensions": PROTOCOL_EXTENSIONS}
+    def require_image_input(self) -> None:
+        return None
+
+    def decode_image(self, data: bytes) -> dict[str, torch.Tensor]:
+        return {INPUT_NAME: decode_image(data, self.modality.spec, self.max_pixels)}
+
+    def metadata(self, choices: list[ChainKey]) -> dict:
+        return model_metadata(self.model_name, self.modality.spec, self.max_batch, choices)
+
+    def parse(self, body: bytes, header_length: str | None = None) -> KServeRequest:
+        return parse_infer_request(self, body, header_length)
 
 
 def model_metadata(model_name: str, spec: ViTSpec, max_batch: int, choices: list[ChainKey]) -> dict:
@@ -88,10 +100,6 @@ def model_metadata(model_name: str, spec: ViTSpec, max_batch: int, choices: list
     }
 
 
-def shape_text(shape) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
-
-
 def _check_shape(shape, spec: ViTSpec, max_batch: int) -> list[int]:
     expected = [spec.in_chans, *spec.img_size]
     expected_text = f"[B, {spec.in_chans}, {spec.img_size[0]}, {spec.img_size[1]}] with 1 <= B <= {max_batch}"
@@ -114,59 +122,6 @@ def _check_shape(shape, spec: ViTSpec, max_batch: int) -> list[int]:
     return shape
 
 
-def _leaves(data):
-    """Every scalar of a (nested) JSON list."""
-    for item in data:
-        if isinstance(item, list):
-            yield from _leaves(item)
-        else:
-            yield item
-
-
-def array_from_data(data, shape: list[int], name: str, kinds: str, may_hold_booleans: bool) -> np.ndarray:
-    """An OIP ``data`` list (flat or nested) as an array of ``shape``, of numpy kinds ``kinds``."""
-    if not isinstance(data, list):
-        raise RequestError(400, "data", f"input '{name}' data must be a JSON list of numbers "
-                                        f"(flat or nested), got {type(data).__name__}")
-    try:
-        array = np.asarray(data)
-    except ValueError as exc:  # ragged nesting
-        raise RequestError(400, "data_shape", f"input '{name}' data is not a regular nested list: {exc}") from None
-    # numpy reads [true, 0.5] as floats: booleans are refused wherever they hide. Walking the values
-    # costs ~40 % of the JSON parse of a full batch, so only bodies that spell true/false are walked.
-    hidden_booleans = (array.dtype.kind in "iuf" and may_hold_booleans
-                       and any(isinstance(v, bool) for v in _leaves(data)))
-    if array.dtype.kind not in kinds or hidden_booleans:
-        what = "numbers" if "f" in kinds else "integers"
-        raise RequestError(400, "data", f"input '{name}' data must hold only {what}; found values numpy "
-                                        f"reads as {array.dtype} (strings, booleans, nulls or huge integers?)")
-    expected_count = math.prod(shape)
-    if array.ndim == 1:
-        if array.size != expected_count:
-            raise RequestError(400, "data_length", f"input '{name}' data has {array.size} values; shape "
-                                                   f"{shape_text(shape)} needs {expected_count}")
-    elif list(array.shape) != shape:
-        raise RequestError(400, "data_shape", f"input '{name}' nested data has shape {shape_text(array.shape)}; "
-                                              f"declared shape is {shape_text(shape)}")
-    return array.reshape(shape)
-
-
-def input_values(tensor: dict, name: str, shape: list[int], datatype: str, size: int | None, raw: bytes,
-                 header_length: str | None, may_hold_booleans: bool) -> np.ndarray:
-    """One input's values, of ``datatype`` ("FP32" or "INT64"): from its JSON ``data``, or, when it
-    declares ``binary_data_size`` (``size``), from ``raw``, exactly its bytes of the binary section."""
-    if size is None:
-        array = array_from_data(tensor["data"], shape, name, "iuf" if datatype == "FP32" else "iu", may_hold_booleans)
-        with np.errstate(over="ignore"):  # out-of-range floats become inf, which the FP32 caller reports
-            return array.astype(DATATYPES[datatype].newbyteorder("="))
-    if "data" in tensor:
-        raise RequestError(400, "binary_data", f"input '{name}' has both 'data' and binary_data_size; send one")
-    if header_length is None:
-        raise RequestError(400, "binary_data", f"input '{name}' declares binary_data_size but the request has no "
-                                               f"Inference-Header-Content-Length header saying where its JSON ends")
-    return tensor_from_binary(raw, size, shape, datatype, name)
-
-
 def _finite(values: np.ndarray) -> torch.Tensor:
     """The float32 array as a tensor, once every value is known to be finite."""
     finite = np.isfinite(values)
@@ -177,65 +132,10 @@ def _finite(values: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(values))
 
 
-def show_json(value) -> str:
-    """A JSON value as the client wrote it, for error messages."""
-    return orjson.dumps(value).decode()
-
-
-def requested_outputs(payload: dict, names: tuple[str, ...] = OUTPUT_NAMES
-                       ) -> tuple[tuple[str, ...], frozenset[str]]:
-    """(output names in response order, those to send as raw bytes), of the model's ``names``."""
-    parameters = payload.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise RequestError(400, "malformed_request", f"request 'parameters' must be a JSON object, got "
-                                                     f"{show_json(parameters)}")
-    all_binary = bool(flag(parameters, "binary_data_output", "the request's"))
-    requested = payload.get("outputs")
-    if requested is None or requested == []:
-        return names, frozenset(names) if all_binary else frozenset()
-    if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
-                                                  and isinstance(o.get("parameters") or {}, dict) for o in requested):
-        raise RequestError(400, "outputs", "'outputs' must be a list of objects with a 'name' (and optional "
-                                           "'parameters' object)")
-    wanted_names = tuple(o["name"] for o in requested)
-    unknown = [name for name in wanted_names if name not in names]
-    if unknown:
-        raise RequestError(400, "outputs", f"unknown output(s) {unknown}; this model has outputs {list(names)}")
-    binary = set()
-    for output in requested:
-        options = output.get("parameters") or {}
-        if options.get("class_count", 0) not in (0, None):
-            raise RequestError(400, "outputs", f"output '{output['name']}' asks for class_count; the "
-                                               f"classification extension is not supported (read 'label')")
-        wanted = flag(options, "binary_data", f"output '{output['name']}'")
-        if wanted or (wanted is None and all_binary):
-            binary.add(output["name"])
-    return tuple(dict.fromkeys(wanted_names)), frozenset(binary)
-
-
-def load_json(text: bytes):
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError as exc:  # also invalid UTF-8 and too deep nesting
-        found = _NON_JSON_NUMBER.search(text)
-        hint = f"; {found.group(0).decode()} is not a JSON number, values must be finite numbers" if found else ""
-        raise RequestError(400, "malformed_json", f"request body is not valid JSON: {exc}{hint}") from None
-
-
-def parse_infer_request(body: bytes, spec: ViTSpec, max_batch: int, header_length: str | None = None) -> InferRequest:
+def parse_infer_request(served: VisionServing, body: bytes, header_length: str | None = None) -> KServeRequest:
     """Validate an OIP inference request for this model, or raise :class:`RequestError`.
     ``header_length``: the Inference-Header-Content-Length header, when the binary extension is used."""
-    json_part, raw = split_body(body, header_length)
-    payload = load_json(json_part)
-    if not isinstance(payload, dict):
-        raise RequestError(400, "malformed_request", f"request body must be a JSON object with an 'inputs' list, "
-                                                     f"got a JSON {type(payload).__name__}")
-    request_id = payload.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise RequestError(400, "malformed_request", f"'id' must be a string, got {show_json(request_id)}")
-    if "inputs" not in payload:
-        raise RequestError(400, "missing_inputs", f"request has no 'inputs'; expected a list holding one FP32 tensor "
-                                                  f"named '{INPUT_NAME}'")
+    payload, raw, request_id = read_payload(body, header_length, f"one FP32 tensor named '{INPUT_NAME}'")
     inputs = payload["inputs"]
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         found = f"a list of {len(inputs)}" if isinstance(inputs, list) else f"a JSON {type(inputs).__name__}"
@@ -257,35 +157,14 @@ def parse_infer_request(body: bytes, spec: ViTSpec, max_batch: int, header_lengt
     if tensor["datatype"] != "FP32":
         raise RequestError(400, "datatype", f"input '{INPUT_NAME}' has datatype {show_json(tensor['datatype'])}; "
                                             f"this model takes FP32")
-    shape = _check_shape(tensor["shape"], spec, max_batch)
+    shape = _check_shape(tensor["shape"], served.modality.spec, served.max_batch)
     if size is None and raw:
         raise RequestError(400, "binary_data", f"the body holds {len(raw)} bytes after the JSON header, but input "
                                                f"'{INPUT_NAME}' declares no binary_data_size")
     images = _finite(input_values(tensor, INPUT_NAME, shape, "FP32", size, raw, header_length,
                                   may_hold_booleans=b"true" in body or b"false" in body))
     outputs, binary_outputs = requested_outputs(payload)
-    return InferRequest(images, uuid.uuid4().hex if request_id is None else request_id, outputs, binary_outputs)
-
-
-def infer_response(model_name: str, request_id: str, outputs: tuple[str, ...], logits: torch.Tensor,
-                   choice: ChainKey, fell_back: bool, batch_size: int, queue_ms: float, executor_ms: float,
-                   binary_outputs: frozenset[str] = frozenset()) -> tuple[dict, bytes]:
-    """An OIP inference response (JSON part, binary section); ``parameters`` says how the batch
-    holding this request ran. Outputs in ``binary_outputs`` go to the binary section. ``logits``:
-    (B, classes), or (B, n, V | D) of a per-position text head (which has no label)."""
-    values = logits.detach().cpu().numpy()
-    tensors = {LOGITS_OUTPUT: ({"name": LOGITS_OUTPUT, "datatype": "FP32", "shape": list(values.shape)}, values)}
-    if LABEL_OUTPUT in outputs:
-        tensors[LABEL_OUTPUT] = ({"name": LABEL_OUTPUT, "datatype": "INT64", "shape": [values.shape[0]]},
-                                 values.argmax(axis=1))
-    parameters = {"mode": choice.mode, "choice": choice.label, "fell_back": fell_back, "batch_size": batch_size,
-                  "queue_ms": round(queue_ms, 3), "executor_ms": round(executor_ms, 3)}
-    if choice.mode == Mode.PRISM:  # OIP parameter values cannot be null
-        parameters["segments"] = choice.segments
-        if choice.cr is not None:
-            parameters["cr"] = choice.cr
-    objects, raw = encode_outputs([tensors[name] for name in outputs], binary_outputs)
-    return {"model_name": model_name, "id": request_id, "parameters": parameters, "outputs": objects}, raw
+    return KServeRequest(served.request({INPUT_NAME: images}), request_id, outputs, binary_outputs)
 
 
 def decode_image(data: bytes, spec: ViTSpec, max_pixels: int | None = None) -> torch.Tensor:

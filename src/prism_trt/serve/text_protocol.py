@@ -1,33 +1,32 @@
-"""KServe v2 / Open Inference Protocol for text models: INT64 ``input_ids`` (and optionally
-``attention_mask``, default all ones) of shape [B, n] in, ``logits`` out.
+"""The text input spec of the KServe v2 server: INT64 ``input_ids`` (and optionally
+``attention_mask``, default all ones) of shape [B, n] in, ``logits`` out. The protocol itself is
+in kserve.py.
 
 A build partitions one sequence length N (or several: sequence buckets), so a request of n
-positions is right-padded (ids 0, mask 0) to the shortest built N >= n before batching; padding
-never changes the outputs of real positions, and a per-position head's logits (GPT-2: [B, n, V])
-are cut back to the request's n. A classifier
+positions runs right-padded on the shortest built N >= n (the request type does both, see
+runtime/request.py); a per-position head's logits (GPT-2: [B, n, V]) are cut back to the
+request's n. A classifier
 (BERT) answers [B, classes] logits and their ``label``. Values arrive as JSON ``data`` or in
 Triton's binary tensor extension, in the order the inputs are listed.
 """
 
 from __future__ import annotations
 
-import uuid
-
 import numpy as np
 import torch
 
 from ..core.chain_key import ChainKey
-from ..engines.buckets import shortest_holding
-from ..engines.manifest import ModelRecord
+from ..engines.modality import Text
 from ..engines.stage_spec import ATTENTION_MASK, INPUT_IDS
-from .binary import binary_size, split_body
-from .protocol import (
+from .binary import binary_size
+from .kserve import (
     LOGITS_OUTPUT,
     OUTPUT_NAMES,
     PLATFORM,
-    InferRequest,
+    KServeRequest,
+    ServedModality,
     input_values,
-    load_json,
+    read_payload,
     requested_outputs,
     shape_text,
     show_json,
@@ -37,17 +36,37 @@ from .request_error import RequestError
 TEXT_INPUT_NAMES = (INPUT_IDS, ATTENTION_MASK)
 
 
-def text_output_names(record: ModelRecord) -> tuple[str, ...]:
-    """logits and label for a classifier; logits alone for a per-position head."""
-    return OUTPUT_NAMES if record.spec.head == "classifier" else (LOGITS_OUTPUT,)
+class TextServing(ServedModality):
+    """A text model served: the HTTP inputs are named as the stage inputs."""
+
+    input_names = {name: name for name in TEXT_INPUT_NAMES}
+    modality: Text
+
+    def __init__(self, modality: Text, model_name: str, max_batch: int, lengths: tuple[int, ...] = ()):
+        super().__init__(modality, model_name, max_batch, lengths or (modality.sequence_length,))
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """logits and label for a classifier; logits alone for a per-position head."""
+        return (LOGITS_OUTPUT,) if self.modality.per_position else OUTPUT_NAMES
+
+    def metadata(self, choices: list[ChainKey]) -> dict:
+        return text_model_metadata(self, choices)
+
+    def parse(self, body: bytes, header_length: str | None = None) -> KServeRequest:
+        return parse_text_request(self, body, header_length)
+
+    def require_image_input(self) -> None:
+        raise RequestError(404, "no_image_input", f"'{self.model_name}' is a text model: POST INT64 input_ids "
+                                                  f"(and attention_mask) to /v2/models/{self.model_name}/infer")
 
 
-def text_model_metadata(model_name: str, record: ModelRecord, max_batch: int, choices: list[ChainKey],
-                        lengths: tuple[int, ...] = ()) -> dict:
-    """lengths: the sequence buckets, ascending (default the record's one length)."""
-    lengths = lengths or (record.sequence_length,)
-    per_position = record.head_reads_all_positions
-    logits_shape = [-1, -1, record.output_shape[1]] if per_position else [-1, *record.output_shape]
+def text_model_metadata(served: TextServing, choices: list[ChainKey]) -> dict:
+    """The metadata of a text model served on ``served.lengths`` (its sequence buckets, ascending)."""
+    lengths, model_name, max_batch, spec = served.lengths, served.model_name, served.max_batch, served.modality.spec
+    per_position = served.modality.per_position
+    output_shape = served.modality.output_shape()
+    logits_shape = [-1, -1, output_shape[1]] if per_position else [-1, *output_shape]
     outputs = [{"name": LOGITS_OUTPUT, "datatype": "FP32", "shape": logits_shape}]
     if not per_position:
         outputs.append({"name": OUTPUT_NAMES[1], "datatype": "INT64", "shape": [-1]})
@@ -59,7 +78,7 @@ def text_model_metadata(model_name: str, record: ModelRecord, max_batch: int, ch
         "outputs": outputs,
         "parameters": {"max_batch_size": max_batch, "max_sequence_length": lengths[-1],
                        "sequence_buckets": ",".join(map(str, lengths)),
-                       "vocab_size": record.spec.vocab_size, "modes": ",".join(choice.label for choice in choices)},
+                       "vocab_size": spec.vocab_size, "modes": ",".join(choice.label for choice in choices)},
     }
 
 
@@ -102,21 +121,14 @@ def _tensor(tensor: dict, raw: memoryview, offset: int, header_length: str | Non
                               may_hold_booleans), used
 
 
-def parse_text_request(body: bytes, record: ModelRecord, max_batch: int, header_length: str | None = None,
-                       lengths: tuple[int, ...] = ()) -> InferRequest:
-    """Validate an OIP request for a text model, or raise :class:`RequestError`; the inputs come
-    back padded to the shortest of ``lengths`` (the sequence buckets, ascending; default the
-    record's one length) that holds them."""
-    lengths = lengths or (record.sequence_length,)
-    seq_len, vocab = lengths[-1], record.spec.vocab_size
-    json_part, raw = split_body(body, header_length)
-    payload = load_json(json_part)
-    if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
+def parse_text_request(served: TextServing, body: bytes, header_length: str | None = None) -> KServeRequest:
+    """Validate an OIP request for a text model, or raise :class:`RequestError`; the request runs
+    on the shortest of ``served.lengths`` (the sequence buckets, ascending) that holds it."""
+    seq_len, vocab, max_batch = served.lengths[-1], served.modality.spec.vocab_size, served.max_batch
+    payload, raw, request_id = read_payload(body, header_length, f"INT64 tensors {list(TEXT_INPUT_NAMES)}")
+    if not isinstance(payload["inputs"], list):
         raise RequestError(400, "missing_inputs", f"request body must be a JSON object with an 'inputs' list holding "
                                                   f"INT64 tensors {list(TEXT_INPUT_NAMES)}")
-    request_id = payload.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise RequestError(400, "malformed_request", f"'id' must be a string, got {show_json(request_id)}")
     values, offset, view = {}, 0, memoryview(raw)
     booleans = b"true" in body or b"false" in body
     for tensor in payload["inputs"]:
@@ -139,11 +151,7 @@ def parse_text_request(body: bytes, record: ModelRecord, max_batch: int, header_
                                             f"{int(ids.max())}")
     if not np.isin(mask, (0, 1)).all():
         raise RequestError(400, "attention_mask", f"'{ATTENTION_MASK}' must hold only 0 (padding) and 1 (token)")
-    batch, length = ids.shape
-    bucket = lengths[shortest_holding(lengths, length)]  # within the longest: checked with the shape
-    padded = {name: torch.zeros((batch, bucket), dtype=torch.int64) for name in TEXT_INPUT_NAMES}
-    padded[INPUT_IDS][:, :length] = torch.from_numpy(ids)
-    padded[ATTENTION_MASK][:, :length] = torch.from_numpy(mask)
-    outputs, binary_outputs = requested_outputs(payload, text_output_names(record))
-    return InferRequest(padded, uuid.uuid4().hex if request_id is None else request_id, outputs, binary_outputs,
-                        positions=length if record.head_reads_all_positions else None)
+    request = served.request({INPUT_IDS: torch.from_numpy(np.ascontiguousarray(ids)),
+                              ATTENTION_MASK: torch.from_numpy(np.ascontiguousarray(mask))})
+    outputs, binary_outputs = requested_outputs(payload, served.output_names)
+    return KServeRequest(request, request_id, outputs, binary_outputs)
