@@ -10,6 +10,7 @@ from ..errors import UsageError
 from .api import Executor, FixedSelector, Health, InferenceResult, Selector
 from .chain import EngineChain, load_chain, run_chains_in_process
 from .group import ClusterError, GroupConfig
+from .request import InferenceRequest
 
 
 def open_executor(engines: Path, group: GroupConfig, threads: int | None = None, device: str = "cpu",
@@ -29,5 +30,5 @@ def open_executor(engines: Path, group: GroupConfig, threads: int | None = None,
     return DistributedExecutor(rank_dir, group, threads, device, profile_barrier)
 
 
-__all__ = ["ClusterError", "EngineChain", "Executor", "FixedSelector", "GroupConfig", "Health", "InferenceResult",
+__all__ = ["ClusterError", "EngineChain", "Executor", "FixedSelector", "GroupConfig", "Health", "InferenceRequest", "InferenceResult",
            "Selector", "load_chain", "open_executor", "run_chains_in_process"]
