@@ -17,6 +17,7 @@ from prism_trt.engines.json_record import sha256_file, sha256_json
 from prism_trt.engines.manifest import DIGEST_FIELD
 from prism_trt.runtime import load_chain
 from prism_trt.runtime.chain import run_chains_in_process
+from prism_trt.runtime.request import InferenceRequest
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_a_corrupt_engine_is_an_engine_load_error_naming_the_file(corrupt_build)
     out, engine = corrupt_build
     with pytest.raises(EngineLoadError, match=rf"{engine}.*rebuild"):
         with load_chain(out / "rank0", "local") as chain:
-            run_chains_in_process([chain], torch.zeros(1, 3, 32, 32))
+            run_chains_in_process([chain], InferenceRequest.of(chain.manifest.model, torch.zeros(1, 3, 32, 32)))
 
 
 def test_run_with_a_corrupt_engine_says_error_not_traceback(corrupt_build):

@@ -61,7 +61,7 @@ def test_rank_0_refuses_a_wrong_token_and_forms_the_group_with_the_right_one(eng
         [executor] = formed
         assert isinstance(executor, DistributedExecutor), executor
         try:
-            result = executor.infer(torch.randn(2, 3, 32, 32), executor.key_for("prism", 2.0))
+            result = executor.infer(executor.request(torch.randn(2, 3, 32, 32)), executor.key_for("prism", 2.0))
             assert result.choice.mode == "prism" and not result.fell_back
         finally:
             executor.close()
