@@ -193,7 +193,8 @@ def test_run_measures_a_bucket(bucket_build, tmp_path):
                                        "2", "--repeat", "2", "--warmup", "0", "--threads", "1", "--json", str(report)])
     assert result.exit_code == 0 and "(n=5, bucket N=8)" in result.output, result.output
     assert json.loads(report.read_text())["latency"]["mean_ms"] > 0
-    too_long = CliRunner().invoke(main, ["run", "--engines", str(out), "--mode", "local", "--seq-len", "17"])
+    too_long = CliRunner().invoke(main, ["run", "--engines", str(out), "--mode", "local", "--seq-len", "17", "--batch",
+                                         "2"])
     assert too_long.exit_code != 0 and "longest sequence 16" in too_long.output, too_long.output
 
 
