@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 from common import RESULTS, write_result  # noqa: E402
 
 from prism_trt.engines import BuildOptions, ChainKey, get_backend  # noqa: E402
+from prism_trt.engines.measured import PHASES  # noqa: E402
 from prism_trt.export.build import Builder, config_plans  # noqa: E402
 from prism_trt.model import load_model  # noqa: E402
 from prism_trt.runtime.distributed import DistributedExecutor  # noqa: E402
@@ -27,7 +28,6 @@ from prism_trt.runtime.group import GroupConfig, free_port  # noqa: E402
 from prism_trt.runtime.measure import measure  # noqa: E402
 
 MODEL, CR, BATCHES, WARMUP, REPEAT = "vit_tiny_patch16_224", 9.9, (1, 16), 2, 10
-PHASES = ("compute", "d2h", "h2d", "wait", "comm", "other")
 
 
 def main() -> int:
@@ -48,7 +48,7 @@ def main() -> int:
         try:
             for batch in BATCHES:
                 for choice in (ChainKey.local(), ChainKey.voltage(), executor.key_for("prism", CR)):
-                    result = measure(executor, choice, batch, WARMUP, REPEAT)
+                    result = measure(executor, choice, batch, WARMUP, REPEAT).to_dict()
                     rows.append(result)
                     lat = result["latency"]
                     print(f"{choice.label:>13} B={batch:2d}: {lat['mean_ms']:7.1f} ms "

@@ -135,7 +135,7 @@ def _engines() -> Path:
 
 def _oracle(data, batch: int, rate: float) -> tuple[str, dict[str, float]]:
     """The fastest measured chain at ``batch`` and configured ``rate`` (local at any rate)."""
-    measured = {p.key.label: p.latency["per_sample_ms"] for p in data.points
+    measured = {p.key.label: p.latency.per_sample_ms for p in data.points
                 if p.batch == batch and (p.mode == "local" or p.bandwidth_mbit == rate)}
     return min(measured, key=measured.get), measured
 

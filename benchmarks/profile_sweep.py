@@ -111,7 +111,7 @@ def print_report(report: dict) -> None:
 def per_sample(data: PerfMap, mode: str, batch: int, bandwidth: float | None) -> float:
     for p in data.points:
         if p.mode == mode and p.batch == batch and (mode == "local" or p.bandwidth_mbit == bandwidth):
-            return p.latency["per_sample_ms"]
+            return p.latency.per_sample_ms
     raise KeyError((mode, batch, bandwidth))
 
 

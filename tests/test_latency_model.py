@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from prism_trt.engines import ChainKey, PerfMap, PerfMapError, PerfPoint
+from prism_trt.engines.measured import LatencyStats, PhaseTimes, SampleStats
 from prism_trt.profiler.adaptive import LatencyModel, evaluate
 from prism_trt.profiler.adaptive.evaluation import compute_drift, cross_report, naive_prediction, sampling_summary
 from prism_trt.profiler.adaptive.latency_model import expected_wait
@@ -44,10 +45,12 @@ def constructed_point(key: ChainKey, batch: int, bandwidth: float | None, scale:
               "comm": transfer, "other": other, "total": total, "bytes_sent": nbytes / 2,
               "bytes_received": nbytes / 2, "collectives": n, "request": broadcast if r == 0 else 0.0}
              for r, c in enumerate(compute)]
-    samples = {**robust_summary([total, total]), "stopped": "converged", "compute_sigma_ms": sigma}
+    summary = robust_summary([total, total])
+    samples = SampleStats(**{**summary, "outlier_ms": tuple(summary["outlier_ms"])}, stopped="converged",
+                          compute_sigma_ms=tuple(sigma))
     return PerfPoint(key, batch, bandwidth if distributed else None,
-                     {"mean_ms": total, "p50_ms": total, "p90_ms": total, "stdev_ms": 0.0,
-                      "per_sample_ms": total / batch}, ranks, bandwidth if distributed else None,
+                     LatencyStats(total, total, total, 0.0, total / batch), [PhaseTimes(**r) for r in ranks],
+                     bandwidth if distributed else None,
                      samples=samples, gflops_per_rank=GFLOPS[key])
 
 
@@ -108,8 +111,8 @@ def test_fit_recovers_the_constructed_terms():
     # an unmeasured batch and bandwidth: exact, skew included
     truth = constructed_point(PRISM, 16, 700.0)
     terms = model.predict_point(constructed_point(PRISM, 8, 500.0), 700.0, 16)
-    assert terms["skew"] == pytest.approx(truth.per_rank[0]["wait"], rel=1e-6)
-    assert terms["total"] == pytest.approx(truth.latency["mean_ms"], rel=1e-6)
+    assert terms["skew"] == pytest.approx(truth.per_rank[0].wait, rel=1e-6)
+    assert terms["total"] == pytest.approx(truth.latency.mean_ms, rel=1e-6)
 
 
 def test_every_held_out_scheme_is_exact_on_the_constructed_map_and_the_naive_one_is_not():
@@ -128,7 +131,7 @@ def test_a_model_fitted_on_one_map_predicts_another():
     later = [constructed_point(key, 12, 700.0) for key in (VOLTAGE, PRISM)] + [constructed_point(LOCAL, 12, None)]
     report = cross_report(points, later)
     assert report["total"]["points"] == 3 and report["total"]["mape_percent"] < 1e-6
-    slower = [replace(p, latency={**p.latency, "mean_ms": 1.1 * p.latency["mean_ms"]}) for p in later]
+    slower = [replace(p, latency=replace(p.latency, mean_ms=1.1 * p.latency.mean_ms)) for p in later]
     assert cross_report(points, slower)["total"]["mape_percent"] == pytest.approx(100 / 11)
 
 
@@ -137,7 +140,7 @@ def test_naive_baseline_takes_the_nearest_batch_and_rate():
     target = constructed_point(VOLTAGE, 3, 500.0)
     nearest = next(p for p in points if p.key == VOLTAGE and p.batch == 4 and p.bandwidth_mbit == 500.0)
     # 4 is nearer to 3 than 2 in ratio (4/3 < 3/2); of the three rates measured at 4, the same one
-    assert naive_prediction(points, target) == pytest.approx(nearest.latency["mean_ms"] * 3 / 4)
+    assert naive_prediction(points, target) == pytest.approx(nearest.latency.mean_ms * 3 / 4)
     assert naive_prediction([p for p in points if p.key != VOLTAGE], target) is None
 
 
@@ -152,7 +155,7 @@ def test_maps_without_samples_still_load_and_samples_round_trip(tmp_path):
     data = _map_dict()
     path = tmp_path / "map.json"
     PerfMap.from_dict(data).save(path)
-    assert PerfMap.load(path).points[5].samples["stopped"] == "converged"
+    assert PerfMap.load(path).points[5].samples.stopped == "converged"
     for point in data["points"]:  # a map written before the samples existed
         point.pop("samples"), point.pop("gflops_per_rank")
     old = PerfMap.from_dict(data)
@@ -176,8 +179,8 @@ def test_bad_samples_are_rejected(change, message):
 def test_sampling_summary_reports_the_noise_floor():
     points = constructed_points()[:3]
     for point, (count, stdev) in zip(points, [(4, 2.0), (16, 8.0), (25, 0.0)]):
-        point.samples = {**point.samples, "count": count}
-        point.latency = {**point.latency, "stdev_ms": stdev, "mean_ms": 100.0}
+        point.samples = replace(point.samples, count=count)
+        point.latency = replace(point.latency, stdev_ms=stdev, mean_ms=100.0)
     summary = sampling_summary(points)
     assert summary["samples_min"] == 4 and summary["samples_median"] == 16 and summary["samples_max"] == 25
     assert summary["mean_rel_stderr_percent"] == pytest.approx(1.0)  # median of 1 %, 2 %, 0 %
@@ -190,8 +193,8 @@ def test_compute_drift_is_the_spread_of_one_chain_measured_at_each_rate():
     assert compute_drift(points) == pytest.approx(0.0, abs=1e-9)  # the constructed board never drifts
     for point in points:  # 5 of the 8 (chain, batch) groups measured 10 % slower and faster at two rates
         if point.key == PRISM or (point.key == VOLTAGE and point.batch == 1):
-            point.per_rank[0] = {**point.per_rank[0], "compute": {200.0: 90.0, 500.0: 100.0, 900.0: 110.0}[
-                point.bandwidth_mbit]}
+            point.per_rank[0] = replace(point.per_rank[0], compute={200.0: 90.0, 500.0: 100.0, 900.0: 110.0}[
+                point.bandwidth_mbit])
     assert compute_drift(points) == pytest.approx(10.0)  # the median group's coefficient of variation
     assert compute_drift([p for p in points if p.mode == "local"]) is None
 
@@ -230,11 +233,11 @@ def test_request_lag_is_fitted_with_its_cap_and_carried_by_its_size():
     truth = constructed_point(PRISM, 16, 700.0, request=request)
     for model in (known, unknown):
         terms = model.predict_point(constructed_point(PRISM, 8, 500.0, request=request), 700.0, 16)
-        assert terms["total"] == pytest.approx(truth.latency["mean_ms"], rel=1e-6)
+        assert terms["total"] == pytest.approx(truth.latency.mean_ms, rel=1e-6)
     # another architecture with 1/100 of the request: the known size carries the lag over
     small = constructed_point(PRISM, 16, 700.0, request=(10.0, request[1]))
     transferred = known.with_compute(constructed_points(), request_bytes=10.0).predict_point(small)
-    assert transferred["skew"] == pytest.approx(small.per_rank[0]["wait"], rel=1e-6)
+    assert transferred["skew"] == pytest.approx(small.per_rank[0].wait, rel=1e-6)
     assert transferred["request"] == pytest.approx(REQUEST_MS, rel=1e-6)  # 160 bytes never outgrow the buffers
 
 
@@ -262,9 +265,9 @@ def test_naive_transfer_scales_the_nearest_point_by_the_local_ratio():
     source, target = constructed_points(), constructed_points(scale=2.0)
     point = constructed_point(PRISM, 4, 500.0, 2.0)
     nearest = next(p for p in source if p.key == PRISM and p.batch == 4 and p.bandwidth_mbit == 500.0)
-    local = {b: next(p.latency["per_sample_ms"] for p in pts if p.mode == "local" and p.batch == 4)
+    local = {b: next(p.latency.per_sample_ms for p in pts if p.mode == "local" and p.batch == 4)
              for b, pts in (("a", source), ("b", target))}
-    assert naive_transfer(source, target, point) == pytest.approx(nearest.latency["mean_ms"] * local["b"] / local["a"])
+    assert naive_transfer(source, target, point) == pytest.approx(nearest.latency.mean_ms * local["b"] / local["a"])
     assert naive_transfer(source, [p for p in target if p.mode != "local"], point) is None
 
 
@@ -342,10 +345,10 @@ def test_request_knee_never_fits_a_negative_rate():
     points = constructed_points()
     for point in points:
         if point.mode != "local" and point.batch == 8 and point.bandwidth == 200.0:
-            point.per_rank[0]["request"] = 0.1  # a dip at the largest batch on the slowest link
+            point.per_rank[0].request = 0.1  # a dip at the largest batch on the slowest link
     model = LatencyModel.fit(points, request_bytes=1000.0)
     assert model.request[2] >= 0
     unconstrained = np.linalg.lstsq(
         np.array([model._request_row(p.batch, 8 / (p.bandwidth * 1e3), 4000.0) for p in points if p.mode != "local"]),
-        np.array([p.per_rank[0]["request"] for p in points if p.mode != "local"]), rcond=None)[0]
+        np.array([p.per_rank[0].request for p in points if p.mode != "local"]), rcond=None)[0]
     assert unconstrained[2] < 0  # what the knee search would have taken without the check

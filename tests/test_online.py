@@ -101,7 +101,7 @@ def test_bandwidth_tracker_inverts_the_models_network_time():
     def network(rate: float, wait_scale: float = 1.0) -> PhaseTimes:
         rank0 = next(p for p in data.points if p.key == VOLTAGE and p.batch == 16 and p.bandwidth_mbit == rate
                      ).per_rank[0]
-        return PhaseTimes(comm=rank0["comm"], wait=rank0["wait"] * wait_scale, total=1.0)
+        return PhaseTimes(comm=rank0.comm, wait=rank0.wait * wait_scale, total=1.0)
 
     assert tracker.update(VOLTAGE, 16, network(900.0)) == pytest.approx(900.0, rel=0.1)
     slow = [tracker.update(VOLTAGE, 16, network(200.0)) for _ in range(3)]
@@ -219,7 +219,7 @@ def test_the_refined_map_saves_loads_and_stays_bound_to_its_engines(loopback_map
     refined = PerfMap.load(saved, engines_dir=small_engines)  # strict: same manifest
     assert refined.metadata["engines"] == data.metadata["engines"]
     online = [p for p in refined.points if p.online is not None]
-    assert len(online) == 1 and online[0].batch == 4 and online[0].online["observations"] == 3
+    assert len(online) == 1 and online[0].batch == 4 and online[0].online.observations == 3
     assert len(refined.points) == len(data.points)  # it replaced the map's cell, it did not add one
     untouched = {p.cell: p.to_dict() for p in data.points if p.cell != online[0].cell}
     assert {p.cell: p.to_dict() for p in refined.points if p.cell != online[0].cell} == untouched

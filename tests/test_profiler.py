@@ -9,6 +9,7 @@ import pytest
 from conftest import build_engines, random_model, small_spec
 
 from prism_trt.engines import AccuracyEntry, ChainKey, Manifest, PerfMap, PerfMapError, PerfPoint
+from prism_trt.engines.measured import LatencyStats, PhaseTimes
 from prism_trt.profiler.adaptive import LatencyModel, MapSelector, NoCandidate, leave_one_out
 from prism_trt.profiler.sweep import Launcher, SweepPlan, profile
 from prism_trt.runtime import ClusterError
@@ -37,10 +38,9 @@ def synthetic_point(key, batch, bandwidth, depth=6, energy_per_ms=None) -> PerfP
     total = compute + staging + comm + wait + other
     energy = None if energy_per_ms is None else energy_per_ms[mode] * total
     return PerfPoint(key, batch, None if mode == "local" else bandwidth,
-                     {"mean_ms": total, "p50_ms": total, "p90_ms": total, "stdev_ms": 0.0, "per_sample_ms": total / batch},
-                     [{"compute": compute, "d2h": staging / 2, "h2d": staging / 2, "wait": wait, "comm": comm,
-                       "other": other, "total": total, "bytes_sent": nbytes / 2, "bytes_received": nbytes / 2,
-                       "collectives": n}],
+                     LatencyStats(total, total, total, 0.0, total / batch),
+                     [PhaseTimes(compute=compute, d2h=staging / 2, h2d=staging / 2, wait=wait, comm=comm, other=other,
+                                 total=total, bytes_sent=nbytes / 2, bytes_received=nbytes / 2, collectives=n)],
                      energy_j=energy, energy_per_sample_j=None if energy is None else energy / batch)
 
 
@@ -130,7 +130,7 @@ def test_selector_picks_measured_best_and_obeys_objective():
     for batch in (1, 2, 4, 8, 16):
         for bandwidth in (200.0, 500.0, 900.0):
             points = [p for p in data.points if p.batch == batch and p.bandwidth_mbit in (None, bandwidth)]
-            fastest = min(points, key=lambda p: p.latency["per_sample_ms"])
+            fastest = min(points, key=lambda p: p.latency.per_sample_ms)
             frugal = min(points, key=lambda p: p.energy_per_sample_j)
             assert latency.decide(batch, bandwidth).choice == fastest.key
             assert latency.decide(batch, bandwidth).best.source == "measured"
@@ -142,7 +142,7 @@ def test_selector_predicts_unmeasured_points():
     data = synthetic_map()
     decision = MapSelector(data, "latency", 0.0).decide(12, 700.0)
     assert decision.best.source == "model"
-    truth = {key: synthetic_point(key, 12, 700.0).latency["per_sample_ms"] for key in (LOCAL, VOLTAGE, PRISM5)}
+    truth = {key: synthetic_point(key, 12, 700.0).latency.per_sample_ms for key in (LOCAL, VOLTAGE, PRISM5)}
     assert decision.choice == min(truth, key=truth.get)
     assert decision.best.per_sample_ms == pytest.approx(truth[decision.choice], rel=1e-6)
 
@@ -180,7 +180,7 @@ def test_small_real_sweep_end_to_end(small_engines, tmp_path):
     assert keys == {(k, b) for k in (LOCAL, VOLTAGE, built.key) for b in (1, 4)}
     for point in data.points:
         ranks = 1 if point.mode == "local" else 2
-        assert len(point.per_rank) == ranks and point.latency["mean_ms"] > 0 and not point.fell_back
+        assert len(point.per_rank) == ranks and point.latency.mean_ms > 0 and not point.fell_back
         assert point.energy_per_sample_j is None or point.energy_per_sample_j > 0
     loaded = PerfMap.load(out, engines_dir=small_engines)
     assert len(loaded.points) == 6
@@ -306,11 +306,11 @@ def test_points_of_a_batch_are_timed_interleaved_until_each_is_tight(small_engin
                             stop=threading.Event())
     timed = executor.calls[3:]  # after one warm-up each
     assert timed[:12] == [LOCAL, VOLTAGE, prism] * 4  # interleaved, not one chain after the other
-    samples = {ChainKey.from_dict(r): r["samples"] for r in results}
-    assert samples[LOCAL]["count"] == 4 and samples[LOCAL]["stopped"] == "converged"
-    assert samples[VOLTAGE]["count"] == 9 and samples[VOLTAGE]["stopped"] == "max_repeat"
-    assert all(r["repeat"] == r["samples"]["count"] for r in results)
-    assert len(results[2]["gflops_per_rank"]) == 2 and results[0]["gflops_per_rank"][0] > results[2]["gflops_per_rank"][0]
+    samples = {r.key: r.samples for r in results}
+    assert samples[LOCAL].count == 4 and samples[LOCAL].stopped == "converged"
+    assert samples[VOLTAGE].count == 9 and samples[VOLTAGE].stopped == "max_repeat"
+    assert all(r.repeat == r.samples.count for r in results)
+    assert len(results[2].gflops_per_rank) == 2 and results[0].gflops_per_rank[0] > results[2].gflops_per_rank[0]
     stopped = threading.Event()
     stopped.set()
     assert measure_group(executor, group, 0, SamplingRule(4, 9), meter, stopped) == []  # nothing half-sampled
@@ -331,9 +331,9 @@ def test_small_real_sweep_samples_each_point_to_its_ci(small_engines, tmp_path):
     assert len(data.points) == 6 and data.metadata["sampling"] == rule.to_dict()
     for point in data.points:
         samples = point.samples
-        assert 3 <= samples["count"] <= 8 and samples["outliers"] == len(samples["outlier_ms"])
-        assert samples["ci_low_ms"] <= samples["median_ms"] <= samples["ci_high_ms"]
-        assert samples["stopped"] != "max_repeat" or samples["ci_rel"] > 0.02
+        assert 3 <= samples.count <= 8 and samples.outliers == len(samples.outlier_ms)
+        assert samples.ci_low_ms <= samples.median_ms <= samples.ci_high_ms
+        assert samples.stopped != "max_repeat" or samples.ci_rel > 0.02
         assert len(point.gflops_per_rank) == len(point.per_rank)
     noise = sampling_summary(data.points)
     assert noise["points"] == 6 and sum(noise["stopped"].values()) == 6 and noise["samples_min"] >= 3

@@ -15,6 +15,7 @@ from prism_trt.core.precision import Tolerance
 from prism_trt.data.text_corpus import HELDOUT_FILE, IGNORE, TINY_GPT2_DIR, TextWindows, read_corpus, read_meta
 from prism_trt.engines import AccuracyEntry, ChainKey, PerfMap, PerfPoint
 from prism_trt.engines.manifest import ChainConfig, ModelRecord
+from prism_trt.engines.measured import LatencyStats, PhaseTimes
 from prism_trt.model import weights_hash
 
 pytest.importorskip("transformers", reason="the text models need the 'text' extra (also in 'dev')")
@@ -135,10 +136,8 @@ def test_accuracy_command_table():
 def _point(key: ChainKey, batch: int, bandwidth: float | None, per_sample_ms: float) -> PerfPoint:
     """A constructed (not measured) point: all its time is compute, nothing crosses the link."""
     total = per_sample_ms * batch
-    phases = {"compute": total, "d2h": 0.0, "h2d": 0.0, "wait": 0.0, "comm": 0.0, "other": 0.0, "total": total,
-              "bytes_sent": 0, "bytes_received": 0, "collectives": 0 if key.mode == "local" else 4}
-    return PerfPoint(key, batch, bandwidth, {"mean_ms": total, "p50_ms": total, "p90_ms": total, "stdev_ms": 0.0,
-                                             "per_sample_ms": per_sample_ms}, [phases])
+    phases = PhaseTimes(compute=total, wait=0.0, total=total, collectives=0 if key.mode == "local" else 4)
+    return PerfPoint(key, batch, bandwidth, LatencyStats(total, total, total, 0.0, per_sample_ms), [phases])
 
 
 def test_calibration_gives_text_chains_agreement_and_the_floor_applies(model):

@@ -51,7 +51,7 @@ def test_single_board_executor_and_measure(text_engines):
         ids, mask = text_request(2, 3, (16, 4))
         result = executor.infer(executor.request({INPUT_IDS: ids, ATTENTION_MASK: mask}), ChainKey.local())
         assert_close(result.logits, model(ids, mask))
-        assert measure(executor, ChainKey.local(), batch=2, warmup=0, repeat=2)["latency"]["mean_ms"] > 0
+        assert measure(executor, ChainKey.local(), batch=2, warmup=0, repeat=2).latency.mean_ms > 0
         with pytest.raises(UsageError, match="takes inputs"):
             executor.request({IMAGES: torch.zeros(1, 3, 8, 8)})
         with pytest.raises(UsageError, match="must be int64 of shape"):

@@ -211,12 +211,12 @@ def run_demo(settings: DemoSettings) -> dict:
                f"model" + (f", {served['correct']} correct (local model: {served['local_correct']})"
                             if served["correct"] is not None else " (random weights: no accuracy)"))
     distributed = [p for p in data.points if p.mode != Mode.LOCAL]
-    best = min(distributed, key=lambda p: p.latency["per_sample_ms"])
+    best = min(distributed, key=lambda p: p.latency.per_sample_ms)
     breakdown = best.per_rank[0]
     click.echo(f"fastest distributed point: {best.key.label} batch {best.batch} at "
-               f"{best.bandwidth_mbit or 'loopback'} Mbit/s: {best.latency['per_sample_ms']:.1f} ms/sample "
-               f"(compute {breakdown['compute']:.1f}, staging {breakdown['d2h'] + breakdown['h2d']:.1f}, "
-               f"wait {breakdown['wait'] or 0:.1f}, comm {breakdown['comm']:.1f} ms)")
+               f"{best.bandwidth_mbit or 'loopback'} Mbit/s: {best.latency.per_sample_ms:.1f} ms/sample "
+               f"(compute {breakdown.compute:.1f}, staging {breakdown.staging:.1f}, "
+               f"wait {breakdown.phase('wait'):.1f}, comm {breakdown.comm:.1f} ms)")
     click.echo(f"files: engines {engines}, map {perfmap_path}, plots {out / 'plots'}, summary {out / 'summary.json'}")
     return summary
 

@@ -27,19 +27,20 @@ class HttpOptions(NamedTuple):
     limits: HttpLimits
 
 
-def _breakdown_table(result: dict) -> str:
+def _breakdown_table(per_rank) -> str:
+    from ..engines.measured import PHASES
     from ..report import format_table
 
     rows = []
-    for rank, times in enumerate(result["per_rank"]):
-        total = times["total"] or 1.0
+    for rank, times in enumerate(per_rank):
+        total = times.total or 1.0
         row = [f"rank{rank}"]
-        for phase in ("request", "compute", "d2h", "h2d", "wait", "comm", "other"):
-            value = times.get(phase, 0.0)
+        for phase in PHASES:
+            value = getattr(times, phase)
             row.append(None if value is None else f"{value:.2f} ({100 * value / total:.0f}%)")
-        rows.append(row + [f"{times['total']:.2f}", int(times["bytes_sent"]), int(times["bytes_received"])])
-    return format_table(["rank", "request ms", "compute ms", "D2H ms", "H2D ms", "wait ms", "comm ms", "other ms", "total ms",
-                         "sent B", "recv B"], rows)
+        rows.append(row + [f"{times.total:.2f}", int(times.bytes_sent), int(times.bytes_received)])
+    headers = [f"{phase.upper() if phase in ('d2h', 'h2d') else phase} ms" for phase in PHASES]
+    return format_table(["rank", *headers, "total ms", "sent B", "recv B"], rows)
 
 
 
@@ -93,20 +94,20 @@ def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, thread
         result = measure(executor, key, batch, warmup, repeat, trace=trace, positions=positions)
     finally:
         executor.close()
-    latency = result["latency"]
+    latency = result.latency
     bucket = f" (n={positions}, bucket N={executor.buckets.for_length(positions).length})" if positions else ""
-    click.echo(f"{executor.model_name} {key.label} batch {batch}{bucket}: mean {latency['mean_ms']:.2f} ms "
-               f"(p50 {latency['p50_ms']:.2f}, p90 {latency['p90_ms']:.2f}, sd {latency['stdev_ms']:.2f}), "
-               f"{latency['per_sample_ms']:.2f} ms/sample over {repeat} runs"
-               + (" -- FELL BACK to local" if result["fell_back"] else ""))
-    click.echo(_breakdown_table(result))
+    click.echo(f"{executor.model_name} {key.label} batch {batch}{bucket}: mean {latency.mean_ms:.2f} ms "
+               f"(p50 {latency.p50_ms:.2f}, p90 {latency.p90_ms:.2f}, sd {latency.stdev_ms:.2f}), "
+               f"{latency.per_sample_ms:.2f} ms/sample over {repeat} runs"
+               + (" -- FELL BACK to local" if result.fell_back else ""))
+    click.echo(_breakdown_table(result.per_rank))
     wait_note = "comm is transfer only; wait = skew at the barrier" if profile_barrier else \
         "comm includes waiting for the slowest rank (use --profile-barrier to split it)"
     click.echo(f"({wait_note}; staging = D2H + H2D copies around each all-gather)")
     if json_out:
         from ..engines.json_record import write_json_atomic
 
-        write_json_atomic(json_out, result)
+        write_json_atomic(json_out, result.to_dict())
     if trace:
         click.echo(f"trace written to {trace} (open in chrome://tracing or ui.perfetto.dev)")
 

@@ -10,20 +10,19 @@ Schema (version 2; 2 keys every chain by its segment count, see :mod:`.chain_key
                   "ranks", "threads_per_rank", "warmup", "repeat", "energy_meter"},
      "accuracy": [{"mode", "segments", "cr", "ranks", "agreement", "accuracy", "local_accuracy", "calibration"}],
      "points": [{"mode", "segments", "cr", "batch", "bandwidth_mbit", "measured_mbit",
-                 "latency": {"mean_ms", "p50_ms", "p90_ms", "stdev_ms", "per_sample_ms"},
-                 "per_rank": [{"compute", "d2h", "h2d", "wait", "comm", "other", "total",
-                               "bytes_sent", "bytes_received", "collectives",
-                               "request" (rank 0's request broadcast, ms; absent before it was timed)}],
+                 "latency": LatencyStats,
+                 "per_rank": [PhaseTimes (rank 0's "request" absent in maps from before it was timed)],
                  "energy_j": float | null, "energy_per_sample_j": float | null, "fell_back": bool,
-                 "samples": {"count", "median_ms", "iqr_ms", "mad_ms", "ci_low_ms", "ci_high_ms", "ci_rel",
-                             "outliers", "outlier_ms": [...], "stopped", "compute_sigma_ms": [per rank]} | absent,
+                 "samples": SampleStats | absent,
                  "gflops_per_rank": [per rank, per sample] | absent,
-                 "online": {"observations", "half_width_ms", "updated"} | absent}]}
+                 "online": OnlineStats | absent}]}
+
+Each record named is a dataclass of :mod:`.measured` whose fields are its JSON keys, in order.
 
 Local points do not depend on the network: their ``bandwidth_mbit`` is null. Energy that could
 not be measured is null, never estimated. ``samples`` (rank 0's latency median, its spread, the
 median's confidence interval, the outliers kept in the mean, why sampling stopped, each rank's
-compute jitter) and ``gflops_per_rank`` came with schema 2 maps written after issue 13; older maps
+compute jitter) and ``gflops_per_rank`` came later than schema 2 itself; maps without them
 lack them and still load. ``online`` marks a point that ``serve --mode auto --save-map`` refined from
 the batches it served (latency: the exponentially weighted median per sample x batch, and the
 newest batch's rank-0 phases; ``observations`` counted, ``half_width_ms`` the median's ~95 % bound
@@ -41,16 +40,13 @@ from typing import Any
 from .. import __version__
 from ..core.chain_key import ChainKey, Mode
 from ..errors import PrismError
-from .json_record import Fields, read_json_object, write_json_atomic
+from .json_record import NUMBER, Fields, read_json_object, write_json_atomic
 from .manifest import Manifest, rank_directory
+from .measured import LatencyStats, OnlineStats, PhaseTimes, SampleStats
 
 log = logging.getLogger(__name__)
 
 SCHEMA, SCHEMA_VERSION = "prism-trt/perfmap", 2
-LATENCY_FIELDS = ("mean_ms", "p50_ms", "p90_ms", "stdev_ms", "per_sample_ms")
-PHASE_FIELDS = ("compute", "d2h", "h2d", "comm", "other", "total")  # "wait" is null without a barrier
-SAMPLE_FIELDS = ("median_ms", "iqr_ms", "mad_ms", "ci_low_ms", "ci_high_ms", "ci_rel")
-STOP_REASONS = ("converged", "max_repeat", "time_budget", "stopped")
 
 
 class PerfMapError(PrismError, ValueError):
@@ -84,15 +80,15 @@ class PerfPoint:
     key: ChainKey
     batch: int
     bandwidth_mbit: float | None  # None: local, or unshaped loopback
-    latency: dict[str, float]
-    per_rank: list[dict[str, Any]]
+    latency: LatencyStats
+    per_rank: list[PhaseTimes]
     measured_mbit: float | None = None
     energy_j: float | None = None
     energy_per_sample_j: float | None = None
     fell_back: bool = False
-    samples: dict[str, Any] | None = None  # see the module's schema; None in maps from before it
+    samples: SampleStats | None = None  # None in maps from before it
     gflops_per_rank: list[float] | None = None
-    online: dict[str, Any] | None = None  # see the module's schema; None for profiled points
+    online: OnlineStats | None = None  # None for profiled points
 
     @property
     def mode(self) -> Mode:
@@ -110,63 +106,34 @@ class PerfPoint:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.key.to_dict(), "batch": self.batch, "bandwidth_mbit": self.bandwidth_mbit,
-                "measured_mbit": self.measured_mbit, "latency": self.latency, "per_rank": self.per_rank,
+                "measured_mbit": self.measured_mbit, "latency": self.latency.to_dict(),
+                "per_rank": [times.to_dict() for times in self.per_rank],
                 "energy_j": self.energy_j, "energy_per_sample_j": self.energy_per_sample_j,
-                "fell_back": self.fell_back, **({"samples": self.samples} if self.samples is not None else {}),
+                "fell_back": self.fell_back, **({"samples": self.samples.to_dict()} if self.samples is not None else {}),
                 **({"gflops_per_rank": self.gflops_per_rank} if self.gflops_per_rank is not None else {}),
-                **({"online": self.online} if self.online is not None else {})}
+                **({"online": self.online.to_dict()} if self.online is not None else {})}
 
     @classmethod
     def parse(cls, fields: Fields) -> PerfPoint:
         key = _key(fields)
-        latency = fields.nested("latency")
-        per_rank = fields.items("per_rank")
+        per_rank = [PhaseTimes.parse(rank) for rank in fields.items("per_rank")]
         if not per_rank:
             raise fields.fail("per_rank", "empty: every point needs rank 0's phase times at least")
-        for rank in per_rank:
-            for phase in PHASE_FIELDS:
-                rank.number(phase, minimum=0)
-            rank.number("wait", optional=True, minimum=0)
+        samples, online = fields.nested("samples", optional=True), fields.nested("online", optional=True)
         return cls(key, fields.integer("batch", minimum=1),
                    None if key.mode == Mode.LOCAL else fields.number("bandwidth_mbit", optional=True, positive=True),
-                   {name: latency.number(name, minimum=0) for name in LATENCY_FIELDS}, [r.data for r in per_rank],
+                   LatencyStats.parse(fields.nested("latency")), per_rank,
                    fields.number("measured_mbit", optional=True, positive=True),
                    fields.number("energy_j", optional=True, minimum=0),
                    fields.number("energy_per_sample_j", optional=True, minimum=0),
-                   bool(fields.get("fell_back", bool, optional=True)), _samples(fields, len(per_rank)),
-                   _gflops(fields, len(per_rank)), _online(fields))
-
-
-def _online(point: Fields) -> dict[str, Any] | None:
-    online = point.nested("online", optional=True)
-    if online is None:
-        return None
-    online.integer("observations", minimum=1)
-    online.number("half_width_ms", minimum=0)
-    online.get("updated", str)
-    return online.data
-
-
-def _samples(point: Fields, ranks: int) -> dict[str, Any] | None:
-    samples = point.nested("samples", optional=True)
-    if samples is None:
-        return None
-    samples.integer("count", minimum=1)
-    samples.integer("outliers", minimum=0)
-    for name in SAMPLE_FIELDS:
-        samples.number(name, minimum=0)
-    if samples.get("stopped", str) not in STOP_REASONS:
-        raise samples.fail("stopped", f"must be one of {', '.join(STOP_REASONS)}")
-    for name, length in (("outlier_ms", samples.data["outliers"]), ("compute_sigma_ms", ranks)):
-        values = samples.get(name, list)
-        if len(values) != length or not all(isinstance(v, (int, float)) and v >= 0 for v in values):
-            raise samples.fail(name, f"expected {length} numbers >= 0, found {values!r:.80}")
-    return samples.data
+                   bool(fields.get("fell_back", bool, optional=True)),
+                   None if samples is None else SampleStats.parse(samples, len(per_rank)),
+                   _gflops(fields, len(per_rank)), None if online is None else OnlineStats.parse(online))
 
 
 def _gflops(point: Fields, ranks: int) -> list[float] | None:
     values = point.get("gflops_per_rank", list, optional=True)
-    if values is not None and (len(values) != ranks or not all(isinstance(v, (int, float)) and v > 0 for v in values)):
+    if values is not None and (len(values) != ranks or not all(isinstance(v, NUMBER) and v > 0 for v in values)):
         raise point.fail("gflops_per_rank", f"expected {ranks} numbers > 0, found {values!r:.80}")
     return values
 

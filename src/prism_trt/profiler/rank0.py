@@ -15,13 +15,15 @@ import itertools
 import json
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ..core.accounting import plan_cost
 from ..core.chain_key import ChainKey
 from ..engines.manifest import Manifest, rank_directory
+from ..engines.measured import PhaseTimes, SampleStats
 from ..runtime import GroupConfig, open_executor
-from ..runtime.measure import example_request, summarize_runs
+from ..runtime.measure import Measurement, example_request, summarize_runs
 from .energy import detect_meter
 from .sampling import MAD_TO_SIGMA, SamplingRule, mad, robust_summary
 
@@ -33,23 +35,25 @@ def chain_gflops(manifest: Manifest, key: ChainKey) -> list[float]:
     return [rank.gflops for rank in plan_cost(manifest.spec, manifest.config(key).plan, key.mode).per_rank]
 
 
-def _sample_stats(runs: list, stopped: str) -> dict:
-    """The typed ``samples`` record of a point: rank 0's latency summary, why sampling stopped,
-    and every rank's compute jitter (sigma estimated from the MAD)."""
+def _sample_stats(runs: list[list[PhaseTimes]], stopped: str) -> SampleStats:
+    """How a point was sampled: rank 0's latency summary, why sampling stopped, and every rank's
+    compute jitter (sigma estimated from the MAD)."""
     ranks = len(runs[0])
     jitter = [MAD_TO_SIGMA * mad([run[r].compute for run in runs if len(run) == ranks]) for r in range(ranks)]
-    return {**robust_summary([run[0].total for run in runs]), "stopped": stopped, "compute_sigma_ms": jitter}
+    summary = robust_summary([run[0].total for run in runs])
+    return SampleStats(**{**summary, "outlier_ms": tuple(summary["outlier_ms"])}, stopped=stopped,
+                       compute_sigma_ms=tuple(jitter))
 
 
 def measure_group(executor, group: list[tuple[ChainKey, int]], warmup: int, rule: SamplingRule, meter,
-                  stop: threading.Event) -> list[dict]:
-    """Time the points of ``group`` interleaved until each is done by ``rule``; one result each
-    (see :func:`~prism_trt.runtime.measure.summarize_runs`) with a ``samples`` record. After
+                  stop: threading.Event) -> list[Measurement]:
+    """Time the points of ``group`` interleaved until each is done by ``rule``; one measurement
+    each, with how it was sampled and each rank's GFLOPs. After
     ``stop``, only points with at least ``rule.min_repeat`` samples are returned."""
     requests = {batch: example_request(executor.manifest.model, batch) for _, batch in group}
     for (key, batch), _ in itertools.product(group, range(warmup)):
         executor.infer(requests[batch], key, gather_timings=True)
-    runs: list[list] = [[] for _ in group]
+    runs: list[list[list[PhaseTimes]]] = [[] for _ in group]
     energy: list[float | None] = [0.0 for _ in group]
     fell_back = [False for _ in group]
     stopped: list[str | None] = [None for _ in group]
@@ -71,10 +75,9 @@ def measure_group(executor, group: list[tuple[ChainKey, int]], warmup: int, rule
     for index, (key, batch) in enumerate(group):
         if stopped[index] is None and len(runs[index]) < rule.min_repeat:
             continue  # stopped early: fewer samples than asked for is not the point asked for
-        result = summarize_runs(key, batch, warmup, runs[index], fell_back[index], energy[index])
-        result["samples"] = _sample_stats(runs[index], stopped[index] or "stopped")
-        result["gflops_per_rank"] = chain_gflops(executor.manifest, key)
-        results.append(result)
+        measured = summarize_runs(key, batch, warmup, runs[index], fell_back[index], energy[index])
+        results.append(replace(measured, samples=_sample_stats(runs[index], stopped[index] or "stopped"),
+                               gflops_per_rank=tuple(chain_gflops(executor.manifest, key))))
     return results
 
 
@@ -98,16 +101,15 @@ def measure_points(engines: Path, group: GroupConfig, points: list[tuple[ChainKe
             if stop.is_set():
                 break
             for result in measure_group(executor, list(batch_points), warmup, rule, meter, stop):
-                if stop.is_set() and result["fell_back"]:
+                if stop.is_set() and result.fell_back:
                     # Stopped under this point and it fell back to local: a worker was most likely
                     # stopped under it too (the whole session got the signal), so it is not the
                     # point asked for. A fallback without a stop is a real measurement and is kept.
                     continue
-                result["energy_meter"] = meter.name
-                result["energy_note"] = meter_note
+                line = {**result.to_dict(), "energy_meter": meter.name, "energy_note": meter_note}
                 # One write of one whole line: the driver takes only complete lines as points.
                 with open(out, "a") as stream:
-                    stream.write(json.dumps(result) + "\n")
+                    stream.write(json.dumps(line) + "\n")
                 measured += 1
     finally:
         executor.close()

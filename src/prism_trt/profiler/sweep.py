@@ -28,9 +28,10 @@ from tqdm import tqdm
 
 from ..core.chain_key import ChainKey, Mode
 from ..engines.manifest import Manifest, rank_directory
-from ..engines.perfmap import LATENCY_FIELDS, AccuracyEntry, PerfMap, PerfMapError, PerfPoint
+from ..engines.perfmap import AccuracyEntry, PerfMap, PerfMapError
 from ..errors import PrismError
 from ..runtime.group import ClusterError, free_port
+from ..runtime.measure import Measurement
 from .sampling import SamplingRule
 
 SEED_BUDGET_PASSES = 2000  # seed 000 section 3.3: "approximately 2000 inference passes"
@@ -384,16 +385,12 @@ def profile(engines: Path, out: Path, plan: SweepPlan, launcher: Launcher, threa
                 measured = launcher.set_bandwidth(bandwidth) if launcher.set_bandwidth and bandwidth else None
 
                 def store(result: dict, bandwidth=bandwidth, measured=measured) -> None:
-                    key = ChainKey.from_dict(result)
-                    data.upsert(PerfPoint(key, result["batch"], None if key.mode == Mode.LOCAL else bandwidth,
-                                          {k: result["latency"][k] for k in LATENCY_FIELDS}, result["per_rank"],
-                                          measured, result["energy_j"], result["energy_per_sample_j"],
-                                          result["fell_back"], result.get("samples"),
-                                          result.get("gflops_per_rank")))
+                    point = Measurement.from_dict(result, "rank 0's result").point(bandwidth, measured)
+                    data.upsert(point)
                     data.metadata["energy_meter"] = result.get("energy_meter")
                     data.save(out)
-                    stored.append(key)
-                    bar.set_postfix_str(f"{key.label} B={result['batch']} bw={bandwidth}")
+                    stored.append(point.key)
+                    bar.set_postfix_str(f"{point.key.label} B={point.batch} bw={bandwidth}")
                     bar.update(1)
 
                 run_cluster(engines, launcher, missing, threads, plan.warmup, plan.rule, timeout, store, energy, stop)

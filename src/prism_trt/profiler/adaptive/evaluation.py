@@ -57,7 +57,7 @@ def naive_prediction(training: list[PerfPoint], point: PerfPoint) -> float | Non
         return None
     nearest = min(same, key=lambda p: (abs(math.log(p.batch / point.batch)),
                                        abs((p.bandwidth or 0.0) - (point.bandwidth or 0.0))))
-    return nearest.latency["mean_ms"] * point.batch / nearest.batch
+    return nearest.latency.mean_ms * point.batch / nearest.batch
 
 
 def held_out_report(points: list[PerfPoint], scheme: str, request_bytes: float | None = None,
@@ -66,6 +66,16 @@ def held_out_report(points: list[PerfPoint], scheme: str, request_bytes: float |
     ``scheme`` (and, with ``detail``, "predictions": one record per predicted point)."""
     return _report(((lambda t=training: LatencyModel.fit(t, request_bytes), training, test)
                     for training, test in _folds(points, scheme)), naive_prediction, detail)
+
+
+def leave_one_out(points: list[PerfPoint]) -> dict:
+    """MAPE per term and for the total, each point predicted by a model fitted without it."""
+    return held_out_report(points, "leave-one-out")
+
+
+def naive_total_mape(points: list[PerfPoint]) -> float | None:
+    """The baseline's leave-one-out MAPE (see :func:`naive_prediction`)."""
+    return held_out_report(points, "leave-one-out")["naive_total"]["mape_percent"]
 
 
 def cross_report(training: list[PerfPoint], test: list[PerfPoint], request_bytes: float | None = None,
@@ -86,13 +96,13 @@ def naive_transfer(source: list[PerfPoint], target: list[PerfPoint], point: Perf
 
     def per_sample(points: list[PerfPoint]) -> float:
         nearest = min(points, key=lambda p: abs(math.log(p.batch / point.batch)))
-        return nearest.latency["per_sample_ms"]
+        return nearest.latency.per_sample_ms
 
     nearest = min(same, key=lambda p: (abs(math.log((p.key.cr or 1.0) / (point.key.cr or 1.0))),
                                        abs(math.log(p.batch / point.batch)),
                                        abs((p.bandwidth or 0.0) - (point.bandwidth or 0.0))))
     scale = per_sample(local_b) / per_sample(local_a)
-    return nearest.latency["mean_ms"] * point.batch / nearest.batch * scale
+    return nearest.latency.mean_ms * point.batch / nearest.batch * scale
 
 
 def transfer_report(source: list[PerfPoint], target: list[PerfPoint], local_only: bool = False,
@@ -162,12 +172,12 @@ def sampling_summary(points: list[PerfPoint]) -> dict | None:
     sampled = [p for p in points if p.samples is not None]
     if not sampled:
         return None
-    counts = sorted(p.samples["count"] for p in sampled)
-    reasons = [p.samples["stopped"] for p in sampled]
-    mean_error = [p.latency["stdev_ms"] / math.sqrt(p.samples["count"]) / p.latency["mean_ms"] for p in sampled]
-    ci = [p.samples["ci_rel"] for p in sampled]
+    counts = sorted(p.samples.count for p in sampled)
+    reasons = [p.samples.stopped for p in sampled]
+    mean_error = [p.latency.stdev_ms / math.sqrt(p.samples.count) / p.latency.mean_ms for p in sampled]
+    ci = [p.samples.ci_rel for p in sampled]
     return {"points": len(sampled), "samples_min": counts[0], "samples_median": counts[len(counts) // 2],
-            "samples_max": counts[-1], "outliers_kept": sum(p.samples["outliers"] for p in sampled),
+            "samples_max": counts[-1], "outliers_kept": sum(p.samples.outliers for p in sampled),
             "stopped": {reason: reasons.count(reason) for reason in sorted(set(reasons))},
             "median_ci_rel_percent": 100 * float(np.median(ci)), "max_median_ci_rel_percent": 100 * max(ci),
             "mean_rel_stderr_percent": 100 * float(np.median(mean_error))}
@@ -181,6 +191,6 @@ def compute_drift(points: list[PerfPoint]) -> float | None:
     groups: dict[tuple, list[float]] = {}
     for point in points:
         if point.mode != Mode.LOCAL and point.bandwidth_mbit:
-            groups.setdefault((point.key, point.batch), []).append(point.per_rank[0]["compute"])
+            groups.setdefault((point.key, point.batch), []).append(point.per_rank[0].compute)
     spreads = [float(np.std(values, ddof=1) / np.mean(values)) for values in groups.values() if len(values) > 1]
     return 100 * float(np.median(spreads)) if spreads else None

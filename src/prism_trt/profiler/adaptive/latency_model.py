@@ -18,7 +18,7 @@ alone (local) and one for the ranks of a distributed chain, which compute at the
 share the host's cores, caches and memory bandwidth (measured on the 2-core testbed: ~12 ms/GFLOP
 alone, ~17-20 with both ranks busy). Within a group the plan's FLOPs carry the compute across
 chains, batches and ranks; ``a_chain`` is the chain's fixed cost. A map without FLOPs (written
-before issue 13) falls back to G_r = 1 with a slope per chain.
+before they were recorded) falls back to G_r = 1 with a slope per chain.
 
 Transfer: a shaper (tbf) or a switch lets a burst of each collective through at line rate, so
 the first ``tau`` ms worth of bytes of a collective cost nothing; ``tau`` is searched on a grid
@@ -79,7 +79,7 @@ def _gflops(point: PerfPoint) -> list[float]:
 
 def _jitter(point: PerfPoint) -> list[float] | None:
     """Each rank's per-inference compute sigma (ms): measured, else None."""
-    return None if point.samples is None else list(point.samples["compute_sigma_ms"])
+    return None if point.samples is None else list(point.samples.compute_sigma_ms)
 
 
 def request_bytes_per_sample(manifest: Manifest) -> float:
@@ -90,15 +90,14 @@ def request_bytes_per_sample(manifest: Manifest) -> float:
 def measured_terms(point: PerfPoint) -> dict[str, float]:
     """Rank 0's measured phases grouped as the model's terms, and the total (mean latency)."""
     rank0 = point.per_rank[0]
-    return {"request": rank0.get("request") or 0.0, "compute": rank0["compute"], "staging": (rank0["d2h"] or 0.0) + (rank0["h2d"] or 0.0),
-            "transfer": rank0["comm"] or 0.0, "skew": rank0.get("wait") or 0.0, "other": rank0["other"] or 0.0,
-            "total": point.latency["mean_ms"]}
+    return {"request": rank0.phase("request"), "compute": rank0.compute, "staging": rank0.staging,
+            "transfer": rank0.phase("comm"), "skew": rank0.phase("wait"), "other": rank0.phase("other"),
+            "total": point.latency.mean_ms}
 
 
 def _plan(point: PerfPoint) -> dict:
     rank0 = point.per_rank[0]
-    return {"n": rank0.get("collectives", 0) or 0,
-            "bytes": (rank0.get("bytes_sent", 0) or 0) + (rank0.get("bytes_received", 0) or 0)}
+    return {"n": rank0.collectives, "bytes": rank0.bytes_sent + rank0.bytes_received}
 
 
 def expected_wait(compute: list[float], sigma: list[float], collectives: int) -> float:
@@ -145,7 +144,7 @@ def _knee_fit(candidates: list[float], problem: Callable[[float], tuple[list[lis
     return best[0], best[1]
 
 
-def _staging_row(plan: dict, inv_bw: float) -> list[float]:
+def _staging_row(plan: dict) -> list[float]:
     return [plan["n"], plan["bytes"]]
 
 
@@ -181,7 +180,7 @@ class LatencyModel:
         model._fit_compute(points)
         distributed = [p for p in points if p.mode != Mode.LOCAL]
         plans = [(_plan(p), _inv_bw(p.bandwidth), measured_terms(p)) for p in distributed]
-        model.staging = _lstsq([_staging_row(f, b) for f, b, _ in plans], [t["staging"] for *_, t in plans], 2)
+        model.staging = _lstsq([_staging_row(f) for f, _, _ in plans], [t["staging"] for *_, t in plans], 2)
         longest = max([f["bytes"] / f["n"] * b for f, b, _ in plans if f["n"]], default=0.0)
         model.burst_ms, model.transfer = _knee_fit(
             list(np.linspace(0.0, longest, KNEE_STEPS + 1)),
@@ -227,15 +226,15 @@ class LatencyModel:
         for point in points:
             for rank, timings in enumerate(point.per_rank):
                 rows.append(self._compute_row(point.key, point.batch, _gflops(point)[rank]))
-                targets.append(timings["compute"])
+                targets.append(timings.compute)
         self.compute_coef = _lstsq(rows, targets, len(rows[0]) if rows else 0)
         if not self.per_chain_slope:
             groups = {p.mode != Mode.LOCAL for p in points}
             if len(groups) == 1:  # one group measured: its throughput stands for both
                 slope = self.compute_coef[len(self.chains) + int(groups.pop())]
                 self.compute_coef[len(self.chains):] = slope
-        shares = [sigma / timings["compute"] for p in points if _jitter(p) is not None
-                  for sigma, timings in zip(_jitter(p), p.per_rank) if timings["compute"] > 0]
+        shares = [sigma / timings.compute for p in points if _jitter(p) is not None
+                  for sigma, timings in zip(_jitter(p), p.per_rank) if timings.compute > 0]
         self.jitter_share = float(np.median(shares)) if shares else DEFAULT_JITTER_SHARE
 
     def with_compute(self, points: list[PerfPoint], local_only: bool = False,
@@ -295,7 +294,7 @@ class LatencyModel:
         compute and jitter (fitting), or from the model's (predicting)."""
         n = _plan(point)["n"]
         if measured:
-            compute = [t["compute"] for t in point.per_rank]
+            compute = [t.compute for t in point.per_rank]
             sigma = _jitter(point) or [self.jitter_share * c for c in compute]
         else:
             compute = self.rank_compute(point.key, point.batch, _gflops(point))
@@ -324,7 +323,7 @@ class LatencyModel:
         distributed = point.mode != Mode.LOCAL
         inv_bw = _inv_bw(bandwidth)
         terms["request"] = float(np.dot(self.request, self._request_row(batch, inv_bw))) if distributed else 0.0
-        terms["staging"] = float(np.dot(self.staging, _staging_row(plan, inv_bw))) if distributed else 0.0
+        terms["staging"] = float(np.dot(self.staging, _staging_row(plan))) if distributed else 0.0
         terms["transfer"] = (float(np.dot(self.transfer, _transfer_row(plan, inv_bw, self.burst_ms)))
                              if distributed else 0.0)
         skew = np.append(self.skew, self.request_lag)
@@ -339,16 +338,3 @@ def mape(actual: list[float], predicted: list[float]) -> float | None:
     pairs = [(a, p) for a, p in zip(actual, predicted) if a > 0]
     return None if not pairs else 100.0 * sum(abs(a - p) / a for a, p in pairs) / len(pairs)
 
-
-def leave_one_out(points: list[PerfPoint]) -> dict:
-    """MAPE per term and for the total, each point predicted by a model fitted without it."""
-    from .evaluation import held_out_report
-
-    return held_out_report(points, "leave-one-out")
-
-
-def naive_total_mape(points: list[PerfPoint]) -> float | None:
-    """The baseline's leave-one-out MAPE (see :func:`.evaluation.naive_prediction`)."""
-    from .evaluation import held_out_report
-
-    return held_out_report(points, "leave-one-out")["naive_total"]["mape_percent"]

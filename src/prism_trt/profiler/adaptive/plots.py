@@ -11,8 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ...core.chain_key import Mode  # noqa: E402
+from ...engines.measured import PHASES  # noqa: E402
 from ...engines.perfmap import PerfMap, PerfPoint  # noqa: E402
-from ...runtime.timing import PHASES  # noqa: E402
 from .latency_model import TERMS  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def breakdown(data: PerfMap, bandwidth, path: Path) -> None:
         by_batch = {p.batch: p for p in points}
         bottom = np.zeros(len(batches))
         for k, phase in enumerate(PHASES):
-            values = np.array([(by_batch[b].per_rank[0].get(phase) or 0.0) if b in by_batch else 0.0 for b in batches])
+            values = np.array([by_batch[b].per_rank[0].phase(phase) if b in by_batch else 0.0 for b in batches])
             ax.bar(np.arange(len(batches)) + s * width, values, width, bottom=bottom, color=colors[k % len(colors)],
                    label=phase if s == 0 else None, edgecolor="white", linewidth=0.3)
             bottom += values
@@ -65,7 +65,7 @@ def per_sample(data: PerfMap, bandwidth, path: Path) -> None:
     series = _series(data, bandwidth)
     fig, (lat, energy) = plt.subplots(1, 2, figsize=(10, 3.8))
     for label, points in series.items():
-        lat.plot([p.batch for p in points], [p.latency["per_sample_ms"] for p in points], marker="o", label=label)
+        lat.plot([p.batch for p in points], [p.latency.per_sample_ms for p in points], marker="o", label=label)
         joules = [p.energy_per_sample_j for p in points]
         if any(j is not None for j in joules):
             energy.plot([p.batch for p, j in zip(points, joules) if j is not None], [j for j in joules if j is not None],
@@ -91,10 +91,10 @@ def vs_bandwidth(data: PerfMap, batch: int, path: Path) -> None:
                         key=lambda p: p.bandwidth_mbit)
         if points:
             label = _label(points[0])
-            ax.plot([p.bandwidth_mbit for p in points], [p.latency["mean_ms"] for p in points], marker="o",
+            ax.plot([p.bandwidth_mbit for p in points], [p.latency.mean_ms for p in points], marker="o",
                     label=label)
     if local and shaped:
-        ax.hlines(local[0].latency["mean_ms"], min(shaped), max(shaped), colors="black", linestyles="--",
+        ax.hlines(local[0].latency.mean_ms, min(shaped), max(shaped), colors="black", linestyles="--",
                   label="local")
     ax.set(xlabel="bandwidth (Mbit/s)", ylabel="latency (ms)", title=f"latency vs bandwidth, batch {batch}")
     ax.legend(fontsize=7)

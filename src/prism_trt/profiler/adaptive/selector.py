@@ -13,10 +13,11 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ...core.chain_key import ChainKey, Mode
+from ...engines.measured import LatencyStats, OnlineStats
 from ...engines.perfmap import PerfMap, PerfPoint
 from ...errors import PrismError, UsageError
 from ...runtime.api import Executor, InferenceResult, Observation
@@ -77,7 +78,7 @@ class MapSelector:
     def candidate(self, key: ChainKey, batch: int, bandwidth: float | None) -> Candidate:
         hit = self.data.find(key, batch, bandwidth)
         if hit is not None:
-            return Candidate(key, hit.latency["per_sample_ms"], hit.energy_per_sample_j, "measured")
+            return Candidate(key, hit.latency.per_sample_ms, hit.energy_per_sample_j, "measured")
         predicted = self.model.predict_point(self._nearest(key, bandwidth), bandwidth, batch)
         return Candidate(key, predicted["total"] / batch, None, "model")
 
@@ -190,7 +191,7 @@ class OnlineSelector:
         for candidate in base.candidates:
             point = self._map_point(candidate.choice, batch, bandwidth)
             if point is not None:
-                candidate.per_sample_ms, candidate.source = point.latency["per_sample_ms"], "measured"
+                candidate.per_sample_ms, candidate.source = point.latency.per_sample_ms, "measured"
             refined, source = self.cells.refine(candidate.per_sample_ms, candidate.choice, batch, bandwidth)
             candidate.per_sample_ms = refined
             candidate.source = candidate.source if source == "prior" else source
@@ -252,14 +253,12 @@ class OnlineSelector:
                 label = replaced.bandwidth_mbit if replaced is not None else (round(rate, 1) if rate else None)
                 refined.upsert(PerfPoint(
                     chain, batch, label,
-                    {"mean_ms": total, "p50_ms": total, "p90_ms": cell.p90_ms * batch,
-                     "stdev_ms": cell.stdev_ms * batch, "per_sample_ms": cell.median_ms},
+                    LatencyStats(total, total, cell.p90_ms * batch, cell.stdev_ms * batch, cell.median_ms),
                     # rank 0's phases only: the server does not gather the other ranks'
-                    [cell.phases.to_dict()],
+                    [replace(cell.phases)],
                     measured_mbit=None if chain.mode == Mode.LOCAL else rate,
                     gflops_per_rank=gflops[:1] if gflops else None,
-                    online={"observations": cell.count, "half_width_ms": cell.half_width_ms,
-                            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+                    online=OnlineStats(cell.count, cell.half_width_ms, time.strftime("%Y-%m-%dT%H:%M:%S%z"))))
         return refined
 
     def save(self, path: Path | None = None) -> Path | None:
