@@ -102,8 +102,8 @@ def test_fp16_build_is_verified_and_keeps_mnist_accuracy(mnist_model, mnist_dir,
     manifest = Manifest.load(tmp_path / "rank0")
     for stage in [*manifest.configs[0].stages, manifest.monolithic]:
         verification = stage.verification
-        assert verification["engine"]["precision"] == "fp16" and verification["engine"]["passed"]
-        assert verification["export"]["precision"] == "fp32" and verification["export"]["passed"]
+        assert verification.engine.precision == "fp16" and verification.engine.passed
+        assert verification.export.precision == "fp32" and verification.export.passed
     correct = 0
     with load_chain(tmp_path / "rank0", "local", threads=2) as chain:
         for images, labels in MnistTestSet(mnist_dir).batches(500):
@@ -141,7 +141,7 @@ def test_build_verifies_with_avx2_kernels(mnist_dir, tmp_path):
                              str(mnist_dir / "vit_mnist.pt"), "--ranks", "2", "--cr", "5", "--exporter", "torchscript",
                              "--out", str(tmp_path), "--quiet"], capture_output=True, text=True, env=env, timeout=280)
     assert result.returncode == 0, result.stdout + result.stderr
-    used = [stage.verification["engine"]["used"] for rank in (0, 1)
+    used = [stage.verification.engine.used for rank in (0, 1)
             for config in Manifest.read(tmp_path / f"rank{rank}").configs for stage in config.stages]
     assert max(used) < 0.25, max(used)  # at least a 4x margin left on the worst stage
 

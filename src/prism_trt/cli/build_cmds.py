@@ -145,13 +145,13 @@ def inspect(directory, no_verify, as_json):
                    f"{options.max_batch}")
         rows = []
         for config in manifest.configs:
-            checks = [s.verification["engine"] for s in config.stages if s.verification]
-            errors = [check["max_abs_error"] for check in checks]
+            checks = [s.verification.engine for s in config.stages if s.verification]
+            errors = [check.max_abs_error for check in checks]
             plan = config.plan_dict()  # as recorded: a local chain has no CR or L
             rows.append([config.name, config.mode, config.ranks, plan["cr"], plan["segments"],
                          "/".join(map(str, config.plan.counts)), len(config.stages),
                          f"{len(checks)}/{len(config.stages)}", f"{max(errors):.1e}" if errors else None,
-                         _percent(max(c["used"] for c in checks)) if checks else None])
+                         _percent(max(c.used for c in checks)) if checks else None])
         click.echo("  " + format_table(["config", "mode", "P", "CR", "L", "sent/rank", "stages", "verified",
                                         "max |err|", "tol. used"], rows).replace("\n", "\n  "))
         state = "not verified" if no_verify else "SHA-256 verified"

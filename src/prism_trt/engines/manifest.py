@@ -40,6 +40,7 @@ from .base import BuildOptions
 from .json_record import Fields, read_json_object, sha256_file, sha256_json, write_json_atomic
 from .model_record import ModelRecord
 from .stage_spec import StageSpec
+from .verification import StageVerification
 
 SCHEMA_VERSION = 3  # 2: build_options.precision, verification reports; 3: manifest_sha256 (its own digest)
 DIGEST_FIELD = "manifest_sha256"
@@ -79,7 +80,7 @@ class StageEntry:
     engine_sha256: str
     export_key: str
     cache_key: str
-    verification: dict | None = None  # see export.verify.summary
+    verification: StageVerification | None = None
 
     @property
     def name(self) -> str:
@@ -88,7 +89,7 @@ class StageEntry:
     def to_dict(self) -> dict[str, Any]:
         return {**self.spec.to_dict(), "onnx": self.onnx, "onnx_sha256": self.onnx_sha256, "engine": self.engine,
                 "engine_sha256": self.engine_sha256, "export_key": self.export_key, "cache_key": self.cache_key,
-                "verification": self.verification}
+                "verification": None if self.verification is None else self.verification.to_dict()}
 
     @classmethod
     def parse(cls, fields: Fields) -> StageEntry:
@@ -97,15 +98,9 @@ class StageEntry:
         except (KeyError, TypeError, ValueError) as error:
             raise fields.error(f"{fields.where}: not a stage description ({error!r})") from None
         verification = fields.nested("verification", optional=True)
-        if verification is not None:  # what build and inspect read of it
-            engine = verification.nested("engine")
-            engine.get("passed", bool)
-            engine.get("precision", str)
-            engine.number("used", minimum=0)
-            engine.number("max_abs_error", minimum=0)
         return cls(spec, _inside(fields, "onnx"), fields.get("onnx_sha256", str), _inside(fields, "engine"),
                    fields.get("engine_sha256", str), fields.get("export_key", str), fields.get("cache_key", str),
-                   None if verification is None else verification.data)
+                   None if verification is None else StageVerification.parse(verification))
 
 
 @dataclass(frozen=True)

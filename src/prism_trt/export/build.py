@@ -43,12 +43,13 @@ from ..engines.manifest import (
 )
 from ..engines.modality import Modality
 from ..engines.stage_spec import StageSpec
+from ..engines.verification import StageVerification, VerificationReport
 from ..errors import UsageError
 from ..model import PrismText, PrismViT, weights_hash
 from ..model.vit import MeansSource
 from .onnx_export import check_onnx, export_stage, resolve_exporter
 from .stages import monolithic_stage, rank_stages
-from .verify import reference_cases, require_passed, summary, verification_batches, verify_engine, verify_onnx
+from .verify import reference_cases, require_passed, verification_batches, verify_engine, verify_onnx
 
 
 @dataclass(frozen=True)
@@ -82,16 +83,16 @@ class StageReport:
     stage: str
     exported: bool
     built: bool
-    verification: dict | None  # the engine check's summary (see export.verify.summary)
+    verification: VerificationReport | None  # the engine check's
     bytes: int
 
     @property
     def max_abs_error(self) -> float | None:
-        return self.verification["max_abs_error"] if self.verification else None
+        return self.verification.max_abs_error if self.verification else None
 
     @property
     def tolerance_used(self) -> float | None:
-        return self.verification["used"] if self.verification else None
+        return self.verification.used if self.verification else None
 
 
 @dataclass
@@ -251,13 +252,13 @@ class Builder:
                            verification)
         manifest.files[onnx_rel] = onnx_sha
         manifest.files[engine_rel] = entry.engine_sha256
-        engine_check = verification["engine"] if verification else None
+        engine_check = verification.engine if verification else None
         result.stages.append(StageReport(rank, bucket + config.name, stage.name, exported, built, engine_check,
                                          onnx_path.stat().st_size + engine_path.stat().st_size))
         bar.update(1)
         return entry
 
-    def _verify(self, module, stage: StageSpec, onnx_path: Path, engine_path: Path, where: str) -> dict:
+    def _verify(self, module, stage: StageSpec, onnx_path: Path, engine_path: Path, where: str) -> StageVerification:
         """The engine on its target at the build's precision (and the ONNX file on the CPU at fp32
         where the engine check does not cover it); raises VerificationError naming the culprit."""
         cases = reference_cases(module, stage, verification_batches(self.options))
@@ -273,5 +274,5 @@ class Builder:
                 "The exported graph does not compute what the model does; please report it.")
         require_passed(engine_check, f"{where}{engine_path.name} ({self.backend.name} on {self.backend_record.device}, "
                                      f"{precision})", hint)
-        return {"batches": [case.batch for case in cases], "device": self.backend_record.device,
-                "engine": summary(engine_check), "export": summary(export_check) if export_check else None}
+        return StageVerification(tuple(case.batch for case in cases), self.backend_record.device,
+                                 engine_check, export_check)

@@ -2,7 +2,8 @@
 
 Every stage is run on random inputs of a few batch sizes, and each output is compared with the
 torch module's (CPU, fp32) under the tolerance of the precision the engine computes in
-(:mod:`prism_trt.core.precision`). Two checks, each with its own report:
+(:mod:`prism_trt.core.precision`). Two checks, each with its own report
+(:class:`~prism_trt.engines.verification.VerificationReport`, kept in the manifest):
 
 * **engine** — the built engine, loaded by its backend and run where it will run (the CUDA EP when
   building for CUDA, TensorRT on the GPU), at the build's precision;
@@ -24,6 +25,7 @@ from torch import nn
 from ..core.precision import Comparison, ToleranceError, compare_outputs, worst
 from ..engines.base import Backend, BuildOptions
 from ..engines.stage_spec import StageSpec
+from ..engines.verification import VerificationReport
 from ..errors import PrismError
 from .stages import example_feed
 
@@ -86,14 +88,14 @@ def run_onnx_cpu(path: Path, threads: int = 1) -> Callable[[dict[str, torch.Tens
 
 
 def verify_onnx(path: Path, module: nn.Module, stage: StageSpec, batches: Sequence[int] = DEFAULT_BATCHES,
-                threads: int = 1, cases: Sequence[Case] | None = None) -> list[Comparison]:
+                threads: int = 1, cases: Sequence[Case] | None = None) -> VerificationReport:
     """The ONNX file on onnxruntime's CPU EP against the module, at fp32."""
     cases = cases if cases is not None else reference_cases(module, stage, batches)
-    return compare_cases(run_onnx_cpu(path, threads), cases, "fp32", f"{path.name}:")
+    return VerificationReport.of(compare_cases(run_onnx_cpu(path, threads), cases, "fp32", f"{path.name}:"))
 
 
 def verify_engine(backend: Backend, engine_path: Path, stage: StageSpec, options: BuildOptions,
-                  cases: Sequence[Case]) -> list[Comparison]:
+                  cases: Sequence[Case]) -> VerificationReport:
     """The engine, run by its backend on its device, against the reference at the build's precision."""
     on_device = backend.runs_on_cuda and torch.cuda.is_available()
     runner = backend.load(engine_path, list(stage.inputs), list(stage.outputs), options)
@@ -102,7 +104,7 @@ def verify_engine(backend: Backend, engine_path: Path, stage: StageSpec, options
             feed = {name: tensor.cuda() for name, tensor in feed.items()} if on_device else feed
             return {name: tensor.detach().cpu().numpy() for name, tensor in runner.infer(feed).items()}
 
-        return compare_cases(run, cases, options.precision, f"{engine_path.name}:")
+        return VerificationReport.of(compare_cases(run, cases, options.precision, f"{engine_path.name}:"))
 
 
 def verification_batches(options: BuildOptions) -> tuple[int, ...]:
@@ -111,15 +113,8 @@ def verification_batches(options: BuildOptions) -> tuple[int, ...]:
     return tuple(sorted(set(wanted or [options.min_batch, options.max_batch])))
 
 
-def summary(comparisons: Sequence[Comparison]) -> dict:
-    """What the manifest keeps of a check: the worst output's report and every output's."""
-    return {"precision": comparisons[0].precision, "passed": all(c.passed for c in comparisons),
-            "used": max(c.used for c in comparisons), "max_abs_error": max(c.max_abs_error for c in comparisons),
-            "outputs": [c.to_dict() for c in comparisons]}
-
-
-def require_passed(comparisons: Sequence[Comparison], what: str, hint: str) -> None:
-    failed = [c for c in comparisons if not c.passed]
+def require_passed(report: VerificationReport, what: str, hint: str) -> None:
+    failed = [c for c in report.outputs if not c.passed]
     if failed:
         raise VerificationError(f"{what} differs from the reference beyond the tolerance:\n  "
                                 + "\n  ".join(c.describe() for c in failed) + f"\n{hint}")
