@@ -239,7 +239,9 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, 
     import logging
     import signal
 
-    from ..runtime import FixedSelector, open_executor
+    from ..profiler.adaptive.online import OnlineOptions
+    from ..profiler.adaptive.serving import SelectorOptions, make_selector
+    from ..runtime import open_executor
     from ..runtime.distributed import run_worker
     from ..serve import create_app
     from ..serve import serve as run_server
@@ -253,12 +255,10 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, 
         batches = run_worker(rank_directory(engines, group.rank), group, threads, device)
         click.echo(f"rank {group.rank}: served {batches} batches, stopped by rank 0")
         return
-    if mode == "auto" and map_path is None:
-        raise click.UsageError("--mode auto needs --map PERFMAP.json (make one with `prism-trt profile`)")
-    if save_map is not None and not (mode == "auto" and online):
-        raise click.UsageError("--save-map needs --mode auto with online refinement (not --no-online)")
-    if mode == "auto" and online and objective == "energy":
-        raise click.UsageError("online refinement learns latency only; add --no-online to serve --objective energy")
+    selection = SelectorOptions(mode, cr, map_path, objective, min_agreement, online,
+                                OnlineOptions(explore_fraction=explore_fraction, explore_budget=explore_budget),
+                                save_map, save_every)
+    selection.check()
     if not http.allow_unauthenticated:  # refused before loading anything; serve() warns when it is allowed
         try:
             check_exposure(http.host, http.token is not None, allow_unauthenticated=False)
@@ -271,22 +271,7 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, 
     executor = open_executor(engines, group, threads, device)
     selector = None
     try:
-        if mode == "auto":
-            from ..engines.perfmap import PerfMap
-            from ..profiler.adaptive import LiveSelector, MapSelector
-            from ..profiler.adaptive.online import OnlineOptions
-            from ..profiler.adaptive.selector import OnlineSelector
-
-            data = PerfMap.load(map_path, engines_dir=engines)
-            if online:
-                selector = OnlineSelector(MapSelector(data, objective, min_agreement), executor,
-                                          OnlineOptions(explore_fraction=explore_fraction, explore_budget=explore_budget),
-                                          save_path=save_map, save_every=save_every if save_map else 0)
-            else:
-                selector = LiveSelector(MapSelector(data, objective, min_agreement), executor)
-        else:
-            # refuse at start-up what cannot be served: a chain these engines do not hold
-            selector = FixedSelector(executor.key_for(mode, cr))
+        selector = make_selector(selection, executor, engines)
         app = create_app(executor, selector, token=http.token, max_wait_ms=max_wait_ms,
                          max_body_bytes=http.max_body_bytes, max_image_bytes=http.max_image_bytes)
         click.echo(f"serving {executor.model_name} ({mode}) on http://{http.host}:{http.port}/v2/models/"

@@ -1,0 +1,59 @@
+"""How a server chooses the chain of each batch, from its options: one fixed chain, or ``auto``
+from a performance map, refined online or not. The `serve` command states the options and
+calls :func:`make_selector`; the server only sees the selector it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ...engines.perfmap import PerfMap
+from ...errors import UsageError
+from ...runtime.api import Executor, FixedSelector
+from .online import OnlineOptions
+from .selector import LiveSelector, MapSelector, OnlineSelector
+
+SERVE_MODES = ("local", "voltage", "prism", "auto")
+
+
+@dataclass(frozen=True)
+class SelectorOptions:
+    """``mode``: a fixed chain (local, voltage, prism at ``cr``) or auto: chosen per batch from the
+    map at ``map_path`` for ``objective``, never a CR below ``min_agreement``; ``online`` refines
+    the map's predictions with every served batch (``online_options``) and, with ``save_map``,
+    writes the refined map every ``save_every`` batches."""
+
+    mode: str = "local"
+    cr: float | None = None
+    map_path: Path | None = None
+    objective: str = "latency"
+    min_agreement: float = 0.99
+    online: bool = True
+    online_options: OnlineOptions = field(default_factory=OnlineOptions)
+    save_map: Path | None = None
+    save_every: int = 50
+
+    def check(self) -> None:
+        """Options that do not fit together, refused before anything is loaded."""
+        if self.mode not in SERVE_MODES:
+            raise UsageError(f"mode must be one of {', '.join(SERVE_MODES)}, got {self.mode!r}")
+        if self.mode == "auto" and self.map_path is None:
+            raise UsageError("--mode auto needs --map PERFMAP.json (make one with `prism-trt profile`)")
+        if self.save_map is not None and not (self.mode == "auto" and self.online):
+            raise UsageError("--save-map needs --mode auto with online refinement (not --no-online)")
+        if self.mode == "auto" and self.online and self.objective == "energy":
+            raise UsageError("online refinement learns latency only; add --no-online to serve --objective energy")
+
+
+def make_selector(options: SelectorOptions, executor: Executor, engines: Path):
+    """The selector ``options`` ask for, over ``executor`` (whose build is ``engines``): a chain
+    or a map these engines cannot serve is refused here, at start-up."""
+    options.check()
+    if options.mode != "auto":
+        return FixedSelector(executor.key_for(options.mode, options.cr))
+    data = PerfMap.load(options.map_path, engines_dir=engines)
+    chooser = MapSelector(data, options.objective, options.min_agreement)
+    if not options.online:
+        return LiveSelector(chooser, executor)
+    return OnlineSelector(chooser, executor, options.online_options, save_path=options.save_map,
+                          save_every=options.save_every if options.save_map else 0)
