@@ -8,11 +8,11 @@ import prism_trt
 ROOT = Path(prism_trt.__file__).parent
 
 # Each unit may import only units of a lower layer (the model -> core -> engines -> export/runtime ->
-# serve/adaptive -> profiler -> cli order of the README's architecture picture). The testbed is a
+# serve/adaptive -> profiler -> workflows -> cli order of the README's architecture picture). The testbed is a
 # leaf: it knows nothing of models or engines.
 LAYER = {"__init__": 0, "errors": 0, "model": 1, "data": 1, "report": 1, "profiler.testbed": 1, "core": 2,
-         "engines": 3, "export": 4, "runtime": 4, "serve": 5, "profiler.adaptive": 5, "profiler": 6, "cli": 7,
-         "cli_reference": 8}
+         "engines": 3, "export": 4, "runtime": 4, "serve": 5, "profiler.adaptive": 5, "profiler": 6, "workflows": 7,
+         "cli": 8, "cli_reference": 9}
 
 # Modules that parse JSON, and what they parse: none of them a manifest or a performance map,
 # which only their typed records in engines/ read (through engines/json_record.py).

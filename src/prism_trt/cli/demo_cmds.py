@@ -1,4 +1,4 @@
-"""`prism-trt demo` (the pipeline itself is in :mod:`.demo`, imported when the command runs)."""
+"""`prism-trt demo` (the pipeline itself is :mod:`prism_trt.workflows.demo`, imported when the command runs)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,6 @@ def demo(out, quick):
     root with ip/tc, else ranks use loopback. Everything is torn down at the end, on Ctrl-C or on
     failure.
     """
-    from .demo import main_demo
+    from ..workflows.demo import main_demo
 
     sys.exit(main_demo(out, quick))

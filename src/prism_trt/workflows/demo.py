@@ -1,4 +1,4 @@
-"""`prism-trt demo`: the whole pipeline on one x86 box, torn down on exit, Ctrl-C or failure.
+"""The `prism-trt demo` pipeline: all of prism-trt on one x86 box, torn down on exit, Ctrl-C or failure.
 
 build (P=2, two CRs + the local chain) -> 2-board testbed (network namespaces when root and tc
 are available, else loopback) -> bounded profile sweep -> latency model fit -> plots -> `serve
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -230,9 +229,3 @@ def main_demo(out: Path, quick: bool) -> int:
         return 130
     click.echo(f"demo finished in {time.monotonic() - started:.0f} s")
     return 0
-
-
-
-
-if __name__ == "__main__":
-    sys.exit(main_demo(Path(os.environ.get("PRISM_TRT_DEMO_OUT", "prism-demo")), quick=True))

@@ -1,0 +1,2 @@
+"""Whole workflows built from the library's layers (the `prism-trt demo` pipeline); the CLI's
+commands only start them."""
