@@ -97,11 +97,6 @@ class TextModelOptions(NamedTuple):
     vocab_size: int | None
 
     @property
-    def seq_len(self) -> int:
-        """The longest sequence length (the rank directory's own engines)."""
-        return self.seq_lens[-1]
-
-    @property
     def resized(self) -> bool:
         return any(v is not None for v in (self.layers, self.hidden_size, self.heads, self.vocab_size))
 

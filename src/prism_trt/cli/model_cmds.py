@@ -34,7 +34,8 @@ def info(model_name, checkpoint, as_json):
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Element type of the exchanged features.")
 @click.option("--seq-len", type=click.IntRange(min=1), default=None,
-              help="Text models (bert-base-uncased, gpt2, ...): sequence length N [default: 256 for BERT, 1024 for GPT-2].")
+              help="Text models (bert-base-uncased, gpt2, ...): sequence length N [default: 256 for BERT, 1024 "
+                   "for GPT-2].")
 @click.option("--cls-segment/--no-cls-segment", default=True, show_default=True,
               help="BERT: send [CLS] as its own segment (as prism-trt runs it) or average it into rank 0's first "
                    "segment (as the paper's 51.24 % counts it).")

@@ -215,7 +215,8 @@ def model_fit(map_path, test_path, transfer_path, local_compute, request_bytes, 
     if noise:
         click.echo(f"{len(data.points)} points, {noise['points']} sampled to a CI: {noise['samples_min']}-"
                    f"{noise['samples_max']} samples (median {noise['samples_median']}), stopped {noise['stopped']}, "
-                   f"{noise['outliers_kept']} outliers kept; median CI half-width {noise['median_ci_rel_percent']:.1f} % "
+                   f"{noise['outliers_kept']} outliers kept; median CI half-width "
+                   f"{noise['median_ci_rel_percent']:.1f} % "
                    f"(max {noise['max_median_ci_rel_percent']:.1f} %), standard error of the mean "
                    f"{noise['mean_rel_stderr_percent']:.1f} % (the noise floor of the total's MAPE)")
     if drift is not None:

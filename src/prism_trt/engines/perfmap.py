@@ -109,7 +109,8 @@ class PerfPoint:
                 "measured_mbit": self.measured_mbit, "latency": self.latency.to_dict(),
                 "per_rank": [times.to_dict() for times in self.per_rank],
                 "energy_j": self.energy_j, "energy_per_sample_j": self.energy_per_sample_j,
-                "fell_back": self.fell_back, **({"samples": self.samples.to_dict()} if self.samples is not None else {}),
+                "fell_back": self.fell_back,
+                **({"samples": self.samples.to_dict()} if self.samples is not None else {}),
                 **({"gflops_per_rank": self.gflops_per_rank} if self.gflops_per_rank is not None else {}),
                 **({"online": self.online.to_dict()} if self.online is not None else {})}
 

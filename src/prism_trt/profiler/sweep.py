@@ -73,8 +73,9 @@ class SweepPlan:
         chains = built if crs is None else list(dict.fromkeys(manifest.key_for(Mode.PRISM, cr) for cr in crs))
         return cls(batches, chains, bandwidths, warmup, repeat, sampling)
 
-    def points_for(self, bandwidth: float | None, include_local: bool) -> list[tuple[ChainKey, int]]:
-        """Grouped by batch: rank 0 times the chains of one batch interleaved."""
+    def points(self, include_local: bool) -> list[tuple[ChainKey, int]]:
+        """The points measured at one link rate (the local chain's only at the first), grouped by
+        batch: rank 0 times the chains of one batch interleaved."""
         points = []
         for batch in self.batches:
             points += [(ChainKey.local(), batch)] if include_local else []
@@ -83,7 +84,7 @@ class SweepPlan:
 
     def total_passes(self, most: bool = False) -> int:
         """Inference passes of the whole sweep: the least, or (``most``) with every point at its cap."""
-        count = sum(len(self.points_for(bw, i == 0)) for i, bw in enumerate(self.bandwidths))
+        count = sum(len(self.points(include_local=i == 0)) for i in range(len(self.bandwidths)))
         return count * (self.warmup + (self.rule.max_repeat if most else self.rule.min_repeat))
 
 
@@ -274,8 +275,8 @@ def run_cluster(engines: Path, launcher: Launcher, points: list[tuple[ChainKey, 
                     "--world-size", str(launcher.world_size), "--master-addr", launcher.master_addr, "--master-port",
                     str(port), "--threads", str(threads), "--warmup", str(warmup), "--repeat", str(rule.min_repeat),
                     "--max-repeat", str(rule.max_repeat), "--target-ci", str(rule.target_ci),
-                    "--point-budget", str(rule.budget_s), "--timeout", str(timeout), "--points", json.dumps([[key.to_dict(), batch] for key, batch in points]),
-                    "--out", str(lines.path)]
+                    "--point-budget", str(rule.budget_s), "--timeout", str(timeout),
+                    "--points", json.dumps([[key.to_dict(), batch] for key, batch in points]), "--out", str(lines.path)]
             argv += (["--iface", launcher.iface] if launcher.iface else []) + (["--energy", energy] if energy else [])
             rank0 = ranks.start(0, launcher.wrap(0, argv), env)
             hung = _follow(rank0, ranks, lines, len(points), timeout, on_result, stop)
@@ -325,7 +326,7 @@ def _follow(rank0: subprocess.Popen, ranks: _RankProcesses, lines: _ResultLines,
                 ranks.signal(signal.SIGTERM, [0])
                 stopping_until = time.monotonic() + timeout
             elif time.monotonic() > stopping_until:
-                return
+                return False  # rank 0 did not stop in time: the ranks are stopped with it
         elif time.monotonic() - progress > stall_s:
             raise ClusterError(f"the sweep made no progress for {stall_s:.0f} s ({lines.seen} of {count} "
                                f"points measured); rank 0's log ends with:\n{_tail(ranks.logs[0])}")
@@ -368,17 +369,18 @@ def profile(engines: Path, out: Path, plan: SweepPlan, launcher: Launcher, threa
         data.accuracy = accuracy
     todo = []
     for index, bandwidth in enumerate(plan.bandwidths):
-        missing = [(key, batch) for key, batch in plan.points_for(bandwidth, include_local=index == 0)
+        missing = [(key, batch) for key, batch in plan.points(include_local=index == 0)
                    if data.find(key, batch, bandwidth) is None]
         todo.append((bandwidth, missing))
     total = sum(len(m) for _, m in todo)
-    planned = sum(len(plan.points_for(bw, i == 0)) for i, bw in enumerate(plan.bandwidths))
+    planned = sum(len(plan.points(include_local=i == 0)) for i in range(len(plan.bandwidths)))
     stored = []
     # The caller's handler, when given, is already installed (it guards a testbed's set-up too).
     own = StopSignals() if stop is None else None
     stop = stop if stop is not None else own
     try:
-        with own if own is not None else nullcontext(), tqdm(total=total, unit="point", disable=not progress, desc="profile") as bar:
+        bar = tqdm(total=total, unit="point", disable=not progress, desc="profile")
+        with own if own is not None else nullcontext(), bar:
             for bandwidth, missing in todo:
                 if not missing:
                     continue

@@ -112,7 +112,8 @@ def expected_wait(compute: list[float], sigma: list[float], collectives: int) ->
             wait = max(0.0, delta)
         else:
             z = delta / spread
-            wait = spread * math.exp(-z * z / 2) / math.sqrt(2 * math.pi) + delta * 0.5 * (1 + math.erf(z / math.sqrt(2)))
+            density = math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+            wait = spread * density + delta * 0.5 * (1 + math.erf(z / math.sqrt(2)))
         worst = max(worst, wait)
     return collectives * worst
 

@@ -239,7 +239,7 @@ class Option:
 
 
 class ExplorationPolicy:
-    """Deterministic, bounded exploration; see the module docstring. ``due`` is asked once per
+    """Deterministic, bounded exploration; see the module docstring. ``pick`` is asked once per
     batch; ``explored <= fraction x batches`` holds after every batch."""
 
     def __init__(self, fraction: float, budget: float):

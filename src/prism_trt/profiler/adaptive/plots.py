@@ -68,8 +68,8 @@ def per_sample(data: PerfMap, bandwidth, path: Path) -> None:
         lat.plot([p.batch for p in points], [p.latency.per_sample_ms for p in points], marker="o", label=label)
         joules = [p.energy_per_sample_j for p in points]
         if any(j is not None for j in joules):
-            energy.plot([p.batch for p, j in zip(points, joules) if j is not None], [j for j in joules if j is not None],
-                        marker="o", label=label)
+            measured = [(p.batch, j) for p, j in zip(points, joules) if j is not None]
+            energy.plot([b for b, _ in measured], [j for _, j in measured], marker="o", label=label)
     lat.set(xlabel="batch", ylabel="ms / sample", xscale="log", title="per-sample latency")
     energy.set(xlabel="batch", ylabel="J / sample", xscale="log", title="per-sample energy")
     if not energy.lines:

@@ -56,8 +56,8 @@ class Decision:
             if c is self.best:
                 continue
             value = "n/a" if c.per_sample_ms is None else f"{c.per_sample_ms:.2f} ms/sample"
-            lines.append(f"  {c.choice.label}: {c.rejected or 'slower' if self.objective == 'latency' else c.rejected or 'more energy'}"
-                         f" ({value}, {c.source})")
+            lost = c.rejected or ("slower" if self.objective == "latency" else "more energy")
+            lines.append(f"  {c.choice.label}: {lost} ({value}, {c.source})")
         return "\n".join(lines)
 
 
