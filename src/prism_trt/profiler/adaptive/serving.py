@@ -7,13 +7,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...core.chain_key import Mode
 from ...engines.perfmap import PerfMap
 from ...errors import UsageError
 from ...runtime.api import Executor, FixedSelector
 from .online import OnlineOptions
 from .selector import LiveSelector, MapSelector, OnlineSelector
 
-SERVE_MODES = ("local", "voltage", "prism", "auto")
+SERVE_MODES = (*(mode.value for mode in Mode), "auto")  # auto: chosen per batch from a map
 
 
 @dataclass(frozen=True)
