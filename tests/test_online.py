@@ -16,6 +16,7 @@ import torch
 from conftest import build_engines, random_model, small_spec
 
 from prism_trt.engines import AccuracyEntry, ChainKey, PerfMap
+from prism_trt.engines.measured import PhaseTimes
 from prism_trt.errors import UsageError
 from prism_trt.profiler.adaptive import LatencyModel, MapSelector
 from prism_trt.profiler.adaptive.online import (
@@ -34,7 +35,6 @@ from prism_trt.runtime.api import Observation
 from prism_trt.runtime.distributed import DistributedExecutor
 from prism_trt.runtime.group import GroupConfig, free_port
 from prism_trt.runtime.local import LocalExecutor
-from prism_trt.runtime.timing import PhaseTimes
 from prism_trt.serve.batcher import Batcher
 
 pytestmark = pytest.mark.timeout(240)

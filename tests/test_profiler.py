@@ -281,7 +281,7 @@ class _ScriptedExecutor:
     def infer(self, request, key, gather_timings=False):
         from types import SimpleNamespace
 
-        from prism_trt.runtime.timing import PhaseTimes
+        from prism_trt.engines.measured import PhaseTimes
 
         self.calls.append(key)
         total = 10.0 if key.mode == "local" else float(self.spread.uniform(5.0, 20.0))

@@ -2,7 +2,7 @@
 throughput cache: a version, the keys it was measured for, and refusal to use a map made for other
 engines). :class:`PerfMap` is the only reader and writer of ``perfmap.json``.
 
-Schema (version 2; 2 keys every chain by its segment count, see :mod:`.chain_key`)::
+Schema (version 2; 2 keys every chain by its segment count, see :mod:`prism_trt.core.chain_key`)::
 
     {"schema": "prism-trt/perfmap", "schema_version": 2,
      "metadata": {"tool_version", "created", "model": {"name", "weights_sha256"},
@@ -23,7 +23,7 @@ Local points do not depend on the network: their ``bandwidth_mbit`` is null. Ene
 not be measured is null, never estimated. ``samples`` (rank 0's latency median, its spread, the
 median's confidence interval, the outliers kept in the mean, why sampling stopped, each rank's
 compute jitter) and ``gflops_per_rank`` came later than schema 2 itself; maps without them
-lack them and still load. ``online`` marks a point that ``serve --mode auto --save-map`` refined from
+still load. ``online`` marks a point that ``serve --mode auto --save-map`` refined from
 the batches it served (latency: the exponentially weighted median per sample x batch, and the
 newest batch's rank-0 phases; ``observations`` counted, ``half_width_ms`` the median's ~95 % bound
 per sample); absent in profiled points, and maps without it load unchanged.

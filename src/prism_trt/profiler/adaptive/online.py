@@ -36,9 +36,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...core.chain_key import ChainKey, Mode
+from ...engines.measured import PhaseTimes
 from ...engines.perfmap import PerfPoint
 from ...errors import UsageError
-from ...runtime.timing import PhaseTimes
 from .latency_model import LatencyModel
 
 
