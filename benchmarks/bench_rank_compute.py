@@ -16,28 +16,35 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from common import RESULTS, time_ms, write_result  # noqa: E402
 
-from prism_trt.core import RankForward, make_partition_plan, make_segment_plan, voltage_plan  # noqa: E402
+from prism_trt.core import Exchange, RankForward, drive, make_partition_plan, make_segment_plan, voltage_plan  # noqa: E402
 from prism_trt.core.accounting import plan_cost  # noqa: E402
 from prism_trt.model import load_model  # noqa: E402
 
 MODEL, BATCH, RANKS, CRS = "vit_small_patch16_224", 8, 2, (9.9, 3.3)
 
 
+class Recording(Exchange):
+    """The in-process exchange, keeping what rank 0 received before each block."""
+
+    def __init__(self):
+        self.rank0_received = []
+
+    def means(self, ranks, sent):
+        remote = super().means(ranks, sent)
+        self.rank0_received.append(remote[0])
+        return remote
+
+
 def rank0_runner(model, plan, images):
     """A closure running rank 0's embed + blocks with the other ranks' means precomputed."""
     ranks = [RankForward(model, plan, r) for r in range(plan.ranks)]
-    states = [rank.embed(images) for rank in ranks]
-    remote_per_block = []
-    for index in range(model.spec.depth):
-        gathered = [means for _, means in states]
-        remote = [rank.remote_means(gathered) if plan.ranks > 1 else None for rank in ranks]
-        remote_per_block.append(remote[0])
-        states = [rank.block(index, x, r) for rank, (x, _), r in zip(ranks, states, remote)]
+    exchange = Recording()
+    drive(ranks, [images] * plan.ranks, exchange)
     rank0 = ranks[0]
 
     def run():
         x, _ = rank0.embed(images)
-        for index, remote in enumerate(remote_per_block):
+        for index, remote in enumerate(exchange.rank0_received):
             x, _ = rank0.block(index, x, remote)
         return x
 

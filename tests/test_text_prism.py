@@ -36,9 +36,9 @@ def test_worked_example_masks():
     first, second = (TextRankForward(model, plan, r) for r in range(2))
     causal = torch.tril(torch.ones(4, 4, dtype=torch.int))
     masks0, masks1 = first.masks(ids), second.masks(ids)
-    assert first.remote_ranks == [] and masks0.remote_bias is None and not second.sends_means and first.sends_means
+    assert first.attended_ranks == [] and masks0.remote_bias is None and not second.sends_means and first.sends_means
     assert torch.equal(visible(masks0.local_bias), causal) and torch.equal(visible(masks1.local_bias), causal)
-    assert second.remote_ranks == [0] and torch.equal(visible(masks1.remote_bias), torch.ones(4, 2, dtype=torch.int))
+    assert second.attended_ranks == [0] and torch.equal(visible(masks1.remote_bias), torch.ones(4, 2, dtype=torch.int))
     assert torch.allclose(masks1.remote_bias[0, 0], torch.full((4, 2), math.log(2)))
 
 
@@ -50,7 +50,7 @@ def test_causal_mask_is_block_triangular_by_rank():
     ids = torch.zeros(1, 10, dtype=torch.long)
     for rank in range(3):
         forward = TextRankForward(model, plan, rank)
-        assert forward.remote_ranks == list(range(rank))
+        assert forward.attended_ranks == list(range(rank))
         if rank:
             sizes = [end - start for q in range(rank) for start, end in segment_positions(plan, q)]
             expected = torch.tensor(sizes, dtype=torch.float32).log().expand(plan.partition.sizes[rank], -1)

@@ -1,8 +1,9 @@
 """One rank's view of a Prism forward, and the single-process simulation of all ranks.
 
 :class:`RankForward` is the per-rank computation the export stages and the distributed runtime
-are built from (embed -> block_i ... -> head); :func:`simulate` runs every rank's partition in
-one process with the all-gather replaced by a list, and is the reference for everything later.
+are built from (embed -> block_i ... -> head); :func:`simulate` drives every rank's partition in
+one process (:func:`~prism_trt.core.drive.drive`, the all-gather being a list), and is the
+reference for everything later.
 """
 
 from __future__ import annotations
@@ -11,12 +12,8 @@ import torch
 from torch import nn
 
 from ..model.vit import MEANS_SOURCES, MeansSource, PrismViT
+from .drive import Exchange, drive, drive_blocks
 from .plan import PlanError, SegmentPlan
-
-
-def concat_remote(gathered: list[torch.Tensor], rank: int) -> torch.Tensor:
-    """The other ranks' means, in rank order, from one all-gathered entry per rank."""
-    return torch.cat([means for q, means in enumerate(gathered) if q != rank], dim=1)
 
 
 class RankForward(nn.Module):
@@ -40,6 +37,7 @@ class RankForward(nn.Module):
                             f"{plan.partition.sizes[0]}: partitioned runs need token pooling")
         self.model, self.plan, self.rank, self.means_source = model, plan, rank, means_source
         self.token_range = plan.partition.token_range(rank)
+        self.attended_ranks = plan.attended_ranks(rank)
         self.register_buffer("averaging", torch.from_numpy(plan.averaging_matrix(rank)), persistent=False)
         self.register_buffer("remote_log_sizes", torch.from_numpy(plan.remote_log_sizes(rank)), persistent=False)
 
@@ -59,14 +57,13 @@ class RankForward(nn.Module):
         x = self.model.embed(images, *self.token_range)
         return x, self.segment_means(x, 0)
 
-    def remote_means(self, gathered: list[torch.Tensor]) -> torch.Tensor:
-        return concat_remote(gathered, self.rank)
-
-    def block(self, index: int, x: torch.Tensor, remote_means: torch.Tensor | None
+    def block(self, index: int, x: torch.Tensor, remote_means: torch.Tensor | None, images: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Block ``index`` over own tokens attending to ``remote_means`` (B, sum L_q, D)."""
-        log_sizes = None if remote_means is None else self.remote_log_sizes
-        x = self.model.blocks[index](x, remote_means, log_sizes, self.means_source)
+        """Block ``index`` over own tokens attending to ``remote_means`` (B, sum L_q, D), each mean
+        weighted by the ``ln(s)`` the plan fixes (``images``, the request, is not read: the drive
+        loop hands every stage its request)."""
+        remote_bias = None if remote_means is None else self.remote_log_sizes
+        x = self.model.blocks[index](x, remote_means, remote_bias, self.means_source)
         return x, self.segment_means(x, index + 1)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,26 +72,12 @@ class RankForward(nn.Module):
         return self.model.head(x)
 
 
-def run_ranks(ranks: list, images: torch.Tensor) -> torch.Tensor:
-    """Drive every rank's embed -> blocks -> head in this process, the all-gather being a list.
-
-    ``ranks`` are objects with ``embed``, ``block``, ``remote_means`` and ``head`` (a
-    :class:`RankForward`, or an engine chain with the same methods), in rank order.
-    """
-    distributed = len(ranks) > 1
-    states = [rank.embed(images) for rank in ranks]
-    for index in range(ranks[0].depth):
-        gathered = [means for _, means in states]
-        states = [rank.block(index, x, rank.remote_means(gathered) if distributed else None)
-                  for rank, (x, _) in zip(ranks, states)]
-    return ranks[0].head(states[0][0])
-
-
 @torch.no_grad()
 def simulate(model: PrismViT, images: torch.Tensor, plan: SegmentPlan, means_source: MeansSource = "ln1"
              ) -> torch.Tensor:
     """Logits of a Prism forward over ``plan``, every rank run in this process."""
-    return run_ranks([RankForward(model, plan, r, means_source) for r in range(plan.ranks)], images)
+    ranks = [RankForward(model, plan, r, means_source) for r in range(plan.ranks)]
+    return drive(ranks, [images] * plan.ranks, Exchange())
 
 
 @torch.no_grad()
@@ -103,9 +86,5 @@ def simulate_blocks(model: PrismViT, tokens: torch.Tensor, plan: SegmentPlan, me
     """All blocks over given token features (B, N, D); returns the re-assembled (B, N, D)."""
     ranks = [RankForward(model, plan, r, means_source) for r in range(plan.ranks)]
     xs = [tokens[:, slice(*rank.token_range)] for rank in ranks]
-    means = [rank.segment_means(x, 0) for rank, x in zip(ranks, xs)]
-    for index in range(model.spec.depth):
-        states = [rank.block(index, x, rank.remote_means(means) if plan.ranks > 1 else None)
-                  for rank, x in zip(ranks, xs)]
-        xs, means = [x for x, _ in states], [m for _, m in states]
-    return torch.cat(xs, dim=1)
+    states = [(x, rank.segment_means(x, 0)) for rank, x in zip(ranks, xs)]
+    return torch.cat(drive_blocks(ranks, states, [None] * plan.ranks, Exchange()), dim=1)

@@ -36,8 +36,9 @@ from ..errors import UsageError
 from ..model.text import PrismText
 from ..model.vit import MeansSource
 from .accuracy import AccuracyResult
+from .drive import NoExchange
 from .plan import SegmentPlan
-from .text_rank import TextRankForward, simulate_text
+from .text_rank import simulate_text
 
 #: ``means_sources`` entry of the no-exchange baseline (see the module doc).
 NO_EXCHANGE = "none"
@@ -93,19 +94,10 @@ def _check(plans: list[SegmentPlan]) -> None:
         raise UsageError(f"all plans must partition the same sequence length, got {sorted(lengths)}")
 
 
-@torch.no_grad()
 def simulate_isolated(model: PrismText, plan: SegmentPlan, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-position outputs (B, N, ...) when every rank sees only its own partition (no means)."""
-    outputs = []
-    for r in range(plan.ranks):
-        rank = TextRankForward(model, plan, r)
-        masks = rank.masks(input_ids, attention_mask)
-        x, _ = rank.embed(input_ids, masks)
-        for index in range(model.spec.depth):
-            x, _ = rank.block(index, x, None, masks)
-        outputs.append(rank.head(x))
-    return torch.cat(outputs, dim=1)
+    return simulate_text(model, plan, input_ids, attention_mask, exchange=NoExchange())
 
 
 def _run(model: PrismText, plan: SegmentPlan, source: str, input_ids: torch.Tensor,

@@ -27,7 +27,8 @@ there analytically, [I] inferred there and adopted here) or [ours] (decided here
 * What is averaged (``means_source``): GPT-2 is pre-norm, so ``ln1`` / ``input`` of prism.md
   section 3 apply unchanged [I, 3.5]; BERT is post-norm and the two coincide [I, 2.3].
 * Heads [I, 2.3 / 3.5]: BERT's classifier reads [CLS] on rank 0 (no final gather); GPT-2's LM
-  head and the ``features`` head run on every rank over its own positions, concatenated here.
+  head and the ``features`` head run on rank 0 over every rank's positions, gathered [ours: one
+  head rule for the simulation and the engines, :func:`~prism_trt.core.drive.drive`].
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from torch import nn
 from ..model.text import MASKED, PrismText, attention_bias, token_log_weights
 from ..model.text_spec import TextSpec
 from ..model.vit import MEANS_SOURCES, MeansSource
+from .drive import Exchange, drive
 from .plan import PartitionPlan, PlanError, SegmentPlan, make_partition_plan
 
 
@@ -84,6 +86,16 @@ class RankMasks:
     remote_bias: torch.Tensor | None
 
 
+@dataclass(frozen=True)
+class RankBatch:
+    """One batch as one rank's stages read it: the whole batch's ids (B, N), its token types (or
+    None) and the rank's masks (:meth:`TextRankForward.batch`)."""
+
+    input_ids: torch.Tensor
+    masks: RankMasks
+    token_type_ids: torch.Tensor | None = None
+
+
 class TextRankForward(nn.Module):
     """Rank ``rank``'s stages of a Prism forward of a :class:`PrismText` over ``plan``.
 
@@ -103,10 +115,10 @@ class TextRankForward(nn.Module):
         causal = model.spec.causal
         self.model, self.plan, self.rank, self.means_source = model, plan, rank, means_source
         self.token_range = plan.partition.token_range(rank)
-        self.remote_ranks = plan.attended_ranks(rank, causal)
+        self.attended_ranks = plan.attended_ranks(rank, causal)
         self.sends_means = any(rank in plan.attended_ranks(q, causal) for q in plan.remote_ranks(rank))
         start, stop = self.token_range
-        remote_bounds = [b for q in self.remote_ranks for b in segment_positions(plan, q)]
+        remote_bounds = [b for q in self.attended_ranks for b in segment_positions(plan, q)]
         self.register_buffer("membership", torch.from_numpy(
             _membership(segment_positions(plan, rank), start, stop - start)), persistent=False)
         self.register_buffer("remote_membership", torch.from_numpy(
@@ -130,11 +142,16 @@ class TextRankForward(nn.Module):
         causal = self.model.spec.causal
         local = attention_bias(token_log_weights(valid), self.positions, self.positions, causal)
         remote = None
-        if self.remote_ranks:
+        if self.attended_ranks:
             sizes = valid_all.float() @ self.remote_membership.T  # (B, m) valid tokens per remote segment
             log_sizes = torch.where(sizes > 0, sizes.clamp(min=1).log(), torch.full_like(sizes, MASKED))
             remote = attention_bias(log_sizes, self.remote_last_positions, self.positions, causal)
         return RankMasks(valid.float(), local, remote)
+
+    def batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              token_type_ids: torch.Tensor | None = None) -> RankBatch:
+        """The batch as this rank's stages read it (its masks computed once)."""
+        return RankBatch(input_ids, self.masks(input_ids, attention_mask), token_type_ids)
 
     def segment_means(self, x: torch.Tensor, masks: RankMasks, next_block: int) -> torch.Tensor | None:
         """(B, L_p, D) means over valid tokens of what ``next_block`` averages, or None."""
@@ -145,22 +162,16 @@ class TextRankForward(nn.Module):
         counts = masks.valid @ self.membership.T  # (B, L_p)
         return sums / counts.clamp(min=1)[..., None]  # an empty segment's mean is 0, masked by the receiver
 
-    def embed(self, input_ids: torch.Tensor, masks: RankMasks, token_type_ids: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def embed(self, batch: RankBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The whole batch's ids (B, N) -> own tokens (B, n_p, D) and the means for block 0."""
         own = slice(*self.token_range)
-        types = None if token_type_ids is None else token_type_ids[:, own]
-        x = self.model.embed(input_ids[:, own], self.token_range[0], types)
-        return x, self.segment_means(x, masks, 0)
+        types = None if batch.token_type_ids is None else batch.token_type_ids[:, own]
+        x = self.model.embed(batch.input_ids[:, own], self.token_range[0], types)
+        return x, self.segment_means(x, batch.masks, 0)
 
-    def remote_means(self, gathered: list[torch.Tensor | None]) -> torch.Tensor | None:
-        """The means this rank attends to, in rank order, from one gathered entry per rank."""
-        if not self.remote_ranks:
-            return None
-        return torch.cat([gathered[q] for q in self.remote_ranks], dim=1)
-
-    def block(self, index: int, x: torch.Tensor, remote_means: torch.Tensor | None, masks: RankMasks
+    def block(self, index: int, x: torch.Tensor, remote_means: torch.Tensor | None, batch: RankBatch
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        masks = batch.masks
         remote_bias = None if remote_means is None else masks.remote_bias
         x = self.model.blocks[index](x, remote_means, remote_bias, self.means_source, masks.local_bias)
         return x, self.segment_means(x, masks, index + 1)
@@ -174,16 +185,10 @@ class TextRankForward(nn.Module):
 @torch.no_grad()
 def simulate_text(model: PrismText, plan: SegmentPlan, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
-                  means_source: MeansSource = "ln1") -> torch.Tensor:
+                  means_source: MeansSource = "ln1", exchange: Exchange | None = None) -> torch.Tensor:
     """Outputs of a Prism forward over ``plan``, every rank run in this process (the exchange is a
-    list): classifier logits (B, classes) from rank 0, or per-position outputs (B, N, ...) of all
-    ranks concatenated."""
+    list, or ``exchange``): classifier logits (B, classes) from rank 0, or per-position outputs
+    (B, N, ...) over every rank's positions."""
     ranks = [TextRankForward(model, plan, r, means_source) for r in range(plan.ranks)]
-    masks = [rank.masks(input_ids, attention_mask) for rank in ranks]
-    states = [rank.embed(input_ids, m, token_type_ids) for rank, m in zip(ranks, masks)]
-    for index in range(model.spec.depth):
-        gathered = [means for _, means in states]
-        states = [rank.block(index, x, rank.remote_means(gathered), m) for rank, (x, _), m in zip(ranks, states, masks)]
-    if model.reads_only_prefix:
-        return ranks[0].head(states[0][0])
-    return torch.cat([rank.head(x) for rank, (x, _) in zip(ranks, states)], dim=1)
+    batches = [rank.batch(input_ids, attention_mask, token_type_ids) for rank in ranks]
+    return drive(ranks, batches, exchange or Exchange(), head_reads_all_positions=not model.reads_only_prefix)

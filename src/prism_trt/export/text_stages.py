@@ -61,7 +61,7 @@ class TextEmbedStage(TextStage):
     """Inputs: input_ids[, attention_mask] (the mask only where the rank sends means: exporters drop unused inputs)."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        tokens, means = self.rank.embed(input_ids, self.rank.masks(input_ids, attention_mask))
+        tokens, means = self.rank.embed(self.rank.batch(input_ids, attention_mask))
         return tokens if means is None else (tokens, means)
 
 
@@ -76,8 +76,8 @@ class TextBlockStage(TextStage):
         return self.run_block(tokens, None, attention_mask)
 
     def run_block(self, tokens: torch.Tensor, remote_means: torch.Tensor | None, attention_mask: torch.Tensor):
-        masks = self.rank.masks(attention_mask, attention_mask)  # the ids only give the shape
-        tokens, means = self.rank.block(self.index, tokens, remote_means, masks)
+        batch = self.rank.batch(attention_mask, attention_mask)  # the ids only give the masks' shape
+        tokens, means = self.rank.block(self.index, tokens, remote_means, batch)
         return tokens if means is None else (tokens, means)
 
 
@@ -103,7 +103,7 @@ def text_rank_stages(model: PrismText, plan: SegmentPlan, rank: int, means_sourc
     ids, mask = text_request_inputs(N)
     means_out = (_tensor(MEANS, plan.counts[rank], D),) if forward.sends_means else ()
     received = int(forward.remote_membership.shape[0])
-    remote_in = (_tensor(REMOTE_MEANS, received, D),) if forward.remote_ranks else ()
+    remote_in = (_tensor(REMOTE_MEANS, received, D),) if forward.attended_ranks else ()
 
     embed_in = (ids, mask) if forward.sends_means else (ids,)
     stages = [(StageSpec("embed", "embed", None, embed_in, (_tensor(NEXT_TOKENS, n_p, D),) + means_out),

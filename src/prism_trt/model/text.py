@@ -5,7 +5,7 @@ norms sit: ``x = norm1(x + attn(x)); x = norm2(x + mlp(x))``. Both use the one
 :class:`PrismAttention`; what text adds is masking, passed in as additive logit biases:
 padded keys and (GPT-2) keys later than the query get :data:`MASKED`, and a remote segment mean
 standing for ``s`` valid tokens gets ``ln(s)`` (``MASKED`` when ``s = 0``), see
-:func:`attention_bias`. The partitioned forward lives in ``core/text_rank.py``.
+:func:`attention_bias`: the attention's ``local_bias`` and ``remote_bias``. The partitioned forward lives in ``core/text_rank.py``.
 """
 
 from __future__ import annotations
@@ -94,11 +94,11 @@ class PostNormBlock(nn.Module):
         self,
         x: torch.Tensor,
         remote_means: torch.Tensor | None = None,
-        remote_log_sizes: torch.Tensor | None = None,
+        remote_bias: torch.Tensor | None = None,
         means_source: MeansSource = "input",
         local_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self.norm1(x + self.attn(x, remote_means, remote_log_sizes, local_bias))
+        x = self.norm1(x + self.attn(x, remote_means, remote_bias, local_bias))
         x = self.norm2(x + self.mlp(x))
         return x
 

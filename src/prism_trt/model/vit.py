@@ -2,7 +2,8 @@
 
 Blocks read like timm's: ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``. The only Prism
 difference is visible in :class:`PrismAttention`: keys/values also come from the other ranks'
-segment means, and each mean's logit gets ``+ ln(s)`` for the ``s`` tokens it stands for.
+segment means, and each mean's logit gets the remote bias: ``+ ln(s)`` for the ``s`` tokens it
+stands for (and, in text models, a mask).
 """
 
 from __future__ import annotations
@@ -92,14 +93,18 @@ class PrismAttention(nn.Module):
         self,
         x_norm: torch.Tensor,
         remote_norm: torch.Tensor | None = None,
-        remote_log_sizes: torch.Tensor | None = None,
+        remote_bias: torch.Tensor | None = None,
         local_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x_norm: (B, n, D) normed own tokens; remote_norm: (B, m, D) normed remote means whose
-        j-th entry stands for exp(remote_log_sizes[j]) tokens. Returns (B, n, D).
+        """x_norm: (B, n, D) normed own tokens; remote_norm: (B, m, D) normed remote means.
+        Returns (B, n, D).
 
-        remote_log_sizes is (m,) for a ViT; text models pass a (B, 1, n, m) bias that also masks
-        (padding, causality). local_bias, (B, 1, n, n) or None, masks own keys the same way."""
+        remote_bias: the additive logit bias over the remote means, broadcast to the (B, H, n, m)
+        logits: ``ln(s_j)`` for a mean standing for ``s_j`` tokens, plus a mask where a query may
+        not see it. A ViT's depends only on the plan, so it passes the (m,) vector of ``ln(s)``;
+        a text model's follows each request's padding (and causality), so it passes (B, 1, n, m),
+        ``MASKED`` where a segment is all padding or later than the query. Required with
+        remote_norm. local_bias, (B, 1, n, n) or None, is the same over own keys (0 or masked)."""
         B, n, _ = x_norm.shape
         q, k, v = self._heads(self.qkv(x_norm), 3)  # each (B, H, n, d_h)
         logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, n, n)
@@ -110,7 +115,7 @@ class PrismAttention(nn.Module):
             kv_bias = None if self.qkv.bias is None else self.qkv.bias[self.attn_dim:]
             k_remote, v_remote = self._heads(F.linear(remote_norm, kv_weight, kv_bias), 2)  # (B, H, m, d_h)
             # A mean standing for s tokens weighs like s copies of one key: logits += ln(s).
-            remote_logits = (q * self.scale) @ k_remote.transpose(-2, -1) + remote_log_sizes
+            remote_logits = (q * self.scale) @ k_remote.transpose(-2, -1) + remote_bias
             logits = torch.cat([logits, remote_logits], dim=-1)  # (B, H, n, n + m)
             v = torch.cat([v, v_remote], dim=2)
         attn = logits.softmax(dim=-1)
@@ -148,14 +153,16 @@ class PrismBlock(nn.Module):
         self,
         x: torch.Tensor,
         remote_means: torch.Tensor | None = None,
-        remote_log_sizes: torch.Tensor | None = None,
+        remote_bias: torch.Tensor | None = None,
         means_source: MeansSource = "ln1",
         local_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x: (B, n, D) own tokens; remote_means (B, m, D) and remote_bias as in
+        :meth:`PrismAttention.forward`; local_bias over own keys (text masks), or None."""
         remote_norm = None
         if remote_means is not None:
             remote_norm = remote_means if means_source == "ln1" else self.norm1(remote_means)
-        x = x + self.attn(self.norm1(x), remote_norm, remote_log_sizes, local_bias)
+        x = x + self.attn(self.norm1(x), remote_norm, remote_bias, local_bias)
         x = x + self.mlp(self.norm2(x))
         return x
 

@@ -3,8 +3,9 @@
 :class:`EngineChain` mirrors :class:`prism_trt.core.RankForward` (and the text models'
 ``TextRankForward``) with the request passed along as named tensors: each stage is fed the
 request tensors it declares (images; or ids and attention mask) besides its tokens and remote
-means. :func:`run_chains_in_process` is the driver loop with a list for the all-gather; the
-distributed runtime swaps the list for a real collective.
+means. :func:`run_chains_in_process` drives chains with the drive loop
+(:func:`~prism_trt.core.drive.drive`) and a list for the all-gather; the distributed runtime
+drives one chain with a staged collective instead.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..core.chain_key import ChainKey, Mode
+from ..core.drive import Exchange, drive
 from ..core.plan import attended_ranks
 from ..engines.base import Backend, Runner
 from ..engines.buckets import BucketSet
@@ -41,7 +43,7 @@ class EngineChain:
             self.stages[entry.name] = (entry.spec, runner)
         self.depth = manifest.spec.depth
         #: ranks whose means this rank reads, in order (a causal text model: the earlier ones only)
-        self.sources = attended_ranks(config.ranks, self.rank, manifest.model.causal)
+        self.attended_ranks = attended_ranks(config.ranks, self.rank, manifest.model.causal)
         self.head_reads_all_positions = manifest.model.head_reads_all_positions
 
     def __enter__(self) -> EngineChain:
@@ -67,10 +69,6 @@ class EngineChain:
     def embed(self, request: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self._run("embed", request)
         return out[NEXT_TOKENS], out.get(MEANS)
-
-    def remote_means(self, gathered: list[torch.Tensor | None]) -> torch.Tensor | None:
-        """The means this rank attends to, in rank order, from one gathered entry per rank."""
-        return torch.cat([gathered[q] for q in self.sources], dim=1) if self.sources else None
 
     def block(self, index: int, tokens: torch.Tensor, remote_means: torch.Tensor | None,
               request: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -118,9 +116,4 @@ def run_chains_in_process(chains: list[EngineChain], inputs: InferenceRequest) -
     """All ranks' chains in this process (the exchange is a list), in rank order: the local
     executors' loop, and a test and debugging aid (``InferenceRequest.of(manifest.model, images)``)."""
     request = inputs.tensors
-    states = [chain.embed(request) for chain in chains]
-    for index in range(chains[0].depth):
-        gathered = [means for _, means in states]
-        states = [chain.block(index, x, chain.remote_means(gathered), request) for chain, (x, _) in zip(chains, states)]
-    final = [x for x, _ in states]
-    return chains[0].head(torch.cat(final, dim=1) if chains[0].head_reads_all_positions else final[0])
+    return drive(chains, [request] * len(chains), Exchange(), chains[0].head_reads_all_positions)

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.chain_key import ChainKey, Mode
+from ..core.drive import Exchange, drive
 from ..engines.buckets import Bucket
 from ..engines.manifest import ChainConfig, ManifestError
 from ..errors import UsageError
@@ -61,7 +62,7 @@ class DistributedRank:
                 continue
             self.route_of[length, key] = len(self.routes)
             self.routes.append(Route(bucket, config, chain,
-                                     make_staging(list(config.plan.counts), rank, dim, device, chain.sources),
+                                     make_staging(list(config.plan.counts), rank, dim, device, chain.attended_ranks),
                                      FinalGather(list(config.plan.partition.sizes), rank, dim, device)))
         self._requests: dict[tuple[int | None, int], dict[str, torch.Tensor]] = {}
         # The per-batch header [op, route, batch, barrier], one buffer for the rank's whole life.
@@ -118,46 +119,59 @@ class DistributedRank:
         """One forward of config ``config_index`` with the all-gathers; logits on rank 0, None elsewhere.
         ``barrier``: a barrier before each all-gather, timed as ``wait`` (every rank must agree)."""
         route = self.routes[config_index]
-        config, chain, staging = route.config, route.chain, route.staging
         watch = Stopwatch()
         start = time.perf_counter()
         with watch.phase("h2d"):
             request = {name: tensor.to(self.device, non_blocking=True) for name, tensor in request.items()}
         batch = next(iter(request.values())).shape[0]
-        with watch.phase("compute"):
-            tokens, means = chain.embed(request)
-        for block in range(chain.depth):
-            remote = self._exchange(config.name, staging, means, batch, watch, barrier)
-            with watch.phase("compute"):
-                tokens, means = chain.block(block, tokens, remote, request)
-        if chain.head_reads_all_positions:
-            tokens = route.final_gather.gather(tokens, watch)
-            self.progress_at = time.monotonic()
-        logits = None
-        if self.rank == 0:
-            with watch.phase("compute"):
-                logits = chain.head(tokens).cpu()
+        exchange = StagedAllGather(self, route, batch, watch, barrier)
+        logits = drive([route.chain], [request], exchange, route.chain.head_reads_all_positions)
+        if logits is not None:
+            with watch.phase("compute"):  # the head's answer comes back to the host as part of its compute
+                logits = logits.cpu()
         return logits, watch.times.close((time.perf_counter() - start) * 1e3)
-
-    def _exchange(self, name: str, staging, means: torch.Tensor | None, batch: int, watch: Stopwatch, barrier: bool
-                  ) -> torch.Tensor | None:
-        buffers = staging.buffers((name, batch), batch)
-        with watch.phase("d2h"):
-            send = staging.to_host(means, buffers)
-        if barrier:
-            with watch.phase("wait"):
-                dist.barrier()
-        with watch.phase("comm"):
-            dist.all_gather(buffers.gathered, send)
-        self.progress_at = time.monotonic()
-        with watch.phase("h2d"):
-            remote = staging.to_device(buffers)
-        entry = batch * self.spec.embed_dim * 4
-        watch.times.bytes_sent += staging.counts[self.rank] * entry if means is not None else 0
-        watch.times.bytes_received += remote.shape[1] * entry if remote is not None else 0
-        watch.times.collectives += 1
-        return remote
 
     def close(self) -> None:
         for chain in [*(r.chain for r in self.routes), *self.local_chains.values()]:
             chain.__exit__(None, None, None)
+
+
+class StagedAllGather(Exchange):
+    """The drive loop's exchange on a distributed rank, for one batch of one route: every rank's
+    means all-gathered between blocks through the route's host staging (device -> host, the
+    collective, host -> device), and a per-position head's positions gathered to rank 0; each step
+    timed as its phase and the bytes counted."""
+
+    def __init__(self, rank: DistributedRank, route: Route, batch: int, watch: Stopwatch, barrier: bool):
+        self.rank, self.route, self.batch, self.watch, self.barrier = rank, route, batch, watch, barrier
+
+    def compute(self):
+        return self.watch.phase("compute")
+
+    def means(self, ranks, sent: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        return [self._all_gather(means) for means in sent]
+
+    def _all_gather(self, means: torch.Tensor | None) -> torch.Tensor | None:
+        staging, watch, batch = self.route.staging, self.watch, self.batch
+        buffers = staging.buffers((self.route.config.name, batch), batch)
+        with watch.phase("d2h"):
+            send = staging.to_host(means, buffers)
+        if self.barrier:
+            with watch.phase("wait"):
+                dist.barrier()
+        with watch.phase("comm"):
+            dist.all_gather(buffers.gathered, send)
+        self.rank.progress_at = time.monotonic()
+        with watch.phase("h2d"):
+            remote = staging.to_device(buffers)
+        entry = batch * self.rank.spec.embed_dim * 4
+        watch.times.bytes_sent += staging.counts[self.rank.rank] * entry if means is not None else 0
+        watch.times.bytes_received += remote.shape[1] * entry if remote is not None else 0
+        watch.times.collectives += 1
+        return remote
+
+    def positions(self, tokens: list[torch.Tensor]) -> torch.Tensor | None:
+        (own,) = tokens
+        gathered = self.route.final_gather.gather(own, self.watch)
+        self.rank.progress_at = time.monotonic()
+        return gathered

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..core.plan import attended_ranks
 from ..errors import UsageError
 from .timing import Stopwatch
 
@@ -30,17 +31,18 @@ class StagingBuffers:
 class Staging:
     """Host staging for CPU backends: the copies that really happen, timed like the GPU ones.
 
-    counts: entries each rank sends per block; rank: this rank; dim: D; sources: the ranks whose
-    means this rank reads, in order (default every other rank; a causal text model's rank p reads
-    ranks < p only, and the all-gather's other slots are not copied: a first version that sends
-    every rank's means to every rank, masked by what is read).
+    counts: entries each rank sends per block; rank: this rank; dim: D; attended: the ranks whose
+    means this rank reads, in order (default :func:`~prism_trt.core.plan.attended_ranks` of a
+    non-causal model: every other rank; a causal text model's rank p reads ranks < p only, and the
+    all-gather's other slots are not copied: a first version that sends every rank's means to every
+    rank, masked by what is read).
     """
 
     name = "host"
 
-    def __init__(self, counts: list[int], rank: int, dim: int, device: str = "cpu", sources: list[int] | None = None):
+    def __init__(self, counts: list[int], rank: int, dim: int, device: str = "cpu", attended: list[int] | None = None):
         self.counts, self.rank, self.dim = list(counts), rank, dim
-        self.sources = [q for q in range(len(counts)) if q != rank] if sources is None else list(sources)
+        self.attended = attended_ranks(len(counts), rank) if attended is None else list(attended)
         self.max_count = max(counts)
         self.device = torch.device(device)
         self._buffers: dict[tuple, StagingBuffers] = {}
@@ -52,7 +54,7 @@ class Staging:
     def buffers(self, key: tuple, batch: int) -> StagingBuffers:
         if key not in self._buffers:
             slot = (batch, self.max_count, self.dim)
-            remote = sum(self.counts[q] for q in self.sources)
+            remote = sum(self.counts[q] for q in self.attended)
             self._buffers[key] = StagingBuffers(
                 self._host(slot), [self._host(slot) for _ in self.counts],
                 torch.empty((batch, remote, self.dim), dtype=torch.float32, device=self.device))
@@ -70,10 +72,10 @@ class Staging:
     def to_device(self, buffers: StagingBuffers) -> torch.Tensor | None:
         """Copy the means this rank reads, sliced to their counts, into the remote tensor (host ->
         device); None when it reads none."""
-        if not self.sources:
+        if not self.attended:
             return None
         offset = 0
-        for q in self.sources:
+        for q in self.attended:
             count = self.counts[q]
             buffers.remote[:, offset: offset + count].copy_(buffers.gathered[q][:, :count],
                                                             non_blocking=self.device.type == "cuda")
@@ -91,10 +93,10 @@ class TorchCudaStaging(Staging):
 
     name = "torch-cuda"
 
-    def __init__(self, counts: list[int], rank: int, dim: int, device: str = "cuda", sources: list[int] | None = None):
+    def __init__(self, counts: list[int], rank: int, dim: int, device: str = "cuda", attended: list[int] | None = None):
         if not torch.cuda.is_available():
             raise UsageError("torch-cuda staging needs a CUDA build of torch and a GPU")
-        super().__init__(counts, rank, dim, device, sources)
+        super().__init__(counts, rank, dim, device, attended)
 
     def _host(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.zeros(shape, dtype=torch.float32).pin_memory()
@@ -103,10 +105,10 @@ class TorchCudaStaging(Staging):
         torch.cuda.current_stream(self.device).synchronize()
 
 
-def make_staging(counts: list[int], rank: int, dim: int, device: str, sources: list[int] | None = None) -> Staging:
+def make_staging(counts: list[int], rank: int, dim: int, device: str, attended: list[int] | None = None) -> Staging:
     """Host staging for CPU engines, torch-CUDA staging for engines whose tensors live on a GPU."""
     staging = TorchCudaStaging if torch.device(device).type == "cuda" else Staging
-    return staging(counts, rank, dim, device, sources)
+    return staging(counts, rank, dim, device, attended)
 
 
 class FinalGather:
