@@ -22,7 +22,7 @@ from common import RESULTS, write_result  # noqa: E402
 from prism_trt.engines import BuildOptions, get_backend  # noqa: E402
 from prism_trt.export.build import Builder, config_plans  # noqa: E402
 from prism_trt.model import load_model  # noqa: E402
-from prism_trt.runtime import load_chain, run_chains_in_process  # noqa: E402
+from prism_trt.runtime import RuntimeOptions, load_chain, run_chains_in_process  # noqa: E402
 from prism_trt.runtime.request import InferenceRequest
 
 MODEL, THREADS, BATCHES, ROUNDS, WARMUP = "vit_tiny_patch16_224", 2, (1, 16), 15, 3
@@ -51,8 +51,9 @@ def main() -> int:
     configs = config_plans(spec.num_tokens, spec.num_prefix_tokens, 1, [], [])
     Builder(model, {"timm": MODEL}, get_backend("onnxruntime", threads=THREADS), BuildOptions(),
             exporter="torchscript").build(engines, 1, configs, progress=False)
-    chain = load_chain(Path(engines) / "rank0", "local", threads=THREADS).__enter__()
-    monolithic = load_chain(Path(engines) / "rank0", "local", threads=THREADS, use_monolithic=True).__enter__()
+    options = RuntimeOptions(threads=THREADS)
+    chain = load_chain(Path(engines) / "rank0", "local", options=options).__enter__()
+    monolithic = load_chain(Path(engines) / "rank0", "local", options=options, use_monolithic=True).__enter__()
     rows = {}
     for batch in BATCHES:
         images = torch.randn(batch, spec.in_chans, *spec.img_size, generator=torch.Generator().manual_seed(batch))

@@ -23,6 +23,7 @@ from prism_trt.engines import BuildOptions, ChainKey, get_backend  # noqa: E402
 from prism_trt.engines.measured import PHASES  # noqa: E402
 from prism_trt.export.build import Builder, config_plans  # noqa: E402
 from prism_trt.model import load_model  # noqa: E402
+from prism_trt.runtime import RuntimeOptions  # noqa: E402
 from prism_trt.runtime.distributed import DistributedExecutor  # noqa: E402
 from prism_trt.runtime.group import GroupConfig, free_port  # noqa: E402
 from prism_trt.runtime.measure import measure  # noqa: E402
@@ -43,8 +44,8 @@ def main() -> int:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
     rows = []
     try:
-        executor = DistributedExecutor(engines / "rank0", GroupConfig(0, 2, "127.0.0.1", port, 60.0), threads=1,
-                                       profile_barrier=True)
+        executor = DistributedExecutor(engines / "rank0", GroupConfig(0, 2, "127.0.0.1", port, 60.0),
+                                       RuntimeOptions(threads=1, profile_barrier=True))
         try:
             for batch in BATCHES:
                 for choice in (ChainKey.local(), ChainKey.voltage(), executor.key_for("prism", CR)):

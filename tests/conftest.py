@@ -14,8 +14,12 @@ from prism_trt.data import data_dir
 from prism_trt.export.onnx_export import DYNAMO_MIN_TORCH, default_exporter
 from prism_trt.model import PrismViT, ViTSpec, from_timm
 from prism_trt.model.adapters import create_timm
+from prism_trt.runtime import RuntimeOptions
 
 torch.set_num_threads(2)
+
+# How the tests run engines: one intra-op thread (two where a test times or checks more work).
+ONE_THREAD, TWO_THREADS = RuntimeOptions(threads=1), RuntimeOptions(threads=2)
 
 # Reproducible property tests: examples derived from the test itself, none replayed from a database.
 settings.register_profile("prism-trt", derandomize=True, database=None, deadline=None)
@@ -123,7 +127,7 @@ def serve_executor(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("serve-engines")
     build_engines(random_model(small_spec(img=32, depth=2)), out, 1, source={"timm": "test"}, max_batch=MAX_BATCH)
-    executor = ReportingLocalExecutor(out / "rank0", threads=1)
+    executor = ReportingLocalExecutor(out / "rank0", options=ONE_THREAD)
     yield executor
     executor.close()
 

@@ -13,10 +13,11 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from conftest import assert_close, build_engines
+from conftest import ONE_THREAD, assert_close, build_engines
 
 from prism_trt.core import make_partition_plan, make_segment_plan, simulate
 from prism_trt.engines import ChainKey
+from prism_trt.runtime import RuntimeOptions
 from prism_trt.runtime.distributed import DistributedExecutor
 from prism_trt.runtime.group import GroupConfig, free_port
 
@@ -52,7 +53,7 @@ def rank0_with_workers(directory, ranks: int = 2):
     executor = None
     try:
         executor = DistributedExecutor(directory / "rank0", GroupConfig(0, ranks, "127.0.0.1", port, TIMEOUT_S),
-                                       threads=1)
+                                       options=ONE_THREAD)
         yield executor
     finally:
         if executor is not None:
@@ -81,8 +82,8 @@ def cluster(engines):
     def make(ranks: int, **kwargs):
         port = free_port()
         workers = start_workers(engines / f"p{ranks}", ranks, port)
-        executor = DistributedExecutor(engines / f"p{ranks}" / "rank0", GroupConfig(0, ranks, "127.0.0.1", port,
-                                                                                   TIMEOUT_S), threads=1, **kwargs)
+        group = GroupConfig(0, ranks, "127.0.0.1", port, TIMEOUT_S)
+        executor = DistributedExecutor(engines / f"p{ranks}" / "rank0", group, RuntimeOptions(threads=1, **kwargs))
         made.append((executor, workers))
         return executor, workers
 
@@ -285,7 +286,7 @@ def test_ranks_with_the_same_token_form_the_group(engines):
     port = free_port()
     workers = start_workers(engines / "p2", 2, port, extra=("--cluster-token", "correct horse"))
     executor = DistributedExecutor(engines / "p2" / "rank0", GroupConfig(0, 2, "127.0.0.1", port, TIMEOUT_S,
-                                                                       token="correct horse"), threads=1)
+                                                                       token="correct horse"), ONE_THREAD)
     try:
         result = executor.infer(executor.request(torch.randn(2, 1, 28, 28)), executor.key_for("prism", 5.0))
         assert result.choice.mode == "prism" and not result.fell_back
@@ -302,7 +303,7 @@ def test_a_worker_with_a_wrong_token_is_refused(engines):
     try:
         with pytest.raises(ClusterError, match=r"rank\(s\) \[1\] did not join .*rank 1 presented a wrong cluster token"):
             DistributedExecutor(engines / "p2" / "rank0", GroupConfig(0, 2, "127.0.0.1", port, 15.0,
-                                                                     token="correct horse"), threads=1)
+                                                                     token="correct horse"), ONE_THREAD)
     finally:
         [(code, out)] = finish(workers)
     assert code == 1 and "its cluster token does not match rank 0's" in out and "Traceback" not in out

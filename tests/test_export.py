@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_close, build_engines, needs_dynamo
+from conftest import TWO_THREADS, assert_close, build_engines, needs_dynamo
 
 from prism_trt.core import make_partition_plan, make_segment_plan, simulate, voltage_plan
 from prism_trt.engines import EngineInputError
@@ -36,7 +36,7 @@ def _run(chains, images: torch.Tensor) -> torch.Tensor:
 
 
 def _chains(directory: Path, ranks: int, mode: str, cr=None):
-    return [load_chain(directory / f"rank{r}", mode, cr, threads=2).__enter__() for r in range(ranks)]
+    return [load_chain(directory / f"rank{r}", mode, cr, options=TWO_THREADS).__enter__() for r in range(ranks)]
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3])
@@ -77,7 +77,7 @@ def test_chained_engines_equal_reference(timm_pair, tiny_builds, ranks, mode, cr
 def test_monolithic_equals_reference(timm_pair, tiny_builds):
     reference, _ = timm_pair("vit_tiny_patch16_224")
     images = torch.randn(2, 3, 224, 224)
-    with load_chain(tiny_builds / "p1" / "rank0", "local", use_monolithic=True, threads=2) as chain:
+    with load_chain(tiny_builds / "p1" / "rank0", "local", use_monolithic=True, options=TWO_THREADS) as chain:
         got = chain.monolithic(InferenceRequest.of(chain.manifest.model, images))
     with torch.no_grad():
         assert_close(got, reference(images))
@@ -98,7 +98,7 @@ def test_dynamo_exporter_each_stage_kind(mnist_model, tmp_path):
 
 
 def test_runner_rejects_bad_feeds(tiny_builds):
-    with load_chain(tiny_builds / "p2" / "rank1", "prism", 9.9, threads=2) as chain:
+    with load_chain(tiny_builds / "p2" / "rank1", "prism", 9.9, options=TWO_THREADS) as chain:
         _, runner = chain.stages["block_00"]
         good = {"tokens": torch.zeros(2, 98, 192), "remote_means": torch.zeros(2, 11, 192)}
         runner.infer(good)
@@ -118,7 +118,7 @@ def test_mnist_local_chain_full_test_set(mnist_model, mnist_dir, tmp_path):
 
     build(mnist_model, {"checkpoint": "vit_mnist.pt"}, tmp_path, 1)
     correct = 0
-    with load_chain(tmp_path / "rank0", "local", threads=2) as chain:
+    with load_chain(tmp_path / "rank0", "local", options=TWO_THREADS) as chain:
         for images, labels in MnistTestSet(mnist_dir).batches(500):
             correct += int((run_chains_in_process([chain], InferenceRequest.of(chain.manifest.model, images)).argmax(-1) == labels).sum())
     assert correct == 9721

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEXT_SEQ_LEN, assert_close, build_engines, random_model, small_spec, text_request
+from conftest import ONE_THREAD, TEXT_SEQ_LEN, assert_close, build_engines, random_model, small_spec, text_request
 
 from prism_trt.core import Exchange, make_partition_plan, make_segment_plan, simulate, voltage_plan
 from prism_trt.core.drive import drive, remote_means
@@ -143,7 +143,7 @@ def test_text_ranks_driven_bit_identically(name, head):
 def test_vit_engine_chains_driven_like_the_reference(tmp_path):
     model = random_model(small_spec())
     build_engines(model, tmp_path, 2, crs=(2.0,), source={"checkpoint": "random"}, max_batch=8)
-    chains = [load_chain(tmp_path / f"rank{r}", "prism", 2.0, threads=1).__enter__() for r in range(2)]
+    chains = [load_chain(tmp_path / f"rank{r}", "prism", 2.0, options=ONE_THREAD).__enter__() for r in range(2)]
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = chains[0].head(_plain_loop(chains, [{IMAGES: images}] * 2)[0])
@@ -156,7 +156,7 @@ def test_vit_engine_chains_driven_like_the_reference(tmp_path):
 def test_text_engine_chains_driven_like_the_reference(text_engines):
     pytest.importorskip("transformers")
     directory, model = text_engines("gpt2")
-    chains = [load_chain(directory / f"rank{r}", "prism", 2.0, threads=1).__enter__() for r in range(2)]
+    chains = [load_chain(directory / f"rank{r}", "prism", 2.0, options=ONE_THREAD).__enter__() for r in range(2)]
     ids, mask = text_request()
     request = {INPUT_IDS: ids, ATTENTION_MASK: mask}
     with torch.no_grad():

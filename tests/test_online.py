@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import build_engines, random_model, small_spec
+from conftest import ONE_THREAD, build_engines, random_model, small_spec
 
 from prism_trt.engines import AccuracyEntry, ChainKey, PerfMap
 from prism_trt.engines.measured import PhaseTimes
@@ -143,7 +143,7 @@ def cluster(small_engines):
                                "--rank", "1", "--world-size", "2", "--master-port", str(port), "--threads", "1",
                                "--timeout", str(TIMEOUT_S)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    executor = DistributedExecutor(small_engines / "rank0", GroupConfig(0, 2, "127.0.0.1", port, TIMEOUT_S), threads=1)
+    executor = DistributedExecutor(small_engines / "rank0", GroupConfig(0, 2, "127.0.0.1", port, TIMEOUT_S), ONE_THREAD)
     yield executor
     executor.close()
     try:
@@ -228,7 +228,7 @@ def test_the_refined_map_saves_loads_and_stays_bound_to_its_engines(loopback_map
 
 def test_an_energy_objective_or_a_missing_chain_is_refused(loopback_map, small_engines):
     data = PerfMap.load(loopback_map)
-    local = LocalExecutor(small_engines / "rank0", threads=1)
+    local = LocalExecutor(small_engines / "rank0", options=ONE_THREAD)
     try:
         with pytest.raises(UsageError, match="latency only"):
             OnlineSelector(MapSelector(data, "energy", 0.0), local)
@@ -258,7 +258,7 @@ class _Learning:
 
 @pytest.mark.parametrize("fail", [False, True])
 def test_the_batcher_hands_over_results_and_survives_an_observer_that_raises(small_engines, fail):
-    executor = LocalExecutor(small_engines / "rank0", threads=1)
+    executor = LocalExecutor(small_engines / "rank0", options=ONE_THREAD)
     selector = _Learning(fail)
 
     async def serve_two() -> list:

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import assert_close, build_engines, random_model, small_spec
+from conftest import TWO_THREADS, assert_close, build_engines, random_model, small_spec
 from tf32_emulation import TF32Matmuls, round_to_tf32
 
 from prism_trt.cli import main
@@ -105,7 +105,7 @@ def test_fp16_build_is_verified_and_keeps_mnist_accuracy(mnist_model, mnist_dir,
         assert verification.engine.precision == "fp16" and verification.engine.passed
         assert verification.export.precision == "fp32" and verification.export.passed
     correct = 0
-    with load_chain(tmp_path / "rank0", "local", threads=2) as chain:
+    with load_chain(tmp_path / "rank0", "local", options=TWO_THREADS) as chain:
         for images, labels in MnistTestSet(mnist_dir).batches(500):
             correct += int((run_chains_in_process([chain], InferenceRequest.of(chain.manifest.model, images)).argmax(-1) == labels).sum())
     assert abs(correct - MNIST_CORRECT) <= 10, correct

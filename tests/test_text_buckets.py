@@ -12,7 +12,7 @@ import httpx
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TEXT_SIZE, assert_close
+from conftest import ONE_THREAD, TEXT_SIZE, assert_close
 from serving import running
 from test_distributed import rank0_with_workers
 from test_serve_cluster import _output, _stop
@@ -97,7 +97,7 @@ def test_layout_and_manifests(bucket_build):
 
 def test_local_executor_runs_each_length_on_its_bucket(bucket_build):
     name, out, model = bucket_build
-    executor = LocalExecutor(out / "rank0", threads=1)
+    executor = LocalExecutor(out / "rank0", options=ONE_THREAD)
     try:
         assert executor.buckets.lengths == LENGTHS
         for positions, bucket in ((3, 8), (8, 8), (12, 16), (16, 16)):
@@ -129,7 +129,7 @@ def test_server_batches_each_bucket_apart(bucket_build):
     """Requests of both buckets at once: each answered exactly, none merged with the other bucket
     (a merged batch would fail and be rerun one request at a time: the isolation counter)."""
     name, out, model = bucket_build
-    executor = LocalExecutor(out / "rank0", threads=1)
+    executor = LocalExecutor(out / "rank0", options=ONE_THREAD)
     try:
         with running(create_app(executor, FixedSelector(ChainKey.local()), max_wait_ms=200)) as url:
             metadata = httpx.get(f"{url}/v2/models/{name}").json()["parameters"]
@@ -179,10 +179,10 @@ def test_a_changed_or_missing_bucket_is_refused(bucket_build, tmp_path):
     manifest["model"]["weights_sha256"] = "0" * 64  # another model's engines, digest made to match
     (short / "manifest.json").write_text(json.dumps(Manifest.from_dict(manifest).to_dict()))
     with pytest.raises(ManifestError, match="weights"):
-        LocalExecutor(copy / "rank0", threads=1)
+        LocalExecutor(copy / "rank0", options=ONE_THREAD)
     shutil.rmtree(short)
     with pytest.raises(ManifestError, match="seq8"):
-        LocalExecutor(copy / "rank0", threads=1)
+        LocalExecutor(copy / "rank0", options=ONE_THREAD)
 
 
 def test_run_measures_a_bucket(bucket_build, tmp_path):

@@ -8,7 +8,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import TEXT_SEQ_LEN, assert_close, small_spec, text_request
+from conftest import ONE_THREAD, TEXT_SEQ_LEN, assert_close, small_spec, text_request
 
 from prism_trt.cli import main
 from prism_trt.core import make_segment_plan, voltage_plan
@@ -27,7 +27,7 @@ FAMILIES = ["gpt2", "bert-base-uncased"]
 
 def chains(directory, mode: str, cr: float | None = None):
     ranks = [0] if mode == "local" else [0, 1]
-    return [load_chain(directory / f"rank{r}", mode, cr, threads=1).__enter__() for r in ranks]
+    return [load_chain(directory / f"rank{r}", mode, cr, options=ONE_THREAD).__enter__() for r in ranks]
 
 
 def reference(model, mode: str, segments: int | None, ids, mask):
@@ -75,7 +75,7 @@ def test_engines_equal_the_reference(text_engines, name, mode):
     segments = ranks[0].config.plan.segments
     assert_close(got, reference(model, mode, segments, ids, mask), name=f"{name} {mode}")
     if mode == "local":  # and the monolithic model, the P = 1 comparison
-        with load_chain(directory / "rank0", "local", threads=1, use_monolithic=True) as whole:
+        with load_chain(directory / "rank0", "local", options=ONE_THREAD, use_monolithic=True) as whole:
             assert_close(whole.monolithic(request), got, name="monolithic")
 
 

@@ -7,7 +7,7 @@ rank 0 over the gathered hidden states of all 16 positions."""
 
 import pytest
 import torch
-from conftest import TEXT_SEQ_LEN, assert_close, text_request
+from conftest import ONE_THREAD, TEXT_SEQ_LEN, assert_close, text_request
 from test_distributed import TIMEOUT_S, rank0_with_workers
 from test_text_export import reference
 
@@ -46,7 +46,7 @@ def test_two_ranks_equal_the_simulation(text_engines, name):
 def test_single_board_executor_and_measure(text_engines):
     """`prism-trt run` on one board: the local executor takes named inputs, measure makes text requests."""
     directory, model = text_engines("gpt2")
-    executor = open_executor(directory, GroupConfig(0, 1, "127.0.0.1", free_port(), TIMEOUT_S), threads=1)
+    executor = open_executor(directory, GroupConfig(0, 1, "127.0.0.1", free_port(), TIMEOUT_S), ONE_THREAD)
     try:
         ids, mask = text_request(2, 3, (16, 4))
         result = executor.infer(executor.request({INPUT_IDS: ids, ATTENTION_MASK: mask}), ChainKey.local())

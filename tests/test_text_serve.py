@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, text_request
+from conftest import ONE_THREAD, assert_close, text_request
 from serving import running
 from test_serve_cluster import _output, _serve, _stop
 from test_text_export import reference
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.timeout(240)
 def text_app(request, text_engines):
     """(name, URL, model) of the app over a local executor of the family's engines."""
     directory, model = text_engines(request.param)
-    executor = LocalExecutor(directory / "rank0", threads=1)
+    executor = LocalExecutor(directory / "rank0", options=ONE_THREAD)
     try:
         with running(create_app(executor, FixedSelector(ChainKey.local()), max_wait_ms=5)) as url:
             yield request.param, url, model

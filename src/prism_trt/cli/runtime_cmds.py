@@ -78,17 +78,18 @@ def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, thread
     """
     import logging
 
-    from ..runtime import open_executor
+    from ..runtime import RuntimeOptions, open_executor
     from ..runtime.distributed import run_worker
     from ..runtime.measure import measure
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = RuntimeOptions(threads, device, profile_barrier)
     if group.rank != 0:  # workers follow rank 0's choices
-        batches = run_worker(rank_directory(engines, group.rank), group, threads, device)
+        batches = run_worker(rank_directory(engines, group.rank), group, options)
         click.echo(f"rank {group.rank}: ran {batches} batches, stopped by rank 0")
         return
     _check_chain_built(engines, mode, cr)
-    executor = open_executor(engines, group, threads, device, profile_barrier)
+    executor = open_executor(engines, group, options)
     try:
         key = executor.key_for(mode, cr)
         result = measure(executor, key, batch, warmup, repeat, trace=trace, positions=positions)
@@ -241,18 +242,19 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, 
 
     from ..profiler.adaptive.online import OnlineOptions
     from ..profiler.adaptive.serving import SelectorOptions, make_selector
-    from ..runtime import open_executor
+    from ..runtime import RuntimeOptions, open_executor
     from ..runtime.distributed import run_worker
     from ..serve import create_app
     from ..serve import serve as run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = RuntimeOptions(threads, device)
     if group.rank != 0:
         def stop(signum, frame):
             raise SystemExit(f"rank {group.rank}: signal {signum}, leaving the group")
 
         signal.signal(signal.SIGTERM, stop)
-        batches = run_worker(rank_directory(engines, group.rank), group, threads, device)
+        batches = run_worker(rank_directory(engines, group.rank), group, options)
         click.echo(f"rank {group.rank}: served {batches} batches, stopped by rank 0")
         return
     selection = SelectorOptions(mode, cr, map_path, objective, min_agreement, online,
@@ -268,7 +270,7 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, 
         raise click.UsageError(f"{mode} mode needs --world-size >= 2")
     if mode != "auto":
         _check_chain_built(engines, mode, cr)
-    executor = open_executor(engines, group, threads, device)
+    executor = open_executor(engines, group, options)
     selector = None
     try:
         selector = make_selector(selection, executor, engines)

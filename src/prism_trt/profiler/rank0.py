@@ -22,7 +22,7 @@ from ..core.accounting import plan_cost
 from ..core.chain_key import ChainKey
 from ..engines.manifest import Manifest, rank_directory
 from ..engines.measured import PhaseTimes, SampleStats
-from ..runtime import GroupConfig, open_executor
+from ..runtime import GroupConfig, RuntimeOptions, open_executor
 from ..runtime.measure import Measurement, example_request, summarize_runs
 from .energy import detect_meter
 from .sampling import MAD_TO_SIGMA, SamplingRule, mad, robust_summary
@@ -94,7 +94,7 @@ def measure_points(engines: Path, group: GroupConfig, points: list[tuple[ChainKe
     rule = rule or SamplingRule()
     device = Manifest.read(rank_directory(engines)).backend.compute_device
     meter, meter_note = detect_meter(energy, device)
-    executor = open_executor(engines, group, threads, profile_barrier=True)
+    executor = open_executor(engines, group, RuntimeOptions(threads=threads, profile_barrier=True))
     measured = 0
     try:
         for _, batch_points in itertools.groupby(points, key=lambda point: point[1]):

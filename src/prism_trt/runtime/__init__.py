@@ -10,11 +10,11 @@ from ..errors import UsageError
 from .api import Executor, FixedSelector, Health, InferenceResult, Selector
 from .chain import EngineChain, load_chain, run_chains_in_process
 from .group import ClusterError, GroupConfig
+from .options import DEFAULT_OPTIONS, RuntimeOptions
 from .request import InferenceRequest
 
 
-def open_executor(engines: Path, group: GroupConfig, threads: int | None = None, device: str = "cpu",
-                  profile_barrier: bool = False) -> Executor:
+def open_executor(engines: Path, group: GroupConfig, options: RuntimeOptions = DEFAULT_OPTIONS) -> Executor:
     """Rank 0's executor for a build directory (or one rank's engine directory): the local chain
     on a single board, else the distributed executor, which joins the group and checks that every
     rank holds engines of the same build. Workers call :func:`~.distributed.run_worker` instead."""
@@ -24,11 +24,11 @@ def open_executor(engines: Path, group: GroupConfig, threads: int | None = None,
     if group.world_size == 1:
         from .local import LocalExecutor
 
-        return LocalExecutor(rank_dir, threads)
+        return LocalExecutor(rank_dir, options)
     from .distributed import DistributedExecutor
 
-    return DistributedExecutor(rank_dir, group, threads, device, profile_barrier)
+    return DistributedExecutor(rank_dir, group, options)
 
 
-__all__ = ["ClusterError", "EngineChain", "Executor", "FixedSelector", "GroupConfig", "Health", "InferenceRequest", "InferenceResult",
-           "Selector", "load_chain", "open_executor", "run_chains_in_process"]
+__all__ = ["ClusterError", "EngineChain", "Executor", "FixedSelector", "GroupConfig", "Health", "InferenceRequest",
+           "InferenceResult", "RuntimeOptions", "Selector", "load_chain", "open_executor", "run_chains_in_process"]

@@ -22,6 +22,7 @@ from ..engines.buckets import BucketSet
 from ..engines.manifest import ChainConfig, Manifest, ManifestError
 from ..engines.registry import get_backend
 from ..engines.stage_spec import LOGITS, MEANS, NEXT_TOKENS, REMOTE_MEANS, TOKENS, StageSpec
+from .options import DEFAULT_OPTIONS, RuntimeOptions
 from .request import InferenceRequest
 
 
@@ -83,30 +84,30 @@ class EngineChain:
         return self._run("model", request.tensors)[LOGITS].clone()
 
 
-def backend_for(manifest: Manifest, threads: int | None = None) -> Backend:
-    return get_backend(manifest.backend.name, manifest.backend.provider or "cpu", threads)
+def backend_for(manifest: Manifest, options: RuntimeOptions = DEFAULT_OPTIONS) -> Backend:
+    return get_backend(manifest.backend.name, manifest.backend.provider or "cpu", options.threads)
 
 
-def load_manifest_here(rank_dir: Path, threads: int | None = None) -> tuple[Manifest, Backend]:
+def load_manifest_here(rank_dir: Path, options: RuntimeOptions = DEFAULT_OPTIONS) -> tuple[Manifest, Backend]:
     """``rank_dir``'s manifest, checked against this machine's backend and device (files hashed),
     and the backend that runs it."""
     manifest = Manifest.read(rank_dir)
-    backend = backend_for(manifest, threads)
+    backend = backend_for(manifest, options)
     return manifest.check(rank_dir, backend=backend.name, device=backend.device()), backend
 
 
-def load_buckets_here(rank_dir: Path, threads: int | None = None) -> tuple[BucketSet, Backend]:
+def load_buckets_here(rank_dir: Path, options: RuntimeOptions = DEFAULT_OPTIONS) -> tuple[BucketSet, Backend]:
     """``rank_dir``'s engine sets (one, or a text build's sequence buckets), each checked against
     this machine's backend and device with its files hashed, and the backend that runs them."""
-    manifest, backend = load_manifest_here(rank_dir, threads)
+    manifest, backend = load_manifest_here(rank_dir, options)
     return BucketSet.read(rank_dir, manifest, backend.name, backend.device()), backend
 
 
-def load_chain(rank_dir: Path, mode: str | ChainKey, cr: float | None = None, threads: int | None = None,
-               use_monolithic: bool = False) -> EngineChain:
+def load_chain(rank_dir: Path, mode: str | ChainKey, cr: float | None = None,
+               options: RuntimeOptions = DEFAULT_OPTIONS, use_monolithic: bool = False) -> EngineChain:
     """Verify ``rank_dir``'s manifest against this machine and load one chain: a ChainKey, or a
     mode and (for prism) a CR, mapped to the built segment count."""
-    manifest, backend = load_manifest_here(rank_dir, threads)
+    manifest, backend = load_manifest_here(rank_dir, options)
     key = mode if isinstance(mode, ChainKey) else manifest.key_for(mode, cr)
     return EngineChain(rank_dir, manifest, manifest.config(key), backend, use_monolithic)
 

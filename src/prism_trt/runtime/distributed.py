@@ -39,6 +39,7 @@ from .api import Executor, Health, InferenceResult
 from .chain import run_chains_in_process
 from .distributed_rank import DistributedRank
 from .group import ClusterError, GroupConfig
+from .options import DEFAULT_OPTIONS, RuntimeOptions
 from .rendezvous import Rendezvous
 from .request import InferenceRequest
 from .timing import PhaseTimes, Stopwatch
@@ -92,12 +93,12 @@ class DistributedExecutor(Executor):
     collective timeout); stall_s: how long the workers may leave a collective unanswered before
     readiness says degraded (default a quarter of the timeout, at most 5 s)."""
 
-    def __init__(self, rank_dir: Path, group: GroupConfig, threads: int | None = None, device: str = "cpu",
-                 profile_barrier: bool = False, heartbeat_s: float | None = None, stall_s: float | None = None):
+    def __init__(self, rank_dir: Path, group: GroupConfig, options: RuntimeOptions = DEFAULT_OPTIONS,
+                 heartbeat_s: float | None = None, stall_s: float | None = None):
         if group.rank != 0:
             raise UsageError("the executor runs on rank 0; other ranks run worker_loop")
-        self.group, self.profile_barrier = group, profile_barrier
-        self.rank = DistributedRank(rank_dir, 0, group.world_size, threads, device)
+        self.group, self.profile_barrier = group, options.profile_barrier
+        self.rank = DistributedRank(rank_dir, 0, group.world_size, options)
         if self.rank.local_chain is None:
             self.rank.close()
             raise UsageError(f"{rank_dir} has no local chain: rank 0 needs it as the fallback")
@@ -268,12 +269,12 @@ class DistributedExecutor(Executor):
         self._rendezvous.close()
 
 
-def run_worker(rank_dir: Path, group: GroupConfig, threads: int | None = None, device: str = "cpu") -> int:
+def run_worker(rank_dir: Path, group: GroupConfig, options: RuntimeOptions = DEFAULT_OPTIONS) -> int:
     """A worker board's whole life: load, join, check, follow rank 0 until it says stop, leave.
     When the group breaks (rank 0 left it after another worker died, or a collective timed out)
     the worker asks to join the next one. Returns the number of batches run. A rank 0 that went
     away, a refused token or engines that differ from rank 0's are ClusterErrors naming this rank."""
-    rank = DistributedRank(rank_dir, group.rank, group.world_size, threads, device)
+    rank = DistributedRank(rank_dir, group.rank, group.world_size, options)
     rendezvous = None
     try:
         rendezvous = Rendezvous(group)

@@ -19,6 +19,7 @@ from ..engines.manifest import ChainConfig, ManifestError
 from ..errors import UsageError
 from .chain import EngineChain, load_buckets_here
 from .group import ClusterError
+from .options import DEFAULT_OPTIONS, RuntimeOptions
 from .staging import FinalGather, Staging, make_staging
 from .timing import PhaseTimes, Stopwatch
 
@@ -39,14 +40,14 @@ class DistributedRank:
     """This rank's engine chains for every distributed config (of every sequence bucket), and the
     exchange between blocks."""
 
-    def __init__(self, rank_dir: Path, rank: int, world_size: int, threads: int | None = None,
-                 device: str = "cpu"):
-        self.buckets, backend = load_buckets_here(rank_dir, threads)
+    def __init__(self, rank_dir: Path, rank: int, world_size: int, options: RuntimeOptions = DEFAULT_OPTIONS):
+        self.buckets, backend = load_buckets_here(rank_dir, options)
         manifest = self.buckets.primary.manifest
         if manifest.rank != rank or manifest.world_size != world_size:
             raise UsageError(f"{rank_dir} holds engines for rank {manifest.rank} of {manifest.world_size}, "
                              f"this process is rank {rank} of {world_size}")
         self.manifest = manifest
+        device = options.device
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.spec = manifest.spec
         self.weights = manifest.model.weights_sha256

@@ -10,6 +10,7 @@ from ..core.chain_key import ChainKey, Mode
 from ..errors import UsageError
 from .api import Executor, Health, InferenceResult
 from .chain import EngineChain, load_buckets_here, run_chains_in_process
+from .options import DEFAULT_OPTIONS, RuntimeOptions
 from .request import InferenceRequest
 from .timing import PhaseTimes
 
@@ -18,8 +19,8 @@ class LocalExecutor(Executor):
     """Runs every batch on this machine with the local chain of a rank-0 engine directory (one per
     sequence bucket of a text build)."""
 
-    def __init__(self, rank_dir: Path, threads: int | None = None):
-        self.buckets, backend = load_buckets_here(rank_dir, threads)
+    def __init__(self, rank_dir: Path, options: RuntimeOptions = DEFAULT_OPTIONS):
+        self.buckets, backend = load_buckets_here(rank_dir, options)
         self.manifest = self.buckets.primary.manifest
         self.spec = self.manifest.spec
         self.model_name = self.spec.name
