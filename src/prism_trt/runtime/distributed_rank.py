@@ -1,7 +1,8 @@
 """One rank's side of distributed inference: the engine chains of every distributed config (of
 every sequence bucket), the request buffers, and the exchange of segment means between blocks
-with explicit, timed staging around each all-gather. :mod:`.distributed` drives it: rank 0's
-executor and the workers' loop."""
+with explicit, timed staging around each all-gather (:class:`StagedAllGather`, the exchange the
+drive loop :func:`~prism_trt.core.drive.drive` runs one rank's chain with). :mod:`.distributed`
+calls it: rank 0's executor and the workers' loop."""
 
 from __future__ import annotations
 
