@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import build_engines, random_model, small_spec
+from conftest import ONE_THREAD, build_engines, random_model, small_spec
 
 from prism_trt.runtime import ClusterError
 from prism_trt.runtime.distributed import DistributedExecutor
@@ -44,7 +44,7 @@ def test_rank_0_refuses_a_wrong_token_and_forms_the_group_with_the_right_one(eng
     def rank0() -> None:
         try:
             formed.append(DistributedExecutor(engines / "rank0", GroupConfig(0, 2, "127.0.0.1", port, TIMEOUT_S,
-                                                                             token=TOKEN), threads=1))
+                                                                             token=TOKEN), ONE_THREAD))
         except Exception as error:  # noqa: BLE001  (the test reports it)
             formed.append(error)
 
@@ -81,7 +81,7 @@ def test_with_no_right_worker_rank_0_times_out_naming_the_refusal(engines):
     try:
         with pytest.raises(ClusterError, match=r"rank\(s\) \[1\] did not join .* within 15 s "
                                                r"\(rank 1 presented a wrong cluster token\)"):
-            DistributedExecutor(engines / "rank0", GroupConfig(0, 2, "127.0.0.1", port, 15.0, token=TOKEN), threads=1)
+            DistributedExecutor(engines / "rank0", GroupConfig(0, 2, "127.0.0.1", port, 15.0, token=TOKEN), ONE_THREAD)
     finally:
         out, _ = intruder.communicate(timeout=TIMEOUT_S)
     assert intruder.returncode == 1 and "its cluster token does not match rank 0's" in out
