@@ -25,6 +25,8 @@ import torch
 
 
 class DrivenRank(Protocol):
+    """What the drive loop needs of a rank (see the module docstring)."""
+
     rank: int
     depth: int
     attended_ranks: list[int]

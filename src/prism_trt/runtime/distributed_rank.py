@@ -7,6 +7,7 @@ calls it: rank 0's executor and the workers' loop."""
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,7 +148,7 @@ class StagedAllGather(Exchange):
     def __init__(self, rank: DistributedRank, route: Route, batch: int, watch: Stopwatch, barrier: bool):
         self.rank, self.route, self.batch, self.watch, self.barrier = rank, route, batch, watch, barrier
 
-    def compute(self):
+    def compute(self) -> AbstractContextManager:
         return self.watch.phase("compute")
 
     def means(self, ranks, sent: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
