@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ONE_THREAD, TEXT_SEQ_LEN, assert_close, build_engines, random_model, small_spec, text_request
+from conftest import ONE_THREAD, assert_close, build_engines, random_model, small_spec, text_request
 
 from prism_trt.core import Exchange, make_partition_plan, make_segment_plan, simulate, voltage_plan
 from prism_trt.core.drive import drive, remote_means
@@ -149,8 +149,7 @@ def test_vit_engine_chains_driven_like_the_reference(tmp_path):
         expected = chains[0].head(_plain_loop(chains, [{IMAGES: images}] * 2)[0])
     got = run_chains_in_process(chains, images)
     assert torch.equal(got, expected)
-    plan = make_segment_plan(make_partition_plan(model.spec.num_tokens, 1, 2), segments=chains[0].config.segments)
-    assert_close(got, simulate(model, images, plan))
+    assert_close(got, simulate(model, images, chains[0].config.plan))
 
 
 def test_text_engine_chains_driven_like_the_reference(text_engines):
@@ -163,5 +162,4 @@ def test_text_engine_chains_driven_like_the_reference(text_engines):
         expected = chains[0].head(torch.cat(_plain_loop(chains, [request] * 2), dim=1))
     got = run_chains_in_process(chains, request)
     assert torch.equal(got, expected)
-    plan = make_segment_plan(text_partition(model.spec, TEXT_SEQ_LEN, 2), segments=chains[0].config.segments)
-    assert_close(got, simulate_text(model, plan, ids, mask))
+    assert_close(got, simulate_text(model, chains[0].config.plan, ids, mask))
