@@ -13,7 +13,7 @@ from prism_trt.core.drive import drive, remote_means
 from prism_trt.core.rank import RankForward
 from prism_trt.core.text_rank import TextRankForward, simulate_text, text_partition
 from prism_trt.engines.stage_spec import ATTENTION_MASK, IMAGES, INPUT_IDS
-from prism_trt.runtime import load_chain, run_chains_in_process
+from prism_trt.runtime import InferenceRequest, load_chain, run_chains_in_process
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "prism_trt"
 DRIVE = PACKAGE / "core" / "drive.py"
@@ -147,7 +147,7 @@ def test_vit_engine_chains_driven_like_the_reference(tmp_path):
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = chains[0].head(_plain_loop(chains, [{IMAGES: images}] * 2)[0])
-    got = run_chains_in_process(chains, images)
+    got = run_chains_in_process(chains, InferenceRequest.of(chains[0].manifest.model, images))
     assert torch.equal(got, expected)
     assert_close(got, simulate(model, images, chains[0].config.plan))
 
@@ -160,6 +160,6 @@ def test_text_engine_chains_driven_like_the_reference(text_engines):
     request = {INPUT_IDS: ids, ATTENTION_MASK: mask}
     with torch.no_grad():
         expected = chains[0].head(torch.cat(_plain_loop(chains, [request] * 2), dim=1))
-    got = run_chains_in_process(chains, request)
+    got = run_chains_in_process(chains, InferenceRequest.of(chains[0].manifest.model, request))
     assert torch.equal(got, expected)
     assert_close(got, simulate_text(model, chains[0].config.plan, ids, mask))
