@@ -79,7 +79,8 @@ def main() -> int:
     labels = list(rows)
     fig, ax = plt.subplots(figsize=(7, 3.5))
     xs = range(len(labels))
-    ax.bar([x - 0.2 for x in xs], [rows[k]["measured_ratio_vs_local"] for k in labels], 0.4, label="measured (torch eager)")
+    ax.bar([x - 0.2 for x in xs], [rows[k]["measured_ratio_vs_local"] for k in labels], 0.4,
+           label="measured (torch eager)")
     ax.bar([x + 0.2 for x in xs], [rows[k]["flops_ratio_vs_local"] for k in labels], 0.4, label="FLOP model")
     ax.set_xticks(list(xs), labels)
     ax.set_ylabel("rank-0 compute / local")

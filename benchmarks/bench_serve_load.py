@@ -71,7 +71,8 @@ def main() -> int:
     spec = model.spec
     engines = RESULTS / "engines" / f"{spec.name}-serve"
     Builder(model, source, get_backend("onnxruntime", threads=1), BuildOptions(max_batch=16),
-            exporter="torchscript").build(engines, 2, config_plans(spec.num_tokens, spec.num_prefix_tokens, 2, [CR], []),
+            exporter="torchscript").build(engines, 2,
+                                          config_plans(spec.num_tokens, spec.num_prefix_tokens, 2, [CR], []),
                                           progress=False)
     master, port = free_port(), free_port()
     argv = [sys.executable, "-m", "prism_trt.cli", "serve", "--engines", str(engines), "--world-size", "2",

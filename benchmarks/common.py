@@ -31,7 +31,8 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, repeat: int = 10) -> dict
 
 def environment() -> dict:
     return {"prism_trt": prism_trt.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.machine(), "processor": platform.processor() or None, "python": platform.python_version(),
+            "machine": platform.machine(), "processor": platform.processor() or None,
+            "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 

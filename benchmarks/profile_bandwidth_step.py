@@ -272,7 +272,8 @@ def main() -> int:
     oracle_of = {"before": top_oracle, "step down": low_oracle, "step up": top_oracle}
     for r in records:
         r["oracle"] = oracle_of[r["phase"]]
-    switch = {phase: _batches_to_switch(records, *bounds[phase], oracle_of[phase]) for phase in ("step down", "step up")}
+    switch = {phase: _batches_to_switch(records, *bounds[phase], oracle_of[phase])
+              for phase in ("step down", "step up")}
     # was the selector on the old oracle just before each step? (otherwise the switch was not caused by it)
     previous = {"step down": "before", "step up": "step down"}
     before_step = {phase: [r["choice"] for r in records[slice(*bounds[previous[phase]])] if not r["explored"]][-SETTLE:]
@@ -285,20 +286,24 @@ def main() -> int:
                 by_mode.setdefault(r["choice"], []).append(r["executor_ms"] / r["batch_size"])
         served[phase] = {mode: {"median_ms_per_sample": sorted(v)[len(v) // 2], "batches": len(v)}
                          for mode, v in by_mode.items()}
-    errors = {phase: [r["prediction_error"] for r in records[slice(*bounds[phase])] if r["prediction_error"] is not None]
+    errors = {phase: [r["prediction_error"] for r in records[slice(*bounds[phase])]
+                      if r["prediction_error"] is not None]
               for phase in bounds}
     refined = PerfMap.load(refined_path, engines_dir=engines) if refined_path.exists() else None
-    result = {"model": MODEL, "cr": CR, "serve_batch": SERVE_BATCH, "rates_profiled_mbit": RATES, "step_mbit": [top, low],
+    result = {"model": MODEL, "cr": CR, "serve_batch": SERVE_BATCH, "rates_profiled_mbit": RATES,
+              "step_mbit": [top, low],
               "map_batches": MAP_BATCHES, "explore_fraction": EXPLORE_FRACTION, "explore_budget": EXPLORE_BUDGET,
               "oracle": {"top": {"rate": top, "choice": top_oracle, "per_sample_ms": top_measured},
                          "low": {"rate": low, "choice": low_oracle, "per_sample_ms": low_measured}},
               "oracle_differs": top_oracle != low_oracle,
-              "batches_to_switch": switch, "choices_just_before_step": before_step, "goal_within_20": {k: v is not None and v <= 20 for k, v in switch.items()},
+              "batches_to_switch": switch, "choices_just_before_step": before_step,
+              "goal_within_20": {k: v is not None and v <= 20 for k, v in switch.items()},
               "served_per_mode": served,
               "prediction_error_median": {k: (sorted(v)[len(v) // 2] if v else None) for k, v in errors.items()},
               "explored": sum(r["explored"] for r in records), "batches": len(records),
               "observe_errors": records[-1]["observe_errors"] if records else None,
-              "refined_map_points_online": None if refined is None else sum(p.online is not None for p in refined.points),
+              "refined_map_points_online": None if refined is None else sum(p.online is not None
+                                                                            for p in refined.points),
               "loadavg": {"start": load_start, "after_map": load_map, "end": load_end},
               "seconds": {"map": map_done - started, "total": time.time() - started},
               "records": records}
@@ -311,8 +316,8 @@ def main() -> int:
           [(*bounds[p], oracle_of[p]) for p in bounds], png)
     DOCS.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(png, DOCS / "bandwidth_step.png")
-    for key in ("oracle", "batches_to_switch", "choices_just_before_step", "served_per_mode", "prediction_error_median", "explored", "batches",
-                "observe_errors", "refined_map_points_online", "loadavg", "seconds"):
+    for key in ("oracle", "batches_to_switch", "choices_just_before_step", "served_per_mode", "prediction_error_median",
+                "explored", "batches", "observe_errors", "refined_map_points_online", "loadavg", "seconds"):
         print(f"{key}: {result[key]}")
     print(f"-> {path}, {png}")
     return 0

@@ -81,7 +81,8 @@ def test_mnist_accuracy_of_reduced_precision_gpu_builds(mnist_model, mnist_dir, 
     correct = 0
     with load_chain(tmp_path / "rank0", "local") as chain:
         for images, labels in MnistTestSet(mnist_dir).batches(500):
-            correct += int((run_chains_in_process([chain], InferenceRequest.of(chain.manifest.model, images.cuda())).argmax(-1).cpu() == labels).sum())
+            correct += int((run_chains_in_process([chain], InferenceRequest.of(chain.manifest.model, images.cuda()))
+                            .argmax(-1).cpu() == labels).sum())
     assert abs(correct - 9721) <= 10, correct
 
 
@@ -105,7 +106,8 @@ def test_text_chains_on_the_cuda_ep(tmp_path, name, precision):
     sizes = [f"--{key.replace('_', '-')}={value}" for key, value in TEXT_SIZE.items()]
     result = CliRunner().invoke(main, ["build", "--model", name, *sizes, "--seq-len", str(TEXT_SEQ_LEN), "--ranks",
                                        "2", "--cr", "2", "--provider", "cuda", "--precision", precision,
-                                       "--exporter", "torchscript", "--opt-batch", "2", "--max-batch", "4", "--out", str(tmp_path), "-q"])
+                                       "--exporter", "torchscript", "--opt-batch", "2", "--max-batch", "4",
+                                       "--out", str(tmp_path), "-q"])
     assert result.exit_code == 0, result.output
     model = load_text_model(name, **size_overrides(name, **TEXT_SIZE))
     ids, mask = text_request()
@@ -116,5 +118,5 @@ def test_text_chains_on_the_cuda_ep(tmp_path, name, precision):
     plan = make_segment_plan(text_partition(model.spec, TEXT_SEQ_LEN, 2), segments=ranks[0].config.plan.segments)
     assert_close(got.cpu(), simulate_text(model, plan, ids, mask), precision, name=f"{name} prism {precision}")
     with load_chain(tmp_path / "rank0", "local") as local:
-        assert_close(run_chains_in_process([local], InferenceRequest.of(local.manifest.model, request)).cpu(), model(ids, mask), precision,
-                     name=f"{name} local {precision}")
+        assert_close(run_chains_in_process([local], InferenceRequest.of(local.manifest.model, request)).cpu(),
+                     model(ids, mask), precision, name=f"{name} local {precision}")

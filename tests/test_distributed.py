@@ -224,7 +224,8 @@ def test_steady_state_allocates_nothing(cluster):
     for _ in range(4):
         executor.infer(executor.request(images), executor.key_for("prism", 5.0))
     assert {name: s.allocations for name, s in staging.items()} == before
-    assert buffers == {name: id(s.buffers((name, 5), 5).send) for name, s in staging.items() if name.startswith("prism")}
+    assert buffers == {name: id(s.buffers((name, 5), 5).send) for name, s in staging.items()
+                       if name.startswith("prism")}
 
 
 def test_group_config_from_torchrun_env(monkeypatch):
@@ -301,7 +302,8 @@ def test_a_worker_with_a_wrong_token_is_refused(engines):
     port = free_port()
     workers = start_workers(engines / "p2", 2, port, extra=("--cluster-token", "guessed"))
     try:
-        with pytest.raises(ClusterError, match=r"rank\(s\) \[1\] did not join .*rank 1 presented a wrong cluster token"):
+        with pytest.raises(ClusterError,
+                           match=r"rank\(s\) \[1\] did not join .*rank 1 presented a wrong cluster token"):
             DistributedExecutor(engines / "p2" / "rank0", GroupConfig(0, 2, "127.0.0.1", port, 15.0,
                                                                      token="correct horse"), ONE_THREAD)
     finally:

@@ -120,7 +120,8 @@ def test_mnist_local_chain_full_test_set(mnist_model, mnist_dir, tmp_path):
     correct = 0
     with load_chain(tmp_path / "rank0", "local", options=TWO_THREADS) as chain:
         for images, labels in MnistTestSet(mnist_dir).batches(500):
-            correct += int((run_chains_in_process([chain], InferenceRequest.of(chain.manifest.model, images)).argmax(-1) == labels).sum())
+            correct += int((run_chains_in_process([chain], InferenceRequest.of(chain.manifest.model, images))
+                            .argmax(-1) == labels).sum())
     assert correct == 9721
 
 

@@ -71,7 +71,8 @@ def test_edited_fields_are_noticed(rank_dir):
 
 def test_other_schema_version(rank_dir):
     _edit_manifest(rank_dir, lambda m: m.update(schema_version=99))
-    with pytest.raises(ManifestError, match=rf"manifest\.json: schema version 99, this prism-trt reads version {SCHEMA_VERSION}"):
+    with pytest.raises(ManifestError,
+                       match=rf"manifest\.json: schema version 99, this prism-trt reads version {SCHEMA_VERSION}"):
         Manifest.load(rank_dir)
 
 
@@ -110,7 +111,8 @@ def test_missing_mode(rank_dir):
     (lambda m: m["configs"][0]["stages"][1].update(onnx="/etc/passwd"), r"stages\[1\]\.onnx: '/etc/passwd' must be"),
     (lambda m: m["files"].update({"../escape.onnx": "0" * 64}), r"'\.\./escape\.onnx' must be a path inside"),
     (lambda m: m["files"].update({"x.onnx": 5}), r"files\.x\.onnx: expected a SHA-256 hex string"),
-    (lambda m: m["configs"][1].update(segment_sizes=[1, 2]), r"segment_sizes\[0\]: expected a JSON list|sizes: expected"),
+    (lambda m: m["configs"][1].update(segment_sizes=[1, 2]),
+     r"segment_sizes\[0\]: expected a JSON list|sizes: expected"),
     (lambda m: m["configs"][1].update(counts=["a", 2]), r"configs\[1\]\.counts: expected integers >= 1"),
     (lambda m: m["configs"][1].update(partition=[True, 16]), r"configs\[1\]\.partition: expected integers >= 1"),
     (lambda m: m["configs"][1].update(cr=10**400), r"configs\[1\]\.cr: must be a finite number"),

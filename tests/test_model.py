@@ -43,7 +43,8 @@ def test_timm_avg_pool_and_reg_tokens():
 
 def test_spec_of_vit_b():
     spec = timm_spec("vit_base_patch16_224")
-    assert (spec.num_tokens, spec.embed_dim, spec.num_heads, spec.head_dim, spec.mlp_hidden_dim) == (197, 768, 12, 64, 3072)
+    assert (spec.num_tokens, spec.embed_dim, spec.num_heads, spec.head_dim,
+            spec.mlp_hidden_dim) == (197, 768, 12, 64, 3072)
     assert ViTSpec.from_dict(spec.to_dict()) == spec
 
 

@@ -150,7 +150,8 @@ def test_a_measurement_round_trips_and_becomes_its_point():
     assert Measurement.from_dict(line) == measured
     point = measured.point(500.0, 480.0)
     assert (point.bandwidth_mbit, point.measured_mbit, point.latency) == (500.0, 480.0, measured.latency)
-    assert summarize_runs(ChainKey.local(), 2, 1, [r[:1] for r in runs], False, None).point(500.0).bandwidth_mbit is None
+    assert summarize_runs(ChainKey.local(), 2, 1, [r[:1] for r in runs], False,
+                          None).point(500.0).bandwidth_mbit is None
 
 
 def _report(precision: str = "fp32") -> VerificationReport:

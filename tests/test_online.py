@@ -162,7 +162,8 @@ def _serve(selector: OnlineSelector, executor, batch: int, count: int, seed: int
     observations = []
     for index in range(count):
         choice = selector.choose(batch)
-        observations.append(selector.observe(batch, executor.infer(executor.request(_images(batch, seed + index)), choice)))
+        observations.append(selector.observe(batch, executor.infer(executor.request(_images(batch, seed + index)),
+                                                                   choice)))
     return observations
 
 
@@ -264,7 +265,8 @@ def test_the_batcher_hands_over_results_and_survives_an_observer_that_raises(sma
     async def serve_two() -> list:
         batcher = Batcher(executor, selector, max_wait_s=0.0)
         try:
-            return [await asyncio.wait_for(batcher.submit(executor.request(_images(2, seed))), 60) for seed in range(2)], batcher
+            return [await asyncio.wait_for(batcher.submit(executor.request(_images(2, seed))), 60)
+                    for seed in range(2)], batcher
         finally:
             await batcher.stop()
 

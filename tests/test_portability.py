@@ -107,7 +107,8 @@ def test_fp16_build_is_verified_and_keeps_mnist_accuracy(mnist_model, mnist_dir,
     correct = 0
     with load_chain(tmp_path / "rank0", "local", options=TWO_THREADS) as chain:
         for images, labels in MnistTestSet(mnist_dir).batches(500):
-            correct += int((run_chains_in_process([chain], InferenceRequest.of(chain.manifest.model, images)).argmax(-1) == labels).sum())
+            correct += int((run_chains_in_process([chain], InferenceRequest.of(chain.manifest.model, images))
+                            .argmax(-1) == labels).sum())
     assert abs(correct - MNIST_CORRECT) <= 10, correct
 
 

@@ -61,7 +61,8 @@ def test_map_round_trip(tmp_path):
     path = tmp_path / "map.json"
     data.save(path)
     assert PerfMap.load(path) == data
-    assert json.loads(path.read_text())["points"][4] == {**PRISM5.to_dict(), **json.loads(path.read_text())["points"][4]}
+    assert json.loads(path.read_text())["points"][4] == {**PRISM5.to_dict(),
+                                                         **json.loads(path.read_text())["points"][4]}
 
 
 @pytest.mark.parametrize("change, message", [
@@ -71,7 +72,8 @@ def test_map_round_trip(tmp_path):
     (lambda d: d["points"][3].update(mode="turbo"), r"points\[3\]: mode must be one of"),
     (lambda d: d["points"][0].update(batch=0), r"points\[0\]\.batch: must be >= 1"),
     (lambda d: d["points"][2]["latency"].update(mean_ms=-1.0), r"points\[2\]\.latency\.mean_ms: must be >= 0"),
-    (lambda d: d["points"][2]["latency"].update(p50_ms=float("nan")), r"points\[2\]\.latency\.p50_ms: must be a finite number"),
+    (lambda d: d["points"][2]["latency"].update(p50_ms=float("nan")),
+     r"points\[2\]\.latency\.p50_ms: must be a finite number"),
     (lambda d: d["points"][1].pop("per_rank"), r"points\[1\]: required field 'per_rank'"),
     (lambda d: d["points"][1].update(per_rank=[{}]), r"points\[1\]\.per_rank\[0\]: required field 'compute'"),
     (lambda d: d["points"][4].update(cr="high"), r"points\[4\]\.cr: expected"),

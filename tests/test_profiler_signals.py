@@ -71,7 +71,8 @@ def _start_and_wait_for_a_point(argv: list[str], scratch: Path, logs: Path) -> t
     the map holds a point (bounded: start-up, calibration and one point)."""
     scratch.mkdir()
     with open(logs, "w") as log:
-        driver = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(scratch)})
+        driver = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "TMPDIR": str(scratch)})
     out = Path(argv[argv.index("--out") + 1])
     deadline = time.monotonic() + 180
     while not _points(out):

@@ -56,7 +56,8 @@ def test_unknown_model_or_route_is_404_json(serve_client, method, path):
 
 def test_readiness_reports_degraded_and_down(flaky_client, serve_executor):
     try:
-        serve_executor.reported = Health(live=True, ready=True, degraded=True, reason="rank 1 unreachable, serving locally")
+        serve_executor.reported = Health(live=True, ready=True, degraded=True,
+                                         reason="rank 1 unreachable, serving locally")
         ready = flaky_client.get("/v2/health/ready")
         assert ready.status_code == 200 and ready.headers["x-prism-health"] == "degraded"
         assert ready.json() == {"ready": True, "degraded": True, "reason": "rank 1 unreachable, serving locally"}
@@ -78,7 +79,8 @@ def test_infer_matches_executor(serve_client, serve_executor):
     x = images(2, seed=1)
     expected = expected_logits(serve_executor, x)
     for nested in (False, True):
-        response = serve_client.post("/v2/models/tiny-test/infer", json=infer_body(x, nested=nested, id=f"req-{nested}"))
+        response = serve_client.post("/v2/models/tiny-test/infer",
+                                     json=infer_body(x, nested=nested, id=f"req-{nested}"))
         body = response.json()
         assert body["model_name"] == "tiny-test" and body["id"] == f"req-{nested}"
         outputs = outputs_of(response)

@@ -81,7 +81,8 @@ def test_serve_applies_its_read_limits_and_token(engines):
             assert time.monotonic() < deadline, "the server did not come up within 60 s"
             time.sleep(0.3)
         assert httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 401
-        assert httpx.get(f"{url}/v2/health/ready", headers={"Authorization": "Bearer tok"}, timeout=5).status_code == 200
+        assert httpx.get(f"{url}/v2/health/ready", headers={"Authorization": "Bearer tok"},
+                         timeout=5).status_code == 200
         with closing(socket.create_connection(("127.0.0.1", port), timeout=10)) as sock:
             sock.sendall(b"GET /v2 HTTP/1.1\r\nHost: x\r\n")
             received = b""

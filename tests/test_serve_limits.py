@@ -87,7 +87,8 @@ def read_response(sock: socket.socket) -> tuple[int, bytes]:
         assert chunk, f"the connection closed mid-response: {data!r}"
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
     while len(body) < length:
         body += sock.recv(65536)
     return int(head.split()[1]), body
@@ -263,7 +264,8 @@ def test_decompression_bomb_pngs_are_refused_without_decoding(serve_client):
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; the server runs in this process
 
     def post(_) -> httpx.Response:
-        return serve_client.post("/v2/models/tiny-test/infer/image", content=bomb, headers={"content-type": "image/png"})
+        return serve_client.post("/v2/models/tiny-test/infer/image", content=bomb,
+                                 headers={"content-type": "image/png"})
 
     with ThreadPoolExecutor(4) as pool:
         responses = list(pool.map(post, range(4)))

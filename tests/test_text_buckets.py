@@ -105,7 +105,8 @@ def test_local_executor_runs_each_length_on_its_bucket(bucket_build):
             request = executor.request({INPUT_IDS: ids, ATTENTION_MASK: mask})
             result = executor.infer(request, ChainKey.local())
             assert result.sequence_length == bucket
-            assert_close(request.trim(result.logits), bucket_reference(model, "local", ids, mask), name=f"{name} n={positions}")
+            assert_close(request.trim(result.logits), bucket_reference(model, "local", ids, mask),
+                         name=f"{name} n={positions}")
     finally:
         executor.close()
 

@@ -62,8 +62,8 @@ def _load(model_name, checkpoint, text: TextModelOptions, text_model: bool):
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def build(model_name, checkpoint, ranks, crs, segments, weights, text, backend, provider, out_dir, means_source,
-          precision, exporter, min_batch, opt_batch, max_batch, workspace_mib, opt_level, no_voltage, no_verify, threads,
-          quiet):
+          precision, exporter, min_batch, opt_batch, max_batch, workspace_mib, opt_level, no_voltage, no_verify,
+          threads, quiet):
     """Export per-block ONNX stages for every rank, verify them and compile engines.
 
     Writes OUT/rankN/ for each of the P ranks (copy each to its board) with a manifest.json that

@@ -130,7 +130,8 @@ def text_options(func):
 
 def plan_options(func):
     """--ranks / --cr / --segments / --weights, shared by commands that take a partition."""
-    @click.option("--ranks", "-P", type=click.IntRange(min=1), default=2, show_default=True, help="Number of ranks (boards).")
+    @click.option("--ranks", "-P", type=click.IntRange(min=1), default=2, show_default=True,
+                  help="Number of ranks (boards).")
     @click.option("--cr", "crs", type=FiniteFloat(), multiple=True,
                   help="Compression rate ceil(N/P)/L; repeat for several (e.g. --cr 9.9 --cr 4.95).")
     @click.option("--segments", "-L", "segments", type=click.IntRange(min=1), multiple=True,

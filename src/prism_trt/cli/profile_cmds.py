@@ -54,7 +54,8 @@ def profile(engines, batches, crs, bandwidths, warmup, repeat, max_repeat, targe
 
     Each point is timed at least --repeat times, then until its median's 95 % confidence interval is
     within --target-ci of it, at most --max-repeat times or --point-budget seconds; the chains of one
-    batch size are timed interleaved. Resumable: points already in --out are skipped, and the map is written after every point.
+    batch size are timed interleaved. Resumable: points already in --out are skipped, and the map is
+    written after every point.
     Ctrl-C or SIGTERM stops after the point in progress (a second Ctrl-C at once), keeps every
     point measured and exits 130 / 143; run the same command again to resume.
     """

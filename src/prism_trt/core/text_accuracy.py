@@ -82,7 +82,8 @@ class TextAccuracyResult(AccuracyResult):
         def number(value: float) -> float | None:  # JSON has no NaN
             return None if math.isnan(value) else value
 
-        return {**asdict(self), "accuracy": number(self.accuracy), "reference_accuracy": number(self.reference_accuracy),
+        return {**asdict(self), "accuracy": number(self.accuracy),
+                "reference_accuracy": number(self.reference_accuracy),
                 "agreement": number(self.agreement), "agreement_approx": number(self.agreement_approx),
                 "loss": number(self.loss), "reference_loss": number(self.reference_loss),
                 "perplexity": number(math.exp(self.loss)) if not math.isnan(self.loss) else None}

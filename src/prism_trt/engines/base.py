@@ -161,16 +161,19 @@ class Runner(ABC):
         expected = self.input_metadata()
         missing, unknown = sorted(set(expected) - set(feed)), sorted(set(feed) - set(expected))
         if missing or unknown:
-            raise EngineInputError(f"{self.name}: inputs {sorted(expected)} expected; missing {missing}, unknown {unknown}")
+            raise EngineInputError(f"{self.name}: inputs {sorted(expected)} expected; "
+                                   f"missing {missing}, unknown {unknown}")
         batch = None
         for name, spec in expected.items():
             tensor = feed[name]
             if not isinstance(tensor, torch.Tensor):
-                raise EngineInputError(f"{self.name}: input {name!r} must be a torch.Tensor, got {type(tensor).__name__}")
+                raise EngineInputError(f"{self.name}: input {name!r} must be a torch.Tensor, "
+                                       f"got {type(tensor).__name__}")
             if str(tensor.dtype).removeprefix("torch.") != spec.dtype:
                 raise EngineInputError(f"{self.name}: input {name!r} must be {spec.dtype}, got {tensor.dtype}")
             if tensor.dim() != len(spec.shape):
-                raise EngineInputError(f"{self.name}: input {name!r} must have shape {spec.shape}, got {tuple(tensor.shape)}")
+                raise EngineInputError(f"{self.name}: input {name!r} must have shape {spec.shape}, "
+                                       f"got {tuple(tensor.shape)}")
             for axis, (want, got) in enumerate(zip(spec.shape, tensor.shape)):
                 if want == BATCH_AXIS:
                     if batch is not None and got != batch:

@@ -2,7 +2,8 @@
 in exactly the types the file declares (TensorRT 11+ strongly typed networks; onnxruntime's CPU and
 CUDA execution providers).
 
-TensorRT 11 dropped the FP16 builder flag and onnxruntime's CUDA EP has none. :func:`cast_onnx_to_fp16` makes every float tensor inside the graph fp16
+TensorRT 11 dropped the FP16 builder flag and onnxruntime's CUDA EP has none.
+:func:`cast_onnx_to_fp16` makes every float tensor inside the graph fp16
 (initializers, Constant / ConstantOfShape values, Cast targets, float ``dtype`` attributes) and
 keeps the graph's float32 inputs and outputs, with Cast nodes at the boundary, so callers feed and
 read the same float32 tensors whether an engine was built in fp32 or fp16. Pure onnx: runs and is

@@ -100,7 +100,8 @@ class Fields:
         value = self.data[key]
         if value is None and optional:
             return None
-        if kinds is not None and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in _tuple(kinds)):
+        if kinds is not None and (not isinstance(value, kinds)
+                                  or isinstance(value, bool) and bool not in _tuple(kinds)):
             names = "/".join(k.__name__ for k in _tuple(kinds))
             raise self.fail(key, f"expected {names}, found {type(value).__name__} {_short(value)}")
         return value

@@ -114,7 +114,8 @@ def format_for(runtime: str, version: str | None = None) -> OnnxFormat:
                               f"opset {MIN_OPSET} or newer (LayerNormalization)")
     ir_version = minimal_ir_version([helper.make_opsetid("", opset)])
     if ir_version > max_ir:
-        raise OnnxFormatError(f"{runtime} {version} loads IR version {max_ir} at most, opset {opset} needs {ir_version}")
+        raise OnnxFormatError(f"{runtime} {version} loads IR version {max_ir} at most, "
+                              f"opset {opset} needs {ir_version}")
     return OnnxFormat(opset, ir_version)
 
 

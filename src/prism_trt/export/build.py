@@ -233,7 +233,8 @@ class Builder:
         export_key = sha256_json({"weights": self.weights_sha256, "spec": self.model.spec.to_dict(),
                                   "config": config.chain.plan_dict(), "rank": rank, "stage": stage.to_dict(),
                                   "means_source": self.means_source, "exporter": self.exporter,
-                                  "format": self.onnx_format.to_dict(), "torch": torch.__version__, "tool": __version__})
+                                  "format": self.onnx_format.to_dict(), "torch": torch.__version__,
+                                  "tool": __version__})
         onnx_path, engine_path = rank_dir / onnx_rel, rank_dir / engine_rel
         exported = old is None or not _unchanged(rank_dir, export_key, old.export_key, old.onnx, old.onnx_sha256)
         if exported:

@@ -136,7 +136,8 @@ def create_timm(name: str, **kwargs) -> nn.Module:
     import timm
 
     if name not in timm.list_models():
-        raise UnsupportedModelError(f"unknown timm model {name!r}; e.g. vit_tiny_patch16_224, vit_small_patch16_224, deit_tiny_patch16_224")
+        raise UnsupportedModelError(f"unknown timm model {name!r}; e.g. vit_tiny_patch16_224, vit_small_patch16_224, "
+                                    "deit_tiny_patch16_224")
     torch.manual_seed(kwargs.pop("seed", 0))
     return timm.create_model(name, pretrained=False, **kwargs).eval()
 
@@ -264,8 +265,10 @@ def from_mnist_checkpoint(path: str | Path) -> PrismViT:
             block.attn.proj.weight.copy_(state[f"{a}.fn.to_out.0.weight"])
             block.attn.proj.bias.copy_(state[f"{a}.fn.to_out.0.bias"])
             block.norm2.weight.copy_(state[f"{f}.norm.weight"]), block.norm2.bias.copy_(state[f"{f}.norm.bias"])
-            block.mlp.fc1.weight.copy_(state[f"{f}.fn.net.0.weight"]), block.mlp.fc1.bias.copy_(state[f"{f}.fn.net.0.bias"])
-            block.mlp.fc2.weight.copy_(state[f"{f}.fn.net.3.weight"]), block.mlp.fc2.bias.copy_(state[f"{f}.fn.net.3.bias"])
+            block.mlp.fc1.weight.copy_(state[f"{f}.fn.net.0.weight"])
+            block.mlp.fc1.bias.copy_(state[f"{f}.fn.net.0.bias"])
+            block.mlp.fc2.weight.copy_(state[f"{f}.fn.net.3.weight"])
+            block.mlp.fc2.bias.copy_(state[f"{f}.fn.net.3.bias"])
         out.head.fc_norm.weight.copy_(state["mlp_head.0.weight"])
         out.head.fc_norm.bias.copy_(state["mlp_head.0.bias"])
         out.head.head.weight.copy_(state["mlp_head.1.weight"])

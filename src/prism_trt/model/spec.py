@@ -114,7 +114,8 @@ class ViTSpec(BlockSpec):
             raise UsageError(f"pool must be one of {POOLINGS}, got {self.pool!r}")
         for axis, (image, patch) in enumerate(zip(self.img_size, self.patch_size)):
             if patch <= 0 or image % patch:
-                raise UsageError(f"image size {self.img_size} is not a multiple of patch size {self.patch_size} (axis {axis})")
+                raise UsageError(f"image size {self.img_size} is not a multiple of patch size {self.patch_size} "
+                                 f"(axis {axis})")
         if self.pool == "token_distilled" and self.num_prefix_tokens < 2:
             raise UsageError("pool 'token_distilled' needs a CLS and a distillation token")
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:

@@ -5,7 +5,8 @@ norms sit: ``x = norm1(x + attn(x)); x = norm2(x + mlp(x))``. Both use the one
 :class:`PrismAttention`; what text adds is masking, passed in as additive logit biases:
 padded keys and (GPT-2) keys later than the query get :data:`MASKED`, and a remote segment mean
 standing for ``s`` valid tokens gets ``ln(s)`` (``MASKED`` when ``s = 0``), see
-:func:`attention_bias`: the attention's ``local_bias`` and ``remote_bias``. The partitioned forward lives in ``core/text_rank.py``.
+:func:`attention_bias`: the attention's ``local_bias`` and ``remote_bias``. The partitioned forward
+lives in ``core/text_rank.py``.
 """
 
 from __future__ import annotations

@@ -166,7 +166,8 @@ def size_overrides(name: str, layers: int | None = None, hidden_size: int | None
     if name not in TEXT_CONFIGS:
         raise UsageError(f"unknown text model {name!r}; known: {', '.join(TEXT_CONFIGS)}")
     bert = TEXT_CONFIGS[name][0] == "bert"
-    fields = {("num_hidden_layers" if bert else "n_layer"): layers, ("num_attention_heads" if bert else "n_head"): heads,
+    fields = {("num_hidden_layers" if bert else "n_layer"): layers,
+              ("num_attention_heads" if bert else "n_head"): heads,
               ("hidden_size" if bert else "n_embd"): hidden_size, "vocab_size": vocab_size}
     if bert and hidden_size is not None:
         fields["intermediate_size"] = 4 * hidden_size

@@ -75,7 +75,8 @@ class GroupConfig:
         return cls(rank=pick(rank, "RANK", int), world_size=pick(world_size, "WORLD_SIZE", int),
                    master_addr=pick(master_addr, "MASTER_ADDR", str, "127.0.0.1"),
                    master_port=pick(master_port, "MASTER_PORT", int, 29500), timeout_s=timeout_s,
-                   iface=iface or env.get("GLOO_SOCKET_IFNAME"), token=token if token is not None else env.get(TOKEN_ENV))
+                   iface=iface or env.get("GLOO_SOCKET_IFNAME"),
+                   token=token if token is not None else env.get(TOKEN_ENV))
 
 
 def is_loopback(host: str) -> bool:

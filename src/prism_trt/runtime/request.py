@@ -63,7 +63,8 @@ class InferenceRequest:
             if str(tensor.dtype).removeprefix("torch.") != spec.dtype or tuple(tensor.shape) != given:
                 raise UsageError(f"input {spec.name!r} must be {spec.dtype} of shape {list(given)}, got "
                                  f"{tensor.dtype} of shape {list(tensor.shape)}"
-                                 + ("; every input holds the request's positions, they must match" if positions else ""))
+                                 + ("; every input holds the request's positions, they must match"
+                                    if positions else ""))
             padded[spec.name] = tensor if given == want else torch.nn.functional.pad(tensor, (0, want[-1] - positions))
         return cls(padded, length, positions if modality.per_position else None)
 

@@ -66,7 +66,8 @@ class HttpLimits:
         for name, value in asdict(self).items():
             integral = name in ("max_header_bytes", "max_connections", "backlog")
             bad = (not isinstance(value, int) or isinstance(value, bool) or value < 1) if integral else \
-                (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0)
+                (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                 or value <= 0)
             if bad:
                 kind = "a positive integer" if integral else "a positive finite number of seconds"
                 raise UsageError(f"HTTP limit {name} must be {kind}, got {value!r}")
@@ -263,7 +264,8 @@ def server_config(app, host: str = "127.0.0.1", port: int = 8000, limits: HttpLi
                     {"limits": limits, "on_refusal": None if on_refusal is None else staticmethod(on_refusal)})
     # uvicorn counts the asking connection itself against limit_concurrency: +1 so that
     # max_connections connections are served and the next one's requests get 503
-    return uvicorn.Config(known_http_versions_only(app, on_refusal), host=host, port=port, http=protocol, ws="none", lifespan="on", log_level=log_level,
+    return uvicorn.Config(known_http_versions_only(app, on_refusal), host=host, port=port, http=protocol, ws="none",
+                          lifespan="on", log_level=log_level,
                           workers=None, proxy_headers=False, server_header=False, timeout_graceful_shutdown=30,
                           limit_concurrency=limits.max_connections + 1, backlog=limits.backlog,
                           timeout_keep_alive=limits.keep_alive_s,  # type: ignore[arg-type]  # a float works

@@ -217,7 +217,8 @@ class ServerMetrics:
                                   "Batches the selector ran on a mode other than its predicted best, to explore.",
                                   ("mode",))
         self.bandwidth_estimate = r.gauge("prism_bandwidth_estimate_mbit",
-                                          "The selector's live link-rate estimate, Mbit/s (the performance map's scale).")
+                                          "The selector's live link-rate estimate, Mbit/s "
+                                          "(the performance map's scale).")
         self.observer_errors = r.counter("prism_selector_observe_errors_total",
                                          "Batches whose results the selector failed to learn from (answered anyway).")
 

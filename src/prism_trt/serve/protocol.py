@@ -111,7 +111,8 @@ def _check_shape(shape, spec: ViTSpec, max_batch: int) -> list[int]:
                                          f"expected rank 4, {expected_text}")
     if shape[1:] != expected:
         names = ("channels C", "height H", "width W")
-        wrong = [f"{name} {got} (expected {want})" for name, got, want in zip(names, shape[1:], expected) if got != want]
+        wrong = [f"{name} {got} (expected {want})" for name, got, want in zip(names, shape[1:], expected)
+                 if got != want]
         raise RequestError(400, "shape", f"input '{INPUT_NAME}' shape {shape_text(shape)} does not fit this model: "
                                          f"{', '.join(wrong)}; expected {expected_text}")
     if shape[0] < 1:

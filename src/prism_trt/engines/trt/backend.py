@@ -111,7 +111,8 @@ def _build_engine(trt: Any, onnx_path: Path, parse_path: Path, engine_path: Path
         raise EngineBuildError(f"TensorRT could not parse {parse_path}{copy_note}:\n  "
                                + "\n  ".join(errors or [tensorrt_errors()]))
     _check_network_inputs(network, inputs, onnx_path)
-    config = _builder_config(trt, builder, inputs, options, weak_fp16=options.precision == "fp16" and not strongly_typed)
+    config = _builder_config(trt, builder, inputs, options,
+                             weak_fp16=options.precision == "fp16" and not strongly_typed)
     cache_path = Path(options.timing_cache) if options.timing_cache else None
     if cache_path is not None:
         _attach_timing_cache(config, cache_path)

@@ -59,7 +59,8 @@ def import_pycuda() -> Any:
     try:
         cuda.init()
     except cuda.Error as error:
-        raise BackendUnavailable(f"{INSTALL_HINT}; CUDA did not initialise (driver or GPU missing?): {error}") from error
+        raise BackendUnavailable(f"{INSTALL_HINT}; CUDA did not initialise (driver or GPU missing?): "
+                                 f"{error}") from error
     return cuda
 
 
