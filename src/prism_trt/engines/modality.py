@@ -168,7 +168,7 @@ class Text(Modality):
 
     @property
     def per_position(self) -> bool:
-        return self.spec.head != "classifier"
+        return self.spec.per_position_head
 
     @classmethod
     def recorded(cls, spec, sequence_length: int | None) -> Text:

@@ -127,7 +127,7 @@ class PrismText(nn.Module):
     @property
     def reads_only_prefix(self) -> bool:
         """The head needs only position 0 ([CLS]), which rank 0 holds: no final gather."""
-        return self.spec.head == "classifier"
+        return not self.spec.per_position_head
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         """Hidden states (B, n, D) -> per-position outputs (B, n, V | D), or (B, classes) from x[:, 0]."""

@@ -59,9 +59,15 @@ class TextSpec(BlockSpec):
 
     def output_shape(self, seq_len: int) -> tuple[int, ...]:
         """One sequence's output: (classes,) from [CLS], or (N, V) logits / (N, D) features per position."""
-        if self.head == "classifier":
+        if not self.per_position_head:
             return (self.num_classes,)
         return (seq_len, self.vocab_size if self.head == "lm" else self.embed_dim)
+
+    @property
+    def per_position_head(self) -> bool:
+        """The head answers every position (an LM head or features), not only [CLS]: it needs every
+        rank's final hidden states, where a classifier needs only rank 0's."""
+        return self.head != "classifier"
 
     @property
     def causal(self) -> bool:
