@@ -42,6 +42,12 @@ class VoltageForBatchOfThree:
         return ChainKey.voltage() if batch == 3 else LOCAL
 
 
+def connect(url: str, timeout_s: float = 10.0) -> socket.socket:
+    """A raw TCP connection to a server started by :func:`running` (for byte-level HTTP tests)."""
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=timeout_s)
+
+
 @contextmanager
 def running(app, limits: HttpLimits | None = None):
     """The bounded uvicorn server (prism_trt.serve.server_config: ``limits``, default HttpLimits())

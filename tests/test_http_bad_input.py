@@ -11,7 +11,7 @@ import time
 from contextlib import closing
 
 import pytest
-from serving import LOCAL, running
+from serving import LOCAL, connect, running
 
 from prism_trt.runtime.api import FixedSelector
 from prism_trt.serve import HttpLimits, create_app
@@ -29,11 +29,6 @@ BINARY_JSON = json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], 
 def url(serve_executor):
     with running(create_app(serve_executor, FixedSelector(LOCAL), max_wait_ms=1), LIMITS) as address:
         yield address
-
-
-def connect(url: str) -> socket.socket:
-    host, port = url.removeprefix("http://").split(":")
-    return socket.create_connection((host, int(port)), timeout=BOUND_S)
 
 
 def read_response(sock: socket.socket) -> tuple[int, bytes, bytes]:

@@ -22,7 +22,7 @@ import pytest
 from conftest import assert_close, small_spec
 from PIL import Image
 from prometheus_text import metric_value, scrape
-from serving import LOCAL, expected_logits, images, infer_body, logits_of, running
+from serving import LOCAL, connect, expected_logits, images, infer_body, logits_of, running
 
 from prism_trt.runtime.api import FixedSelector
 from prism_trt.serve import (
@@ -53,11 +53,6 @@ def patient_url(serve_executor):
     """A server whose read timeouts (60 s) outlast the test: slow connections stay open."""
     with running(create_app(serve_executor, FixedSelector(LOCAL), max_wait_ms=1), PATIENT) as url:
         yield url
-
-
-def connect(url: str) -> socket.socket:
-    host, port = url.removeprefix("http://").split(":")
-    return socket.create_connection((host, int(port)), timeout=BOUND_S)
 
 
 def read_until_closed(sock: socket.socket, within_s: float = BOUND_S) -> bytes:
