@@ -18,10 +18,11 @@ from PIL import Image
 from prism_trt.cli.common import DEVICE, FiniteFloat, parse_numbers
 from prism_trt.engines import Manifest, ManifestError
 from prism_trt.engines.json_record import MAX_JSON_DEPTH, read_json_object
+from prism_trt.engines.modality import Vision
 from prism_trt.engines.perfmap import PerfMap, PerfMapError
 from prism_trt.model.spec import ViTSpec
 from prism_trt.serve.binary import MAX_BYTE_COUNT_DIGITS, byte_count, split_body
-from prism_trt.serve.protocol import decode_image, parse_infer_request
+from prism_trt.serve.protocol import VisionServing, decode_image
 from prism_trt.serve.request_error import RequestError
 
 SPEC = ViTSpec(name="fuzz", img_size=(8, 8), patch_size=(4, 4), in_chans=3, num_prefix_tokens=1, embed_dim=8,
@@ -29,6 +30,7 @@ SPEC = ViTSpec(name="fuzz", img_size=(8, 8), patch_size=(4, 4), in_chans=3, num_
                pre_norm=False, final_norm=True, pool="token", fc_norm=False, num_classes=5, mean=(0.5, 0.5, 0.5),
                std=(0.5, 0.5, 0.5))
 MAX_BATCH = 4
+SERVED = VisionServing(Vision(SPEC), "fuzz", MAX_BATCH)
 
 
 def fast(examples: int) -> settings:
@@ -89,7 +91,7 @@ def test_any_request_body_is_parsed_or_a_4xx(json_part, binary, with_binary_head
     body = json_part + binary if with_binary_header else json_part
     header = str(len(json_part)) if with_binary_header else None
     try:
-        parse_infer_request(body, SPEC, MAX_BATCH, header)
+        SERVED.parse(body, header)
     except RequestError as error:
         assert_client_error(error)
 
