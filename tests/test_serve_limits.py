@@ -14,7 +14,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing
-from types import SimpleNamespace
+from dataclasses import replace
 
 import httpx
 import numpy as np
@@ -24,9 +24,11 @@ from PIL import Image
 from prometheus_text import metric_value, scrape
 from serving import LOCAL, connect, expected_logits, images, infer_body, logits_of, running
 
+from prism_trt.engines.modality import Vision
 from prism_trt.runtime.api import FixedSelector
 from prism_trt.serve import (
     HttpLimits,
+    VisionServing,
     create_app,
     default_max_body_bytes,
     default_max_image_bytes,
@@ -213,16 +215,16 @@ def test_connections_past_the_limit_get_503(serve_executor):
 
 def test_default_body_limits_fit_a_full_batch_and_little_more():
     """For the MNIST model (max batch 32 x 1 x 28 x 28) the JSON limit is well under 16 MB."""
-    spec = small_spec(img=28, patch=7)
-    executor = SimpleNamespace(spec=SimpleNamespace(img_size=(28, 28), in_chans=1), max_batch=32)
+    spec = replace(small_spec(img=28, patch=7), in_chans=1, mean=(0.5,), std=(0.5,))
+    served = VisionServing(Vision(spec), spec.name, 32)
     full = np.random.default_rng(0).standard_normal((32, 1, 28, 28)).astype(np.float32)
-    json_limit, binary_limit = default_max_body_bytes(executor), default_max_body_bytes(executor, "binary")
+    json_limit, binary_limit = served.max_body_bytes("json"), served.max_body_bytes("binary")
     for data in (full.reshape(-1).tolist(), full.tolist()):  # as a client writes float32 values in full
         body = json.dumps({"inputs": [{"name": "input", "shape": [32, 1, 28, 28], "datatype": "FP32", "data": data}]})
         assert len(body) < json_limit < 1 << 20
     assert full.nbytes < binary_limit < full.nbytes + (128 << 10)
     assert max_image_pixels(spec) == 4 * 1024 * 1024  # the floor: 64 x 28 x 28 is far less
-    assert default_max_image_bytes(executor) < 9 << 20
+    assert served.max_image_bytes() < 9 << 20
 
 
 def test_default_body_limit_refuses_more_than_a_full_batch(serve_executor):
