@@ -182,11 +182,11 @@ class DistributedExecutor(Executor):
         batch = inputs.batch_size
         if batch > self.max_batch:
             raise UsageError(f"batch {batch} is over the engines' max batch {self.max_batch}")
-        request, bucket = inputs.tensors, self.buckets.for_length(inputs.bucket_length)
+        request = inputs.tensors
         with self._lock:
             if key.mode == Mode.LOCAL or self._degraded or self._closed.is_set():
                 return self._local(inputs, fell_back=key.mode != Mode.LOCAL)
-            index = self.rank.config_index(key, bucket)
+            index = self.rank.config_index(key, inputs.bucket_length)
             try:
                 with self._collectives():
                     # The request's way to the workers is part of the batch's latency (on a slow
@@ -204,7 +204,8 @@ class DistributedExecutor(Executor):
                         dist.gather_object(times.to_dict(), gathered, dst=0)
                         per_rank = [PhaseTimes(**t) for t in gathered]
                 self._update_bandwidth(times)
-                return InferenceResult(logits, key, times, per_rank=per_rank, sequence_length=bucket.length)
+                return InferenceResult(logits, key, times, per_rank=per_rank,
+                                       sequence_length=inputs.bucket_length)
             except RuntimeError as error:  # GLOO reports peer loss and timeouts as RuntimeError
                 self._degrade(f"{key.label} batch of {batch} failed: {error}")
         return self._local(inputs, fell_back=True)

@@ -107,12 +107,15 @@ class DistributedRank:
                 for t in bucket.manifest.model.request_inputs()}
         return self._requests[bucket.length, batch]
 
-    def config_index(self, key: ChainKey, bucket: Bucket | None = None) -> int:
-        """The route of the chain the longest bucket knows as ``key``, in ``bucket`` (default the
-        longest); raises ManifestError (not a fallback) when not built."""
-        bucket = bucket or self.buckets.primary
-        index = self.route_of.get((bucket.length, key))
+    def config_index(self, key: ChainKey, length: int | None) -> int:
+        """The route of the chain the longest bucket knows as ``key``, in the bucket of ``length``
+        positions (a request's ``bucket_length``; None for a ViT); raises ManifestError (not a
+        fallback) when not built."""
+        index = self.route_of.get((length, key))
         if index is None:
+            bucket = next((b for b in self.buckets if b.length == length), None)
+            if bucket is None:
+                raise ManifestError(f"no engines for sequence length {length} (built: {list(self.buckets.lengths)})")
             raise ManifestError(f"{bucket.directory}: {self.buckets.chain(key, bucket).name} is built for one rank "
                                 f"only, not distributed")
         return index
