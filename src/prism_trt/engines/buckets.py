@@ -32,11 +32,14 @@ from .manifest import ChainConfig, Manifest, ManifestError
 BUCKET_PREFIX = "seq"
 
 
-def shortest_holding(lengths: tuple[int, ...], positions: int) -> int | None:
-    """The position in ``lengths`` (ascending) of the shortest length >= ``positions``; None when
-    none holds it. The one rule by which a request is given its bucket."""
+def shortest_holding(lengths: tuple[int, ...], positions: int) -> int:
+    """The position in ``lengths`` (ascending) of the shortest length >= ``positions``; a UsageError
+    when none holds it. The one rule by which a request is given its bucket."""
     index = bisect.bisect_left(lengths, positions)
-    return index if index < len(lengths) else None
+    if index == len(lengths):
+        raise UsageError(f"{positions} positions are more than these engines were built for (longest sequence "
+                         f"{lengths[-1]}; prism-trt build --seq-len)")
+    return index
 
 
 def bucket_directory(rank_dir: Path, length: int) -> Path:
@@ -104,11 +107,7 @@ class BucketSet:
         lengths = self.lengths
         if not lengths:
             return self.primary
-        index = shortest_holding(lengths, positions)
-        if index is None:
-            raise UsageError(f"{positions} positions are more than these engines were built for (longest sequence "
-                             f"{lengths[-1]}; prism-trt build --seq-len)")
-        return self.buckets[index]
+        return self.buckets[shortest_holding(lengths, positions)]
 
     def chain(self, key: ChainKey, bucket: Bucket) -> ChainConfig:
         """The chain, in ``bucket``, that the longest bucket knows as ``key``; a ManifestError naming

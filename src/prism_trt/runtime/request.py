@@ -49,11 +49,7 @@ class InferenceRequest:
         length = None
         if positions is not None:
             lengths = tuple(lengths) or (modality.sequence_length,)
-            index = shortest_holding(lengths, positions)
-            if index is None:
-                raise UsageError(f"{positions} positions are more than these engines were built for (longest "
-                                 f"sequence {lengths[-1]}; prism-trt build --seq-len)")
-            length = lengths[index]
+            length = lengths[shortest_holding(lengths, positions)]
         specs = modality.request_inputs(length)
         batch = tensors[specs[0].name].shape[0] if tensors[specs[0].name].dim() else 0
         padded = {}
