@@ -72,7 +72,7 @@ def profile(engines, batches, crs, bandwidths, warmup, repeat, max_repeat, targe
     click.echo(f"{world} ranks, {len(batch_list)} batches x {len(plan.prism)} CRs "
                f"({', '.join(k.label for k in plan.prism)}) x {len(plan.bandwidths)} bandwidths: "
                f"{plan.total_passes()} to {plan.total_passes(most=True)} inference passes "
-               f"(seed 000 budget: about {SEED_BUDGET_PASSES})")
+               f"(the Prism-on-Jetson paper's budget: about {SEED_BUDGET_PASSES})")
     testbed = None
     # One handler from here on: a signal during the testbed's set-up or the calibration must
     # still take the testbed down, and one during the sweep is handled by the sweep.

@@ -5,7 +5,7 @@ there analytically, [I] inferred there and adopted here) or [ours] (decided here
 
 * Partition plan: the ViT's (:func:`~prism_trt.core.plan.make_partition_plan`) over sequence
   positions. [CLS] is a prefix token like the ViT's: on rank 0, never averaged, sent as its own
-  size-1 segment [issue 15] (``cls_segment=False`` averages it into rank 0's first segment, as the
+  size-1 segment [ours] (``cls_segment=False`` averages it into rank 0's first segment, as the
   paper's headline BERT accounting does [D, 2.2]). GPT-2 has no prefix token. Every rank embeds
   its own ids with *global* position ids (and its own token types) [I, 2.3].
 * Segment means respect padding [I, 2.4]: ``m_g = sum_j a_j x_j / s_g`` with ``s_g = sum_j a_j``
