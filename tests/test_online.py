@@ -303,3 +303,46 @@ def test_serve_refuses_online_options_that_do_not_fit(tmp_path, args, message):
     result = CliRunner().invoke(main, argv, env={"PRISM_TRT_TOKEN": None})
     assert result.exit_code == 2, result.output
     assert message in result.output and "manifest.json" not in result.output
+
+
+# -- --mode auto's map is checked before rank 0 joins the group ---------------------------------------------
+
+
+@pytest.mark.parametrize("case,message", [
+    ("other_engines", "was measured with other engines"),
+    ("chain_not_built", "measured chains these engines do not hold: prism-cr"),
+    ("not_json", "not valid JSON"),
+    ("no_points", "has no measured points"),
+])
+def test_serve_refuses_a_bad_map_before_joining(small_engines, tmp_path, case, message):
+    """No worker runs and the join timeout is a minute: the refusal must come at once, as one
+    Error: line, from the map alone."""
+    import time
+    from dataclasses import replace
+
+    from click.testing import CliRunner
+    from test_profiler import synthetic_map
+
+    from prism_trt.cli import main
+    from prism_trt.engines.perfmap import engines_fingerprint
+
+    data = synthetic_map()  # local, voltage and prism at 5 segments, as these engines hold
+    if case != "other_engines":
+        data.metadata["engines"] = engines_fingerprint(small_engines)
+    if case == "chain_not_built":  # prism at 7 segments was never built here
+        unbuilt = ChainKey.prism(7, 17, 2)
+        data.points = [replace(p, key=unbuilt) if p.key.mode == "prism" else p for p in data.points]
+    if case == "no_points":
+        data.points, data.accuracy = [], []
+    perfmap = tmp_path / "perfmap.json"
+    data.save(perfmap)
+    if case == "not_json":
+        perfmap.write_text('{"schema": "prism-trt/perfmap", ')
+    argv = ["serve", "--engines", str(small_engines), "--rank", "0", "--world-size", "2", "--master-port",
+            str(free_port()), "--timeout", "60", "--mode", "auto", "--map", str(perfmap)]
+    started = time.monotonic()
+    result = CliRunner().invoke(main, argv, env={"PRISM_TRT_TOKEN": None})
+    assert time.monotonic() - started < 20, "refused only after waiting for the workers"
+    assert result.exit_code in (1, 2), result.output
+    assert "Error:" in result.output and message in result.output, result.output
+    assert "Traceback" not in result.output and "did not join" not in result.output

@@ -241,7 +241,7 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, 
     import signal
 
     from ..profiler.adaptive.online import OnlineOptions
-    from ..profiler.adaptive.serving import SelectorOptions, make_selector
+    from ..profiler.adaptive.serving import SelectorOptions, load_map, make_selector
     from ..runtime import RuntimeOptions, open_executor
     from ..runtime.distributed import run_worker
     from ..serve import create_app
@@ -270,10 +270,11 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, 
         raise click.UsageError(f"{mode} mode needs --world-size >= 2")
     if mode != "auto":
         _check_chain_built(engines, mode, cr)
+    chooser = load_map(selection, engines)  # a bad map is refused before the join, not after its timeout
     executor = open_executor(engines, group, options)
     selector = None
     try:
-        selector = make_selector(selection, executor, engines)
+        selector = make_selector(selection, executor, engines, chooser)
         app = create_app(executor, selector, token=http.token, max_wait_ms=max_wait_ms,
                          max_body_bytes=http.max_body_bytes, max_image_bytes=http.max_image_bytes)
         click.echo(f"serving {executor.model_name} ({mode}) on http://{http.host}:{http.port}/v2/models/"

@@ -1,6 +1,7 @@
 """How a server chooses the chain of each batch, from its options: one fixed chain, or ``auto``
-from a performance map, refined online or not. The `serve` command states the options and
-calls :func:`make_selector`; the server only sees the selector it returns."""
+from a performance map, refined online or not. The `serve` command states the options, reads
+and checks the map with :func:`load_map` before rank 0 joins the group, then calls
+:func:`make_selector`; the server only sees the selector it returns."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...core.chain_key import Mode
+from ...engines.manifest import Manifest, rank_directory
 from ...engines.perfmap import PerfMap
 from ...errors import UsageError
 from ...runtime.api import Executor, FixedSelector
@@ -46,14 +48,34 @@ class SelectorOptions:
             raise UsageError("online refinement learns latency only; add --no-online to serve --objective energy")
 
 
-def make_selector(options: SelectorOptions, executor: Executor, engines: Path):
+def load_map(options: SelectorOptions, engines: Path) -> MapSelector | None:
+    """``--mode auto``'s map, read and checked against rank 0's engines in ``engines`` without
+    joining any group: it must load, be bound to these engines and measure only chains they hold.
+    A bad map is refused in a second, not after the workers' join timeout. None for a fixed mode."""
+    options.check()
+    if options.mode != "auto":
+        return None
+    data = PerfMap.load(options.map_path, engines_dir=engines)
+    built = Manifest.read(rank_directory(engines, 0)).keys()
+    missing = [key.label for key in data.chains() if key not in built]
+    if missing:
+        raise UsageError(f"the performance map {options.map_path} measured chains these engines do not hold: "
+                         f"{', '.join(missing)} (built: {', '.join(key.label for key in built)}); re-run "
+                         f"`prism-trt profile` for {engines}")
+    if not data.points:
+        raise UsageError(f"the performance map {options.map_path} has no measured points; run `prism-trt profile` "
+                         f"to fill it")
+    return MapSelector(data, options.objective, options.min_agreement)
+
+
+def make_selector(options: SelectorOptions, executor: Executor, engines: Path, chooser: MapSelector | None = None):
     """The selector ``options`` ask for, over ``executor`` (whose build is ``engines``): a chain
-    or a map these engines cannot serve is refused here, at start-up."""
+    or a map these engines cannot serve is refused here, at start-up. ``chooser``: the map
+    :func:`load_map` already read and checked (read here otherwise)."""
     options.check()
     if options.mode != "auto":
         return FixedSelector(executor.key_for(options.mode, options.cr))
-    data = PerfMap.load(options.map_path, engines_dir=engines)
-    chooser = MapSelector(data, options.objective, options.min_agreement)
+    chooser = chooser or load_map(options, engines)
     if not options.online:
         return LiveSelector(chooser, executor)
     return OnlineSelector(chooser, executor, options.online_options, save_path=options.save_map,
