@@ -1,5 +1,7 @@
 """A strict reader of the Prometheus text exposition format (0.0.4), for the serve tests: every
-line is checked as it is parsed, and histograms must be cumulative with a +Inf bucket."""
+line is checked as it is parsed, and histograms must be cumulative with a +Inf bucket. Bucket bounds
+are read as numbers and shown in their shortest form (``le="1"``, ``"0.005"``, ``"+Inf"``), however
+the exposition wrote them (``1`` or ``1.0``)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from collections import defaultdict
 import httpx
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$')
+SUFFIXES = {"histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count")}
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
@@ -27,21 +30,27 @@ def parse_metrics(text: str) -> dict[str, dict]:
         elif line.startswith("# TYPE "):
             name, _, kind = line[7:].partition(" ")
             assert current is not None and current["name"] == name, f"TYPE for {name} without its HELP first"
-            assert kind in ("counter", "gauge", "histogram"), line
+            assert kind in ("counter", "gauge", "histogram", "summary"), line
             current["type"] = kind
         else:
             match = SAMPLE.match(line)
             assert match, f"not a sample line: {line!r}"
             name, _, label_text, value = match.groups()
             assert current is not None and current["type"], f"sample before HELP/TYPE: {line!r}"
-            suffixes = ("_bucket", "_sum", "_count") if current["type"] == "histogram" else ("",)
+            suffixes = SUFFIXES.get(current["type"], ("",))
             assert any(name == current["name"] + s for s in suffixes), f"{name} outside family {current['name']}"
             labels = dict(LABEL.findall(label_text or ""))
+            if "le" in labels:
+                labels["le"] = bound_text(float(labels["le"]))
             families[current["name"]]["samples"].append((name, labels, float(value)))
     for family in families.values():
         if family["type"] == "histogram":
             check_histogram(family)
     return families
+
+
+def bound_text(bound: float) -> str:
+    return "+Inf" if bound == math.inf else f"{bound:g}"
 
 
 def check_histogram(family: dict) -> None:

@@ -23,6 +23,7 @@ from prism_trt.runtime.api import InferenceResult
 from prism_trt.runtime.request import InferenceRequest
 from prism_trt.runtime.timing import PhaseTimes
 from prism_trt.serve.batcher import Batcher, BatcherStopped, InferenceFailed, QueueFull
+from prism_trt.serve.metrics import sample_sum
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -126,7 +127,7 @@ async def until(predicate, what: str) -> None:
 
 
 async def taken(batcher: Batcher) -> None:
-    await until(lambda: batcher.metrics.queue_depth.value() == 0, "the worker took the queued requests")
+    await until(lambda: sample_sum(batcher.metrics.queue_depth) == 0, "the worker took the queued requests")
 
 
 async def hold_executor(batcher: Batcher, executor: RowExecutor) -> asyncio.Task:
@@ -139,9 +140,9 @@ async def hold_executor(batcher: Batcher, executor: RowExecutor) -> asyncio.Task
 
 async def queue(batcher: Batcher, batches: list[torch.Tensor]) -> list[asyncio.Task]:
     """Submit each tensor as its own request and wait until all of them sit in the queue."""
-    before = batcher.metrics.queue_depth.value()
+    before = sample_sum(batcher.metrics.queue_depth)
     tasks = [asyncio.ensure_future(batcher.submit(request(x))) for x in batches]
-    await until(lambda: batcher.metrics.queue_depth.value() == before + len(batches), "requests queued")
+    await until(lambda: sample_sum(batcher.metrics.queue_depth) == before + len(batches), "requests queued")
     return tasks
 
 
@@ -191,7 +192,7 @@ async def test_queued_requests_are_batched_fifo_up_to_max_batch(case):
         assert executor.sizes[1:] == totals and max(totals) <= max_batch
         assert selector.sizes == executor.sizes
         assert [o.batch_size for o in outcomes] == [total for batch, total in zip(batches, totals) for _ in batch]
-        assert batcher.metrics.queue_images.value() == 0
+        assert sample_sum(batcher.metrics.queue_images) == 0
 
 
 @asynchronous
@@ -216,8 +217,8 @@ async def test_selector_choice_reaches_executor_and_outcome():
         assert executor.calls == [(1, LOCAL), (2, PRISM), (3, VOLTAGE)]
         assert [(o.choice, o.fell_back) for o in outcomes] == [(LOCAL, False), (PRISM, False), (LOCAL, True)]
         metrics = batcher.metrics
-        assert metrics.chosen.value(mode=PRISM.label) == metrics.chosen.value(mode="voltage") == 1
-        assert metrics.fallbacks.value() == 1
+        assert sample_sum(metrics.chosen, mode=PRISM.label) == sample_sum(metrics.chosen, mode="voltage") == 1
+        assert sample_sum(metrics.fallbacks) == 1
 
 
 @asynchronous
@@ -256,7 +257,7 @@ async def test_failing_request_fails_alone_and_the_rest_are_answered():
         assert isinstance(bad, InferenceFailed) and str(bad) == "ValueError: poison image"
         check_rows([good, last], [batches[0], batches[2]])
         assert executor.sizes == [4, 2, 1, 1]  # merged, then each alone
-        assert batcher.metrics.isolations.value() == 1
+        assert sample_sum(batcher.metrics.isolations) == 1
         later = images(4, 9)
         check_rows([await asyncio.wait_for(batcher.submit(request(later)), SAFETY_S)], [later])
         assert batcher.healthy

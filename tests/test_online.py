@@ -36,6 +36,7 @@ from prism_trt.runtime.distributed import DistributedExecutor
 from prism_trt.runtime.group import GroupConfig, free_port
 from prism_trt.runtime.local import LocalExecutor
 from prism_trt.serve.batcher import Batcher
+from prism_trt.serve.metrics import sample_sum
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -276,13 +277,14 @@ def test_the_batcher_hands_over_results_and_survives_an_observer_that_raises(sma
         executor.close()
     assert [tuple(o.logits.shape) for o in outcomes] == [(2, 5)] * 2 and selector.seen == [(2, LOCAL)] * 2
     metrics = batcher.metrics
-    assert metrics.observer_errors.value() == (2 if fail else 0)
-    assert metrics.explored.value(mode="local") == (0 if fail else 2)
-    count = metrics.prediction_error.snapshot(mode="local")[2]
+    assert sample_sum(metrics.observer_errors) == (2 if fail else 0)
+    assert sample_sum(metrics.explored, mode="local") == (0 if fail else 2)
+    count = sample_sum(metrics.prediction_error, "_count", mode="local")
     assert count == (0 if fail else 2)
     if not fail:
-        assert metrics.bandwidth_estimate.value() == 123.0
-        assert math.isclose(metrics.last_prediction_error.value(mode="local"), 1.0)  # predicted batch, measured sample
+        assert sample_sum(metrics.bandwidth_estimate) == 123.0
+        # predicted batch, measured sample
+        assert math.isclose(sample_sum(metrics.last_prediction_error, mode="local"), 1.0)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -122,21 +122,21 @@ class _Server:
             except Exception as exc:  # a bug answers 500 for this request; the server goes on
                 log.exception("%s %s failed", request.method, request.url.path)
                 response = self.error_response(name, RequestError(500, "internal", f"internal error: {exc!r}"))
-            self.metrics.requests.inc(endpoint=name, code=str(response.status_code))
+            self.metrics.requests.labels(endpoint=name, code=str(response.status_code)).inc()
             return response
 
         return wrapped
 
     def error_response(self, endpoint: str, error: RequestError) -> JSONResponse:
-        self.metrics.errors.inc(endpoint=endpoint, code=str(error.status), reason=error.reason)
+        self.metrics.errors.labels(endpoint=endpoint, code=str(error.status), reason=error.reason).inc()
         level = logging.ERROR if error.status >= 500 else logging.INFO
         log.log(level, "%s -> %d %s: %s", endpoint, error.status, error.reason, error.message)
         return JSONResponse({"error": error.message}, status_code=error.status, headers=error.headers)
 
     def count_refusal(self, status: int, reason: str) -> None:
         """A request the HTTP server refused before the app saw it (a slow or oversized head, a stalled body)."""
-        self.metrics.requests.inc(endpoint="http", code=str(status))
-        self.metrics.errors.inc(endpoint="http", code=str(status), reason=reason)
+        self.metrics.requests.labels(endpoint="http", code=str(status)).inc()
+        self.metrics.errors.labels(endpoint="http", code=str(status), reason=reason).inc()
 
     def _authorize(self, request: Request) -> None:
         if self.token is None:
@@ -202,7 +202,7 @@ class _Server:
                                      outcome.choice, outcome.fell_back, outcome.batch_size, outcome.queue_s * 1e3,
                                      outcome.executor_s * 1e3, parsed.binary_outputs)
         content, headers, media_type = encode_body(header, raw)
-        self.metrics.latency.observe(time.perf_counter() - started, mode=outcome.choice.label)
+        self.metrics.latency.labels(mode=outcome.choice.label).observe(time.perf_counter() - started)
         return Response(content, headers=headers, media_type=media_type)
 
     # ---------------------------------------------------------------- routes
@@ -290,7 +290,7 @@ class _Server:
         message = (f"no route {request.method} {request.url.path}; see GET /v2 and /v2/models/{self.model_name}"
                    if status == 404 else f"{request.method} is not allowed on {request.url.path}")
         reason = "no_route" if status == 404 else "method_not_allowed"
-        self.metrics.requests.inc(endpoint="unknown", code=str(status))
+        self.metrics.requests.labels(endpoint="unknown", code=str(status)).inc()
         return self.error_response("unknown", RequestError(status, reason, message))
 
 

@@ -276,11 +276,11 @@ class Batcher:
         if observation.bandwidth_mbit is not None:
             self.metrics.bandwidth_estimate.set(observation.bandwidth_mbit)
         if observation.explored:
-            self.metrics.explored.inc(mode=observation.mode)
+            self.metrics.explored.labels(mode=observation.mode).inc()
         error = observation.relative_error
         if error is not None:
-            self.metrics.prediction_error.observe(error, mode=observation.mode)
-            self.metrics.last_prediction_error.set(error, mode=observation.mode)
+            self.metrics.prediction_error.labels(mode=observation.mode).observe(error)
+            self.metrics.last_prediction_error.labels(mode=observation.mode).set(error)
 
     async def _run(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
         batch = [pending for pending in batch if not pending.future.done()]
@@ -307,8 +307,8 @@ class Batcher:
                   executor_s * 1e3)
         self.metrics.batch_size.observe(size)
         self.metrics.batch_requests.observe(len(batch))
-        self.metrics.chosen.inc(mode=chosen.label)
-        self.metrics.executor_seconds.observe(executor_s, mode=result.choice.label)
+        self.metrics.chosen.labels(mode=chosen.label).inc()
+        self.metrics.executor_seconds.labels(mode=result.choice.label).observe(executor_s)
         if result.fell_back:
             self.metrics.fallbacks.inc()
             self._fallback_log.warning("%s could not run a batch of %d; the local chain answered", chosen.label, size)
