@@ -227,8 +227,11 @@ def http_options(func):
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Engine intra-op threads.")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True,
               help="Where engine tensors live (cpu, cuda:0).")
+@click.option("--link-probe", type=FiniteFloat(min=0), default=1.0, show_default=True,
+              help="Seconds without a distributed batch after which rank 0 times a small payload over the link, "
+                   "so the link's rate stays known while batches run locally (0: heartbeats only).")
 def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, explore_fraction, explore_budget,
-          save_map, save_every, http, max_wait_ms, threads, device):
+          save_map, save_every, http, max_wait_ms, threads, device, link_probe):
     """Serve classifications over the KServe v2 / Open Inference Protocol HTTP API.
 
     Run the same command on every board with its --rank (or under torchrun): rank 0 loads its
@@ -248,7 +251,7 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, 
     from ..serve import serve as run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = RuntimeOptions(threads, device)
+    options = RuntimeOptions(threads, device, link_probe_s=link_probe)
     if group.rank != 0:
         def stop(signum, frame):
             raise SystemExit(f"rank {group.rank}: signal {signum}, leaving the group")

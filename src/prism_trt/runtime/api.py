@@ -18,6 +18,7 @@ from ..engines.manifest import Manifest
 from ..errors import UsageError
 from ..model.spec import ViTSpec
 from ..model.text_spec import TextSpec
+from .link_probe import LinkProbe
 from .request import InferenceRequest
 from .timing import PhaseTimes
 
@@ -54,6 +55,8 @@ class Executor(ABC):
     max_batch: int
     #: The rate the collectives achieved lately, Mbit/s; None where nothing crosses a network.
     bandwidth_mbit: float | None = None
+    #: The newest reading of the link's probe (:mod:`.link_probe`); None where none ran.
+    link_probe: LinkProbe | None = None
 
     @abstractmethod
     def chains(self) -> list[ChainKey]:

@@ -9,7 +9,9 @@ before it (the others are sent but not read: an all-gather as a first version, c
 each rank copies only the slots it attends to). Only rank 0 runs the head; a per-position text
 head (GPT-2's LM head) first gathers every rank's final hidden states to rank 0. While idle, rank
 0 sends heartbeats so that workers (and rank 0 itself) learn of a dead peer within the collective
-timeout instead of at the next request.
+timeout instead of at the next request; with ``link_probe_s`` set, those heartbeats carry a timed
+payload now and then, so the link's rate stays known while nothing distributed runs
+(:mod:`.link_probe`).
 
 If a collective fails (a worker died or stopped answering), rank 0 answers the batch with its
 local chain, leaves the broken group (so the surviving workers notice at once) and reports
@@ -39,6 +41,7 @@ from .api import Executor, Health, InferenceResult
 from .chain import run_chains_in_process
 from .distributed_rank import DistributedRank
 from .group import ClusterError, GroupConfig
+from .link_probe import LinkProbe, answer_probe, payload_bytes, probe_link
 from .options import DEFAULT_OPTIONS, RuntimeOptions
 from .rendezvous import Rendezvous
 from .request import InferenceRequest
@@ -46,7 +49,7 @@ from .timing import PhaseTimes, Stopwatch
 
 log = logging.getLogger(__name__)
 
-OP_STOP, OP_INFER, OP_HEARTBEAT, OP_INFER_TIMED = 0, 1, 2, 3
+OP_STOP, OP_INFER, OP_HEARTBEAT, OP_INFER_TIMED, OP_PROBE = 0, 1, 2, 3, 4
 REJOIN_POLL_S = 0.2  # while degraded, how often rank 0 looks for workers asking to join again
 
 
@@ -74,6 +77,9 @@ def worker_loop(rank: DistributedRank, stop: threading.Event | None = None) -> i
             log.info("rank %d: stop from rank 0 after %d batches", rank.rank, batches)
             return batches
         if op == OP_HEARTBEAT:
+            continue
+        if op == OP_PROBE:  # the header's batch field holds the payload's size
+            answer_probe(batch)
             continue
         request = rank.request_buffers(index, batch)
         for tensor in request.values():
@@ -126,6 +132,8 @@ class DistributedExecutor(Executor):
         self._stall_s = stall_s if stall_s is not None else min(group.timeout_s / 4, 5.0)
         self._last_collective = time.monotonic()
         self.bandwidth_mbit: float | None = None  # estimated from the collectives actually run
+        self._probe_s = options.link_probe_s
+        self.link_probe: LinkProbe | None = None  # the newest reading of the link's probe
         self._watch = threading.Thread(target=self._watch_loop, name="prism-heartbeat", daemon=True)
         self._watch.start()
 
@@ -220,9 +228,11 @@ class DistributedExecutor(Executor):
     def _watch_loop(self) -> None:
         """Heartbeats while healthy and idle; while degraded, re-forms the group once every worker
         asks to join again."""
-        while not self._closed.wait(REJOIN_POLL_S if self._degraded else self._heartbeat_s / 2):
+        while not self._closed.wait(REJOIN_POLL_S if self._degraded else self._idle_poll_s()):
             if self._degraded:
                 self._rejoin_if_all_waiting()
+            elif self._probe_due():
+                self._probe()
             elif time.monotonic() - self._last_collective >= self._heartbeat_s:
                 with self._lock:
                     if self._closed.is_set() or self._degraded:
@@ -232,6 +242,31 @@ class DistributedExecutor(Executor):
                             self._broadcast_header(OP_HEARTBEAT)
                     except RuntimeError as error:
                         self._degrade(f"heartbeat to the workers failed: {error}")
+
+    def _idle_poll_s(self) -> float:
+        return min(self._heartbeat_s, self._probe_s or self._heartbeat_s) / 2
+
+    def _probe_due(self) -> bool:
+        """A probe replaces the heartbeat once no collective crossed the link for ``link_probe_s``:
+        distributed batches measure the link themselves."""
+        return self._probe_s > 0 and time.monotonic() - self._last_collective >= self._probe_s
+
+    def _probe(self) -> None:
+        """Time the link (:func:`~.link_probe.probe_link`); its reading becomes ``bandwidth_mbit``."""
+        with self._lock:  # a batch may have crossed the link while this thread waited for the lock
+            if self._closed.is_set() or self._degraded or not self._probe_due():
+                return
+            last = self.link_probe
+            size = payload_bytes(last)
+            try:
+                with self._collectives():
+                    self._broadcast_header(OP_PROBE, 0, size)
+                    reading = probe_link(size, (last.count if last else 0) + 1)
+            except RuntimeError as error:
+                self._degrade(f"link probe to the workers failed: {error}")
+                return
+            if reading is not None:
+                self.link_probe, self.bandwidth_mbit = reading, reading.mbit
 
     def _rejoin_if_all_waiting(self) -> None:
         try:

@@ -18,12 +18,15 @@ Three parts, each usable alone:
   Waiting for a slower rank only ever adds time (the server runs without a barrier, so its comm
   holds that wait), so the estimate is the *highest* rate implied by the last few distributed
   batches: a loaded core cannot drag it down, a slower link does within ``bandwidth_window``
-  batches, and a single explored batch on a faster link lifts it at once.
+  batches, and a single explored batch on a faster link lifts it at once. While no distributed
+  batch runs, the readings of rank 0's link probe (:mod:`prism_trt.runtime.link_probe`, a timed
+  payload on the heartbeat) take their place in the same window: a server that went local on a
+  slow link sees the link recover at the next probe.
 * :class:`ExplorationPolicy` — now and then run an eligible candidate that is rarely chosen, if
   its predicted latency is within ``(1 + budget)`` of the best; a deterministic counter keeps the
   explored batches at most ``fraction`` of all batches, at every point in time. Exploration is
   what notices that a link got faster again while the selector runs locally (a local batch
-  crosses no network, so it says nothing about the link).
+  crosses no network, so it says nothing about the link) where no link probe runs.
 """
 
 from __future__ import annotations
@@ -223,7 +226,11 @@ class BandwidthTracker:
             return None
         valid = curve > 0
         misfit = np.where(valid, np.abs(np.log(np.where(valid, curve, 1.0)) - math.log(observed)), np.inf)
-        implied = min(self.ceiling, max(self.floor, float(self.grid[int(np.argmin(misfit))])))
+        return self.observe_rate(float(self.grid[int(np.argmin(misfit))]))
+
+    def observe_rate(self, mbit: float) -> float:
+        """Fold in a rate read directly off the link (a probe's goodput, Mbit/s); returns it as kept."""
+        implied = min(self.ceiling, max(self.floor, float(mbit)))
         self.implied.append(implied)
         self.updates += 1
         return implied

@@ -156,7 +156,7 @@ class OnlineSelector:
         if save_every < 0:
             raise UsageError(f"save_every must be >= 0 batches, got {save_every}")
         check_loaded(selector.data, executor)
-        self.selector, self.options = selector, options or OnlineOptions()
+        self.executor, self.selector, self.options = executor, selector, options or OnlineOptions()
         rates = [p.bandwidth for p in selector.data.points if p.mode != Mode.LOCAL and p.bandwidth]
         self.cells = OnlineCells(self.options, max(rates, default=None))
         self.tracker = None if not rates else BandwidthTracker(
@@ -168,6 +168,7 @@ class OnlineSelector:
         # ran on a shorter sequence bucket costs less and would teach the cells a wrong latency.
         self.sequence_length = executor.manifest.model.sequence_length
         self.observed = 0
+        self.probes_folded = 0  # the count of the newest link probe reading folded into the tracker
         self._chosen: _Chosen | None = None
         self._lock = threading.Lock()
 
@@ -183,8 +184,16 @@ class OnlineSelector:
                 if p.key == key and p.batch == batch and self.cells.bucket(key, p.bandwidth) == bucket]
         return min(same, key=lambda p: abs(math.log((p.bandwidth or 1.0) / (bandwidth or 1.0))), default=None)
 
+    def _fold_link_probe(self) -> None:
+        """The executor's newest link probe reading, if not yet seen, joins the tracker's window."""
+        probe = self.executor.link_probe
+        if probe is not None and self.tracker is not None and probe.count > self.probes_folded:
+            self.probes_folded = probe.count
+            self.tracker.observe_rate(probe.mbit)
+
     def decide(self, batch: int) -> Decision:
         """Choose for ``batch`` (and count it for exploration); candidates carry the refined predictions."""
+        self._fold_link_probe()
         bandwidth = self.bandwidth_mbit
         # the MapSelector applies the agreement floor and gives the model's prediction at the live rate
         base = self.selector.decide(batch, bandwidth)
