@@ -234,14 +234,15 @@ def test_response_parameters_are_never_null():
 def test_model_and_server_metadata():
     keys = [ChainKey.local(), ChainKey.voltage(), ChainKey.prism(2, 9, 2)]
     meta = SERVED.metadata(keys)
-    assert meta["name"] == "proto-test" and meta["platform"] == "prism_trt" and meta["versions"] == []
+    assert meta["name"] == "proto-test" and meta["platform"] == "prism_trt" and meta["versions"] == ["1"]
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 16, 8]}]
     assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 5]},
                                {"name": "label", "datatype": "INT64", "shape": [-1]}]
     assert meta["parameters"] == {"max_batch_size": MAX_BATCH, "modes": f"local,voltage,{keys[2].label}",
                                   "mean": "0.5,0.25,0.75", "std": "0.5,0.25,2",
                                   "image_endpoint": "/v2/models/proto-test/infer/image"}
-    assert server_metadata("1.2.3") == {"name": "prism-trt", "version": "1.2.3", "extensions": ["binary_tensor_data"]}
+    assert server_metadata("1.2.3") == {"name": "prism-trt", "version": "1.2.3",
+                                        "extensions": ["binary_tensor_data", "model_configuration", "statistics"]}
 
 
 # ------------------------------------------------------------------ images

@@ -31,7 +31,7 @@ def test_health_and_metadata(serve_client):
 
     server = serve_client.get("/v2").json()
     assert server["name"] == "prism-trt" and isinstance(server["version"], str)
-    assert server["extensions"] == ["binary_tensor_data"]
+    assert server["extensions"] == ["binary_tensor_data", "model_configuration", "statistics"]
 
     meta = serve_client.get("/v2/models/tiny-test")
     assert meta.status_code == 200

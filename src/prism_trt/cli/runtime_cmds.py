@@ -150,6 +150,17 @@ def _check_token(ctx: click.Context, param: click.Parameter, value: str | None) 
     return value
 
 
+def _check_model_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from ..serve.app import check_model_name
+
+    if value is not None:
+        try:
+            check_model_name(value)
+        except ValueError as error:
+            raise click.BadParameter(str(error), ctx, param) from None
+    return value
+
+
 def http_options(func):
     """The HTTP server's flags for `serve`: address, authentication, body and read limits."""
     seconds = FiniteFloat(min=0, min_open=True)
@@ -224,6 +235,8 @@ def http_options(func):
 @http_options
 @click.option("--max-wait-ms", type=FiniteFloat(min=0), default=5.0, show_default=True,
               help="How long a batch waits for more requests.")
+@click.option("--model-name", metavar="NAME", default=None, callback=_check_model_name,
+              help="The name clients use in /v2/models/NAME [default: the model's own name from the build].")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Engine intra-op threads.")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True,
               help="Where engine tensors live (cpu, cuda:0).")
@@ -231,7 +244,7 @@ def http_options(func):
               help="Seconds without a distributed batch after which rank 0 times a small payload over the link, "
                    "so the link's rate stays known while batches run locally (0: heartbeats only).")
 def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, explore_fraction, explore_budget,
-          save_map, save_every, http, max_wait_ms, threads, device, link_probe):
+          save_map, save_every, http, max_wait_ms, model_name, threads, device, link_probe):
     """Serve classifications over the KServe v2 / Open Inference Protocol HTTP API.
 
     Run the same command on every board with its --rank (or under torchrun): rank 0 loads its
@@ -279,9 +292,10 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, 
     try:
         selector = make_selector(selection, executor, engines, chooser)
         app = create_app(executor, selector, token=http.token, max_wait_ms=max_wait_ms,
-                         max_body_bytes=http.max_body_bytes, max_image_bytes=http.max_image_bytes)
-        click.echo(f"serving {executor.model_name} ({mode}) on http://{http.host}:{http.port}/v2/models/"
-                   f"{executor.model_name}")
+                         max_body_bytes=http.max_body_bytes, max_image_bytes=http.max_image_bytes,
+                         model_name=model_name)
+        served = app.state.server.model_name
+        click.echo(f"serving {served} ({mode}) on http://{http.host}:{http.port}/v2/models/{served}")
 
         # uvicorn shuts down gracefully on SIGTERM/SIGINT, then restores the handlers it found and
         # re-raises the signal: with this handler in place that ends here, so the workers get stopped.

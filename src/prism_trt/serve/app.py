@@ -30,17 +30,21 @@ from ..runtime.api import Executor, Health, Selector
 from .batcher import Batcher, BatcherStopped, InferenceFailed, QueueFull
 from .binary import HEADER_LENGTH, byte_count, encode_body
 from .kserve import (
+    BODY_ALLOWANCE,
     BYTES_PER_VALUE,
+    MODEL_VERSION,
     OUTPUT_NAMES,
     KServeRequest,
     ServedModality,
     infer_response,
+    load_json,
     server_metadata,
 )
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import VisionServing
 from .request_error import RequestError
 from .text_protocol import TextServing
+from .triton import model_config, model_statistics, repository_index
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +60,12 @@ Handler = Callable[[Request], Awaitable[Response]]
 SERVED: dict[str, type[ServedModality]] = {Vision.kind: VisionServing, Text.kind: TextServing}
 
 
-def served_modality(executor: Executor) -> ServedModality:
-    """How the server speaks the executor's model: inputs, metadata, parsing, body limits."""
+def served_modality(executor: Executor, model_name: str | None = None) -> ServedModality:
+    """How the server speaks the executor's model, under ``model_name`` (default the model's own
+    name): inputs, metadata, parsing, body limits."""
     modality = executor.manifest.model.modality
-    return SERVED[modality.kind](modality, executor.model_name, executor.max_batch, executor.buckets.lengths)
+    return SERVED[modality.kind](modality, model_name or executor.model_name, executor.max_batch,
+                                 executor.buckets.lengths)
 
 
 def default_max_body_bytes(executor: Executor, encoding: str = "json") -> int:
@@ -75,6 +81,15 @@ def default_max_image_bytes(executor: Executor) -> int:
     return served_modality(executor).max_image_bytes()
 
 
+def check_model_name(name: str) -> None:
+    """Refuse a model name no URL path could carry: empty, a slash or space, or one the routes take
+    for themselves."""
+    if not name or not name.isascii() or not name.isprintable() or any(c in name for c in " /?#%"):
+        raise UsageError(f"the model name {name!r} must be non-empty printable ASCII without spaces or / ? # %")
+    if name == "stats":  # GET /v2/models/stats is the statistics of every model
+        raise UsageError("the model name 'stats' is taken by the statistics endpoint /v2/models/stats; choose another")
+
+
 def check_token(token: str) -> None:
     """Refuse a bearer token no client could send: empty, or not printable ASCII without spaces."""
     if not token or not token.isascii() or not token.isprintable() or " " in token:
@@ -84,14 +99,17 @@ def check_token(token: str) -> None:
 
 class _Server:
     def __init__(self, executor: Executor, selector: Selector, token: str | None, max_wait_ms: float,
-                 max_body_bytes: int | None, max_queue_images: int | None, max_image_bytes: int | None):
+                 max_body_bytes: int | None, max_queue_images: int | None, max_image_bytes: int | None,
+                 model_name: str | None):
         if token is not None:
             check_token(token)
+        if model_name is not None:
+            check_model_name(model_name)
         for name, value in (("max_body_bytes", max_body_bytes), ("max_image_bytes", max_image_bytes)):
             if value is not None and value <= 0:
                 raise UsageError(f"{name} must be positive, got {value}")
         self.executor, self.token = executor, token
-        self.served = served_modality(executor)
+        self.served = served_modality(executor, model_name)
         # an explicit body limit holds for both encodings; the defaults follow the model's full batch
         self.body_limits = {encoding: max_body_bytes or self.served.max_body_bytes(encoding)
                             for encoding in BYTES_PER_VALUE}
@@ -99,7 +117,7 @@ class _Server:
         self.max_pixels = self.served.max_pixels
         self.parse_slots = asyncio.Semaphore(PARSE_CONCURRENCY)
         self.decode_slots = asyncio.Semaphore(DECODE_CONCURRENCY)
-        self.model_name = executor.model_name
+        self.model_name = self.served.model_name
         self.metrics = ServerMetrics(executor.max_batch)
         self.batcher = Batcher(executor, selector, max_wait_s=max_wait_ms / 1e3, max_queue_images=max_queue_images,
                                metrics=self.metrics, modality=self.served.modality)
@@ -150,10 +168,13 @@ class _Server:
             raise RequestError(401, "unauthorized", "the bearer token is wrong", challenge)
 
     def _check_model(self, request: Request) -> None:
-        name = request.path_params["name"]
+        name, version = request.path_params["name"], request.path_params.get("version", MODEL_VERSION)
         if name != self.model_name:
             raise RequestError(404, "unknown_model", f"model '{name}' is not served here; this server serves "
                                                      f"'{self.model_name}'")
+        if version != MODEL_VERSION:
+            raise RequestError(404, "unknown_version", f"model '{name}' has no version '{version}'; it has one "
+                                                       f"version, '{MODEL_VERSION}' (or leave /versions/... out)")
 
     async def _read_body(self, request: Request, limit: int) -> bytes:
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
@@ -203,6 +224,7 @@ class _Server:
                                      outcome.executor_s * 1e3, parsed.binary_outputs)
         content, headers, media_type = encode_body(header, raw)
         self.metrics.latency.labels(mode=outcome.choice.label).observe(time.perf_counter() - started)
+        self.metrics.queue_seconds.observe(outcome.queue_s)
         return Response(content, headers=headers, media_type=media_type)
 
     # ---------------------------------------------------------------- routes
@@ -230,6 +252,26 @@ class _Server:
     async def model_metadata(self, request: Request) -> Response:
         self._check_model(request)
         return JSONResponse(self.served.metadata(self.executor.chains()))
+
+    async def model_config(self, request: Request) -> Response:
+        self._check_model(request)
+        metadata = self.served.metadata(self.executor.chains())
+        return JSONResponse(model_config(metadata, self.executor.max_batch, self.batcher.max_wait_s,
+                                         self.batcher.max_queue_images))
+
+    async def model_stats(self, request: Request) -> Response:
+        if "name" in request.path_params:  # else GET /v2/models/stats: every model's, this one
+            self._check_model(request)
+        return JSONResponse({"model_stats": [model_statistics(self.model_name, self.metrics)]})
+
+    async def repository_index(self, request: Request) -> Response:
+        body = await self._read_body(request, BODY_ALLOWANCE)
+        options = load_json(body) if body.strip() else {}
+        if not isinstance(options, dict) or not isinstance(options.get("ready", False), bool):
+            raise RequestError(400, "malformed_request", f"the repository index takes an empty body or a JSON object "
+                                                         f"like {{\"ready\": true}}, got {body[:80]!r}")
+        health = await self._health()
+        return JSONResponse(repository_index(self.model_name, health.ready, health.reason, options.get("ready", False)))
 
     async def model_ready(self, request: Request) -> Response:
         self._check_model(request)
@@ -296,7 +338,8 @@ class _Server:
 
 def create_app(executor: Executor, selector: Selector, token: str | None = None,
                max_wait_ms: float = DEFAULT_MAX_WAIT_MS, max_body_bytes: int | None = None,
-               max_queue_images: int | None = None, max_image_bytes: int | None = None) -> Starlette:
+               max_queue_images: int | None = None, max_image_bytes: int | None = None,
+               model_name: str | None = None) -> Starlette:
     """The KServe v2 app for one executor.
 
     token: when set, every endpoint but ``/v2/health/live`` wants ``Authorization: Bearer <token>``.
@@ -304,19 +347,28 @@ def create_app(executor: Executor, selector: Selector, token: str | None = None,
     max_body_bytes: /infer body limit, JSON or binary (default :func:`default_max_body_bytes`), 413 above it.
     max_queue_images: images allowed to wait (default 16 full batches), 503 above it.
     max_image_bytes: /infer/image body limit (default :func:`default_max_image_bytes`), 413 above it.
+    model_name: the name the model is served under (default the model's own, ``executor.model_name``).
     ``app.state.server`` holds the batcher and metrics.
     """
-    server = _Server(executor, selector, token, max_wait_ms, max_body_bytes, max_queue_images, max_image_bytes)
+    server = _Server(executor, selector, token, max_wait_ms, max_body_bytes, max_queue_images, max_image_bytes,
+                     model_name)
     e = server.endpoint
+    # each model route also answers under /versions/{version}/, for the one version there is
+    model_routes = [("", "model_metadata", server.model_metadata, "GET"),
+                    ("/ready", "model_ready", server.model_ready, "GET"),
+                    ("/config", "model_config", server.model_config, "GET"),
+                    ("/stats", "model_stats", server.model_stats, "GET"),
+                    ("/infer", "infer", server.infer, "POST")]
     routes = [
         # liveness probes (kubelet, systemd) carry no credentials, and liveness tells nothing about the model
         Route("/v2/health/live", e("live", server.live, public=True), methods=["GET"]),
         Route("/v2/health/ready", e("ready", server.ready), methods=["GET"]),
         Route("/v2", e("server_metadata", server.server_metadata), methods=["GET"]),
-        Route("/v2/models/{name}", e("model_metadata", server.model_metadata), methods=["GET"]),
-        Route("/v2/models/{name}/ready", e("model_ready", server.model_ready), methods=["GET"]),
-        Route("/v2/models/{name}/infer", e("infer", server.infer), methods=["POST"]),
+        Route("/v2/models/stats", e("model_stats", server.model_stats), methods=["GET"]),
+        *(Route(f"/v2/models/{{name}}{versions}{tail}", e(name, handler), methods=[method])
+          for versions in ("", "/versions/{version}") for tail, name, handler, method in model_routes),
         Route("/v2/models/{name}/infer/image", e("infer_image", server.infer_image), methods=["POST"]),
+        Route("/v2/repository/index", e("repository_index", server.repository_index), methods=["POST"]),
         Route("/metrics", e("metrics", server.metrics_text), methods=["GET"]),
     ]
 

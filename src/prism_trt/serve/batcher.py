@@ -309,6 +309,8 @@ class Batcher:
         self.metrics.batch_requests.observe(len(batch))
         self.metrics.chosen.labels(mode=chosen.label).inc()
         self.metrics.executor_seconds.labels(mode=result.choice.label).observe(executor_s)
+        self.metrics.batch_executor_seconds.labels(batch_size=str(size)).observe(executor_s)
+        self.metrics.last_inference.set_to_current_time()
         if result.fell_back:
             self.metrics.fallbacks.inc()
             self._fallback_log.warning("%s could not run a batch of %d; the local chain answered", chosen.label, size)

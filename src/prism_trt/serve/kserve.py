@@ -31,7 +31,9 @@ LOGITS_OUTPUT = "logits"
 LABEL_OUTPUT = "label"
 OUTPUT_NAMES = (LOGITS_OUTPUT, LABEL_OUTPUT)
 PLATFORM = "prism_trt"
-PROTOCOL_EXTENSIONS: list[str] = ["binary_tensor_data"]
+MODEL_VERSION = "1"  # a server serves one model at one version
+# Triton's extensions spoken here: binary.py, and the model configuration and statistics of triton.py
+PROTOCOL_EXTENSIONS: list[str] = ["binary_tensor_data", "model_configuration", "statistics"]
 
 _NON_JSON_NUMBER = re.compile(rb"(?<![\w\"])-?(NaN|Infinity)\b")
 

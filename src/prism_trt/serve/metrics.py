@@ -1,6 +1,9 @@
 """The server's Prometheus metrics, through ``prometheus_client``: one registry per server (never
 the library's global one, so two apps in a process, as in the tests, count apart), scraped as the
 text exposition format 0.0.4.
+
+The same families answer Triton's statistics extension (serve/triton.py): /metrics and
+``GET /v2/models/NAME/stats`` show the same counts and durations.
 """
 
 from __future__ import annotations
@@ -76,6 +79,15 @@ class ServerMetrics:
                                           ("mode",), registry=r, buckets=LATENCY_BUCKETS_S)
         self.queue_depth = Gauge("prism_queue_depth", "Requests waiting for a batch.", registry=r)
         self.queue_images = Gauge("prism_queue_images", "Images waiting for a batch.", registry=r)
+        # what Triton's statistics extension reports beyond the families above
+        self.queue_seconds = Histogram("prism_queue_seconds",
+                                       "Time successful inference requests waited for their batch to start.",
+                                       registry=r, buckets=LATENCY_BUCKETS_S)
+        self.batch_executor_seconds = Summary("prism_batch_executor_seconds",
+                                              "Executor time per batch, by images in the batch.", ("batch_size",),
+                                              registry=r)
+        self.last_inference = Gauge("prism_last_inference_timestamp_seconds",
+                                    "Unix time the newest batch was answered (0: none yet).", registry=r)
         # what a learning selector (serve --mode auto) made of each batch; absent for a fixed mode
         self.prediction_error = Histogram(
             "prism_prediction_error_ratio", "Per batch, |predicted - measured| / measured per-sample latency of the "

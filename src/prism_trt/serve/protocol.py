@@ -21,6 +21,7 @@ from .kserve import (
     BODY_ALLOWANCE,
     LABEL_OUTPUT,
     LOGITS_OUTPUT,
+    MODEL_VERSION,
     PLATFORM,
     KServeRequest,
     ServedModality,
@@ -82,7 +83,7 @@ def model_metadata(model_name: str, spec: ViTSpec, max_batch: int, choices: list
     height, width = spec.img_size
     return {
         "name": model_name,
-        "versions": [],
+        "versions": [MODEL_VERSION],
         "platform": PLATFORM,
         "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, spec.in_chans, height, width]}],
         "outputs": [

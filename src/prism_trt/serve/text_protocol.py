@@ -21,6 +21,7 @@ from ..engines.stage_spec import ATTENTION_MASK, INPUT_IDS
 from .binary import binary_size
 from .kserve import (
     LOGITS_OUTPUT,
+    MODEL_VERSION,
     OUTPUT_NAMES,
     PLATFORM,
     KServeRequest,
@@ -72,7 +73,7 @@ def text_model_metadata(served: TextServing, choices: list[ChainKey]) -> dict:
         outputs.append({"name": OUTPUT_NAMES[1], "datatype": "INT64", "shape": [-1]})
     return {
         "name": model_name,
-        "versions": [],
+        "versions": [MODEL_VERSION],
         "platform": PLATFORM,
         "inputs": [{"name": name, "datatype": "INT64", "shape": [-1, -1]} for name in TEXT_INPUT_NAMES],
         "outputs": outputs,
