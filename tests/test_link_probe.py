@@ -4,7 +4,9 @@ their structure and what the executor and the online selector make of them, neve
 
 from __future__ import annotations
 
+import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -122,3 +124,107 @@ def test_the_online_selector_folds_each_new_reading_into_its_link_estimate(clust
         folded, updates = selector.probes_folded, tracker.updates
         selector.decide(1)
         assert tracker.updates - updates == (selector.probes_folded != folded)
+
+
+# -- a bandwidth step on the testbed: the probe's readings and the selector's estimate follow the link -------
+
+_PROBING_RANK0 = r"""
+import json, sys, time
+from pathlib import Path
+from prism_trt.engines import PerfMap
+from prism_trt.profiler.adaptive import MapSelector
+from prism_trt.profiler.adaptive.online import OnlineOptions
+from prism_trt.profiler.adaptive.selector import OnlineSelector
+from prism_trt.runtime import RuntimeOptions
+from prism_trt.runtime.distributed import DistributedExecutor
+from prism_trt.runtime.group import GroupConfig
+engines, perfmap, address, port, token, seconds, probe_s = sys.argv[1:8]
+executor = DistributedExecutor(Path(engines) / "rank0", GroupConfig(0, 2, address, int(port), 30.0, token=token),
+                               RuntimeOptions(threads=1, link_probe_s=float(probe_s)))
+selector = OnlineSelector(MapSelector(PerfMap.load(Path(perfmap)), "latency", 0.0), executor,
+                          OnlineOptions(explore_fraction=0.0))
+print(json.dumps({"ready": time.monotonic()}), flush=True)
+seen, end = 0, time.monotonic() + float(seconds)
+while time.monotonic() < end:
+    probe = executor.link_probe
+    if probe is not None and probe.count > seen:
+        seen = probe.count
+        selector.decide(1)
+        print(json.dumps({"at": probe.at, "mbit": probe.mbit, "bytes": probe.payload_bytes,
+                          "estimate": selector.bandwidth_mbit}), flush=True)
+    time.sleep(0.02)
+executor.close()
+"""
+
+
+def test_a_bandwidth_step_both_ways_is_followed_by_the_probe_on_the_testbed(testbed_name, engines, tmp_path):
+    """No batch runs, as in a server that went local: the readings, and the selector's estimate, follow
+    100 -> 10 -> 100 Mbit/s within a few probes."""
+    import json
+    import secrets
+    import select
+
+    from test_profiler import VOLTAGE, synthetic_point
+
+    from prism_trt.engines import AccuracyEntry, ChainKey, PerfMap
+    from prism_trt.profiler.testbed import Testbed
+
+    prism = ChainKey.prism(5, 17, 2)  # the engines' prism chain
+    data = PerfMap.new(engines_fingerprint(engines), {}, 2, 1, 1, 5, None)
+    for batch in (1, 4):
+        data.points.append(synthetic_point(ChainKey.local(), batch, None))
+        for rate in (10.0, 100.0):  # a constructed map measured at the two rates of the step
+            data.points += [synthetic_point(VOLTAGE, batch, rate), synthetic_point(prism, batch, rate)]
+    data.accuracy = [AccuracyEntry(prism, 2, 1.0)]
+    data.save(tmp_path / "perfmap.json")
+    token, port, probe_s, phase_s = secrets.token_hex(16), free_port(), 0.25, 3.0
+    env = {"PRISM_TRT_CLUSTER_TOKEN": token, "PYTHONUNBUFFERED": "1"}
+    with Testbed(2, "100mbit", name=testbed_name) as bed:
+        worker = subprocess.Popen(bed.command(1, [sys.executable, "-m", "prism_trt.cli", "run", "--engines",
+                                                  str(engines), "--rank", "1", "--world-size", "2", "--master-addr",
+                                                  bed.address(0), "--master-port", str(port), "--threads", "1"], env),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
+        rank0 = subprocess.Popen(bed.command(0, [sys.executable, "-c", _PROBING_RANK0, str(engines),
+                                                 str(tmp_path / "perfmap.json"), bed.address(0), str(port), token,
+                                                 str(4 * phase_s + 30), str(probe_s)], env),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+        lines: list[dict] = []
+
+        def read_until(deadline: float, until_ready: bool = False) -> None:
+            while time.monotonic() < deadline and rank0.poll() is None:
+                if until_ready and any("ready" in line for line in lines):
+                    return
+                ready, _, _ = select.select([rank0.stdout], [], [], max(0.0, deadline - time.monotonic()))
+                if ready:
+                    line = rank0.stdout.readline()
+                    if line:
+                        lines.append(json.loads(line))
+
+        try:
+            read_until(time.monotonic() + 60, until_ready=True)  # the group forms
+            assert any("ready" in line for line in lines), rank0.stderr.read()[-3000:] if rank0.poll() else lines
+            steps = [(time.monotonic(), 100.0)]
+            read_until(steps[0][0] + phase_s)
+            for rate in (10.0, 100.0):
+                bed.set_bandwidth(f"{rate:g}mbit")
+                steps.append((time.monotonic(), rate))
+                read_until(steps[-1][0] + phase_s)
+        finally:
+            for process in (rank0, worker):
+                if process.poll() is None:
+                    process.kill()
+                process.wait(timeout=30)
+    readings = [line for line in lines if "mbit" in line]
+    for (start, rate), end in zip(steps, [s for s, _ in steps[1:]] + [math.inf]):
+        # a reading is the link's own once the probe began after the step: leave one probe's time
+        phase = [r for r in readings if start + 0.6 <= r["at"] < end]
+        assert len(phase) >= 2, (rate, readings)
+        print(f"{rate:g} Mbit/s: readings {[round(r['mbit'], 1) for r in phase]}, "
+              f"estimates {[round(r['estimate'], 1) for r in phase]}")
+        # the tc rate is a ceiling on goodput; a reading is off by more only when a core was busy
+        assert rate * 0.6 <= statistics.median(r["mbit"] for r in phase) <= rate * 1.2, (rate, phase)
+        assert all(rate / 3 <= r["mbit"] <= rate * 2 for r in phase), (rate, phase)
+        if rate == 10.0:  # the step down: once the window holds only slow readings, the estimate is slow
+            assert phase[-1]["estimate"] <= rate * 2, phase
+        elif start != steps[0][0]:  # the step up: the highest-of-window estimate lifts at the first reading
+            assert phase[0]["estimate"] >= rate / 2, phase

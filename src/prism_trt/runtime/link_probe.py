@@ -10,10 +10,12 @@ learn that the link got fast again. While no distributed batch has crossed the l
    rested link lets through faster than its rate (a token bucket's burst, WiFi aggregation) and
    opens TCP's window again after the idle time;
 2. an empty round, the all-reduce alone: the round trip with no payload;
-3. the payload round again, timed.
+3. the payload round again, timed;
+4. the empty round again.
 
-The payload's goodput is its bits over the difference of rounds 3 and 2, so the fixed latency of
-a round trip cancels. The payload is sized to take about ``TARGET_MS`` at the last reading,
+The payload's goodput is its bits over the payload round less the shorter empty round, so the
+fixed latency of a round trip cancels, and a round that waited on a busy core (which would read
+as a faster link) counts only when both did. The payload is sized to take about ``TARGET_MS`` at the last reading,
 within ``MIN_BYTES`` and ``MAX_BYTES``: at one probe a second, two payloads are about 3 % of the
 link's time, and a probe holds rank 0's executor for about that long. Workers answer a probe header
 with :func:`answer_probe`; both sides run inside the group's usual collective timeout, so a link
@@ -41,7 +43,7 @@ class LinkProbe:
 
     mbit: float
     payload_bytes: int
-    empty_ms: float  # the empty round
+    empty_ms: float  # the shorter empty round
     payload_ms: float  # the payload round
     count: int
     at: float  # time.monotonic() when it was taken
@@ -65,7 +67,7 @@ def _payload_round(payload: torch.Tensor) -> None:
 
 
 def probe_link(size: int, count: int) -> LinkProbe | None:
-    """Rank 0's half, after it broadcast the probe header that names ``size``: the three rounds.
+    """Rank 0's half, after it broadcast the probe header that names ``size``: the four rounds.
     None when the payload round was not measurably longer than the empty one (a reading of
     nothing); RuntimeError from GLOO when a peer or the link is gone."""
     payload = torch.zeros(size, dtype=torch.uint8)
@@ -75,7 +77,9 @@ def probe_link(size: int, count: int) -> LinkProbe | None:
     empty = time.perf_counter()
     _payload_round(payload)
     done = time.perf_counter()
-    empty_ms, payload_ms = (empty - start) * 1e3, (done - empty) * 1e3
+    _round_trip()
+    empty_ms = min(empty - start, time.perf_counter() - done) * 1e3
+    payload_ms = (done - empty) * 1e3
     transfer_ms = payload_ms - empty_ms
     if transfer_ms <= 0:
         return None
@@ -90,3 +94,4 @@ def answer_probe(size: int) -> None:
     _payload_round(payload)
     _round_trip()
     _payload_round(payload)
+    _round_trip()

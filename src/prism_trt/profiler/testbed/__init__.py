@@ -7,8 +7,10 @@ This package's public API is what it exports here. Its modules:
 - ``shaping``: rate and delay parsing, tbf sizing, the tc qdiscs on a rank's link
 - ``bandwidth``: a bounded, iperf-like TCP goodput measurement between two namespaces
 - ``testbed``: the :class:`Testbed` itself (topology, lifecycle, rank commands, saved state)
+- ``faults``: link faults against a served cluster: links down, flaps, a bounded load, the figures of a fault
 """
 
+from .faults import FaultReport, LoadRun, ServedCluster, fault_report, flap, set_link
 from .namespaces import (
     MAX_RANKS,
     SUBNET_BASE,
@@ -26,6 +28,12 @@ from .shaping import format_rate, parse_delay, parse_rate, tbf_parameters
 from .testbed import THREAD_ENV_VARS, Testbed
 
 __all__ = [
+    "FaultReport",
+    "LoadRun",
+    "ServedCluster",
+    "fault_report",
+    "flap",
+    "set_link",
     "MAX_RANKS",
     "SUBNET_BASE",
     "TESTBED_PREFIX",
