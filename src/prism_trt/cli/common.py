@@ -205,3 +205,23 @@ def parse_numbers(text: str | None, cast, name: str) -> list:
     if not all(math.isfinite(v) and v > 0 for v in values):
         raise click.BadParameter(f"expected positive finite numbers, got {text!r}", param_hint=name)
     return values
+
+
+def exchange_options(func):
+    """--staging / --exchange-dtype, shared by `run` and `serve` (workers too: every rank must agree
+    on the exchange dtype, checked when the group forms); passed on as ``exchange``, the
+    :class:`~prism_trt.runtime.options.RuntimeOptions` fields they set."""
+    from ..runtime.options import ExchangeDtype, StagingKind
+
+    @click.option("--staging", type=click.Choice([k.value for k in StagingKind]), default="auto", show_default=True,
+                  help="Who copies exchanged features between GPU and host: torch, or pycuda (page-locked buffers, "
+                       "async copies on one stream); auto: torch where it has CUDA, else pycuda.")
+    @click.option("--exchange-dtype", type=click.Choice([d.value for d in ExchangeDtype]), default="auto",
+                  show_default=True,
+                  help="Element type of the exchanged means / features: fp16 halves the staged and sent bytes; "
+                       "auto: fp16 for fp16 engines, else fp32.")
+    @functools.wraps(func)
+    def wrapper(*args, staging, exchange_dtype, **kwargs):
+        return func(*args, exchange={"staging": StagingKind(staging), "exchange_dtype": ExchangeDtype(exchange_dtype)},
+                    **kwargs)
+    return wrapper

@@ -12,7 +12,7 @@ from ..core.chain_key import Mode
 from ..engines.manifest import rank_directory
 from ..errors import PrismError
 from ..serve.http_server import HttpLimits, check_exposure
-from .common import DEVICE, FiniteFloat, group_options, main
+from .common import DEVICE, FiniteFloat, exchange_options, group_options, main
 
 
 class HttpOptions(NamedTuple):
@@ -66,7 +66,9 @@ def _breakdown_table(per_rank) -> str:
 @click.option("--seq-len", "positions", type=click.IntRange(min=1), default=None,
               help="Text models: positions per request [default: the longest built --seq-len]; a shorter one runs "
                    "on the shortest sequence bucket that holds it.")
-def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, threads, device, json_out, trace, positions):
+@exchange_options
+def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, threads, device, json_out, trace, positions,
+        exchange):
     """Time inferences and print the per-rank breakdown (compute / staging / comm / other).
 
     Start the same command on every board with its --rank (or under torchrun); rank 0 drives and
@@ -83,7 +85,7 @@ def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, thread
     from ..runtime.measure import measure
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = RuntimeOptions(threads, device, profile_barrier)
+    options = RuntimeOptions(threads, device, profile_barrier, **exchange)
     if group.rank != 0:  # workers follow rank 0's choices
         batches = run_worker(rank_directory(engines, group.rank), group, options)
         click.echo(f"rank {group.rank}: ran {batches} batches, stopped by rank 0")
@@ -243,8 +245,9 @@ def http_options(func):
 @click.option("--link-probe", type=FiniteFloat(min=0), default=1.0, show_default=True,
               help="Seconds without a distributed batch after which rank 0 times a small payload over the link, "
                    "so the link's rate stays known while batches run locally (0: heartbeats only).")
+@exchange_options
 def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, explore_fraction, explore_budget,
-          save_map, save_every, http, max_wait_ms, model_name, threads, device, link_probe):
+          save_map, save_every, http, max_wait_ms, model_name, threads, device, link_probe, exchange):
     """Serve classifications over the KServe v2 / Open Inference Protocol HTTP API.
 
     Run the same command on every board with its --rank (or under torchrun): rank 0 loads its
@@ -264,7 +267,7 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, 
     from ..serve import serve as run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = RuntimeOptions(threads, device, link_probe_s=link_probe)
+    options = RuntimeOptions(threads, device, link_probe_s=link_probe, **exchange)
     if group.rank != 0:
         def stop(signum, frame):
             raise SystemExit(f"rank {group.rank}: signal {signum}, leaving the group")

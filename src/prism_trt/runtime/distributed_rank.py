@@ -55,6 +55,8 @@ class DistributedRank:
         self.weights = manifest.model.weights_sha256
         self.max_batch = manifest.build_options.max_batch
         dim = self.spec.embed_dim
+        # Every rank must stage and send the same element type: part of the signature checked at the join.
+        self.exchange_dtype = options.exchange_dtype.resolve(manifest.build_options.precision)
         self.routes: list[Route] = []
         self.local_chains: dict[int | None, EngineChain] = {}
         self.route_of: dict[tuple[int | None, ChainKey], int] = {}  # (bucket length, key) -> the header's index
@@ -65,8 +67,10 @@ class DistributedRank:
                 continue
             self.route_of[length, key] = len(self.routes)
             self.routes.append(Route(bucket, config, chain,
-                                     make_staging(list(config.plan.counts), rank, dim, device, chain.attended_ranks),
-                                     FinalGather(list(config.plan.partition.sizes), rank, dim, device)))
+                                     make_staging(list(config.plan.counts), rank, dim, device, chain.attended_ranks,
+                                                  options.staging, self.exchange_dtype),
+                                     FinalGather(list(config.plan.partition.sizes), rank, dim, device,
+                                                 self.exchange_dtype)))
         self._requests: dict[tuple[int | None, int], dict[str, torch.Tensor]] = {}
         # The per-batch header [op, route, batch, barrier], one buffer for the rank's whole life.
         # Besides saving an allocation, it must outlive the group: torch 2.5's ProcessGroupGloo
@@ -85,7 +89,7 @@ class DistributedRank:
 
     def signature(self) -> dict:
         """What every rank must agree on before the first collective."""
-        return {"weights": self.weights, "world_size": self.world_size,
+        return {"weights": self.weights, "world_size": self.world_size, "exchange_dtype": str(self.exchange_dtype),
                 "configs": [(r.bucket.length, r.config.name, list(r.config.plan.counts),
                              list(r.config.plan.partition.sizes)) for r in self.routes]}
 
@@ -94,6 +98,10 @@ class DistributedRank:
         dist.all_gather_object(signatures, self.signature())
         for rank, other in enumerate(signatures):
             if other != signatures[0]:
+                if other["exchange_dtype"] != signatures[0]["exchange_dtype"]:
+                    raise ClusterError(f"rank {rank} exchanges features in {other['exchange_dtype']}, rank 0 in "
+                                       f"{signatures[0]['exchange_dtype']}; start every rank with the same "
+                                       f"--exchange-dtype")
                 raise ClusterError(f"rank {rank}'s engines do not match rank 0's (weights, configs or plan "
                                    f"differ): {other} vs {signatures[0]}; build all ranks from one `prism-trt build`")
 
@@ -170,9 +178,9 @@ class StagedAllGather(Exchange):
         self.rank.progress_at = time.monotonic()
         with watch.phase("h2d"):
             remote = staging.to_device(buffers)
-        entry = batch * self.rank.spec.embed_dim * 4
-        watch.times.bytes_sent += staging.counts[self.rank.rank] * entry if means is not None else 0
-        watch.times.bytes_received += remote.shape[1] * entry if remote is not None else 0
+        layout, itemsize = staging.layout, staging.itemsize
+        watch.times.bytes_sent += layout.bytes_sent(batch, itemsize) if means is not None else 0
+        watch.times.bytes_received += layout.bytes_received(batch, itemsize) if remote is not None else 0
         watch.times.collectives += 1
         return remote
 

@@ -3,6 +3,44 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
+
+
+class StagingKind(str, Enum):
+    """Who copies the exchanged features between device and host memory around a collective.
+    ``auto``: torch when torch has CUDA, pycuda when the GPU is reached without it (TensorRT on a
+    board whose torch has no CUDA), the host copies for CPU engines."""
+
+    AUTO = "auto"
+    TORCH = "torch"
+    PYCUDA = "pycuda"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ExchangeDtype(str, Enum):
+    """The element type the segment means, Voltage features and a per-position head's final gather
+    are staged and sent in: ``fp16`` halves the staged and sent bytes; ``auto`` is fp16 for engines
+    built in fp16 (they round to fp16 inside already; the exchange's rounding is within their
+    tolerance) and fp32 otherwise."""
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    FP16 = "fp16"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def resolve(self, precision: str) -> ExchangeDtype:
+        """This choice for engines built in ``precision``: ``auto`` becomes fp16 or fp32."""
+        if self is not ExchangeDtype.AUTO:
+            return self
+        return ExchangeDtype.FP16 if precision == "fp16" else ExchangeDtype.FP32
+
+    @property
+    def itemsize(self) -> int:
+        return {ExchangeDtype.FP32: 4, ExchangeDtype.FP16: 2}[self]
 
 
 @dataclass(frozen=True)
@@ -13,12 +51,16 @@ class RuntimeOptions:
     collective, so that ``comm`` is transfer only and the ranks' skew is timed as ``wait``
     (workers follow rank 0's choice per batch, whatever theirs says). link_probe_s: rank 0 times
     a small payload over the link once no distributed batch crossed it for this long (0: never;
-    see :mod:`.link_probe`)."""
+    see :mod:`.link_probe`). staging: which copies move the exchanged features on a GPU
+    (:class:`StagingKind`). exchange_dtype: the element type they are exchanged in
+    (:class:`ExchangeDtype`; every rank must resolve it alike, checked at the join)."""
 
     threads: int | None = None
     device: str = "cpu"
     profile_barrier: bool = False
     link_probe_s: float = 0.0
+    staging: StagingKind = StagingKind.AUTO
+    exchange_dtype: ExchangeDtype = ExchangeDtype.AUTO
 
 
 #: The defaults (the backend's threads, CPU tensors, no barrier): one shared value, being frozen.
