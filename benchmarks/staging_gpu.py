@@ -59,12 +59,12 @@ def _peak(staging: Staging, nbytes: int) -> tuple[Callable[[], None], Callable[[
     elements = max(nbytes // 4, 1)
     if staging.name == "pycuda":
         driver, stream = staging.driver, staging.stream
-        with staging._current():
+        with staging.in_context():
             host = driver.pagelocked_empty(elements, "float32")
             device = driver.mem_alloc(elements * 4)
 
         def copy() -> None:
-            with staging._current():
+            with staging.in_context():
                 driver.memcpy_dtoh_async(host, device, stream)
                 driver.memcpy_htod_async(device, host, stream)
         return copy, staging.synchronize

@@ -51,7 +51,7 @@ def make(kind: str, counts, rank, dim, attended=None, dtype=ExchangeDtype.FP32):
 
         def own(values):
             array = np.ascontiguousarray(values, np.float32 if dtype == ExchangeDtype.FP32 else np.float16)
-            with staging._current():
+            with staging.in_context():
                 tensor = DeviceTensor(staging.driver.mem_alloc(array.nbytes), array.shape, array.dtype)
             write_device(tensor, array)
             return tensor

@@ -96,14 +96,16 @@ class PycudaStaging(Staging):
                              f"a CUDA-enabled torch; use --exchange-dtype auto (the engines' dtype) here")
         index = self.device.index if self.device.type == "cuda" and self.device.index is not None else 0
         self._context = self.driver.Device(index).retain_primary_context()
-        with self._current():
+        with self.in_context():
             self.stream = self.driver.Stream()
             self._events = [self.driver.Event() for _ in range(4)]
+        self._torch_stream = None
         self.last_d2h_ms: float | None = None  # the latest copy of each direction, timed by events
         self.last_h2d_ms: float | None = None
 
     @contextmanager
-    def _current(self):
+    def in_context(self):
+        """The device's primary context pushed (pycuda's allocations and copies need it current)."""
         self._context.push()
         try:
             yield
@@ -116,7 +118,9 @@ class PycudaStaging(Staging):
 
     def torch_stream(self):
         """This staging's stream as a torch stream (``with torch.cuda.stream(...)``), where torch has CUDA."""
-        return torch.cuda.ExternalStream(self.stream_handle, device=self.device)
+        if self._torch_stream is None:
+            self._torch_stream = torch.cuda.ExternalStream(self.stream_handle, device=self.device)
+        return self._torch_stream
 
     @contextmanager
     def _torch_on_stream(self):
@@ -131,7 +135,7 @@ class PycudaStaging(Staging):
             yield
 
     def _host(self, shape: tuple[int, ...]) -> torch.Tensor:
-        with self._current():
+        with self.in_context():
             array = self.driver.pagelocked_empty(shape, np.dtype(str(self.dtype).removeprefix("torch.")))
         array.fill(0)
         return torch.from_numpy(array)  # shares the page-locked memory; GLOO reads and writes it
@@ -140,14 +144,14 @@ class PycudaStaging(Staging):
         if self.torch_memory:
             return super()._device(shape, dtype)
         numpy_dtype = np.dtype(str(dtype).removeprefix("torch."))
-        with self._current():
+        with self.in_context():
             allocation = self.driver.mem_alloc(max(int(np.prod(shape)) * numpy_dtype.itemsize, 1))
             self.driver.memset_d8(allocation, 0, int(np.prod(shape)) * numpy_dtype.itemsize)
         return DeviceTensor(allocation, tuple(shape), numpy_dtype)
 
     def to_host(self, means, buffers: StagingBuffers) -> torch.Tensor:
         start, end = self._events[0], self._events[1]
-        with self._current():
+        with self.in_context():
             if means is None:  # nobody reads this rank's means: its slot goes out untouched
                 return buffers.send
             self._pack(buffers, means)
@@ -164,7 +168,7 @@ class PycudaStaging(Staging):
         start, end = self._events[2], self._events[3]
         slot_bytes = self.layout.slot_elements(buffers.send.shape[0]) * self.itemsize
         base = device_address(buffers.device_slots)
-        with self._current():
+        with self.in_context():
             start.record(self.stream)
             for first, stop in self.layout.runs:
                 self.driver.memcpy_htod_async(base + first * slot_bytes, buffers.host_slots[first:stop].numpy(),
@@ -209,5 +213,5 @@ class PycudaStaging(Staging):
         copy(self.stream)
 
     def synchronize(self) -> None:
-        with self._current():
+        with self.in_context():
             self.stream.synchronize()
