@@ -14,8 +14,11 @@
 5. Write benchmarks/results/bandwidth_step.json and .png (choice per batch, step marked), copy the
    PNG to docs/results/, and print the batches until the choice is right again after each step.
 
-`python profile_bandwidth_step.py` (root, ip, tc). The client half of this file runs inside rank 0's
-namespace (`... client URL OUT N`), where the server's 127.0.0.1 is.
+`python profile_bandwidth_step.py [--small]` (root, ip, tc). `--small`: a random ViT of 64x64 images
+(8x8 patches, dim 192, depth 4) at batch 8 and 1000 / 100 / 10 Mbit/s instead of vit_tiny at batch 32,
+for hosts where vit_tiny's map and 125 batches of 32 take too long; it writes bandwidth_step_small.*.
+The client half of this file runs inside rank 0's namespace (`... client URL OUT N PHASE RATE NAME
+BATCH`), where the server's 127.0.0.1 is.
 """
 
 from __future__ import annotations
@@ -39,10 +42,15 @@ MODEL, CR = "vit_tiny_patch16_224", 9.9
 MAP_BATCHES, RATES = [8, 32], [900.0, 200.0, 50.0]
 SERVE_BATCH, WARMUP_BATCHES, PHASE_BATCHES = 32, 5, 40
 MARGIN = 0.15  # the step goes to the highest rate whose oracle differs from the top rate's by at least this
-# Exploring at most 10 % of batches, each predicted at most 2x the best: a mean cost of at most ~10 %
-# when the predictions hold. A budget of 2x lets the selector probe the link while it runs locally
-# at the low rate, which is how it notices the step back up.
-EXPLORE_FRACTION, EXPLORE_BUDGET = 0.1, 1.0
+# serve's defaults: the link probe on the heartbeat, not exploration, notices the step back up while
+# the selector runs locally at the low rate.
+EXPLORE_FRACTION, EXPLORE_BUDGET = 0.05, 0.25
+SMALL = "--small" in sys.argv
+if SMALL:
+    MODEL, CR = "small", 4.0
+    MAP_BATCHES, RATES = [8], [1000.0, 100.0, 10.0]
+    SERVE_BATCH, WARMUP_BATCHES, PHASE_BATCHES = 8, 5, 30
+NAME = "bandwidth_step_small" if SMALL else "bandwidth_step"
 SETTLE = 5  # "right again": the first batch from which SETTLE non-explored choices in a row match the oracle
 HTTP_PORT, MASTER_PORT = 8000, 29500
 
@@ -63,7 +71,7 @@ def _metrics(client, url: str) -> dict[str, float]:
     return out
 
 
-def run_client(url: str, out: Path, batches: int, phase: str, rate: float) -> None:
+def run_client(url: str, out: Path, batches: int, phase: str, rate: float, name: str, serve_batch: int) -> None:
     import httpx
     import numpy as np
 
@@ -78,10 +86,9 @@ def run_client(url: str, out: Path, batches: int, phase: str, rate: float) -> No
             if time.monotonic() > deadline:
                 raise SystemExit("the server did not become ready within 300 s")
             time.sleep(0.5)
-        name = MODEL  # the served model's name is its spec's
         model = client.get(f"{url}/v2/models/{name}").json()
         spec = model["inputs"][0]
-        shape = [SERVE_BATCH, *spec["shape"][1:]]
+        shape = [serve_batch, *spec["shape"][1:]]
         images = np.random.default_rng(0).standard_normal(shape).astype("<f4")
         raw = images.tobytes()
         header = json.dumps({"inputs": [{"name": spec["name"], "shape": shape, "datatype": "FP32",
@@ -125,11 +132,18 @@ def _engines() -> Path:
 
     engines = RESULTS / "engines" / f"{MODEL}-step"
     if not (engines / "rank1" / "manifest.json").exists():
-        model = load_model(MODEL)
+        if SMALL:
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+            from conftest import random_model, small_spec
+
+            model = random_model(small_spec(img=64, patch=8, dim=192, depth=4, heads=3, head_dim=64), seed=1)
+        else:
+            model = load_model(MODEL)
         spec = model.spec
-        Builder(model, {"timm": MODEL}, get_backend("onnxruntime", threads=1), BuildOptions(),
-                exporter="torchscript").build(engines, 2, config_plans(spec.num_tokens, spec.num_prefix_tokens, 2, [CR],
-                                                                       []), progress=False)
+        source = {"timm": "vit_tiny_patch16_224" if SMALL else MODEL}
+        plans = config_plans(spec.num_tokens, spec.num_prefix_tokens, 2, [CR], [])
+        Builder(model, source, get_backend("onnxruntime", threads=1), BuildOptions(),
+                exporter="torchscript").build(engines, 2, plans, progress=False)
     return engines
 
 
@@ -205,7 +219,7 @@ def _stop(process: subprocess.Popen, timeout: float) -> None:
 def main() -> int:
     from common import testbed_available
 
-    from prism_trt.engines import AccuracyEntry, PerfMap
+    from prism_trt.engines import AccuracyEntry, Manifest, PerfMap
     from prism_trt.profiler.sampling import SamplingRule
     from prism_trt.profiler.sweep import Launcher, SweepPlan, profile
     from prism_trt.profiler.testbed import Testbed
@@ -214,7 +228,7 @@ def main() -> int:
         return 1
     started, load_start = time.time(), os.getloadavg()
     engines = _engines()
-    out = RESULTS / "bandwidth_step"
+    out = RESULTS / NAME
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -233,6 +247,7 @@ def main() -> int:
               f"{low:g} Mbit/s -> {low_oracle} {low_measured}")
 
         testbed.set_bandwidth(f"{top:g}mbit")
+        served_name = Manifest.read(engines / "rank0").spec.name
         env = {"PRISM_TRT_CLUSTER_TOKEN": secrets.token_hex(16), "PYTHONUNBUFFERED": "1"}
         common = [sys.executable, "-m", "prism_trt.cli", "serve", "--engines", str(engines), "--world-size", "2",
                   "--master-addr", testbed.address(0), "--master-port", str(MASTER_PORT), "--threads", "1",
@@ -251,7 +266,8 @@ def main() -> int:
             for phase, rate, count in schedule:
                 testbed.set_bandwidth(f"{rate:g}mbit")
                 client = testbed.command(0, [sys.executable, str(Path(__file__).resolve()), "client",
-                                             f"http://127.0.0.1:{HTTP_PORT}", str(lines), str(count), phase, str(rate)])
+                                             f"http://127.0.0.1:{HTTP_PORT}", str(lines), str(count), phase, str(rate),
+                                             served_name, str(SERVE_BATCH)])
                 subprocess.run(client, check=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
                 print(f"{phase}: {count} batches at {rate:g} Mbit/s")
         finally:
@@ -309,13 +325,13 @@ def main() -> int:
               "records": records}
     from common import write_result
 
-    path = write_result("bandwidth_step", result)
-    png = RESULTS / "bandwidth_step.png"
+    path = write_result(NAME, result)
+    png = RESULTS / f"{NAME}.png"
     _plot(records, [(bounds["step down"][0], f"{top:g} -> {low:g} Mbit/s"),
                     (bounds["step up"][0], f"{low:g} -> {top:g} Mbit/s")],
           [(*bounds[p], oracle_of[p]) for p in bounds], png)
     DOCS.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(png, DOCS / "bandwidth_step.png")
+    shutil.copyfile(png, DOCS / f"{NAME}.png")
     for key in ("oracle", "batches_to_switch", "choices_just_before_step", "served_per_mode", "prediction_error_median",
                 "explored", "batches", "observe_errors", "refined_map_points_online", "loadavg", "seconds"):
         print(f"{key}: {result[key]}")
@@ -325,7 +341,7 @@ def main() -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "client":
-        url, out, count, phase, rate = sys.argv[2:7]
-        run_client(url, Path(out), int(count), phase, float(rate))
+        url, out, count, phase, rate, name, serve_batch = sys.argv[2:9]
+        run_client(url, Path(out), int(count), phase, float(rate), name, int(serve_batch))
         sys.exit(0)
     sys.exit(main())

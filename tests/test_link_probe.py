@@ -49,8 +49,8 @@ def engines(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster(engines):
-    """Rank 0's DistributedExecutor probing every PROBE_S, with one worker process on loopback."""
+def group(engines):
+    """(rank 0's DistributedExecutor probing every PROBE_S, its one worker process on loopback)."""
     port = free_port()
     worker = subprocess.Popen([sys.executable, "-m", "prism_trt.cli", "run", "--engines", str(engines),
                                "--rank", "1", "--world-size", "2", "--master-port", str(port), "--threads", "1",
@@ -58,13 +58,18 @@ def cluster(engines):
                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     executor = DistributedExecutor(engines / "rank0", GroupConfig(0, 2, "127.0.0.1", port, TIMEOUT_S),
                                    RuntimeOptions(threads=1, link_probe_s=PROBE_S))
-    yield executor
+    yield executor, worker
     executor.close()
     try:
         worker.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         worker.kill()
         worker.communicate()
+
+
+@pytest.fixture(scope="module")
+def cluster(group):
+    return group[0]
 
 
 def _reading_after(executor: DistributedExecutor, count: int, timeout_s: float = 20.0) -> LinkProbe:
@@ -104,6 +109,29 @@ def test_distributed_batches_hold_the_probe_off(cluster):
     assert batches >= 2
     assert cluster.link_probe.count <= before + 1  # at most one that had started before the first batch
     assert _reading_after(cluster, cluster.link_probe.count).count > before  # idle again: probing resumes
+
+
+def test_a_local_batch_never_waits_for_a_probe_stuck_on_the_link(group):
+    """A frozen worker holds a probe in its collective (as a link that went down would): local batches
+    go on meanwhile, and the probe completes once the worker answers again."""
+    import signal
+
+    executor, worker = group
+    local = next(key for key in executor.chains() if key.mode == "local")
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    before = _reading_after(executor, 0).count
+    worker.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(4 * PROBE_S)  # the next probe has begun and waits for the worker
+        started = time.monotonic()
+        results = [executor.infer(executor.request(images), local) for _ in range(3)]
+        waited = time.monotonic() - started
+    finally:
+        worker.send_signal(signal.SIGCONT)
+    assert waited < 2.0, f"local batches waited {waited:.1f} s for the stuck probe"
+    assert all(r.choice == local and not r.fell_back for r in results)
+    assert _reading_after(executor, before).count > before  # the held probe finished and probing goes on
+    assert not executor.health().degraded
 
 
 def test_the_online_selector_folds_each_new_reading_into_its_link_estimate(cluster, engines):

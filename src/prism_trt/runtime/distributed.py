@@ -191,9 +191,11 @@ class DistributedExecutor(Executor):
         if batch > self.max_batch:
             raise UsageError(f"batch {batch} is over the engines' max batch {self.max_batch}")
         request = inputs.tensors
+        if key.mode == Mode.LOCAL:  # crosses no link: never waits for a heartbeat or probe stuck on one
+            return self._local(inputs, fell_back=False)
         with self._lock:
-            if key.mode == Mode.LOCAL or self._degraded or self._closed.is_set():
-                return self._local(inputs, fell_back=key.mode != Mode.LOCAL)
+            if self._degraded or self._closed.is_set():
+                return self._local(inputs, fell_back=True)
             index = self.rank.config_index(key, inputs.bucket_length)
             try:
                 with self._collectives():

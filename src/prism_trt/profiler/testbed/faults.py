@@ -272,10 +272,12 @@ class FaultReport:
     degrade_s: fault start to the first readiness reading that says degraded (None: never degraded);
     recover_s: link back to the first request sent after it that ran distributed, on a chain of
     ``modes`` (None: never in the window); ready_s: link back to the first reading ready and not
-    degraded from which it stays so; p99_fault_ms / max_fault_ms: latency of the requests sent
-    between fault start and link back; requests, errors, lost (sent, never answered), duplicated
-    (answered twice), unknown_ids (answers naming another request), fell_back (answered locally
-    after a failed distributed run) and the mode of every answer by count."""
+    degraded from which it stays so; p99_fault_ms / max_fault_ms: latency of the requests in flight
+    at some time between fault start and link back (sent before the link was back, answered after
+    the fault began); requests, errors, lost (sent, never answered), duplicated (answered twice)
+    and unknown_ids (answers naming another request) over the whole run; fell_back (answered
+    locally after a failed distributed run) and modes (answers per mode) of the requests sent from
+    the fault's start to ``end``."""
 
     kind: str
     start: float
@@ -323,12 +325,13 @@ def fault_report(kind: str, events: list[dict[str, Any]], start: float, back: fl
             settled = None
     resumed = min((e["sent"] for e in ok if back <= e["sent"] <= end and e.get("mode") in distributed
                    and not e.get("fell_back")), default=None)
-    during = [(e["answered"] - e["sent"]) * 1e3 for e in answers if start <= e["sent"] < back]
+    during = [(e["answered"] - e["sent"]) * 1e3 for e in answers if e["sent"] < back and e["answered"] >= start]
+    window = [e for e in ok if start <= e["sent"] < end]
     modes: dict[str, int] = {}
-    for event in ok:
+    for event in window:
         modes[str(event.get("mode"))] = modes.get(str(event.get("mode")), 0) + 1
     return FaultReport(
         kind, start, back, None if degraded is None else degraded - start, None if settled is None else settled - back,
         None if resumed is None else resumed - back, _percentile(during, 0.99), max(during, default=None),
         len(answers), len(answers) - len(ok), (max(ids) + 1 - len(set(ids))) if ids else 0, len(ids) - len(set(ids)),
-        sum(1 for e in ok if e.get("answer_id") != str(e["id"])), sum(1 for e in ok if e.get("fell_back")), modes)
+        sum(1 for e in ok if e.get("answer_id") != str(e["id"])), sum(1 for e in window if e.get("fell_back")), modes)
