@@ -59,10 +59,11 @@ bench: $(STAMP)
 	@for script in benchmarks/bench_*.py benchmarks/staging_gpu.py; do echo "== $$script"; (cd benchmarks && ../$(BIN)/python $$(basename $$script)) || exit 1; done
 
 # The profiler studies on a tc-shaped network-namespace testbed (needs root, ip, tc; ~30 minutes on
-# 2 cores): the vit_tiny sweep, the transfer to other architectures, the bandwidth step under serve.
+# 2 cores): the vit_tiny sweep, the transfer to other architectures, the bandwidth step under serve,
+# link faults against a served cluster.
 bench-profile: $(STAMP)
 	@mkdir -p benchmarks/results
-	@for script in benchmarks/profile_*.py; do echo "== $$script"; (cd benchmarks && ../$(BIN)/python $$(basename $$script)) || exit 1; done
+	@for script in benchmarks/profile_*.py benchmarks/link_faults.py; do echo "== $$script"; (cd benchmarks && ../$(BIN)/python $$(basename $$script)) || exit 1; done
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
