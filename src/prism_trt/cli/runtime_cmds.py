@@ -59,6 +59,10 @@ def _breakdown_table(per_rank) -> str:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Engine intra-op threads.")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True,
               help="Where engine tensors live (cpu, cuda:0).")
+@click.option("--micro-batches", type=click.IntRange(min=1), default=None,
+              help="Distributed modes: cut each batch into this many micro-batches in flight, so one's exchange "
+                   "hides behind another's compute; 1 runs it whole (rank 0's value is used, workers follow it) "
+                   "[default: from batch 8 on, micro-batches of 4 samples, at most 4; 1 with --profile-barrier].")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the result as JSON here (rank 0).")
 @click.option("--trace", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -67,8 +71,8 @@ def _breakdown_table(per_rank) -> str:
               help="Text models: positions per request [default: the longest built --seq-len]; a shorter one runs "
                    "on the shortest sequence bucket that holds it.")
 @exchange_options
-def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, threads, device, json_out, trace, positions,
-        exchange):
+def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, threads, device, micro_batches, json_out,
+        trace, positions, exchange):
     """Time inferences and print the per-rank breakdown (compute / staging / comm / other).
 
     Start the same command on every board with its --rank (or under torchrun); rank 0 drives and
@@ -85,7 +89,7 @@ def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, thread
     from ..runtime.measure import measure
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = RuntimeOptions(threads, device, profile_barrier, **exchange)
+    options = RuntimeOptions(threads, device, profile_barrier, micro_batches=micro_batches, **exchange)
     if group.rank != 0:  # workers follow rank 0's choices
         batches = run_worker(rank_directory(engines, group.rank), group, options)
         click.echo(f"rank {group.rank}: ran {batches} batches, stopped by rank 0")
@@ -245,9 +249,13 @@ def http_options(func):
 @click.option("--link-probe", type=FiniteFloat(min=0), default=1.0, show_default=True,
               help="Seconds without a distributed batch after which rank 0 times a small payload over the link, "
                    "so the link's rate stays known while batches run locally (0: heartbeats only).")
+@click.option("--micro-batches", type=click.IntRange(min=1), default=None,
+              help="Distributed modes: cut each batch into this many micro-batches in flight, so one's exchange "
+                   "hides behind another's compute; 1 runs it whole (rank 0's value is used, workers follow it) "
+                   "[default: from batch 8 on, micro-batches of 4 samples, at most 4; 1 with --profile-barrier].")
 @exchange_options
 def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, explore_fraction, explore_budget,
-          save_map, save_every, http, max_wait_ms, model_name, threads, device, link_probe, exchange):
+          save_map, save_every, http, max_wait_ms, model_name, threads, device, link_probe, micro_batches, exchange):
     """Serve classifications over the KServe v2 / Open Inference Protocol HTTP API.
 
     Run the same command on every board with its --rank (or under torchrun): rank 0 loads its
@@ -267,7 +275,7 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, 
     from ..serve import serve as run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = RuntimeOptions(threads, device, link_probe_s=link_probe, **exchange)
+    options = RuntimeOptions(threads, device, link_probe_s=link_probe, micro_batches=micro_batches, **exchange)
     if group.rank != 0:
         def stop(signum, frame):
             raise SystemExit(f"rank {group.rank}: signal {signum}, leaving the group")

@@ -1,8 +1,8 @@
 """Distributed inference over a GLOO group: rank 0 drives, workers follow.
 
-Per batch, rank 0 broadcasts a header ``[op, config, batch, barrier]`` and the request's tensors
-(images, or a text model's ids and attention mask; workers follow the header, so only rank 0's
-flags matter); every rank embeds its own patches or positions, and after every block the ranks
+Per batch, rank 0 broadcasts a header ``[op, config, batch, barrier, micro-batches]`` and the
+request's tensors (images, or a text model's ids and attention mask; workers follow the header, so
+only rank 0's flags matter); every rank embeds its own patches or positions, and after every block the ranks
 all-gather their segment means (padded to the largest rank, sliced by the plan) with explicit,
 timed staging around the collective. A causal text model's rank p reads only the means of ranks
 before it (the others are sent but not read: an all-gather as a first version, correct because
@@ -42,7 +42,7 @@ from .chain import run_chains_in_process
 from .distributed_rank import DistributedRank
 from .group import ClusterError, GroupConfig
 from .link_probe import LinkProbe, answer_probe, payload_bytes, probe_link
-from .options import DEFAULT_OPTIONS, RuntimeOptions
+from .options import DEFAULT_OPTIONS, RuntimeOptions, micro_batches_for
 from .rendezvous import Rendezvous
 from .request import InferenceRequest
 from .timing import PhaseTimes, Stopwatch
@@ -72,7 +72,7 @@ def worker_loop(rank: DistributedRank, stop: threading.Event | None = None) -> i
     batches = 0
     while stop is None or not stop.is_set():
         dist.broadcast(header, src=0)
-        op, index, batch, barrier = (int(v) for v in header.tolist())
+        op, index, batch, barrier, micro_batches = (int(v) for v in header.tolist())
         if op == OP_STOP:
             log.info("rank %d: stop from rank 0 after %d batches", rank.rank, batches)
             return batches
@@ -84,7 +84,7 @@ def worker_loop(rank: DistributedRank, stop: threading.Event | None = None) -> i
         request = rank.request_buffers(index, batch)
         for tensor in request.values():
             dist.broadcast(tensor, src=0)
-        _, times = rank.run(index, request, bool(barrier))
+        _, times = rank.run(index, request, bool(barrier), micro_batches)
         if op == OP_INFER_TIMED:
             dist.gather_object(times.to_dict(), None, dst=0)
         batches += 1
@@ -104,6 +104,7 @@ class DistributedExecutor(Executor):
         if group.rank != 0:
             raise UsageError("the executor runs on rank 0; other ranks run worker_loop")
         self.group, self.profile_barrier = group, options.profile_barrier
+        self.micro_batches = options.micro_batches  # None: chosen per batch (micro_batches_for)
         self.rank = DistributedRank(rank_dir, 0, group.world_size, options)
         if self.rank.local_chain is None:
             self.rank.close()
@@ -164,9 +165,9 @@ class DistributedExecutor(Executor):
             self._busy = False
             self._last_collective = time.monotonic()
 
-    def _broadcast_header(self, op: int, index: int = 0, batch: int = 0) -> None:
+    def _broadcast_header(self, op: int, index: int = 0, batch: int = 0, micro_batches: int = 1) -> None:
         header = self.rank.header  # callers hold self._lock: one collective at a time
-        header.copy_(torch.tensor([op, index, batch, int(self.profile_barrier)], dtype=torch.int64))
+        header.copy_(torch.tensor([op, index, batch, int(self.profile_barrier), micro_batches], dtype=torch.int64))
         dist.broadcast(header, src=0)
         self.rank.progress_at = time.monotonic()
 
@@ -202,11 +203,12 @@ class DistributedExecutor(Executor):
                     # The request's way to the workers is part of the batch's latency (on a slow
                     # link the largest part): timed as its own phase and added to the total.
                     sent = time.perf_counter()
-                    self._broadcast_header(OP_INFER_TIMED if gather_timings else OP_INFER, index, batch)
+                    micro = micro_batches_for(self.micro_batches, batch, self.profile_barrier)
+                    self._broadcast_header(OP_INFER_TIMED if gather_timings else OP_INFER, index, batch, micro)
                     for tensor in request.values():
                         dist.broadcast(tensor.contiguous(), src=0)
                     request_ms = (time.perf_counter() - sent) * 1e3
-                    logits, times = self.rank.run(index, request, self.profile_barrier)
+                    logits, times = self.rank.run(index, request, self.profile_barrier, micro)
                     times.request, times.total = request_ms, times.total + request_ms
                     per_rank = []
                     if gather_timings:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.chain_key import ChainKey, Mode
-from ..core.drive import Exchange, drive
+from ..core.drive import Exchange, PendingMeans, drive_micro_batches, micro_batch_sizes
 from ..engines.buckets import Bucket
 from ..engines.manifest import ChainConfig, ManifestError
 from ..errors import UsageError
@@ -72,13 +72,14 @@ class DistributedRank:
                                      FinalGather(list(config.plan.partition.sizes), rank, dim, device,
                                                  self.exchange_dtype)))
         self._requests: dict[tuple[int | None, int], dict[str, torch.Tensor]] = {}
-        # The per-batch header [op, route, batch, barrier], one buffer for the rank's whole life.
+        self.held: dict[tuple, torch.Tensor] = {}  # micro-batches' tokens kept while another one runs a stage
+        # The per-batch header [op, route, batch, barrier, micro-batches], one buffer for the rank's whole life.
         # Besides saving an allocation, it must outlive the group: torch 2.5's ProcessGroupGloo
         # destructor holds the GIL while joining its worker threads, and a worker thread that drops
         # the last reference to a tensor Python has already let go of needs the GIL to free it, so
         # destroy_process_group() deadlocked when the STOP header was a temporary (3 of 5 runs of the
         # two-rank CLI tests with torch 2.5 hung; 0 of 10 since).
-        self.header = torch.zeros(4, dtype=torch.int64)
+        self.header = torch.zeros(5, dtype=torch.int64)
         self.progress_at = time.monotonic()  # when the last collective completed (stall detection)
         self.batches_run = 0
 
@@ -128,18 +129,24 @@ class DistributedRank:
                                 f"only, not distributed")
         return index
 
-    def run(self, config_index: int, request: dict[str, torch.Tensor], barrier: bool = False
+    def run(self, config_index: int, request: dict[str, torch.Tensor], barrier: bool = False, micro_batches: int = 1
             ) -> tuple[torch.Tensor | None, PhaseTimes]:
         """One forward of config ``config_index`` with the all-gathers; logits on rank 0, None elsewhere.
-        ``barrier``: a barrier before each all-gather, timed as ``wait`` (every rank must agree)."""
+        ``barrier``: a barrier before each all-gather, timed as ``wait`` (every rank must agree).
+        ``micro_batches``: the batch cut into this many micro-batches in flight, so one's all-gather
+        overlaps another's stages (every rank must agree; a barrier would serialise them, so there
+        is none then, and comm is the exchange time compute did not hide, skew included)."""
         route = self.routes[config_index]
         watch = Stopwatch()
         start = time.perf_counter()
         with watch.phase("h2d"):
             request = {name: tensor.to(self.device, non_blocking=True) for name, tensor in request.items()}
-        batch = next(iter(request.values())).shape[0]
-        exchange = StagedAllGather(self, route, batch, watch, barrier)
-        logits = drive([route.chain], [request], exchange, route.chain.head_reads_all_positions)
+        sizes = micro_batch_sizes(next(iter(request.values())).shape[0], micro_batches)
+        parts = [dict(zip(request, split)) for split in zip(*(t.split(sizes) for t in request.values()))]
+        exchanges = [StagedAllGather(self, route, size, watch, barrier and len(sizes) == 1, micro)
+                     for micro, size in enumerate(sizes)]
+        logits = drive_micro_batches([route.chain], [[part] for part in parts], exchanges,
+                                     route.chain.head_reads_all_positions)
         if logits is not None:
             with watch.phase("compute"):  # the head's answer comes back to the host as part of its compute
                 logits = logits.cpu()
@@ -151,41 +158,74 @@ class DistributedRank:
 
 
 class StagedAllGather(Exchange):
-    """The drive loop's exchange on a distributed rank, for one batch of one route: every rank's
-    means all-gathered between blocks through the route's host staging (device -> host, the
-    collective, host -> device), and a per-position head's positions gathered to rank 0; each step
-    timed as its phase and the bytes counted."""
+    """The drive loop's exchange on a distributed rank, for one batch (or micro-batch ``micro``) of
+    one route: every rank's means all-gathered between blocks through the route's host staging
+    (device -> host, the collective, host -> device), and a per-position head's positions gathered
+    to rank 0; each step timed as its phase and the bytes counted. The all-gather is begun
+    asynchronously (GLOO runs it on its own threads) and waited for when the next block needs it;
+    each micro-batch in flight has its own staging buffers and held tokens."""
 
-    def __init__(self, rank: DistributedRank, route: Route, batch: int, watch: Stopwatch, barrier: bool):
+    def __init__(self, rank: DistributedRank, route: Route, batch: int, watch: Stopwatch, barrier: bool,
+                 micro: int = 0):
         self.rank, self.route, self.batch, self.watch, self.barrier = rank, route, batch, watch, barrier
+        self.micro = micro
+        # micro-batch 0 keeps the whole batch's key: a batch run whole and its first micro-batch never overlap
+        self.key = (route.config.name, batch) + ((micro,) if micro else ())
 
     def compute(self) -> AbstractContextManager:
         return self.watch.phase("compute")
 
     def means(self, ranks, sent: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        return [self._all_gather(means) for means in sent]
+        return self.begin_means(ranks, sent).wait()
 
-    def _all_gather(self, means: torch.Tensor | None) -> torch.Tensor | None:
+    def begin_means(self, ranks, sent: list[torch.Tensor | None]) -> PendingMeans:
+        (means,) = sent
         staging, watch, batch = self.route.staging, self.watch, self.batch
-        buffers = staging.buffers((self.route.config.name, batch), batch)
+        buffers = staging.buffers(self.key, batch)
         with watch.phase("d2h"):
             send = staging.to_host(means, buffers)
         if self.barrier:
             with watch.phase("wait"):
                 dist.barrier()
         with watch.phase("comm"):
-            dist.all_gather(buffers.gathered, send)
-        self.rank.progress_at = time.monotonic()
-        with watch.phase("h2d"):
-            remote = staging.to_device(buffers)
-        layout, itemsize = staging.layout, staging.itemsize
-        watch.times.bytes_sent += layout.bytes_sent(batch, itemsize) if means is not None else 0
-        watch.times.bytes_received += layout.bytes_received(batch, itemsize) if remote is not None else 0
+            work = dist.all_gather(buffers.gathered, send, async_op=True)
+        watch.times.bytes_sent += staging.layout.bytes_sent(batch, staging.itemsize) if means is not None else 0
         watch.times.collectives += 1
-        return remote
+        return _AllGatherInFlight(self, work, buffers)
+
+    def hold(self, tokens: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copied into this micro-batch's own buffer (one per shape, reused): nothing allocated in
+        the steady state."""
+        held = []
+        for tokens_p in tokens:
+            key = (self.route.config.name, self.micro, tuple(tokens_p.shape), tokens_p.dtype)
+            if key not in self.rank.held:
+                self.rank.held[key] = torch.empty_like(tokens_p)
+            held.append(self.rank.held[key].copy_(tokens_p))
+        return held
 
     def positions(self, tokens: list[torch.Tensor]) -> torch.Tensor | None:
         (own,) = tokens
         gathered = self.route.final_gather.gather(own, self.watch)
         self.rank.progress_at = time.monotonic()
         return gathered
+
+
+class _AllGatherInFlight:
+    """One begun all-gather of a :class:`StagedAllGather`: waiting for it is timed as comm (the
+    part compute did not hide), then the means this rank reads are staged to the device."""
+
+    def __init__(self, exchange: StagedAllGather, work, buffers):
+        self.exchange, self.work, self.buffers = exchange, work, buffers
+
+    def wait(self) -> list[torch.Tensor | None]:
+        exchange = self.exchange
+        watch, staging = exchange.watch, exchange.route.staging
+        with watch.phase("comm"):
+            self.work.wait()
+        exchange.rank.progress_at = time.monotonic()
+        with watch.phase("h2d"):
+            remote = staging.to_device(self.buffers)
+        layout, itemsize = staging.layout, staging.itemsize
+        watch.times.bytes_received += layout.bytes_received(exchange.batch, itemsize) if remote is not None else 0
+        return [remote]
