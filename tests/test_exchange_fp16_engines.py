@@ -95,3 +95,30 @@ def test_fp16_engines_on_the_gpu_two_ranks_mnist(mnist_model, mnist_dir, tmp_pat
         for code, out in finish(workers):
             assert code == 0, out
     assert abs(correct - 9721) <= 10, correct
+
+
+def test_gpt2_final_gather_in_fp16(text_engines):
+    """GPT-2's per-position head: rank 1's final hidden states reach rank 0 in fp16 too (half the
+    bytes), and the logits stay within the fp16 tolerance of the fp32 reference."""
+    pytest.importorskip("transformers", reason="the text models need the 'text' extra (also in 'dev')")
+    from conftest import text_request
+    from test_text_export import reference
+
+    from prism_trt.engines.stage_spec import ATTENTION_MASK, INPUT_IDS
+
+    directory, model = text_engines("gpt2")
+    port = free_port()
+    workers = start_workers(directory, 2, port, extra=("--exchange-dtype", "fp16"))
+    executor = DistributedExecutor(directory / "rank0", GroupConfig(0, 2, "127.0.0.1", port, TIMEOUT_S),
+                                   RuntimeOptions(threads=1, exchange_dtype=ExchangeDtype.FP16))
+    try:
+        ids, mask = text_request(1, 7, (16,))
+        result = executor.infer(executor.request({INPUT_IDS: ids, ATTENTION_MASK: mask}),
+                                executor.key_for("prism", 2.0), True)
+        assert_close(result.logits, reference(model, "prism", 4, ids, mask), "fp16", name="gpt2 prism, fp16 exchange")
+        sent = [times.bytes_sent for times in result.per_rank]
+        assert sent[0] == 2 * 4 * 32 * 2 and sent[1] == 8 * 32 * 2  # means / hidden states, 2 bytes each
+    finally:
+        executor.close()
+        for code, out in finish(workers):
+            assert code == 0, out
