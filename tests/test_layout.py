@@ -24,6 +24,7 @@ JSON_READERS = {
     "profiler/testbed/namespaces.py": "`ip -j` output",
     "profiler/testbed/testbed.py": "`ip -j` output and the testbed's own state file",
     "profiler/testbed/bandwidth.py": "the bandwidth probe's report line",
+    "profiler/testbed/faults.py": "the fault load's answer and readiness lines, and (in the load client) its inputs",
     "runtime/rendezvous.py": "join requests and answers in rank 0's rendezvous store",
     "data/text_corpus.py": "the bundled tiny GPT-2's meta.json (corpus SHA-256s, recorded held-out figures)",
 }
