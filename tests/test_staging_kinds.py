@@ -131,6 +131,8 @@ def test_pycuda_own_memory_packs_with_2d_copies():
     staging.to_host(device_in(np.ones((2, 2, 8))), buffers)
     staging.to_device(buffers)
     assert staging.driver.bytes["dtod"] == 2 * 2 * 8 * 4 + 2 * 5 * 8 * 4  # pack 2 rows, unpack 2 pieces x 2 rows
+    with pytest.raises(UsageError, match="--device cpu"):  # host tensors: nothing on the device to copy
+        staging.to_host(torch.ones(2, 2, 8), buffers)
     with pytest.raises(UsageError, match="exchange-dtype"):
         PycudaStaging([3, 2], 0, 8, "cpu", exchange_dtype=ExchangeDtype.FP16, driver=FakeDriver(), torch_memory=False)
 

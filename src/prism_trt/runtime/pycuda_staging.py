@@ -185,6 +185,10 @@ class PycudaStaging(Staging):
             with self._torch_on_stream():
                 buffers.device_send[:, : means.shape[1]].copy_(means)
             return
+        if isinstance(means, torch.Tensor):  # without CUDA torch a torch tensor is host memory
+            raise UsageError("the engines returned host tensors, so their runner already staged them (TensorRT "
+                             "without CUDA-enabled torch copies through pycuda itself): run with --device cpu, "
+                             "whose host staging serves the collective")
         batch, count = means.shape[0], means.shape[1]
         row = count * self.dim * self.itemsize
         self._copy_2d(device_address(buffers.device_send), self.max_count * self.dim * self.itemsize,
