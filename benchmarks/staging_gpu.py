@@ -3,8 +3,8 @@
 For the exchanged shapes of ViT-B/16 on two ranks (prism CR 9.9: 11 / 10 means a rank, and
 Voltage: 99 / 98 tokens, D = 768) at batches 1-32, times rank 0's staging round trip (pack,
 device -> host, host -> device, unpack: what runs around every all-gather) against a plain
-device -> host + host -> device copy of the same bytes between page-locked and device memory
-made with the same library (the peak). Goal: staging >= 80 % of the peak at batch >= 8.
+device -> host + host -> device copy of the same bytes (the padded slots each way) between
+page-locked and device memory, made with the same library (the peak). Goal: staging >= 80 % of the peak at batch >= 8.
 
 Writes ``results/staging_gpu.json`` and ``results/staging_gpu.png``. Without a GPU, ``--dry-run``
 (or no CUDA device) runs the same loop with the CPU's host staging against a host memcpy, so the
@@ -54,9 +54,10 @@ def _timed(fn: Callable[[], None], synchronize: Callable[[], None], repeat: int)
     return sorted(samples)[len(samples) // 2]
 
 
-def _peak(staging: Staging, nbytes: int) -> tuple[Callable[[], None], Callable[[], None]]:
-    """A device -> host then host -> device copy of ``nbytes`` with the staging's own library."""
-    elements = max(nbytes // 4, 1)
+def _peak(staging: Staging, d2h_bytes: int, h2d_bytes: int) -> tuple[Callable[[], None], Callable[[], None]]:
+    """A device -> host copy of ``d2h_bytes`` and a host -> device copy of ``h2d_bytes``, each one
+    contiguous copy between page-locked and device memory, with the staging's own library."""
+    elements = max(d2h_bytes, h2d_bytes, 4) // 4
     if staging.name == "pycuda":
         driver, stream = staging.driver, staging.stream
         with staging.in_context():
@@ -65,8 +66,8 @@ def _peak(staging: Staging, nbytes: int) -> tuple[Callable[[], None], Callable[[
 
         def copy() -> None:
             with staging.in_context():
-                driver.memcpy_dtoh_async(host, device, stream)
-                driver.memcpy_htod_async(device, host, stream)
+                driver.memcpy_dtoh_async(host[: d2h_bytes // 4], device, stream)
+                driver.memcpy_htod_async(device, host[: h2d_bytes // 4], stream)
         return copy, staging.synchronize
     host = torch.empty(elements, dtype=torch.float32)
     if staging.device.type == "cuda":
@@ -74,8 +75,8 @@ def _peak(staging: Staging, nbytes: int) -> tuple[Callable[[], None], Callable[[
     device = torch.empty(elements, dtype=torch.float32, device=staging.device)
 
     def copy_torch() -> None:
-        host.copy_(device, non_blocking=True)
-        device.copy_(host, non_blocking=True)
+        host[: d2h_bytes // 4].copy_(device[: d2h_bytes // 4], non_blocking=True)
+        device[: h2d_bytes // 4].copy_(host[: h2d_bytes // 4], non_blocking=True)
     sync = (lambda: torch.cuda.synchronize(staging.device)) if staging.device.type == "cuda" else (lambda: None)
     return copy_torch, sync
 
@@ -84,14 +85,15 @@ def measure_one(staging: Staging, label: str, batch: int, repeat: int) -> dict:
     buffers = staging.buffers((label, batch), batch)
     layout, itemsize = staging.layout, staging.itemsize
     means = torch.randn(batch, layout.counts[layout.rank], layout.dim, device=staging.device)
-    nbytes = layout.d2h_bytes(batch, itemsize) + layout.h2d_bytes(batch, itemsize)
+    d2h_bytes, h2d_bytes = layout.d2h_bytes(batch, itemsize), layout.h2d_bytes(batch, itemsize)
+    nbytes = d2h_bytes + h2d_bytes
 
     def stage() -> None:
         staging.to_host(means, buffers)
         staging.to_device(buffers)
 
     t_stage = _timed(stage, staging.synchronize, repeat)
-    t_peak = _timed(*_peak(staging, nbytes), repeat)
+    t_peak = _timed(*_peak(staging, d2h_bytes, h2d_bytes), repeat)
     return {"kind": staging.name, "shape": label, "batch": batch, "bytes": nbytes, "staging_ms": t_stage * 1e3,
             "peak_ms": t_peak * 1e3, "staging_gbps": nbytes / t_stage / 1e9, "peak_gbps": nbytes / t_peak / 1e9,
             "fraction_of_peak": t_peak / t_stage}

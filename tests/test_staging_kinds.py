@@ -167,3 +167,20 @@ def test_exchange_dtype_resolution():
     assert f"{ExchangeDtype.FP16}" == "fp16" and ExchangeDtype.FP16.itemsize == 2
     with pytest.raises(UsageError, match="resolve"):
         HostStaging([2, 2], 0, 4, exchange_dtype=ExchangeDtype.AUTO)
+
+
+def test_staging_benchmark_dry_run(monkeypatch, tmp_path):
+    """benchmarks/staging_gpu.py runs its whole loop on the CPU (host staging vs a host memcpy),
+    one row per shape and batch with the layout's bytes, and draws its figure."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import staging_gpu
+
+    rows = staging_gpu.measure_staging(batches=(1, 8), repeat=2, dry_run=True,
+                                       exchange_dtype=ExchangeDtype.FP16)
+    assert [(r["shape"], r["batch"]) for r in rows] == [(s, b) for s in ("prism CR 9.9", "voltage") for b in (1, 8)]
+    assert rows[1]["bytes"] == 2 * 8 * 11 * 768 * 2  # rank 0 of CR 9.9: 11 means a slot, one slot each way, fp16
+    assert all(r["kind"] == "host" and r["staging_ms"] > 0 and r["peak_ms"] > 0 for r in rows)
+    staging_gpu.plot(rows, "dry run", tmp_path / "staging.png")
+    assert (tmp_path / "staging.png").stat().st_size > 0
