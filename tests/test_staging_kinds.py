@@ -124,6 +124,20 @@ def test_pycuda_copies_move_the_layouts_bytes(dtype):
     assert driver.context.depth == 0  # every push popped
 
 
+@pytest.mark.parametrize("dtype", [ExchangeDtype.FP32, ExchangeDtype.FP16])
+def test_means_that_fill_the_slot_are_copied_without_a_pack(dtype):
+    """A rank whose means fill its slot in the exchange dtype is copied device -> host straight
+    from them; a cast (fp16) or a shorter rank packs into the device send slot first."""
+    staging = PycudaStaging([3, 2], 0, 4, "cpu", None, dtype, driver=FakeDriver(), torch_memory=True)
+    buffers = staging.buffers(("k", 2), 2)
+    means = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    assert (staging.packed(means, buffers) is means) == (dtype == ExchangeDtype.FP32)
+    assert torch.equal(staging.to_host(means, buffers).float(), means)
+    host = HostStaging([3, 2], 0, 4)  # on the host the slot is GLOO's buffer: always a copy into it
+    host_buffers = host.buffers(("k", 2), 2)
+    assert host.packed(means, host_buffers) is host_buffers.send and torch.equal(host_buffers.send, means)
+
+
 def test_pycuda_own_memory_packs_with_2d_copies():
     """Without CUDA torch the pack and unpack are device-to-device 2D copies (no cast possible)."""
     staging, device_in, _ = make("pycuda-fake-own-memory", [3, 2, 2], 1, 8)

@@ -154,9 +154,9 @@ class PycudaStaging(Staging):
         with self.in_context():
             if means is None:  # nobody reads this rank's means: its slot goes out untouched
                 return buffers.send
-            self._pack(buffers, means)
+            source = self._pack(buffers, means)
             start.record(self.stream)
-            self.driver.memcpy_dtoh_async(buffers.send.numpy(), device_address(buffers.device_send), self.stream)
+            self.driver.memcpy_dtoh_async(buffers.send.numpy(), device_address(source), self.stream)
             end.record(self.stream)
             end.synchronize()  # GLOO reads the host slot next
             self.last_d2h_ms = end.time_since(start)
@@ -179,12 +179,12 @@ class PycudaStaging(Staging):
             self.last_h2d_ms = end.time_since(start)
         return buffers.remote
 
-    def _pack(self, buffers: StagingBuffers, means) -> None:
-        """This rank's means into the padded device send slot, in the exchange dtype."""
+    def _pack(self, buffers: StagingBuffers, means):
+        """This rank's means into the padded device send slot, in the exchange dtype; returns what
+        the device -> host copy reads (see :meth:`~.staging.Staging.packed`)."""
         if self.torch_memory:
             with self._torch_on_stream():
-                buffers.device_send[:, : means.shape[1]].copy_(means)
-            return
+                return self.packed(means, buffers)
         if isinstance(means, torch.Tensor):  # without CUDA torch a torch tensor is host memory
             raise UsageError("the engines returned host tensors, so their runner already staged them (TensorRT "
                              "without CUDA-enabled torch copies through pycuda itself): run with --device cpu, "
@@ -193,6 +193,7 @@ class PycudaStaging(Staging):
         row = count * self.dim * self.itemsize
         self._copy_2d(device_address(buffers.device_send), self.max_count * self.dim * self.itemsize,
                       device_address(means), row, row, batch)
+        return buffers.device_send
 
     def _unpack(self, buffers: StagingBuffers) -> None:
         """The attended device slots, sliced to their counts, into the remote tensor (engines' dtype)."""

@@ -194,11 +194,22 @@ class Staging:
         """Pack this rank's means into its padded send slot in the exchange dtype (on the device),
         then copy the slot to the host; a rank whose means nobody reads (None) sends its slot untouched."""
         if means is not None:
-            buffers.device_send[:, : means.shape[1]].copy_(means)  # the cast, where the means live
-        if means is not None and buffers.device_send is not buffers.send:
-            self._copy_to_host(buffers.send, buffers.device_send)
+            source = self.packed(means, buffers)
+            if source is not buffers.send:
+                self._copy_to_host(buffers.send, source)
         self.synchronize()
         return buffers.send
+
+    def packed(self, means: torch.Tensor, buffers: StagingBuffers) -> torch.Tensor:
+        """What the device -> host copy reads: the means themselves where they already fill the slot
+        in the exchange dtype (device memory only: the host slot must be GLOO's own buffer), else
+        the device send slot they are packed (and cast) into."""
+        if (buffers.device_send is not buffers.send and isinstance(means, torch.Tensor)
+                and means.shape == buffers.device_send.shape and means.dtype == self.dtype
+                and means.device == buffers.device_send.device and means.is_contiguous()):
+            return means
+        buffers.device_send[:, : means.shape[1]].copy_(means)  # the cast, where the means live
+        return buffers.device_send
 
     def to_device(self, buffers: StagingBuffers) -> torch.Tensor | None:
         """Copy the slots this rank reads to the device, then unpack them, sliced to their counts and
