@@ -99,7 +99,7 @@ class DistributedRank:
         dist.all_gather_object(signatures, self.signature())
         for rank, other in enumerate(signatures):
             if other != signatures[0]:
-                if other["exchange_dtype"] != signatures[0]["exchange_dtype"]:
+                if other.get("exchange_dtype", signatures[0]["exchange_dtype"]) != signatures[0]["exchange_dtype"]:
                     raise ClusterError(f"rank {rank} exchanges features in {other['exchange_dtype']}, rank 0 in "
                                        f"{signatures[0]['exchange_dtype']}; start every rank with the same "
                                        f"--exchange-dtype")
