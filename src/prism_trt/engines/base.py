@@ -3,7 +3,8 @@
 A *backend* builds an engine file from a stage's ONNX file (``build``) and loads it into a
 *runner* (``load``). A runner has a small life cycle — ``activate`` -> ``input_metadata`` ->
 ``infer(feed)`` -> ``deactivate`` — takes and returns ``name -> torch.Tensor`` mappings (host or
-device tensors; no positional guessing) and times its own ``infer``.
+device tensors; no positional guessing) and times its own ``infer``. A runner's outputs live on
+its ``device``, the one it was loaded for, whatever the feed's.
 """
 
 from __future__ import annotations
@@ -111,23 +112,23 @@ class BuildOptions:
         return dataclasses.asdict(self)
 
 
-def _synchronize(tensors: Mapping[str, torch.Tensor]) -> None:
-    if any(t.is_cuda for t in tensors.values()):
-        torch.cuda.synchronize()
-
-
 class Runner(ABC):
     """Runs one loaded engine. Use as a context manager or call activate/deactivate.
 
     ``inputs`` / ``outputs`` are the engine's TensorSpecs, in the order the stage declares them.
+    ``device``: where the outputs are written; ``stream``: the CUDA stream the engine runs on (None
+    on the CPU), the device's compute stream (:func:`~.device.compute_stream`).
     """
 
-    def __init__(self, name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]):
+    def __init__(self, name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                 device: torch.device | None = None):
         self.name = name
         self._inputs = {spec.name: spec for spec in inputs}
         self._outputs = {spec.name: spec for spec in outputs}
         self.is_active = False
         self.last_infer_time_s: float | None = None
+        self.device = torch.device("cpu") if device is None else device
+        self.stream: torch.cuda.Stream | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
     def activate(self) -> Runner:
@@ -185,15 +186,25 @@ class Runner(ABC):
         return batch if batch is not None else 1
 
     def infer(self, feed: Mapping[str, torch.Tensor], check: bool = True) -> dict[str, torch.Tensor]:
-        """Run the engine; ``last_infer_time_s`` holds the wall time including device sync."""
+        """Run the engine; ``last_infer_time_s`` holds the host time of the call. On a GPU that is
+        the launch only: nothing synchronises here, callers time device work with CUDA events.
+
+        A caller on another stream than the engine's is ordered with it both ways (stream waits,
+        no host synchronisation): the engine reads the feed after the caller wrote it, the caller
+        reads the outputs after the engine wrote them."""
         if not self.is_active:
             raise RuntimeError(f"{self.name}: activate() the runner before infer()")
         if check:
             self.check_feed(feed)
+        caller = torch.cuda.current_stream(self.stream.device) if self.stream is not None else None
+        foreign = caller is not None and caller != self.stream
+        if foreign:
+            self.stream.wait_stream(caller)
         start = time.perf_counter()
         outputs = self.infer_impl(feed)
-        _synchronize(outputs)
         self.last_infer_time_s = time.perf_counter() - start
+        if foreign:
+            caller.wait_stream(self.stream)
         return outputs
 
     @abstractmethod
@@ -237,6 +248,19 @@ class Backend(ABC):
         """Whether engines run on a CUDA device (verification then feeds device tensors when it can)."""
         return False
 
+    def tensor_device(self, options: BuildOptions) -> torch.device:
+        """Where a runner loaded without a device writes its outputs: the engine's own device where
+        torch can hold tensors there, else the host."""
+        if self.runs_on_cuda and torch.cuda.is_available():
+            return torch.device("cuda", options.device_id)
+        return torch.device("cpu")
+
+    def check_device(self, device: torch.device) -> None:
+        """Raise a UsageError when this backend's runners cannot write outputs on ``device``."""
+        if device.type == "cuda" and not self.runs_on_cuda:
+            raise UsageError(f"{self.name} on {self.device()} runs engines on the CPU, not on {device}; use "
+                             f"--device cpu, or build the engines for a GPU (--provider cuda or --backend tensorrt)")
+
     def onnx_format(self) -> OnnxFormat:
         """The opset and IR version to write for this backend's runtime."""
         return format_for(self.name, self.version())
@@ -255,5 +279,8 @@ class Backend(ABC):
 
     @abstractmethod
     def load(self, engine_path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec],
-             options: BuildOptions) -> Runner:
-        """A runner (not yet active) for an engine file built by this backend."""
+             options: BuildOptions, device: torch.device | None = None, cuda_graphs: bool = False) -> Runner:
+        """A runner (not yet active) for an engine file built by this backend, writing its outputs
+        on ``device`` (None: :meth:`tensor_device`). ``cuda_graphs``: capture one CUDA graph per batch
+        size and replay it (the backend refuses it where it cannot; the feed's addresses must then
+        stay fixed per batch size, as the runtime's reused buffers keep them)."""

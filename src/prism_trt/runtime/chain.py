@@ -6,6 +6,12 @@ request tensors it declares (images; or ids and attention mask) besides its toke
 means. :func:`run_chains_in_process` drives chains with the drive loop
 (:func:`~prism_trt.core.drive.drive`) and a list for the all-gather; the distributed runtime
 drives one chain with a staged collective instead.
+
+A chain runs on one device (``RuntimeOptions.device``): every runner writes its outputs there, so
+activations stay on the device from the embedding to the logits; the request reaches it once, and
+the logits leave it once, through the chain's :class:`~.transfers.DeviceTransfers`. On a GPU the
+whole forward is enqueued on the device's compute stream, shared by torch and the engines.
+:func:`run_local` is rank 0's single-board answer: the monolithic engine where the build made one.
 """
 
 from __future__ import annotations
@@ -18,29 +24,38 @@ from ..core.chain_key import ChainKey, Mode
 from ..core.drive import Exchange, drive
 from ..core.plan import attended_ranks
 from ..engines.base import Backend, Runner
-from ..engines.buckets import BucketSet
+from ..engines.buckets import Bucket, BucketSet
+from ..engines.device import on_compute_stream, resolve_device
 from ..engines.manifest import ChainConfig, Manifest, ManifestError
 from ..engines.registry import get_backend
 from ..engines.stage_spec import LOGITS, MEANS, NEXT_TOKENS, REMOTE_MEANS, TOKENS, StageSpec
 from .options import DEFAULT_OPTIONS, RuntimeOptions
 from .request import InferenceRequest
+from .transfers import Crossing, DeviceTransfers
 
 
 class EngineChain:
     """Runners for one config (local / voltage / prism at a CR) of one rank's engine directory."""
 
     def __init__(self, rank_dir: Path, manifest: Manifest, config: ChainConfig, backend: Backend,
-                 use_monolithic: bool = False):
+                 use_monolithic: bool = False, options: RuntimeOptions = DEFAULT_OPTIONS,
+                 transfers: DeviceTransfers | None = None):
+        """``options``: the device the chain runs on and whether its engines use CUDA graphs;
+        ``transfers``: the rank's host <-> device boundary (the chain's own when not given)."""
         self.rank_dir, self.manifest, self.config = Path(rank_dir), manifest, config
         self.key = config.key
         self.rank = 0 if config.mode == Mode.LOCAL else manifest.rank
         if use_monolithic and manifest.monolithic is None:
             raise ManifestError(f"{rank_dir} has no monolithic model (only rank 0 of a build has one)")
+        self.device = resolve_device(options.device)
+        backend.check_device(self.device)
+        self.transfers = transfers if transfers is not None else DeviceTransfers(self.device)
+        self.is_monolithic = use_monolithic
         entries = [manifest.monolithic] if use_monolithic else config.stages
         self.stages: dict[str, tuple[StageSpec, Runner]] = {}
         for entry in entries:
             runner = backend.load(self.rank_dir / entry.engine, list(entry.spec.inputs), list(entry.spec.outputs),
-                                  manifest.build_options)
+                                  manifest.build_options, self.device, options.cuda_graphs)
             self.stages[entry.name] = (entry.spec, runner)
         self.depth = manifest.spec.depth
         #: ranks whose means this rank reads, in order (a causal text model: the earlier ones only)
@@ -65,7 +80,12 @@ class EngineChain:
         """Stage ``name`` fed the inputs it declares: ``own`` tensors (tokens, remote means) or the request's."""
         spec, runner = self.stages[name]
         own = own or {}
-        return runner.infer({t.name: own[t.name] if t.name in own else request[t.name] for t in spec.inputs})
+        feed = {t.name: own[t.name] if t.name in own else request[t.name] for t in spec.inputs}
+        # Whatever reaches a stage from off the device crosses here, counted as a stray crossing
+        # (the request and the exchanged means arrive on the device already).
+        feed = {name: tensor if tensor.device == runner.device else self.transfers.to_device(tensor, Crossing.OTHER)
+                for name, tensor in feed.items()}
+        return runner.infer(feed)
 
     def embed(self, request: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self._run("embed", request)
@@ -81,7 +101,9 @@ class EngineChain:
         return self._run("head", {}, {TOKENS: tokens})[LOGITS].clone()
 
     def monolithic(self, request: InferenceRequest) -> torch.Tensor:
-        return self._run("model", request.tensors)[LOGITS].clone()
+        """The monolithic engine's logits, on the device (a chain loaded with ``use_monolithic``)."""
+        with on_compute_stream(self.device):
+            return self._run("model", self.transfers.request_to_device(request.tensors))[LOGITS].clone()
 
 
 def backend_for(manifest: Manifest, options: RuntimeOptions = DEFAULT_OPTIONS) -> Backend:
@@ -109,12 +131,32 @@ def load_chain(rank_dir: Path, mode: str | ChainKey, cr: float | None = None,
     mode and (for prism) a CR, mapped to the built segment count."""
     manifest, backend = load_manifest_here(rank_dir, options)
     key = mode if isinstance(mode, ChainKey) else manifest.key_for(mode, cr)
-    return EngineChain(rank_dir, manifest, manifest.config(key), backend, use_monolithic)
+    return EngineChain(rank_dir, manifest, manifest.config(key), backend, use_monolithic, options)
+
+
+def local_chain(bucket: Bucket, backend: Backend, options: RuntimeOptions = DEFAULT_OPTIONS,
+                transfers: DeviceTransfers | None = None) -> EngineChain:
+    """Rank 0's single-board chain of one engine set: the monolithic engine where the build made
+    one (one session instead of one per stage), else the local chain of stages."""
+    manifest = bucket.manifest
+    return EngineChain(bucket.directory, manifest, manifest.config(ChainKey.local()), backend,
+                       manifest.monolithic is not None, options, transfers)
+
+
+@torch.no_grad()
+def run_local(chain: EngineChain, inputs: InferenceRequest) -> torch.Tensor:
+    """Rank 0's single-board answer, in host memory: the monolithic engine, or the P=1 chain driven
+    alone; the request crosses to the device once and the logits back once."""
+    with on_compute_stream(chain.device):
+        logits = chain.monolithic(inputs) if chain.is_monolithic else run_chains_in_process([chain], inputs)
+        return chain.transfers.to_host(logits, Crossing.LOGITS)
 
 
 @torch.no_grad()
 def run_chains_in_process(chains: list[EngineChain], inputs: InferenceRequest) -> torch.Tensor:
-    """All ranks' chains in this process (the exchange is a list), in rank order: the local
-    executors' loop, and a test and debugging aid (``InferenceRequest.of(manifest.model, images)``)."""
-    request = inputs.tensors
-    return drive(chains, [request] * len(chains), Exchange(), chains[0].head_reads_all_positions)
+    """All ranks' chains in this process (the exchange is a list), in rank order, the logits left
+    on the chains' device: the local chain's loop, and a test and debugging aid
+    (``InferenceRequest.of(manifest.model, images)``)."""
+    with on_compute_stream(chains[0].device):
+        request = chains[0].transfers.request_to_device(inputs.tensors)
+        return drive(chains, [request] * len(chains), Exchange(), chains[0].head_reads_all_positions)

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from ..core.chain_key import ChainKey, Mode
 from ..errors import PrismError, UsageError
 from .api import Executor, Health, InferenceResult
-from .chain import run_chains_in_process
+from .chain import run_local
 from .distributed_rank import DistributedRank
 from .group import ClusterError, GroupConfig
 from .link_probe import LinkProbe, answer_probe, payload_bytes, probe_link
@@ -183,7 +183,7 @@ class DistributedExecutor(Executor):
         watch = Stopwatch()
         start = time.perf_counter()
         with watch.phase("compute"):
-            logits = run_chains_in_process([self.rank.local_chains[request.bucket_length]], request)
+            logits = run_local(self.rank.local_chains[request.bucket_length], request)
         return InferenceResult(logits, ChainKey.local(), watch.times.close((time.perf_counter() - start) * 1e3),
                                fell_back=fell_back, sequence_length=request.bucket_length)
 

@@ -17,13 +17,15 @@ import torch.distributed as dist
 from ..core.chain_key import ChainKey, Mode
 from ..core.drive import Exchange, PendingMeans, drive_micro_batches, micro_batch_sizes
 from ..engines.buckets import Bucket
+from ..engines.device import on_compute_stream
 from ..engines.manifest import ChainConfig, ManifestError
 from ..errors import UsageError
-from .chain import EngineChain, load_buckets_here
+from .chain import EngineChain, load_buckets_here, local_chain
 from .group import ClusterError
 from .options import DEFAULT_OPTIONS, RuntimeOptions
 from .staging import FinalGather, Staging, make_staging
 from .timing import PhaseTimes, Stopwatch
+from .transfers import Crossing, DeviceTransfers
 
 
 @dataclass(frozen=True)
@@ -60,11 +62,13 @@ class DistributedRank:
         self.routes: list[Route] = []
         self.local_chains: dict[int | None, EngineChain] = {}
         self.route_of: dict[tuple[int | None, ChainKey], int] = {}  # (bucket length, key) -> the header's index
+        self.transfers = DeviceTransfers(device)  # every host <-> device crossing of this rank
         for (length, key), (bucket, config) in self.buckets.chains.items():
-            chain = EngineChain(bucket.directory, bucket.manifest, config, backend).__enter__()
             if config.mode is Mode.LOCAL:
-                self.local_chains[bucket.length] = chain
+                self.local_chains[bucket.length] = local_chain(bucket, backend, options, self.transfers).__enter__()
                 continue
+            chain = EngineChain(bucket.directory, bucket.manifest, config, backend, False, options,
+                                self.transfers).__enter__()
             self.route_of[length, key] = len(self.routes)
             self.routes.append(Route(bucket, config, chain,
                                      make_staging(list(config.plan.counts), rank, dim, device, chain.attended_ranks,
@@ -137,20 +141,22 @@ class DistributedRank:
         overlaps another's stages (every rank must agree; a barrier would serialise them, so there
         is none then, and comm is the exchange time compute did not hide, skew included)."""
         route = self.routes[config_index]
-        watch = Stopwatch()
+        watch = Stopwatch.on(self.device)
         start = time.perf_counter()
-        with watch.phase("h2d"):
-            request = {name: tensor.to(self.device, non_blocking=True) for name, tensor in request.items()}
-        sizes = micro_batch_sizes(next(iter(request.values())).shape[0], micro_batches)
-        parts = [dict(zip(request, split)) for split in zip(*(t.split(sizes) for t in request.values()))]
-        exchanges = [StagedAllGather(self, route, size, watch, barrier and len(sizes) == 1, micro)
-                     for micro, size in enumerate(sizes)]
-        logits = drive_micro_batches([route.chain], [[part] for part in parts], exchanges,
-                                     route.chain.head_reads_all_positions)
-        if logits is not None:
-            with watch.phase("compute"):  # the head's answer comes back to the host as part of its compute
-                logits = logits.cpu()
-        return logits, watch.times.close((time.perf_counter() - start) * 1e3)
+        with on_compute_stream(self.device):  # torch's copies and the engines on one stream
+            with watch.phase("h2d"):
+                request = self.transfers.request_to_device(request)
+            sizes = micro_batch_sizes(next(iter(request.values())).shape[0], micro_batches)
+            parts = [dict(zip(request, split)) for split in zip(*(t.split(sizes) for t in request.values()))]
+            exchanges = [StagedAllGather(self, route, size, watch, barrier and len(sizes) == 1, micro)
+                         for micro, size in enumerate(sizes)]
+            logits = drive_micro_batches([route.chain], [[part] for part in parts], exchanges,
+                                         route.chain.head_reads_all_positions)
+            if logits is not None:
+                with watch.phase("compute"):  # the head's answer comes back to the host as part of its compute
+                    logits = self.transfers.to_host(logits, Crossing.LOGITS)
+        times = watch.resolve()
+        return logits, times.close((time.perf_counter() - start) * 1e3)
 
     def close(self) -> None:
         for chain in [*(r.chain for r in self.routes), *self.local_chains.values()]:
@@ -184,6 +190,8 @@ class StagedAllGather(Exchange):
         buffers = staging.buffers(self.key, batch)
         with watch.phase("d2h"):
             send = staging.to_host(means, buffers)
+        if means is not None:
+            self.rank.transfers.record(Crossing.EXCHANGE, staging.layout.d2h_bytes(batch, staging.itemsize))
         if self.barrier:
             with watch.phase("wait"):
                 dist.barrier()
@@ -207,6 +215,8 @@ class StagedAllGather(Exchange):
     def positions(self, tokens: list[torch.Tensor]) -> torch.Tensor | None:
         (own,) = tokens
         gathered = self.route.final_gather.gather(own, self.watch)
+        self.rank.transfers.count(Crossing.EXCHANGE, own)
+        self.rank.transfers.count(Crossing.EXCHANGE, gathered)
         self.rank.progress_at = time.monotonic()
         return gathered
 
@@ -227,5 +237,7 @@ class _AllGatherInFlight:
         with watch.phase("h2d"):
             remote = staging.to_device(self.buffers)
         layout, itemsize = staging.layout, staging.itemsize
+        if remote is not None:
+            exchange.rank.transfers.record(Crossing.EXCHANGE, layout.h2d_bytes(exchange.batch, itemsize))
         watch.times.bytes_received += layout.bytes_received(exchange.batch, itemsize) if remote is not None else 0
         return [remote]

@@ -1,4 +1,4 @@
-"""The local executor: rank 0's P=1 engine chain, no process group (mode ``local`` only)."""
+"""The local executor: rank 0's single-board engines, no process group (mode ``local`` only)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ from pathlib import Path
 from ..core.chain_key import ChainKey, Mode
 from ..errors import UsageError
 from .api import Executor, Health, InferenceResult
-from .chain import EngineChain, load_buckets_here, run_chains_in_process
+from .chain import load_buckets_here, local_chain, run_local
 from .options import DEFAULT_OPTIONS, RuntimeOptions
 from .request import InferenceRequest
-from .timing import PhaseTimes
+from .timing import Stopwatch
+from .transfers import DeviceTransfers
 
 
 class LocalExecutor(Executor):
-    """Runs every batch on this machine with the local chain of a rank-0 engine directory (one per
-    sequence bucket of a text build)."""
+    """Runs every batch on this machine with rank 0's single-board engines of a rank-0 engine
+    directory (one set per sequence bucket of a text build): the monolithic engine where the build
+    made one, else the local chain (:func:`~.chain.local_chain`)."""
 
     def __init__(self, rank_dir: Path, options: RuntimeOptions = DEFAULT_OPTIONS):
         self.buckets, backend = load_buckets_here(rank_dir, options)
@@ -25,8 +27,9 @@ class LocalExecutor(Executor):
         self.spec = self.manifest.spec
         self.model_name = self.spec.name
         self.max_batch = self.manifest.build_options.max_batch
-        self.chain_of = {bucket.length: EngineChain(bucket.directory, bucket.manifest,
-                                                    bucket.manifest.config(ChainKey.local()), backend).__enter__()
+        self.device = options.device
+        self.transfers = DeviceTransfers(options.device)
+        self.chain_of = {bucket.length: local_chain(bucket, backend, options, self.transfers).__enter__()
                          for bucket in self.buckets}
         self._lock = threading.Lock()  # one inference at a time through the chain's reused buffers
 
@@ -38,11 +41,11 @@ class LocalExecutor(Executor):
             raise UsageError(f"this executor runs only the local chain, not {key.label}")
         chain = self.chain_of[request.bucket_length]
         with self._lock:
+            watch = Stopwatch.on(self.device)
             start = time.perf_counter()
-            logits = run_chains_in_process([chain], request)
-            total = (time.perf_counter() - start) * 1e3
-            compute = sum((r.last_infer_time_s or 0.0) for r in chain.runners) * 1e3
-        times = PhaseTimes(compute=compute).close(total)
+            with watch.phase("compute"):
+                logits = run_local(chain, request)
+            times = watch.resolve().close((time.perf_counter() - start) * 1e3)
         return InferenceResult(logits, ChainKey.local(), times, per_rank=[times] if gather_timings else [],
                                sequence_length=request.bucket_length)
 

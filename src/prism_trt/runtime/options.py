@@ -62,7 +62,9 @@ class RuntimeOptions:
     (:class:`ExchangeDtype`; every rank must resolve it alike, checked at the join).
     micro_batches: a distributed batch cut into this many micro-batches in flight, so one's
     all-gather hides behind another's compute (rank 0's choice travels with each batch; 1 runs the
-    batch whole; None chooses per batch, :func:`micro_batches_for`)."""
+    batch whole; None chooses per batch, :func:`micro_batches_for`). cuda_graphs: engines on
+    onnxruntime's CUDA EP capture one CUDA graph per batch size and replay it (fewer launches at
+    small batch; off by default: not measured to win yet)."""
 
     threads: int | None = None
     device: str = "cpu"
@@ -71,6 +73,7 @@ class RuntimeOptions:
     staging: StagingKind = StagingKind.AUTO
     exchange_dtype: ExchangeDtype = ExchangeDtype.AUTO
     micro_batches: int | None = None
+    cuda_graphs: bool = False
 
 
 #: The defaults (the backend's threads, CPU tensors, no barrier): one shared value, being frozen.

@@ -6,8 +6,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from ...errors import UsageError
 from ..base import Backend, BackendUnavailable, BuildOptions, EngineBuildError, Runner, TensorSpec
+from ..device import resolve_device
 from ..fp16 import cast_onnx_to_fp16
 from ..onnx_format import OnnxFormat, format_for, stamp_ir_version
 
@@ -71,8 +74,6 @@ class OnnxRuntimeBackend(Backend):
     def device(self) -> str:
         if self.provider == "cpu":
             return "cpu"
-        import torch
-
         name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cuda"
         return f"{self.provider}:{name}"
 
@@ -92,9 +93,15 @@ class OnnxRuntimeBackend(Backend):
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         return options
 
-    def providers(self, inputs: list[TensorSpec], options: BuildOptions) -> list:
-        """Execution providers with their options; always ending with the CPU EP as fallback."""
+    def providers(self, inputs: list[TensorSpec], options: BuildOptions, stream=None, cuda_graphs: bool = False
+                  ) -> list:
+        """Execution providers with their options; always ending with the CPU EP as fallback.
+        ``stream``: the torch CUDA stream the GPU EP runs on (shared with torch); ``cuda_graphs``:
+        the CUDA EP captures and replays CUDA graphs."""
         providers: list = []
+        # onnxruntime takes the stream as its handle in decimal; has_user_compute_stream for older versions
+        shared = {} if stream is None else {"has_user_compute_stream": "1",
+                                            "user_compute_stream": str(stream.cuda_stream)}
         if self.provider == "tensorrt":
             cache = str(self.cache_dir or Path(options.timing_cache or ".").parent / "ort_trt_cache")
             os.makedirs(cache, exist_ok=True)
@@ -110,11 +117,13 @@ class OnnxRuntimeBackend(Backend):
                 "trt_profile_min_shapes": _profile_shapes(inputs, options.min_batch),
                 "trt_profile_opt_shapes": _profile_shapes(inputs, options.opt_batch),
                 "trt_profile_max_shapes": _profile_shapes(inputs, options.max_batch),
+                **shared,
             }))
         if self.provider in ("tensorrt", "cuda"):
             # The CUDA EP rounds fp32 matmul inputs to TF32 unless told not to (use_tf32 defaults to 1).
             providers.append((PROVIDERS["cuda"], {"device_id": options.device_id,
-                                                  "use_tf32": int(options.precision == "tf32")}))
+                                                  "use_tf32": int(options.precision == "tf32"), **shared,
+                                                  **({"enable_cuda_graph": "1"} if cuda_graphs else {})}))
         providers.append(PROVIDERS["cpu"])
         return providers
 
@@ -141,7 +150,12 @@ class OnnxRuntimeBackend(Backend):
         onnx.save(stamp_ir_version(optimised), str(engine_path))
 
     def load(self, engine_path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec],
-             options: BuildOptions) -> Runner:
+             options: BuildOptions, device: torch.device | None = None, cuda_graphs: bool = False) -> Runner:
         from .runner import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner(Path(engine_path), self, inputs, outputs, options)
+        device = self.tensor_device(options) if device is None else resolve_device(device)
+        self.check_device(device)
+        if cuda_graphs and (self.provider != "cuda" or device.type != "cuda"):
+            raise UsageError(f"CUDA graphs need onnxruntime's CUDA EP with tensors on the GPU (--provider cuda "
+                             f"--device cuda:N); these engines use the {self.provider} EP with tensors on {device}")
+        return OnnxRuntimeRunner(Path(engine_path), self, inputs, outputs, options, device, cuda_graphs)

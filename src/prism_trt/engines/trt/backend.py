@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ...errors import UsageError
 from ..base import BATCH_AXIS, Backend, BackendUnavailable, BuildOptions, EngineBuildError, TensorSpec
 from ..fp16 import cast_onnx_to_fp16
 from .runner import (
@@ -93,8 +94,12 @@ class TensorRTBackend(Backend):
             _build_engine(trt, onnx_path, parse_path, engine_path, inputs, options, strongly_typed)
 
     def load(self, engine_path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec],
-             options: BuildOptions) -> TensorRTRunner:
-        return TensorRTRunner(Path(engine_path), inputs, outputs, device_id=options.device_id)
+             options: BuildOptions, device: torch.device | None = None, cuda_graphs: bool = False) -> TensorRTRunner:
+        """``device`` None: the runner follows its feed (device outputs for device inputs, host for host)."""
+        if cuda_graphs:
+            raise UsageError("CUDA graphs are an option of onnxruntime's CUDA EP here; the tensorrt backend "
+                             "runs without them (leave --cuda-graphs off)")
+        return TensorRTRunner(Path(engine_path), inputs, outputs, device_id=options.device_id, device=device)
 
 
 def _build_engine(trt: Any, onnx_path: Path, parse_path: Path, engine_path: Path, inputs: list[TensorSpec],

@@ -1,13 +1,18 @@
 """Runs a serialized TensorRT engine (TensorRT 10+ name-based I/O, ``execute_async_v3``).
 
-Two buffer paths, chosen per call by where the feed lives:
+Two buffer paths:
 
-* torch CUDA tensors: TensorRT reads the inputs in place and writes into freshly allocated torch CUDA
-  outputs on the current torch stream (zero copy; torch's caching allocator makes the outputs free
-  in the steady state).
+* torch CUDA tensors: TensorRT reads the inputs in place and writes into torch CUDA outputs the
+  runner keeps per batch size (zero copy, no allocation in the steady state), with
+  ``execute_async_v3`` on the device's compute stream, shared with torch and the other engines
+  (:func:`~prism_trt.engines.device.compute_stream`): nothing synchronises per engine.
 * host tensors (e.g. a Jetson torch build without CUDA): pycuda page-locked host buffers and device
   buffers sized for the engine's max batch, allocated once in ``activate``; each call copies in,
   runs, copies out on one pycuda stream and returns torch CPU copies.
+
+A runner loaded for a device (a chain's) writes its outputs there, moving a feed that is not there
+first; one loaded without (verification, tests) follows its feed: device outputs for a device
+feed, host outputs for a host feed.
 
 ``tensorrt`` and ``pycuda`` are imported lazily so this module imports anywhere.
 """
@@ -25,6 +30,7 @@ import numpy as np
 import torch
 
 from ..base import BATCH_AXIS, BackendUnavailable, EngineInputError, EngineLoadError, Runner, TensorSpec
+from ..device import compute_stream
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +170,14 @@ class TensorRTRunner(Runner):
     """Runs one engine file; inputs and outputs are checked against the stage's TensorSpecs."""
 
     def __init__(self, engine_path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], device_id: int = 0,
-                 name: str | None = None):
-        super().__init__(name or f"tensorrt:{Path(engine_path).name}", inputs, outputs)
+                 name: str | None = None, device: torch.device | None = None):
+        gpu = torch.device("cuda", device_id)
+        super().__init__(name or f"tensorrt:{Path(engine_path).name}", inputs, outputs,
+                         device if device is not None else gpu if torch.cuda.is_available() else torch.device("cpu"))
         self.engine_path = Path(engine_path)
         self.device_id = device_id
+        self.follows_feed = device is None
+        self._outputs_of: dict[tuple, dict[str, torch.Tensor]] = {}  # device outputs per input shapes
         self._batch_axes = {name: spec.shape.index(BATCH_AXIS) for name, spec in self._inputs.items()
                             if BATCH_AXIS in spec.shape}
         self.min_batch = self.max_batch = 1  # read from the engine's optimization profile on activate
@@ -183,6 +193,7 @@ class TensorRTRunner(Runner):
         # Host feeds need pycuda; without torch CUDA it is also the only way to reach the GPU.
         use_pycuda = pycuda_installed() or not torch.cuda.is_available()
         self._pycuda = PrimaryContext(self.device_id) if use_pycuda else None
+        self.stream = compute_stream(self.device) if self.device.type == "cuda" else None
         try:
             with self._scope():
                 self._load_engine(trt)
@@ -255,7 +266,7 @@ class TensorRTRunner(Runner):
                 allocation.free()
             for array in self._host.values():
                 array.base.free()
-            self._host, self._device = {}, {}
+            self._host, self._device, self._outputs_of = {}, {}, {}
             for attribute in ("_context", "_engine", "_runtime"):  # in this order: each uses the next
                 self.__dict__.pop(attribute, None)
         if self._pycuda is not None:
@@ -269,6 +280,10 @@ class TensorRTRunner(Runner):
             raise EngineInputError(f"{self.name}: batch {batch} is outside the engine's profile "
                                    f"{self.min_batch}..{self.max_batch} ({self.engine_path}); split the feed into "
                                    f"batches of at most {self.max_batch} or rebuild with a larger max_batch")
+        if not self.follows_feed:
+            if self.device.type == "cuda":
+                return self._infer_on_device({name: tensor.to(self.device) for name, tensor in feed.items()})
+            feed = {name: tensor.cpu() for name, tensor in feed.items()}
         on_cuda = {tensor.is_cuda for tensor in feed.values()}
         if on_cuda == {True}:
             return self._infer_on_device(feed)
@@ -305,12 +320,19 @@ class TensorRTRunner(Runner):
             raise EngineInputError(f"{self.name}: the engine runs on {device}, inputs are on {wrong}")
         with torch.cuda.device(device):
             inputs = {name: feed[name].contiguous() for name in self._input_names}
-            outputs = {name: torch.empty(shape, dtype=_torch_dtype(self._dtypes[name]), device=device)
-                       for name, shape in self._set_input_shapes(_shapes(inputs)).items()}
+            shapes = _shapes(inputs)
+            key = tuple(sorted(shapes.items()))
+            if key not in self._outputs_of:
+                self._outputs_of[key] = {name: torch.empty(shape, dtype=_torch_dtype(self._dtypes[name]), device=device)
+                                         for name, shape in self._set_input_shapes(shapes).items()}
+            else:
+                self._set_input_shapes(shapes)
+            outputs = self._outputs_of[key]
             for name, tensor in {**inputs, **outputs}.items():
                 self._context.set_tensor_address(name, tensor.data_ptr())
-            self._execute(torch.cuda.current_stream(device).cuda_stream)
-        return outputs
+            stream = self.stream if self.stream is not None else torch.cuda.current_stream(device)
+            self._execute(stream.cuda_stream)
+        return dict(outputs)
 
     def _infer_from_host(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         cuda = self._pycuda.cuda
