@@ -6,9 +6,13 @@ from conftest import assert_close, build_engines, random_model, small_spec
 
 from prism_trt.core import make_partition_plan, make_segment_plan, simulate
 from prism_trt.engines import get_backend
+from prism_trt.runtime import RuntimeOptions
 from prism_trt.runtime.chain import EngineChain, run_chains_in_process
 from prism_trt.runtime.request import InferenceRequest
 from prism_trt.runtime.staging import TorchCudaStaging
+from prism_trt.runtime.transfers import Crossing
+
+ON_GPU = RuntimeOptions(device="cuda:0")
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -58,7 +62,7 @@ def test_ort_cuda_chain_on_device_tensors(tmp_path, precision):
         manifest = Manifest.load(tmp_path / f"rank{rank}")
         assert manifest.build_options.precision == precision
         chains.append(EngineChain(tmp_path / f"rank{rank}", manifest, manifest.config(manifest.key_for("prism", 3.0)),
-                                  backend).__enter__())
+                                  backend, options=ON_GPU).__enter__())
     images = torch.randn(3, 3, 32, 32)
     got = run_chains_in_process(chains, InferenceRequest.of(chains[0].manifest.model, images.cuda()))
     assert got.is_cuda
@@ -79,7 +83,7 @@ def test_mnist_accuracy_of_reduced_precision_gpu_builds(mnist_model, mnist_dir, 
     build_engines(mnist_model, tmp_path, 1, source={"checkpoint": "vit_mnist.pt"}, backend=backend,
                   precision=precision)
     correct = 0
-    with load_chain(tmp_path / "rank0", "local") as chain:
+    with load_chain(tmp_path / "rank0", "local", options=ON_GPU) as chain:
         for images, labels in MnistTestSet(mnist_dir).batches(500):
             correct += int((run_chains_in_process([chain], InferenceRequest.of(chain.manifest.model, images.cuda()))
                             .argmax(-1).cpu() == labels).sum())
@@ -112,11 +116,137 @@ def test_text_chains_on_the_cuda_ep(tmp_path, name, precision):
     model = load_text_model(name, **size_overrides(name, **TEXT_SIZE))
     ids, mask = text_request()
     request = {INPUT_IDS: ids.cuda(), ATTENTION_MASK: mask.cuda()}
-    ranks = [load_chain(tmp_path / f"rank{r}", "prism", 2.0).__enter__() for r in range(2)]
+    ranks = [load_chain(tmp_path / f"rank{r}", "prism", 2.0, options=ON_GPU).__enter__() for r in range(2)]
     got = run_chains_in_process(ranks, InferenceRequest.of(ranks[0].manifest.model, request))
     assert got.is_cuda
     plan = make_segment_plan(text_partition(model.spec, TEXT_SEQ_LEN, 2), segments=ranks[0].config.plan.segments)
     assert_close(got.cpu(), simulate_text(model, plan, ids, mask), precision, name=f"{name} prism {precision}")
-    with load_chain(tmp_path / "rank0", "local") as local:
+    with load_chain(tmp_path / "rank0", "local", options=ON_GPU) as local:
         assert_close(run_chains_in_process([local], InferenceRequest.of(local.manifest.model, request)).cpu(),
                      model(ids, mask), precision, name=f"{name} local {precision}")
+
+
+@pytest.fixture(scope="module")
+def cuda_engines(tmp_path_factory):
+    """A small random ViT built for the CUDA EP in fp32, two ranks (local + monolithic, voltage, prism CR 3)."""
+    if not (HAS_CUDA and _ort_cuda()):
+        pytest.skip("needs a CUDA device and onnxruntime-gpu (pip install .[gpu])")
+    root = tmp_path_factory.mktemp("cuda-engines")
+    model = random_model(small_spec(img=32, depth=2))
+    build_engines(model, root, 2, [3.0], max_batch=8, backend=get_backend("onnxruntime", provider="cuda"),
+                  precision="fp32")
+    return root, model
+
+
+@needs_ort_cuda
+def test_device_resident_chain_crosses_only_the_request_and_the_logits(cuda_engines):
+    """Every stage writes on the GPU, on the shared compute stream; a host request crosses once,
+    the logits once, nothing else; the answer equals the reference at fp32."""
+    from prism_trt.engines.device import compute_stream
+    from prism_trt.runtime import load_chain
+    from prism_trt.runtime.chain import run_local
+
+    root, model = cuda_engines
+    with load_chain(root / "rank0", "local", options=ON_GPU) as chain:
+        stream = compute_stream(chain.device)
+        assert all(r.device == chain.device and r.stream is stream for r in chain.runners)
+        images = torch.randn(3, 3, 32, 32)
+        request = InferenceRequest.of(chain.manifest.model, images)
+        with torch.cuda.stream(stream):
+            placed = chain.transfers.request_to_device(request.tensors)
+            tokens, means = chain.embed(placed)
+        assert tokens.is_cuda and placed["images"].is_cuda
+        chain.transfers.reset()
+        got = run_local(chain, request)
+        assert not got.is_cuda
+        assert chain.transfers.crossings == {Crossing.REQUEST: 1, Crossing.EXCHANGE: 0, Crossing.LOGITS: 1,
+                                             Crossing.OTHER: 0}
+        with torch.no_grad():
+            assert_close(got, model(images), "fp32")
+        first = chain.transfers.request_to_device(request.tensors)["images"]
+        assert chain.transfers.request_to_device(request.tensors)["images"].data_ptr() == first.data_ptr()
+
+
+@needs_ort_cuda
+def test_cuda_events_time_device_phases_without_synchronising_each():
+    from prism_trt.runtime.timing import Stopwatch
+
+    watch = Stopwatch.on("cuda:0")
+    assert watch.stream is not None
+    x = torch.randn(2048, 2048, device="cuda")
+    with torch.cuda.stream(watch.stream):
+        with watch.phase("compute"):
+            for _ in range(10):
+                x = x @ x / 2048
+        with watch.phase("comm"):  # a host phase: timed by the host clock
+            pass
+    assert len(watch._events) == 1  # the device phase is pending, not synchronised yet
+    times = watch.resolve()
+    assert times.compute > 0 and times.comm >= 0 and not watch._events
+
+
+@needs_ort_cuda
+def test_local_mode_on_the_gpu_runs_the_monolithic_engine(cuda_engines):
+    from prism_trt.engines import ChainKey
+    from prism_trt.runtime.local import LocalExecutor
+
+    root, model = cuda_engines
+    executor = LocalExecutor(root / "rank0", ON_GPU)
+    try:
+        assert executor.chain_of[None].is_monolithic
+        images = torch.randn(5, 3, 32, 32)
+        result = executor.infer(executor.request(images), ChainKey.local())
+        assert not result.logits.is_cuda and result.times.compute > 0
+        with torch.no_grad():
+            assert_close(result.logits, model(images), "fp32")
+    finally:
+        executor.close()
+
+
+@needs_ort_cuda
+def test_cuda_graphs_replay_the_same_answers(cuda_engines):
+    """The optional CUDA-graph chain: one graph per batch size, captured then replayed, answers
+    equal to the chain without graphs (fixed addresses come from the reused buffers)."""
+    from prism_trt.runtime import load_chain
+
+    root, _ = cuda_engines
+    graphs = RuntimeOptions(device="cuda:0", cuda_graphs=True)
+    with load_chain(root / "rank0", "local", options=ON_GPU) as plain, \
+            load_chain(root / "rank0", "local", options=graphs) as captured:
+        for batch in (2, 4, 2, 4):
+            images = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+            want = run_chains_in_process([plain], InferenceRequest.of(plain.manifest.model, images)).cpu()
+            got = run_chains_in_process([captured], InferenceRequest.of(captured.manifest.model, images)).cpu()
+            assert_close(got, want, "fp32")
+
+
+@needs_ort_cuda
+def test_two_ranks_on_one_gpu_cross_only_the_exchange(cuda_engines):
+    """The residency guard of the CPU suite, with both ranks on the GPU (staging for real)."""
+    import subprocess
+    import sys
+
+    from prism_trt.runtime.distributed import DistributedExecutor
+    from prism_trt.runtime.group import GroupConfig, free_port
+
+    root, model = cuda_engines
+    port = free_port()
+    worker = subprocess.Popen([sys.executable, "-m", "prism_trt.cli", "run", "--engines", str(root), "--rank", "1",
+                               "--world-size", "2", "--master-port", str(port), "--device", "cuda:0",
+                               "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    executor = None
+    try:
+        executor = DistributedExecutor(root / "rank0", GroupConfig(0, 2, "127.0.0.1", port, 60.0), ON_GPU)
+        executor.rank.transfers.reset()
+        images = torch.randn(4, 3, 32, 32)
+        result = executor.infer(executor.request(images), executor.key_for("prism", 3.0))
+        assert not result.fell_back and not result.logits.is_cuda
+        crossings = executor.rank.transfers.crossings
+        assert crossings[Crossing.REQUEST] == 1 and crossings[Crossing.LOGITS] == 1 and crossings[Crossing.OTHER] == 0
+        plan = make_segment_plan(make_partition_plan(model.spec.num_tokens, 1, 2), cr=3.0)
+        assert_close(result.logits, simulate(model, images, plan), "fp32")
+    finally:
+        if executor is not None:
+            executor.close()
+        out, _ = worker.communicate(timeout=60)
+    assert worker.returncode == 0, out

@@ -39,11 +39,11 @@ def engines(tmp_path_factory):
     return root, model
 
 
-def expected_exchange_bytes(route, rank: int, batch: int, depth: int, dim: int) -> int:
-    """Means out and remote means in, before each of the ``depth`` blocks (fp32 on the device)."""
-    counts = list(route.config.plan.counts)
-    attended = route.chain.attended_ranks if rank == 0 else [q for q in range(len(counts)) if q != rank]
-    return depth * batch * dim * 4 * (counts[rank] + sum(counts[q] for q in attended))
+def expected_exchange_bytes(route, batch: int, depth: int) -> int:
+    """Before each of the ``depth`` blocks, the staging's copy of this rank's means out and of the
+    others' in (their sizes are the staging's: padded slots, in the exchange's element type)."""
+    layout, itemsize = route.staging.layout, route.staging.itemsize
+    return depth * (layout.d2h_bytes(batch, itemsize) + layout.h2d_bytes(batch, itemsize))
 
 
 def test_only_the_request_the_exchange_and_the_logits_cross(engines, tmp_path, monkeypatch):
@@ -66,7 +66,7 @@ def test_only_the_request_the_exchange_and_the_logits_cross(engines, tmp_path, m
     executor = None
     bypasses: list[str] = []
     expected = {kind: 0 for kind in Crossing}
-    expected_worker = {kind: 0 for kind in Crossing}
+    worker_routes: list[tuple[str, int]] = []  # the worker reports its own staging's byte counts
     try:
         executor = DistributedExecutor(root / "rank0", GroupConfig(0, 2, "127.0.0.1", port, 20.0), ONE_THREAD)
         transfers = executor.rank.transfers
@@ -78,9 +78,8 @@ def test_only_the_request_the_exchange_and_the_logits_cross(engines, tmp_path, m
                     result = executor.infer(request, key)
                 assert not result.fell_back
                 route = executor.rank.routes[executor.rank.config_index(key, None)]
-                expected[Crossing.EXCHANGE] += expected_exchange_bytes(route, 0, batch, spec.depth, spec.embed_dim)
-                expected_worker[Crossing.EXCHANGE] += expected_exchange_bytes(route, 1, batch, spec.depth,
-                                                                              spec.embed_dim)
+                expected[Crossing.EXCHANGE] += expected_exchange_bytes(route, batch, spec.depth)
+                worker_routes.append((route.config.name, batch))
                 expected[Crossing.LOGITS] += result.logits.numel() * 4
         runs = len(BATCHES) * 2
     finally:
@@ -96,8 +95,9 @@ def test_only_the_request_the_exchange_and_the_logits_cross(engines, tmp_path, m
 
     seen = json.loads(report.read_text())
     assert seen["bypasses"] == [] and seen["batches"] == runs
-    expected_worker[Crossing.REQUEST] = sum(seen["requested"])
-    assert seen["transfers"]["bytes"] == {str(kind): n for kind, n in expected_worker.items()}
+    assert seen["transfers"]["bytes"] == {"request": sum(seen["requested"]), "logits": 0, "other": 0,
+                                          "exchange": sum(seen["exchange"][f"{name}/{batch}"]
+                                                          for name, batch in worker_routes)}
     assert seen["transfers"]["crossings"] == {"request": runs, "exchange": 2 * spec.depth * runs, "logits": 0,
                                               "other": 0}
 

@@ -8,7 +8,7 @@ moves nothing, but it is still a call that would cross on a GPU.
 
 Run as a script it is a worker rank of that test: ``python transfer_spy.py ENGINES PORT OUT``
 runs rank 1 under the guard and writes its DeviceTransfers record, the bytes of each request it
-was given and the bypasses found to OUT as JSON.
+was given, the bypasses found and its staging's exchange bytes per route and batch to OUT as JSON.
 """
 
 from __future__ import annotations
@@ -88,8 +88,14 @@ def worker_main(engines: Path, port: int, out: Path) -> int:
     with bypass_guard(found):
         batches = distributed.run_worker(rank_directory(engines, 1), GroupConfig(1, 2, "127.0.0.1", port, 20.0),
                                          RuntimeOptions(threads=1))
-    out.write_text(json.dumps({"batches": batches, "transfers": ranks[0].transfers.to_dict(),
-                               "requested": requested, "bypasses": found}))
+    rank = ranks[0]
+    depth = rank.spec.depth
+    exchange = {f"{route.config.name}/{batch}": depth * (layout.d2h_bytes(batch, itemsize)
+                                                         + layout.h2d_bytes(batch, itemsize))
+                for route in rank.routes for layout, itemsize in [(route.staging.layout, route.staging.itemsize)]
+                for batch in range(1, rank.max_batch + 1)}
+    out.write_text(json.dumps({"batches": batches, "transfers": rank.transfers.to_dict(), "requested": requested,
+                               "bypasses": found, "exchange": exchange}))
     return 0
 
 

@@ -62,11 +62,11 @@ class DeviceTransfers:
             self.record(kind, tensor.numel() * tensor.element_size())
 
     def to_device(self, tensor: torch.Tensor, kind: Crossing, slot: str = "") -> torch.Tensor:
-        """``tensor`` on the device: the reused buffer of ``slot`` and its shape on CUDA, the tensor
-        itself on the CPU."""
+        """``tensor`` on the device: the reused buffer of ``slot`` and its shape on CUDA; on the CPU
+        the tensor itself (a host copy of one that lives elsewhere)."""
         self.count(kind, tensor)
         if not self.on_cuda:
-            return tensor
+            return tensor if tensor.device == self.device else tensor.to(self.device)
         key = (slot, tuple(tensor.shape), tensor.dtype)
         source = tensor
         if not tensor.is_pinned():
@@ -83,10 +83,10 @@ class DeviceTransfers:
         return {name: self.to_device(tensor, Crossing.REQUEST, name) for name, tensor in request.items()}
 
     def to_host(self, tensor: torch.Tensor, kind: Crossing) -> torch.Tensor:
-        """``tensor`` in host memory (a new tensor on CUDA, waiting for the stream's work before it;
-        the tensor itself on the CPU)."""
+        """``tensor`` in host memory (a new tensor from a GPU, once the stream's work before it is
+        done; the tensor itself on the CPU)."""
         self.count(kind, tensor)
-        return tensor.cpu() if self.on_cuda else tensor
+        return tensor.cpu()  # the tensor itself where it is in host memory already
 
     def reset(self) -> None:
         for kind in Crossing:
