@@ -58,9 +58,9 @@ def test_only_the_request_the_exchange_and_the_logits_cross(engines, tmp_path, m
     requested: list[int] = []
     original_run = DistributedRank.run
 
-    def spied_run(self, config_index, request, barrier=False):
+    def spied_run(self, config_index, request, *args, **kwargs):
         requested.append(request_bytes(request))
-        return original_run(self, config_index, request, barrier)
+        return original_run(self, config_index, request, *args, **kwargs)
 
     monkeypatch.setattr(DistributedRank, "run", spied_run)
     executor = None

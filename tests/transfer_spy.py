@@ -79,9 +79,9 @@ def worker_main(engines: Path, port: int, out: Path) -> int:
             super().__init__(*args, **kwargs)
             ranks.append(self)
 
-        def run(self, config_index, request, barrier=False):
+        def run(self, config_index, request, *args, **kwargs):
             requested.append(request_bytes(request))
-            return super().run(config_index, request, barrier)
+            return super().run(config_index, request, *args, **kwargs)
 
     distributed.DistributedRank = SpiedRank
     found: list[str] = []
