@@ -63,6 +63,9 @@ def _breakdown_table(per_rank) -> str:
               help="Distributed modes: cut each batch into this many micro-batches in flight, so one's exchange "
                    "hides behind another's compute; 1 runs it whole (rank 0's value is used, workers follow it) "
                    "[default: from batch 8 on, micro-batches of 4 samples, at most 4; 1 with --profile-barrier].")
+@click.option("--cuda-graphs", is_flag=True,
+              help="onnxruntime CUDA EP with --device cuda:N: capture one CUDA graph per batch size and replay it "
+                   "(fewer kernel launches at small batch; off by default, not measured to win yet).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the result as JSON here (rank 0).")
 @click.option("--trace", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -71,8 +74,8 @@ def _breakdown_table(per_rank) -> str:
               help="Text models: positions per request [default: the longest built --seq-len]; a shorter one runs "
                    "on the shortest sequence bucket that holds it.")
 @exchange_options
-def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, threads, device, micro_batches, json_out,
-        trace, positions, exchange):
+def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, threads, device, micro_batches, cuda_graphs,
+        json_out, trace, positions, exchange):
     """Time inferences and print the per-rank breakdown (compute / staging / comm / other).
 
     Start the same command on every board with its --rank (or under torchrun); rank 0 drives and
@@ -89,7 +92,8 @@ def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, thread
     from ..runtime.measure import measure
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = RuntimeOptions(threads, device, profile_barrier, micro_batches=micro_batches, **exchange)
+    options = RuntimeOptions(threads, device, profile_barrier, micro_batches=micro_batches, cuda_graphs=cuda_graphs,
+                             **exchange)
     if group.rank != 0:  # workers follow rank 0's choices
         batches = run_worker(rank_directory(engines, group.rank), group, options)
         click.echo(f"rank {group.rank}: ran {batches} batches, stopped by rank 0")
@@ -253,9 +257,13 @@ def http_options(func):
               help="Distributed modes: cut each batch into this many micro-batches in flight, so one's exchange "
                    "hides behind another's compute; 1 runs it whole (rank 0's value is used, workers follow it) "
                    "[default: from batch 8 on, micro-batches of 4 samples, at most 4; 1 with --profile-barrier].")
+@click.option("--cuda-graphs", is_flag=True,
+              help="onnxruntime CUDA EP with --device cuda:N: capture one CUDA graph per batch size and replay it "
+                   "(fewer kernel launches at small batch; off by default, not measured to win yet).")
 @exchange_options
 def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, explore_fraction, explore_budget,
-          save_map, save_every, http, max_wait_ms, model_name, threads, device, link_probe, micro_batches, exchange):
+          save_map, save_every, http, max_wait_ms, model_name, threads, device, link_probe, micro_batches, cuda_graphs,
+          exchange):
     """Serve classifications over the KServe v2 / Open Inference Protocol HTTP API.
 
     Run the same command on every board with its --rank (or under torchrun): rank 0 loads its
@@ -275,7 +283,8 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, 
     from ..serve import serve as run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = RuntimeOptions(threads, device, link_probe_s=link_probe, micro_batches=micro_batches, **exchange)
+    options = RuntimeOptions(threads, device, link_probe_s=link_probe, micro_batches=micro_batches,
+                             cuda_graphs=cuda_graphs, **exchange)
     if group.rank != 0:
         def stop(signum, frame):
             raise SystemExit(f"rank {group.rank}: signal {signum}, leaving the group")
