@@ -15,7 +15,7 @@
    PNG to docs/results/, and print the batches until the choice is right again after each step.
 
 `python profile_bandwidth_step.py [--small]` (root, ip, tc). `--small`: a random ViT of 64x64 images
-(8x8 patches, dim 192, depth 4) at batch 8 and 1000 / 100 / 10 Mbit/s instead of vit_tiny at batch 32,
+(8x8 patches, dim 384, depth 4) at batch 8 and 1000 / 10 Mbit/s instead of vit_tiny at batch 32,
 for hosts where vit_tiny's map and 125 batches of 32 take too long; it writes bandwidth_step_small.*.
 The client half of this file runs inside rank 0's namespace (`... client URL OUT N PHASE RATE NAME
 BATCH`), where the server's 127.0.0.1 is.
@@ -48,7 +48,7 @@ EXPLORE_FRACTION, EXPLORE_BUDGET = 0.05, 0.25
 SMALL = "--small" in sys.argv
 if SMALL:
     MODEL, CR = "small", 4.0
-    MAP_BATCHES, RATES = [8], [1000.0, 100.0, 10.0]
+    MAP_BATCHES, RATES = [8], [1000.0, 10.0]
     SERVE_BATCH, WARMUP_BATCHES, PHASE_BATCHES = 8, 5, 30
 NAME = "bandwidth_step_small" if SMALL else "bandwidth_step"
 SETTLE = 5  # "right again": the first batch from which SETTLE non-explored choices in a row match the oracle
@@ -136,7 +136,7 @@ def _engines() -> Path:
             sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
             from conftest import random_model, small_spec
 
-            model = random_model(small_spec(img=64, patch=8, dim=192, depth=4, heads=3, head_dim=64), seed=1)
+            model = random_model(small_spec(img=64, patch=8, dim=384, depth=4, heads=6, head_dim=64), seed=1)
         else:
             model = load_model(MODEL)
         spec = model.spec
