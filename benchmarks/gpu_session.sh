@@ -30,5 +30,6 @@ print('onnxruntime', ort.__version__, ort.get_available_providers())"
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
 step test_cuda "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_staging_kinds.py \
   tests/test_engines_tensorrt.py
+step test_fp16_exchange "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/test_exchange_fp16_engines.py -k gpu
 step bench_gpu bash -c "cd benchmarks && timeout 420 '$PYTHON' bench_gpu.py --results '$OUT'"
 cat "$OUT/status.txt"

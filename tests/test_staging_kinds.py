@@ -198,3 +198,19 @@ def test_staging_benchmark_dry_run(monkeypatch, tmp_path):
     assert all(r["kind"] == "host" and r["staging_ms"] > 0 and r["peak_ms"] > 0 for r in rows)
     staging_gpu.plot(rows, "dry run", tmp_path / "staging.png")
     assert (tmp_path / "staging.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not _pycuda_here(), reason="needs pycuda and a CUDA device")
+def test_pycuda_staging_waits_for_the_torch_stream_that_made_the_means():
+    """Means written late on torch's current stream (after a long kernel) are the ones pycuda's
+    stream copies: it waits for torch's stream before packing; and its handle wraps as a torch stream."""
+    staging = PycudaStaging([3, 2], 1, 8, "cuda", exchange_dtype=ExchangeDtype.FP16)
+    buffers = staging.buffers(("k", 4), 4)
+    compute = torch.cuda.Stream()
+    with torch.cuda.stream(compute):
+        means = torch.zeros(4, 2, 8, device="cuda")
+        torch.cuda._sleep(100_000_000)  # keeps the stream busy well past the host's next calls
+        means.fill_(3.0)
+        sent = staging.to_host(means, buffers)
+    assert torch.equal(sent[:, :2].float(), torch.full((4, 2, 8), 3.0))
+    assert staging.torch_stream().cuda_stream == staging.stream_handle != 0
