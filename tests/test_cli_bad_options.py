@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from conftest import build_engines, random_model, small_spec
 
 from prism_trt.cli import main
+from prism_trt.cli.common import NumberList
 
 
 def float_options() -> list[tuple[list[str], str, int]]:
@@ -28,7 +29,8 @@ def float_options() -> list[tuple[list[str], str, int]]:
             return
         for param in command.params:
             kinds = param.type.types if isinstance(param.type, click.Tuple) else [param.type]
-            if any(isinstance(kind, click.types.FloatParamType) for kind in kinds):
+            if any(isinstance(kind, click.types.FloatParamType) or isinstance(kind, NumberList) and kind.kind is float
+                   for kind in kinds):
                 found.append((path, param.opts[0], len(kinds)))
 
     walk(main, [])
@@ -66,7 +68,7 @@ def test_select_refuses_a_bandwidth_that_is_no_link_rate(tmp_path, value):
 def test_profile_refuses_non_positive_list_entries(tmp_path, option, value):
     result = invoke("profile", "--engines", str(tmp_path), "--out", str(tmp_path / "map.json"), option, value)
     assert result.exit_code == 2, result.output
-    assert f"Invalid value for {option}" in result.output and "positive" in result.output
+    assert f"Invalid value for '{option}'" in result.output and "positive" in result.output
 
 
 @pytest.mark.parametrize("device", ["bogus", "cuda:x", "tpu", "cpu:1"])

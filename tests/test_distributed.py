@@ -185,7 +185,7 @@ def test_run_cli_two_ranks(engines, tmp_path):
     rank0 = subprocess.run([sys.executable, "-m", "prism_trt.cli", "run", "--engines", str(engines / "p2"),
                             "--rank", "0", "--world-size", "2", "--master-port", str(port), "--mode", "prism",
                             "--cr", "5", "--batch", "4", "--repeat", "3", "--warmup", "1", "--threads", "1",
-                            "--timeout", str(TIMEOUT_S), "--json", str(out_json)],
+                            "--timeout", str(TIMEOUT_S), "--json-out", str(out_json)],
                            capture_output=True, text=True, timeout=180)
     assert rank0.returncode == 0, rank0.stderr
     assert "rank1" in rank0.stdout and "compute ms" in rank0.stdout
@@ -205,7 +205,7 @@ def test_torchrun_launch(engines, tmp_path):
                              "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                              "-m", "prism_trt.cli", "run", "--engines", str(engines / "p2"), "--mode", "voltage",
                              "--batch", "2", "--repeat", "2", "--warmup", "0", "--threads", "1",
-                             "--timeout", str(TIMEOUT_S), "--json", str(out_json)],
+                             "--timeout", str(TIMEOUT_S), "--json-out", str(out_json)],
                             capture_output=True, text=True, timeout=180,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr

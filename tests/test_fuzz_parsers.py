@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from prism_trt.cli.common import DEVICE, FiniteFloat, parse_numbers
+from prism_trt.cli.common import DEVICE, FiniteFloat, NumberList
 from prism_trt.engines import Manifest, ManifestError
 from prism_trt.engines.json_record import MAX_JSON_DEPTH, read_json_object
 from prism_trt.engines.modality import Vision
@@ -197,7 +197,7 @@ def test_a_float_option_is_a_finite_number_in_range_or_bad_parameter(text, kind)
 @given(st.lists(NUMBER_TEXTS, max_size=4).map(",".join), st.sampled_from([int, float]))
 def test_a_comma_list_holds_positive_finite_numbers_or_is_bad_parameter(text, cast):
     try:
-        values = parse_numbers(text, cast, "--batch")
+        values = NumberList(cast).convert(text, None, None)
     except click.BadParameter:
         return
     assert all(value > 0 and value != float("inf") for value in values)

@@ -7,7 +7,17 @@ from pathlib import Path
 
 import click
 
-from .common import TextModelOptions, is_text_model, main, model_options, plan_options, text_options
+from .common import (
+    TextModelOptions,
+    cr_mapping,
+    current_output,
+    is_text_model,
+    main,
+    model_options,
+    plan_options,
+    show_progress,
+    text_options,
+)
 
 
 def _model_source(model_name, checkpoint) -> dict:
@@ -42,16 +52,20 @@ def _load(model_name, checkpoint, text: TextModelOptions, text_model: bool):
               help="onnxruntime execution provider the engines are prepared for.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output directory; gets one rankN/ directory per board.")
-@click.option("--means-source", type=click.Choice(["ln1", "input"]), default="ln1", show_default=True)
+@click.option("--means-source", type=click.Choice(["ln1", "input"]), default="ln1", show_default=True,
+              help="What the segment means average: LN1(x) (exact keys/values of the mean) or the block input x.")
 @click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16"]), default=None,
               help="What the engines compute in; verification uses its tolerance. [default: the runtime's own: "
                    "fp32 on the CPU, tf32 on CUDA and TensorRT (Ampere+ GPUs such as Jetson Orin)]")
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
               help="ONNX exporter; torchscript is much faster, dynamo gives leaner graphs but needs torch >= 2.11; "
                    "auto: dynamo where torch has it, else torchscript.")
-@click.option("--min-batch", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--opt-batch", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--min-batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Smallest batch the engines accept.")
+@click.option("--opt-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Batch TensorRT optimises for.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Largest batch the engines accept (run/serve refuse larger ones).")
 @click.option("--workspace-mib", type=click.IntRange(min=16), default=1024, show_default=True,
               help="TensorRT workspace memory pool limit.")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
@@ -60,10 +74,10 @@ def _load(model_name, checkpoint, text: TextModelOptions, text_model: bool):
 @click.option("--no-verify", is_flag=True, help="Skip the check of every engine (and ONNX file) against the torch "
                                                  "reference.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print every stage's report as JSON.")
 def build(model_name, checkpoint, ranks, crs, segments, weights, text, backend, provider, out_dir, means_source,
           precision, exporter, min_batch, opt_batch, max_batch, workspace_mib, opt_level, no_voltage, no_verify,
-          threads, quiet):
+          threads, as_json):
     """Export per-block ONNX stages for every rank, verify them and compile engines.
 
     Writes OUT/rankN/ for each of the P ranks (copy each to its board) with a manifest.json that
@@ -96,10 +110,16 @@ def build(model_name, checkpoint, ranks, crs, segments, weights, text, backend, 
     lengths = text.seq_lens if text_model else (spec.num_tokens,)
     if lengths[-1] > getattr(spec, "max_positions", lengths[-1]):
         raise click.UsageError(f"--seq-len {lengths[-1]} exceeds {spec.name}'s {spec.max_positions} positions")
+    _say_cr_mappings(crs, lengths, ranks)
     plans = {length: config_plans(length, spec.num_prefix_tokens, ranks, list(crs), list(segments), weights,
                                   include_voltage=not no_voltage) for length in lengths}
     builder = Builder(model, source, engine_backend, options, means_source, exporter, verify=not no_verify)
-    result = builder.build(out_dir, ranks, plans.pop(lengths[-1]), progress=not quiet, shorter=plans)
+    result = builder.build(out_dir, ranks, plans.pop(lengths[-1]), progress=show_progress(), shorter=plans)
+    if as_json:
+        click.echo(json.dumps({"out": str(out_dir), "seconds": round(result.seconds, 2), "backend": backend,
+                               "device": engine_backend.device(), "precision": options.precision,
+                               "stages": [stage.to_dict() for stage in result.stages]}, indent=2))
+        return
     groups: dict = {}
     for stage in result.stages:
         groups.setdefault((stage.rank, stage.config), []).append(stage)
@@ -114,6 +134,20 @@ def build(model_name, checkpoint, ranks, crs, segments, weights, text, backend, 
     click.echo(f"{backend} ({engine_backend.device()}, {options.precision}) engines for {spec.name} in {out_dir} "
                f"({result.seconds:.1f} s; unchanged stages reused). tol. used: the largest share of the "
                f"{options.precision} tolerance any output element needed (100 % fails).")
+
+
+def _say_cr_mappings(crs, lengths, ranks) -> None:
+    """What each --cr becomes where L rounds it (on stderr: the result is the table or the JSON)."""
+    from ..core.chain_key import ChainKey
+
+    if ranks == 1 or current_output().quiet:
+        return
+    for length in lengths:
+        seen: dict = {}
+        for cr in crs:
+            line = cr_mapping(cr, ChainKey.for_cr(cr, length, ranks), seen)
+            if line is not None:
+                click.echo(line + (f" at --seq-len {length}" if len(lengths) > 1 else ""), err=True)
 
 
 def _percent(share: float) -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import functools
+import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -13,20 +16,176 @@ import click
 from .. import __version__
 from ..errors import PrismError
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class Output(NamedTuple):
+    """What a command prints besides its result: ``verbosity`` -1 (-q), 0, 1 (-v), 2 (-vv), or an
+    explicit ``log_level``. Progress bars show only on a terminal, and never with -q."""
+
+    verbosity: int = 0
+    log_level: str | None = None
+
+    @property
+    def quiet(self) -> bool:
+        return self.verbosity < 0
+
+    @property
+    def progress(self) -> bool:
+        return not self.quiet and sys.stderr.isatty()
+
+    def levels(self) -> tuple[int, int]:
+        """(prism-trt's loggers, every other library's): prism-trt says INFO by default, libraries
+        only warnings, unless -v (INFO), -vv (DEBUG) or --log-level says otherwise."""
+        if self.log_level is not None:
+            level = getattr(logging, self.log_level.upper())
+            return level, level
+        return {-1: (logging.WARNING, logging.ERROR), 0: (logging.INFO, logging.WARNING),
+                1: (logging.INFO, logging.INFO)}.get(self.verbosity, (logging.DEBUG, logging.DEBUG))
+
+
+OUTPUT_KEY, COMMAND_KEY = "prism_trt.output", "prism_trt.command"
+
+
+def output_params() -> list[click.Option]:
+    """-v / -q / --log-level: on the group and on every command (either place works)."""
+    return [
+        click.Option(["-v", "--verbose"], count=True,
+                     help="More log output: -v shows every library's INFO lines and onnxruntime's warnings, -vv "
+                          "DEBUG."),
+        click.Option(["-q", "--quiet"], is_flag=True, help="Only warnings and errors; no progress bars."),
+        click.Option(["--log-level"], type=click.Choice(LOG_LEVELS, case_sensitive=False), default=None,
+                     help="Log level of prism-trt and every library (overrides -v/-q) [env PRISM_TRT_LOG_LEVEL].",
+                     envvar="PRISM_TRT_LOG_LEVEL"),
+    ]
+
+
+def _take_output(ctx: click.Context) -> None:
+    """Pop the output flags from ``ctx.params``, merge them with the group's and apply them."""
+    verbose, quiet, level = (ctx.params.pop(name, None) for name in ("verbose", "quiet", "log_level"))
+    before = ctx.meta.get(OUTPUT_KEY, Output())
+    verbosity = -1 if quiet or before.quiet else before.verbosity + (verbose or 0)
+    output = Output(verbosity, level or before.log_level)
+    ctx.meta[OUTPUT_KEY] = output
+    configure_logging(output)
+
+
+def configure_logging(output: Output) -> None:
+    """One log format for every command; onnxruntime's own logger stays at errors unless verbose
+    (it prints a warning per session otherwise, e.g. for every CUDA session)."""
+    ours, others = output.levels()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(others)
+    logging.getLogger("prism_trt").setLevel(ours)
+    try:
+        import onnxruntime
+    except ImportError:  # an install without the onnxruntime extra: nothing to quieten
+        return
+    # onnxruntime's severities: 0 verbose, 1 info, 2 warning, 3 error
+    onnxruntime.set_default_logger_severity(3 if others >= logging.ERROR or output.verbosity < 1 and
+                                            output.log_level is None else 2 if others >= logging.INFO else 0)
+
+
+def current_output() -> Output:
+    """The output settings of the command running now (defaults outside a click command)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get(OUTPUT_KEY, Output()) if ctx is not None else Output()
+
+
+def show_progress() -> bool:
+    """Whether this command draws progress bars: on a terminal, and not with -q."""
+    return current_output().progress
+
+
+class PrismCommand(click.Command):
+    """A command with the output flags (-v, -q, --log-level) every prism-trt command takes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params.extend(output_params())
+
+    def invoke(self, ctx: click.Context):
+        _take_output(ctx)
+        ctx.meta[COMMAND_KEY] = ctx
+        return super().invoke(ctx)
+
 
 class PrismGroup(click.Group):
     """A click group that prints every :class:`~prism_trt.errors.PrismError` (an expected problem
     whose message says what to do) as ``Error: ...`` with its exit code, without a traceback; so
-    are errors of the operating system (a file that cannot be written, a port in use). Anything
-    else is a bug and keeps its traceback."""
+    are errors of the operating system (a file that cannot be written, a port in use), naming the
+    option whose value they concern. Anything else is a bug and keeps its traceback. Its commands
+    and sub-groups take the output flags (:class:`PrismCommand`)."""
+
+    command_class = PrismCommand
+    group_class = type  # sub-groups are PrismGroups too
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params.extend(output_params())
 
     def invoke(self, ctx: click.Context):
+        _take_output(ctx)
         try:
             return super().invoke(ctx)
-        except (PrismError, OSError) as error:
+        except OSError as error:
+            if isinstance(error, PrismError):
+                failure = click.ClickException(str(error))
+            else:
+                failure = click.ClickException(describe_os_error(error, _innermost(ctx)))
+            failure.exit_code = getattr(error, "exit_code", 1)
+            raise failure from error
+        except PrismError as error:
             failure = click.ClickException(str(error))
             failure.exit_code = getattr(error, "exit_code", 1)
             raise failure from error
+
+
+def _innermost(ctx: click.Context) -> click.Context:
+    """The context of the command that ran (each command records it in the shared ``meta``)."""
+    return ctx.meta.get(COMMAND_KEY, ctx)
+
+
+_OS_HINTS = {errno.EADDRINUSE: "is in use by another process; stop it or pick another",
+             errno.EACCES: "is not permitted for this user; pick another (ports below 1024 need root)",
+             errno.EADDRNOTAVAIL: "is not an address of this machine; pick another",
+             errno.ENOENT: "does not exist; check",
+             errno.EISDIR: "is a directory; give a file path with",
+             errno.ENOTDIR: "has a part that is not a directory; check",
+             errno.ENOSPC: "is on a full disk; free space or pick another"}
+
+
+def describe_os_error(error: OSError, ctx: click.Context | None) -> str:
+    """An OS error as one line naming the option whose value it concerns, where one does."""
+    text = error.strerror or str(error)
+    flag = _option_for(error, ctx) if ctx is not None else None
+    if flag is None:
+        return f"{text}: {error.filename}" if error.filename else str(error)
+    name, value = flag
+    hint = _OS_HINTS.get(error.errno, "failed; check")
+    return f"{name} {value}: {text} ({error.filename or value} {hint} {name})"
+
+
+def bind_error(error: OSError, host: str, port: int, port_flag: str) -> str:
+    """A listening socket's failure (the port in use, not permitted, the address not ours) as one
+    line naming the flag to change."""
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"--host {host}: {error.strerror} ({host} {_OS_HINTS[error.errno]} --host)"
+    hint = _OS_HINTS.get(error.errno, "could not be bound; pick another")
+    return f"{port_flag} {port}: {error.strerror or error} on {host} (port {port} {hint} {port_flag})"
+
+
+def _option_for(error: OSError, ctx: click.Context) -> tuple[str, object] | None:
+    """The (flag, value) of the running command whose path holds ``error.filename``."""
+    if error.filename is None:
+        return None
+    target = Path(str(error.filename))
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Option) and isinstance(value, Path):
+            if target == value or value in target.parents or target in value.parents:
+                return param.opts[-1], value
+    return None
 
 
 class FiniteFloat(click.FloatRange):
@@ -110,20 +269,17 @@ def is_text_model(name: str | None) -> bool:
 
 def text_options(func):
     """--seq-len and the size flags of a text model (--model bert-base-uncased, gpt2, ...)."""
-    @click.option("--seq-len", "seq_len", default="128", show_default=True, metavar="N[,N...]",
-                  help="Text models: the sequence length N the plans partition; requests are padded to it. Several "
-                       "(e.g. 32,128) build one engine set per length (sequence buckets): a request runs on the "
-                       "shortest that holds it.")
+    @list_option("--seq-len", "seq_len", kind=int, default=(128,), show_default=True,
+                 help="Text models: the sequence length N the plans partition; requests are padded to it. Several "
+                      "(e.g. 32,128) build one engine set per length (sequence buckets): a request runs on the "
+                      "shortest that holds it.")
     @click.option("--layers", type=click.IntRange(min=1), default=None, help="Text models: number of blocks.")
     @click.option("--hidden-size", type=click.IntRange(min=1), default=None, help="Text models: width D (MLP 4D).")
     @click.option("--heads", type=click.IntRange(min=1), default=None, help="Text models: attention heads.")
     @click.option("--vocab-size", type=click.IntRange(min=2), default=None, help="Text models: vocabulary size.")
     @functools.wraps(func)
     def wrapper(*args, seq_len, layers, hidden_size, heads, vocab_size, **kwargs):
-        lengths = parse_numbers(seq_len, int, "--seq-len")
-        if not lengths or min(lengths) < 1:
-            raise click.BadParameter(f"expected positive integers, got {seq_len!r}", param_hint="--seq-len")
-        return func(*args, text=TextModelOptions(tuple(sorted(set(lengths))), layers, hidden_size, heads, vocab_size),
+        return func(*args, text=TextModelOptions(tuple(sorted(set(seq_len))), layers, hidden_size, heads, vocab_size),
                     **kwargs)
     return wrapper
 
@@ -132,25 +288,39 @@ def plan_options(func):
     """--ranks / --cr / --segments / --weights, shared by commands that take a partition."""
     @click.option("--ranks", "-P", type=click.IntRange(min=1), default=2, show_default=True,
                   help="Number of ranks (boards).")
-    @click.option("--cr", "crs", type=FiniteFloat(), multiple=True,
-                  help="Compression rate ceil(N/P)/L; repeat for several (e.g. --cr 9.9 --cr 4.95).")
-    @click.option("--segments", "-L", "segments", type=click.IntRange(min=1), multiple=True,
-                  help="Segments per partition L instead of a CR; repeatable.")
-    @click.option("--weights", type=str, default=None,
-                  help="Comma-separated relative speed per rank for uneven partitions (e.g. 2,1).")
+    @list_option("--cr", "crs", help="Compression rate ceil(N/P)/L, rounded to the nearest L; several as "
+                                     "--cr 9.9 --cr 4.95 or --cr 9.9,4.95.")
+    @list_option("--segments", "-L", "segments", kind=int,
+                 help="Segments per partition L instead of a CR; several as -L 3 -L 5 or -L 3,5.")
+    @list_option("--weights", help="Relative speed per rank for uneven partitions (e.g. 2,1).")
     @functools.wraps(func)
     def wrapper(*args, weights, **kwargs):
-        parsed = None if weights is None else parse_numbers(weights, float, "--weights")
-        return func(*args, weights=parsed, **kwargs)
+        return func(*args, weights=list(weights) or None, **kwargs)
     return wrapper
 
 
 def model_spec(model_name: str | None, checkpoint: Path | None):
+    """The spec of ``--model NAME`` (a timm ViT or a text model's config) or of ``--checkpoint``."""
     from ..model import load_model, timm_spec
 
+    if is_text_model(model_name):
+        from ..model.text_adapters import text_spec
+
+        return text_spec(model_name)
     if model_name is not None:
         return timm_spec(model_name)
     return load_model(checkpoint=checkpoint).spec
+
+
+def cr_mapping(cr: float, key, seen: dict | None = None) -> str | None:
+    """The line saying what a typed ``--cr`` became where L rounds it, e.g. ``--cr 9.9 -> L=3,
+    prism-cr8.33`` (``key``: the prism ChainKey it maps to); None where the CR is built as typed.
+    ``seen`` (key -> the CR that first asked for it) also names a CR that repeats an earlier chain."""
+    first = None if seen is None else seen.setdefault(key, cr)
+    repeated = first is not None and first != cr
+    if f"{cr:.3g}" == f"{key.cr:.3g}" and not repeated:
+        return None
+    return f"--cr {cr:g} -> L={key.segments}, {key.label}" + (f" (the chain of --cr {first:g})" if repeated else "")
 
 
 @click.group(cls=PrismGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -194,17 +364,38 @@ def group_options(func):
     return wrapper
 
 
-def parse_numbers(text: str | None, cast, name: str) -> list:
-    """A comma-separated list of positive finite numbers (batch sizes, rates, CRs, weights)."""
-    if not text:
-        return []
-    try:
-        values = [cast(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=name) from None
-    if not all(math.isfinite(v) and v > 0 for v in values):
-        raise click.BadParameter(f"expected positive finite numbers, got {text!r}", param_hint=name)
-    return values
+class NumberList(click.ParamType):
+    """Positive finite numbers of one kind (``int`` or ``float``): a multi-valued option takes them
+    repeated or comma-separated alike (``--cr 9.9 --cr 4.95`` is ``--cr 9.9,4.95``)."""
+
+    def __init__(self, kind: type):
+        self.kind = kind
+        self.name = f"{kind.__name__} list"
+
+    def convert(self, value, param, ctx) -> tuple:
+        if isinstance(value, tuple):  # already converted (a default given as numbers)
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        try:
+            numbers = tuple(self.kind(part) for part in str(value).split(",") if part.strip())
+        except ValueError:
+            self.fail(f"expected comma-separated {self.kind.__name__}s, got {value!r}", param, ctx)
+        if not numbers or not all(math.isfinite(n) and n > 0 for n in numbers):
+            self.fail(f"expected positive finite numbers, got {value!r}", param, ctx)
+        return numbers
+
+
+def list_option(*decls: str, kind: type = float, **kwargs):
+    """A multi-valued option, the one list convention of the CLI: repeat the flag, separate the
+    values with commas, or both; the command gets one flat tuple (empty when not given)."""
+    def flatten(ctx, param, value) -> tuple:
+        return tuple(number for group in value or () for number in group)
+
+    if "default" in kwargs and kwargs["default"] is not None:
+        kwargs["default"] = (",".join(str(v) for v in kwargs["default"]),)
+    kwargs.setdefault("metavar", "N[,N...]")
+    return click.option(*decls, type=NumberList(kind), multiple=True, callback=flatten, **kwargs)
 
 
 def exchange_options(func):

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import click
 
-from .common import main
+from .common import main, show_progress
 
 
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("prism-demo"), show_default=True,
               help="Where engines, the performance map, plots and the summary go.")
 @click.option("--quick", is_flag=True, help="Fewer batches and bandwidths (what CI runs).")
-def demo(out, quick):
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (the report goes to stderr).")
+def demo(out, quick, as_json):
     """Run the whole pipeline here: build, testbed, profile, fit, plot, serve --mode auto, requests.
 
     Uses the shared MNIST ViT when ../shared/data/mnist (or PRISM_TRT_DATA) is present, else
@@ -24,4 +25,4 @@ def demo(out, quick):
     """
     from ..workflows.demo import main_demo
 
-    sys.exit(main_demo(out, quick))
+    sys.exit(main_demo(out, quick, as_json, show_progress()))

@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from .common import main, model_options, model_spec, plan_options
+from .common import is_text_model, main, model_options, model_spec, plan_options, show_progress
 
 
 @main.command()
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the spec as JSON.")
 def info(model_name, checkpoint, as_json):
-    """Show a model's ViTSpec: tokens, widths, heads, pooling."""
+    """Show a model's spec: tokens, widths, heads, pooling (a text model's: its config)."""
     spec = model_spec(model_name, checkpoint)
     if as_json:
         click.echo(json.dumps(spec.to_dict(), indent=2))
         return
     for key, value in spec.to_dict().items():
         click.echo(f"{key:>18}: {value}")
+    if is_text_model(model_name):  # a text model's N is the --seq-len of its build
+        return
     click.echo(f"{'tokens (N)':>18}: {spec.num_tokens} ({spec.num_prefix_tokens} prefix + {spec.num_patches} patches)")
     click.echo(f"{'attention width':>18}: {spec.attn_dim} (H*d_h)")
 
@@ -115,7 +116,7 @@ def accuracy(checkpoint, model_name, data, ranks, crs, segments, weights, means_
         raise click.UsageError("give exactly one of --checkpoint (MNIST ViT) or --model (a bundled text model)")
     if threads:
         torch.set_num_threads(threads)
-    progress = sys.stderr.isatty() or not as_json
+    progress = show_progress()
     if model_name is not None:
         if data is not None:
             raise click.UsageError("--data is for the MNIST checkpoint; text models read their bundled held-out text")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import click
 
-from .common import FiniteFloat, group_options, main, parse_numbers
+from .common import FiniteFloat, group_options, list_option, main, show_progress
 
 
 def sampling_options(command):
@@ -29,27 +30,30 @@ def _rule(repeat: int, max_repeat: int, target_ci: float, point_budget: float):
 @main.command()
 @click.option("--engines", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
               help="The build directory (with rank0/ .. rankN/).")
-@click.option("--batch", "batches", default="1,2,4,8,16,32", show_default=True, help="Batch sizes, comma-separated.")
-@click.option("--cr", "crs", default=None, help="Compression rates to profile [default: every prism CR built].")
-@click.option("--bandwidth", "bandwidths", default=None,
-              help="Link rates in Mbit/s, e.g. 200,340,500,700,900: runs the ranks in a tc-shaped testbed "
-                   "(needs root). Without it, ranks talk over unshaped loopback.")
-@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
+@list_option("--batch", "batches", kind=int, default=(1, 2, 4, 8, 16, 32), show_default=True, help="Batch sizes.")
+@list_option("--cr", "crs", help="Compression rates to profile [default: every prism CR built].")
+@list_option("--bandwidth", "bandwidths",
+             help="Link rates in Mbit/s, e.g. 200,340,500,700,900: runs the ranks in a tc-shaped testbed "
+                  "(needs root). Without it, ranks talk over unshaped loopback.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Untimed runs before each point's timed runs.")
 @click.option("--repeat", type=click.IntRange(min=1), default=20, show_default=True,
               help="The least timed runs per point.")
 @sampling_options
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Performance map JSON.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Threads (cores) per rank.")
-@click.option("--timeout", "timeout_s", type=FiniteFloat(min=1), default=60.0, show_default=True)
+@click.option("--timeout", "timeout_s", type=FiniteFloat(min=1), default=60.0, show_default=True,
+              help="Seconds before a collective (or joining the group) fails.")
 @click.option("--calib-data", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Calibration images for the agreement of each CR [default: MNIST test set for the bundled "
                    "checkpoint, random inputs for random-weight models].")
-@click.option("--calib-samples", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--calib-samples", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Images (or random inputs) the agreement of each CR is measured on.")
 @click.option("--energy", type=click.Choice(["jtop", "nvml", "rapl"]), default=None,
               help="Energy meter [default: the first that works here; none -> energy is n/a].")
-@click.option("--quiet", "-q", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (points, map file, energy meter).")
 def profile(engines, batches, crs, bandwidths, warmup, repeat, max_repeat, target_ci, point_budget, out, threads,
-            timeout_s, calib_data, calib_samples, energy, quiet):
+            timeout_s, calib_data, calib_samples, energy, as_json):
     """Sweep batch x CR x bandwidth over local / voltage / prism into a performance map.
 
     Each point is timed at least --repeat times, then until its median's 95 % confidence interval is
@@ -64,12 +68,13 @@ def profile(engines, batches, crs, bandwidths, warmup, repeat, max_repeat, targe
     from ..profiler.sweep import SEED_BUDGET_PASSES, Launcher, StopSignals, SweepInterrupted, SweepPlan
     from ..profiler.sweep import profile as run_profile
 
-    batch_list, rates = parse_numbers(batches, int, "--batch"), parse_numbers(bandwidths, float, "--bandwidth")
-    cr_list = parse_numbers(crs, float, "--cr") or None
+    batch_list, rates, cr_list = list(batches), list(bandwidths), list(crs) or None
+    progress = show_progress()
     world = Manifest.read(engines / "rank0").world_size
     plan = SweepPlan.for_build(engines, batch_list, cr_list, rates or [None],
                                warmup, repeat, _rule(repeat, max_repeat, target_ci, point_budget))
-    click.echo(f"{world} ranks, {len(batch_list)} batches x {len(plan.prism)} CRs "
+    say = functools.partial(click.echo, err=as_json)  # with --json, stdout holds the JSON alone
+    say(f"{world} ranks, {len(batch_list)} batches x {len(plan.prism)} CRs "
                f"({', '.join(k.label for k in plan.prism)}) x {len(plan.bandwidths)} bandwidths: "
                f"{plan.total_passes()} to {plan.total_passes(most=True)} inference passes "
                f"(the Prism-on-Jetson paper's budget: about {SEED_BUDGET_PASSES})")
@@ -85,10 +90,10 @@ def profile(engines, batches, crs, bandwidths, warmup, repeat, max_repeat, targe
                 testbed = Testbed(world, f"{rates[0]:g}mbit", cpus_per_rank=threads)
                 testbed.up()
                 launcher = Launcher.on_testbed(testbed)
-            if not quiet:
-                click.echo("calibrating agreement of each plan with the local model ...")
+            if progress:
+                say("calibrating agreement of each plan with the local model ...")
             accuracy = calibrate(engines, calib_data, calib_samples)
-            data = run_profile(engines, out, plan, launcher, threads, timeout_s, energy, progress=not quiet,
+            data = run_profile(engines, out, plan, launcher, threads, timeout_s, energy, progress=progress,
                                accuracy=accuracy, stop=stop)
         except SweepInterrupted as interrupted:
             # Click would print it as "Error: ..."; being stopped on request is not an error.
@@ -101,15 +106,20 @@ def profile(engines, batches, crs, bandwidths, warmup, repeat, max_repeat, targe
             with stop.mode("shield"):
                 if testbed is not None:
                     testbed.down()
-    click.echo(f"{len(data.points)} points in {out}; energy meter: {data.metadata['energy_meter'] or 'n/a'}")
+    meter = data.metadata["energy_meter"]
+    if as_json:
+        click.echo(json.dumps({"points": len(data.points), "map": str(out), "energy_meter": meter}, indent=2))
+        return
+    click.echo(f"{len(data.points)} points in {out}; energy meter: {meter or 'n/a'}")
 
 
 @main.command("sweep-rank0", hidden=True)
-@click.option("--engines", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True)
+@click.option("--engines", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
+              help="The build directory (with rank0/ .. rankN/).")
 @group_options
-@click.option("--threads", type=click.IntRange(min=1), default=1)
-@click.option("--warmup", type=click.IntRange(min=0), default=3)
-@click.option("--repeat", type=click.IntRange(min=1), default=20)
+@click.option("--threads", type=click.IntRange(min=1), default=1, help="Threads (cores) of this rank.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, help="Untimed runs before each point's timed runs.")
+@click.option("--repeat", type=click.IntRange(min=1), default=20, help="The least timed runs per point.")
 @sampling_options
 @click.option("--points", required=True, help="JSON list of [chain key, batch].")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
@@ -137,12 +147,9 @@ def sweep_rank0(engines, group, threads, warmup, repeat, max_repeat, target_ci, 
     # stack then lands in this rank's log.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
-    import logging
-
     from ..core.chain_key import ChainKey
     from ..profiler.rank0 import measure_points
 
-    logging.basicConfig(level=logging.WARNING)
     todo = [(ChainKey.from_dict(key), int(batch)) for key, batch in json.loads(points)]
     rule = _rule(repeat, max_repeat, target_ci, point_budget)
     done = measure_points(engines, group, todo, out, threads, warmup, rule, energy, stop)
@@ -152,22 +159,39 @@ def sweep_rank0(engines, group, threads, warmup, repeat, max_repeat, target_ci, 
 
 
 @main.command()
-@click.option("--map", "map_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), required=True)
-@click.option("--batch", "-B", type=click.IntRange(min=1), required=True)
+@click.option("--map", "map_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), required=True,
+              help="Performance map JSON (from `prism-trt profile`).")
+@click.option("--batch", "-B", type=click.IntRange(min=1), required=True, help="The batch size to choose for.")
 @click.option("--bandwidth", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Measured bandwidth in Mbit/s (omit for loopback).")
-@click.option("--objective", type=click.Choice(["latency", "energy"]), default="latency", show_default=True)
+@click.option("--objective", type=click.Choice(["latency", "energy"]), default="latency", show_default=True,
+              help="What the choice minimises per sample.")
 @click.option("--min-agreement", type=FiniteFloat(0, 1), default=0.99, show_default=True,
               help="Never pick a CR whose agreement with the local model is lower (0: latency only, as the paper).")
 @click.option("--engines", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="Refuse a map measured with other engines than these.")
-def select(map_path, batch, bandwidth, objective, min_agreement, engines):
+@click.option("--json", "as_json", is_flag=True, help="Print the decision as JSON.")
+def select(map_path, batch, bandwidth, objective, min_agreement, engines, as_json):
     """Choose local / voltage / prism (and the CR) for a batch, and say why."""
     from ..engines.perfmap import PerfMap
     from ..profiler.adaptive import MapSelector
 
     data = PerfMap.load(map_path, engines_dir=engines)
-    click.echo(MapSelector(data, objective, min_agreement).decide(batch, bandwidth).explain())
+    decision = MapSelector(data, objective, min_agreement).decide(batch, bandwidth)
+    if as_json:
+        click.echo(json.dumps(_decision_record(decision), indent=2))
+        return
+    click.echo(decision.explain())
+
+
+def _decision_record(decision) -> dict:
+    """`select --json`: the choice and every candidate with its figures and why it lost."""
+    def candidate(c) -> dict:
+        return {"choice": c.choice.to_dict(), "label": c.choice.label, "per_sample_ms": c.per_sample_ms,
+                "energy_per_sample_j": c.energy_per_sample_j, "source": c.source, "rejected": c.rejected or None}
+
+    return {"choice": decision.choice.to_dict(), "label": decision.choice.label, "objective": decision.objective,
+            "best": candidate(decision.best), "candidates": [candidate(c) for c in decision.candidates]}
 
 
 @main.group()
@@ -189,7 +213,7 @@ def model():
               help="Request bytes per sample of this map's model and of --compute-from's (e.g. 602112 for "
                    "3x224x224 float32): the request's buffered tail is then a known wait at the first barrier. "
                    "Left out, that wait is fitted and both requests are taken to be the same size.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def model_fit(map_path, test_path, transfer_path, local_compute, request_bytes, as_json):
     """Fit the model and report its MAPE on held-out points (leave-one-out, each batch size held
     out, each bandwidth held out) per term and for the total, next to a naive baseline (goal: total
@@ -232,9 +256,12 @@ def model_fit(map_path, test_path, transfer_path, local_compute, request_bytes, 
 
 @main.command()
 @click.argument("map_path", type=click.Path(dir_okay=False, exists=True, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--min-agreement", type=FiniteFloat(0, 1), default=0.99, show_default=True)
-def plot(map_path, out, min_agreement):
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory the PNG files are written to (created if missing).")
+@click.option("--min-agreement", type=FiniteFloat(0, 1), default=0.99, show_default=True,
+              help="The decision map never picks a CR whose agreement with the local model is lower.")
+@click.option("--json", "as_json", is_flag=True, help="Print the written files as a JSON list.")
+def plot(map_path, out, min_agreement, as_json):
     """Breakdown, per-sample, bandwidth and decision-map PNGs from a performance map."""
     from ..engines.perfmap import PerfMap
     from ..profiler.adaptive import MapSelector
@@ -242,6 +269,9 @@ def plot(map_path, out, min_agreement):
 
     data = PerfMap.load(map_path)
     written = plot_all(data, out, MapSelector(data, "latency", min_agreement))
+    if as_json:
+        click.echo(json.dumps([str(path) for path in written], indent=2))
+        return
     for path in written:
         click.echo(str(path))
 

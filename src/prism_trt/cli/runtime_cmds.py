@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from typing import NamedTuple
 
 import click
 
-from ..core.chain_key import Mode
+from ..core.chain_key import MODE_NAMES, ChainKey, Mode
 from ..engines.manifest import rank_directory
 from ..errors import PrismError
 from ..serve.http_server import HttpLimits, check_exposure
-from .common import DEVICE, FiniteFloat, exchange_options, group_options, main
+from .common import DEVICE, FiniteFloat, bind_error, cr_mapping, exchange_options, group_options, main
 
 
 class HttpOptions(NamedTuple):
@@ -43,17 +44,34 @@ def _breakdown_table(per_rank) -> str:
     return format_table(["rank", *headers, "total ms", "sent B", "recv B"], rows)
 
 
+def chain_options(with_auto: bool):
+    """--mode / --cr, with the same default and meaning on `run` and `serve` (which adds auto)."""
+    auto = ", auto (chosen per batch from a performance map, --map)" if with_auto else ""
+
+    def decorate(func):
+        @click.option("--mode", type=click.Choice([*MODE_NAMES, *(["auto"] if with_auto else [])]), default=None,
+                      help=f"How batches run: local (rank 0 alone), voltage (every token exchanged), prism (segment "
+                           f"means at --cr){auto} [default: prism with --cr, else local].")
+        @click.option("--cr", type=FiniteFloat(), default=None,
+                      help="Compression rate of the prism chain: one that was built (it maps to L as at build).")
+        @functools.wraps(func)
+        def wrapper(*args, mode, cr, **kwargs):
+            return func(*args, mode=mode or (Mode.PRISM.value if cr is not None else Mode.LOCAL.value), cr=cr,
+                        **kwargs)
+        return wrapper
+    return decorate
 
 
 @main.command()
 @click.option("--engines", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
               help="A build directory (rankN/ is picked by rank) or one rank's engine directory.")
 @group_options
-@click.option("--mode", type=click.Choice([m.value for m in Mode]), default="prism", show_default=True)
-@click.option("--cr", type=FiniteFloat(), default=None, help="Compression rate for prism mode (one that was built).")
-@click.option("--batch", "-B", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--repeat", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
+@chain_options(with_auto=False)
+@click.option("--batch", "-B", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Images (or sequences) per inference; at most the build's --max-batch.")
+@click.option("--repeat", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Untimed runs before the timed ones.")
 @click.option("--profile-barrier", is_flag=True,
               help="Barrier before every collective: splits comm into wait (rank skew) and transfer.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Engine intra-op threads.")
@@ -66,8 +84,9 @@ def _breakdown_table(per_rank) -> str:
 @click.option("--cuda-graphs", is_flag=True,
               help="onnxruntime CUDA EP with --device cuda:N: capture one CUDA graph per batch size and replay it "
                    "(fewer kernel launches at small batch; off by default, not measured to win yet).")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the result as JSON here (rank 0).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (rank 0) instead of the table.")
+@click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the result as JSON to this file (rank 0).")
 @click.option("--trace", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a torch profiler Chrome trace of the timed runs (rank 0).")
 @click.option("--seq-len", "positions", type=click.IntRange(min=1), default=None,
@@ -75,6 +94,7 @@ def _breakdown_table(per_rank) -> str:
                    "on the shortest sequence bucket that holds it.")
 @exchange_options
 def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, threads, device, micro_batches, cuda_graphs,
+        as_json,
         json_out, trace, positions, exchange):
     """Time inferences and print the per-rank breakdown (compute / staging / comm / other).
 
@@ -83,28 +103,31 @@ def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, thread
 
     \b
       prism-trt run --engines engines/ --rank 1 --world-size 2 &
-      prism-trt run --engines engines/ --rank 0 --world-size 2 --mode prism --cr 9.9 --batch 8
+      prism-trt run --engines engines/ --rank 0 --world-size 2 --cr 9.9 --batch 8
     """
-    import logging
-
     from ..runtime import RuntimeOptions, open_executor
     from ..runtime.distributed import run_worker
     from ..runtime.measure import measure
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = RuntimeOptions(threads, device, profile_barrier, micro_batches=micro_batches, cuda_graphs=cuda_graphs,
                              **exchange)
+    key = check_before_join(engines, group.rank, mode, cr, batch)  # on every rank: the same command runs on each
     if group.rank != 0:  # workers follow rank 0's choices
         batches = run_worker(rank_directory(engines, group.rank), group, options)
-        click.echo(f"rank {group.rank}: ran {batches} batches, stopped by rank 0")
+        click.echo(f"rank {group.rank}: ran {batches} batches, stopped by rank 0", err=as_json)
         return
-    _check_chain_built(engines, mode, cr)
     executor = open_executor(engines, group, options)
     try:
-        key = executor.key_for(mode, cr)
-        result = measure(executor, key, batch, warmup, repeat, trace=trace, positions=positions)
+        result = measure(executor, executor.loaded(key), batch, warmup, repeat, trace=trace, positions=positions)
     finally:
         executor.close()
+    if json_out:
+        from ..engines.json_record import write_json_atomic
+
+        write_json_atomic(json_out, result.to_dict())
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
     latency = result.latency
     bucket = f" (n={positions}, bucket N={executor.buckets.for_length(positions).length})" if positions else ""
     click.echo(f"{executor.model_name} {key.label} batch {batch}{bucket}: mean {latency.mean_ms:.2f} ms "
@@ -115,27 +138,37 @@ def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, thread
     wait_note = "comm is transfer only; wait = skew at the barrier" if profile_barrier else \
         "comm includes waiting for the slowest rank (use --profile-barrier to split it)"
     click.echo(f"({wait_note}; staging = D2H + H2D copies around each all-gather)")
-    if json_out:
-        from ..engines.json_record import write_json_atomic
-
-        write_json_atomic(json_out, result.to_dict())
     if trace:
         click.echo(f"trace written to {trace} (open in chrome://tracing or ui.perfetto.dev)")
 
 
 
 
-def _check_chain_built(engines: Path, mode: str, cr: float | None) -> None:
-    """Refuse a mode and CR rank 0's engines do not hold before joining: the workers may not be up
-    yet, and waiting for them would only delay the answer by the join timeout."""
+def check_before_join(engines: Path, rank: int, mode: str, cr: float | None, batch: int | None = None) -> ChainKey:
+    """The built chain ``--mode``/``--cr`` stand for, checked with the batch against this rank's
+    engines before any group forms: a chain, CR or batch they do not hold is one Error: line at once
+    on every rank, not a join timeout (the other ranks may not be up). Rank 0 says what a rounded
+    CR became (``--cr 9.9 -> L=3, prism-cr8.33``), the one place the CR is mapped to L."""
     from ..engines.manifest import Manifest, ManifestError
     from ..errors import UsageError
+    from ..runtime.measure import check_batch
 
-    manifest = Manifest.read(rank_directory(engines, 0))
-    try:
-        manifest.key_for(mode, cr)
-    except ManifestError as error:  # the engines are fine; the option asks for one they do not hold
-        raise UsageError(str(error)) from None
+    manifest = Manifest.read(rank_directory(engines, rank))
+    if mode in (Mode.VOLTAGE, Mode.PRISM) and manifest.world_size == 1:
+        raise UsageError(f"{mode} mode needs a build for --ranks >= 2 (these engines are for one rank)")
+    wanted = ChainKey.parse(mode, cr, manifest.num_tokens, manifest.world_size)
+    mapping = cr_mapping(cr, wanted) if cr is not None else None
+    key = wanted
+    if wanted.mode is not Mode.LOCAL or rank == 0:  # the local chain is rank 0's alone
+        try:
+            key = manifest.config(wanted).key
+        except ManifestError as error:  # the engines are fine; the option asks for one they do not hold
+            raise UsageError(f"{mapping}: {error}" if mapping else str(error)) from None
+    if batch is not None:
+        check_batch(batch, manifest.build_options.max_batch)
+    if mapping and rank == 0:
+        click.echo(mapping, err=True)
+    return key
 
 
 class _Stopped(Exception):
@@ -178,7 +211,8 @@ def http_options(func):
     @click.option("--host", default="127.0.0.1", show_default=True,
                   help="Address to bind (rank 0). A non-loopback address (0.0.0.0 exposes every interface) needs "
                        "--token or --allow-unauthenticated.")
-    @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+    @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,
+                  help="HTTP port to listen on (rank 0).")
     @click.option("--token", envvar="PRISM_TRT_TOKEN", default=None, callback=_check_token,
                   help="Require `Authorization: Bearer TOKEN` on every endpoint but /v2/health/live "
                        "[env PRISM_TRT_TOKEN; empty is an error].")
@@ -221,13 +255,13 @@ def http_options(func):
 @click.option("--engines", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
               help="A build directory (rankN/ is picked by rank) or one rank's engine directory.")
 @group_options
-@click.option("--mode", type=click.Choice([*(m.value for m in Mode), "auto"]), default="local", show_default=True,
-              help="How batches run; auto chooses per batch from a performance map (--map).")
-@click.option("--cr", type=FiniteFloat(), default=None, help="Compression rate for --mode prism.")
+@chain_options(with_auto=True)
 @click.option("--map", "map_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="Performance map for --mode auto (from `prism-trt profile`).")
-@click.option("--objective", type=click.Choice(["latency", "energy"]), default="latency", show_default=True)
-@click.option("--min-agreement", type=FiniteFloat(0, 1), default=0.99, show_default=True)
+@click.option("--objective", type=click.Choice(["latency", "energy"]), default="latency", show_default=True,
+              help="--mode auto: what the choice minimises per sample.")
+@click.option("--min-agreement", type=FiniteFloat(0, 1), default=0.99, show_default=True,
+              help="--mode auto: never choose a CR whose agreement with the local model is lower.")
 @click.option("--online/--no-online", default=True, show_default=True,
               help="--mode auto: refine the map's predictions with every batch's measured latency, per (mode, batch, "
                    "bandwidth bucket), track the link rate from the collectives, and explore now and then. "
@@ -272,7 +306,6 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, 
     start it again with the same command and the group re-forms without restarting rank 0.
     Ctrl-C / SIGTERM on rank 0 stops every rank.
     """
-    import logging
     import signal
 
     from ..profiler.adaptive.online import OnlineOptions
@@ -282,9 +315,10 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, 
     from ..serve import create_app
     from ..serve import serve as run_server
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = RuntimeOptions(threads, device, link_probe_s=link_probe, micro_batches=micro_batches,
                              cuda_graphs=cuda_graphs, **exchange)
+    if mode != "auto":  # on every rank, before any group forms (auto's map is checked below, on rank 0)
+        check_before_join(engines, group.rank, mode, cr)
     if group.rank != 0:
         def stop(signum, frame):
             raise SystemExit(f"rank {group.rank}: signal {signum}, leaving the group")
@@ -304,8 +338,7 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, 
             raise click.UsageError(str(error)) from None
     if mode in (Mode.VOLTAGE, Mode.PRISM) and group.world_size == 1:
         raise click.UsageError(f"{mode} mode needs --world-size >= 2")
-    if mode != "auto":
-        _check_chain_built(engines, mode, cr)
+    _check_port_free(http.host, http.port)
     chooser = load_map(selection, engines)  # a bad map is refused before the join, not after its timeout
     executor = open_executor(engines, group, options)
     selector = None
@@ -330,10 +363,28 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, 
     except OSError as error:  # the address is in use or not ours
         if isinstance(error, PrismError):  # a missing file, say: its own message is the right one
             raise
-        raise click.ClickException(f"cannot serve on {http.host}:{http.port}: {error}") from None
+        raise click.ClickException(bind_error(error, http.host, http.port, "--port")) from None
     finally:
         _save_refined_map(selector)
         executor.close()
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Bind the HTTP address once before loading and joining, as the server will (SO_REUSEADDR):
+    a port in use or not permitted is one Error: line naming --port now, not the HTTP server's own
+    exit after the group formed."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise click.ClickException(f"--host {host}: {error.strerror}; give an address of this machine") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise click.ClickException(bind_error(error, host, port, "--port")) from None
 
 
 def _save_refined_map(selector) -> None:

@@ -26,6 +26,7 @@ from ..profiler.testbed import (
     state_dir,
     state_path,
 )
+from .common import PrismGroup
 
 DEFAULT_NAME = "default"
 
@@ -77,7 +78,7 @@ def _attach(name: str) -> Testbed:
         raise click.ClickException(str(error)) from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=PrismGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def testbed() -> None:
     """Emulate P networked boards on this host: one network namespace per rank, shaped links, pinned cores.
 

@@ -94,6 +94,11 @@ class StageReport:
     def tolerance_used(self) -> float | None:
         return self.verification.used if self.verification else None
 
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "config": self.config, "stage": self.stage, "exported": self.exported,
+                "built": self.built, "max_abs_error": self.max_abs_error, "tolerance_used": self.tolerance_used,
+                "bytes": self.bytes}
+
 
 @dataclass
 class BuildResult:

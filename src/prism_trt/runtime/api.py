@@ -64,7 +64,10 @@ class Executor(ABC):
 
     def key_for(self, mode: str, cr: float | None = None) -> ChainKey:
         """The loaded chain a user's mode and CR stand for; a UsageError naming the loaded ones otherwise."""
-        key = ChainKey.parse(mode, cr, self.manifest.num_tokens, self.manifest.world_size)
+        return self.loaded(ChainKey.parse(mode, cr, self.manifest.num_tokens, self.manifest.world_size))
+
+    def loaded(self, key: ChainKey) -> ChainKey:
+        """``key`` as loaded here (with its CR); a UsageError naming the loaded chains otherwise."""
         for loaded in self.chains():
             if loaded == key:
                 return loaded

@@ -94,14 +94,19 @@ def example_request(model: ModelRecord, batch: int, seed: int = 0, positions: in
     return InferenceRequest.of(model, model.modality.example_inputs(batch, seed, positions), lengths)
 
 
+def check_batch(batch: int, max_batch: int) -> None:
+    """A UsageError for a ``--batch`` the engines (built up to ``max_batch``) do not take."""
+    if not 1 <= batch <= max_batch:
+        raise UsageError(f"--batch {batch} is outside the engines' batch range: 1 to max batch {max_batch}; "
+                         f"use a smaller batch, or rebuild with a larger `prism-trt build --max-batch`")
+
+
 def measure(executor: Executor, key: ChainKey, batch: int, warmup: int = 3, repeat: int = 20, seed: int = 0,
             trace: Path | None = None, meter=None, positions: int | None = None) -> Measurement:
     """Run ``warmup`` + ``repeat`` batches of chain ``key``; per-rank phase means come from every
     rank that ran (rank 0 alone for the local chain). ``positions``: a text request's length (it
     runs on the shortest sequence bucket that holds it; default the longest)."""
-    if not 1 <= batch <= executor.max_batch:  # before the batch is allocated: 10^5 images are gigabytes
-        raise UsageError(f"--batch {batch} is outside the engines' batch range: 1 to max batch {executor.max_batch}; "
-                         f"use a smaller batch, or rebuild with a larger `prism-trt build --max-batch`")
+    check_batch(batch, executor.max_batch)  # before the batch is allocated: 10^5 images are gigabytes
     images = example_request(executor.manifest.model, batch, seed, positions, executor.buckets.lengths)
     for _ in range(warmup):
         executor.infer(images, key, gather_timings=True)

@@ -42,6 +42,7 @@ class DemoSettings:
     out: Path
     quick: bool = False
     requests: int = 64
+    progress: bool = True  # progress bars (the CLI: on a terminal, and not with -q)
 
     @property
     def batches(self) -> list[int]:
@@ -169,7 +170,7 @@ def run_demo(settings: DemoSettings) -> dict:
     configs = config_plans(spec.num_tokens, spec.num_prefix_tokens, 2, list(CRS), [])
     # the torchscript exporter: ~30x faster to run than dynamo, same verification
     Builder(model, source, get_backend("onnxruntime", threads=1), BuildOptions(max_batch=16),
-            exporter="torchscript").build(engines, 2, configs, progress=True)
+            exporter="torchscript").build(engines, 2, configs, progress=settings.progress)
     step("2/6 calibrate: agreement of each CR with the local model")
     accuracy = calibrate(engines, mnist, samples=500 if settings.quick else 1000)
     for entry in accuracy:
@@ -181,8 +182,8 @@ def run_demo(settings: DemoSettings) -> dict:
         plan = SweepPlan.for_build(engines, settings.batches, list(CRS), bandwidths, warmup=1, repeat=settings.repeat)
         step(f"3/6 profile: batches {plan.batches} x {[k.label for k in plan.prism]} x bandwidths "
              f"{[b or 'loopback' for b in bandwidths]}, {plan.total_passes()} inference passes")
-        data = profile(engines, perfmap_path, plan, _launcher(testbed), threads=1, timeout=60, progress=True,
-                       accuracy=accuracy)
+        data = profile(engines, perfmap_path, plan, _launcher(testbed), threads=1, timeout=60,
+                       progress=settings.progress, accuracy=accuracy)
     step("4/6 fit the latency model and plot")
     fit = leave_one_out(data.points)
     # Random weights make the CRs lossy at random: allow what the calibration measured so the demo
@@ -220,12 +221,18 @@ def run_demo(settings: DemoSettings) -> dict:
     return summary
 
 
-def main_demo(out: Path, quick: bool) -> int:
+def main_demo(out: Path, quick: bool, as_json: bool = False, progress: bool = True) -> int:
+    """The demo with its report on stdout, or with ``as_json`` the summary alone there (and the
+    report on stderr)."""
     started = time.monotonic()
+    report = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     try:
-        run_demo(DemoSettings(out, quick))
+        with report:
+            summary = run_demo(DemoSettings(out, quick, progress=progress))
     except KeyboardInterrupt:
-        click.echo("interrupted: everything started by the demo was stopped")
+        click.echo("interrupted: everything started by the demo was stopped", err=True)
         return 130
-    click.echo(f"demo finished in {time.monotonic() - started:.0f} s")
+    click.echo(f"demo finished in {time.monotonic() - started:.0f} s", err=as_json)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
     return 0
