@@ -11,7 +11,7 @@ from hypothesis import settings
 
 from prism_trt.core.precision import Comparison, require_close
 from prism_trt.data import data_dir
-from prism_trt.export.onnx_export import DYNAMO_MIN_TORCH, default_exporter
+from prism_trt.export.onnx_export import DYNAMO_MIN_TORCH, dynamo_supported
 from prism_trt.model import PrismViT, ViTSpec, from_timm
 from prism_trt.model.adapters import create_timm
 from prism_trt.runtime import RuntimeOptions
@@ -27,7 +27,7 @@ settings.load_profile("prism-trt")
 
 
 needs_dynamo = pytest.mark.skipif(
-    default_exporter() != "dynamo",
+    not dynamo_supported(),
     reason=f"torch {torch.__version__}'s dynamo ONNX exporter cannot export the stages (needs torch >= "
            f"{'.'.join(map(str, DYNAMO_MIN_TORCH))}); the torchscript exporter is tested instead")
 

@@ -191,7 +191,8 @@ def test_run_measures_a_bucket(bucket_build, tmp_path):
     _, out, _ = bucket_build
     report = tmp_path / "run.json"
     result = CliRunner().invoke(main, ["run", "--engines", str(out), "--mode", "local", "--seq-len", "5", "--batch",
-                                       "2", "--repeat", "2", "--warmup", "0", "--threads", "1", "--json-out", str(report)])
+                                       "2", "--repeat", "2", "--warmup", "0", "--threads", "1",
+                                       "--json-out", str(report)])
     assert result.exit_code == 0 and "(n=5, bucket N=8)" in result.output, result.output
     assert json.loads(report.read_text())["latency"]["mean_ms"] > 0
     too_long = CliRunner().invoke(main, ["run", "--engines", str(out), "--mode", "local", "--seq-len", "17", "--batch",

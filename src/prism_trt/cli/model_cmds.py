@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import is_text_model, main, model_options, model_spec, plan_options, show_progress
+from .common import FiniteFloat, is_text_model, main, model_options, model_spec, plan_options, show_progress
 
 
 @main.command()
@@ -85,6 +85,13 @@ def flops(model_name, checkpoint, ranks, crs, segments, weights, batch, dtype, s
 @main.command()
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Checkpoint in the bundled MNIST ViT format.")
+@click.option("--engines", "engines", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="A build directory of the MNIST checkpoint instead: the test set through its engines, every "
+                   "chain in process and over a GLOO group of its P ranks on loopback.")
+@click.option("--distributed/--no-distributed", default=True, show_default=True,
+              help="--engines: also run the chains over a real GLOO group (one process per rank).")
+@click.option("--timeout", "timeout_s", type=FiniteFloat(min=1), default=120.0, show_default=True,
+              help="--engines: seconds before a collective (or joining the group) fails.")
 @click.option("--model", "model_name", metavar="NAME", default=None,
               help="A bundled trained text model instead (gpt2-pydoc): next-token accuracy on its held-out text.")
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -102,21 +109,29 @@ def flops(model_name, checkpoint, ranks, crs, segments, weights, batch, dtype, s
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[default: 500 images / 64 windows]")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
-def accuracy(checkpoint, model_name, data, ranks, crs, segments, weights, means_source, seq_len, baseline, limit,
-             batch_size, threads, as_json):
+def accuracy(checkpoint, engines, distributed, timeout_s, model_name, data, ranks, crs, segments, weights,
+             means_source, seq_len, baseline, limit, batch_size, threads, as_json):
     """Accuracy of Prism plans, and agreement with the unpartitioned model: MNIST test images for the
     ViT checkpoint (--checkpoint), next-byte prediction on held-out text for a bundled trained text
-    model (--model gpt2-pydoc).
+    model (--model gpt2-pydoc); or of the engines a build wrote (--engines DIR).
 
     Without --cr/--segments the plan is CR=1 (Voltage), which must equal the unpartitioned model.
+    With --engines the chains are the build's: each is scored in process and over a GLOO group, by
+    accuracy, agreement with the local (P=1) engines and its logits against theirs; the distributed
+    logits must match the same chain's in-process ones within the build precision's tolerance.
     """
     import torch
 
-    if (checkpoint is None) == (model_name is None):
-        raise click.UsageError("give exactly one of --checkpoint (MNIST ViT) or --model (a bundled text model)")
+    if sum(x is not None for x in (checkpoint, model_name, engines)) != 1:
+        raise click.UsageError("give exactly one of --checkpoint (MNIST ViT), --model (a bundled text model) or "
+                               "--engines (a build of the MNIST ViT)")
     if threads:
         torch.set_num_threads(threads)
     progress = show_progress()
+    if engines is not None:
+        _engine_accuracy(engines, data, limit, batch_size, threads or 1, distributed, timeout_s, as_json,
+                         (crs, segments, weights, seq_len, baseline, means_source != "ln1"))
+        return
     if model_name is not None:
         if data is not None:
             raise click.UsageError("--data is for the MNIST checkpoint; text models read their bundled held-out text")
@@ -150,6 +165,38 @@ def accuracy(checkpoint, model_name, data, ranks, crs, segments, weights, means_
         ["P", "L", "CR", "means", "correct/total", "accuracy", "agreement"],
         [[r.ranks, r.segments, r.cr, r.means_source, f"{r.correct}/{r.total}", f"{100 * r.accuracy:.2f}%",
           f"{100 * r.agreement:.2f}%"] for r in results]))
+
+
+def _engine_accuracy(engines, data, limit, batch_size, threads, distributed, timeout_s, as_json, unused) -> None:
+    """`accuracy --engines`: the MNIST test set through a build's engines (see
+    :mod:`prism_trt.workflows.engine_accuracy`)."""
+    from ..data import MnistTestSet, data_dir
+    from ..engines.manifest import Manifest, rank_directory
+    from ..report import format_table
+    from ..workflows.engine_accuracy import evaluate_engines
+
+    if any(unused):
+        raise click.UsageError("--engines scores the chains the build holds: --cr, --segments, --weights, --seq-len, "
+                               "--no-exchange-baseline and --means-source do not apply")
+    manifest = Manifest.read(rank_directory(engines, 0))
+    spec = manifest.spec
+    dataset = MnistTestSet(data or data_dir() / "mnist", spec.mean[0], spec.std[0], limit)
+    size = batch_size or manifest.build_options.max_batch
+    scores = evaluate_engines(engines, dataset.batches(size), distributed, threads, timeout_s)
+    if as_json:
+        click.echo(json.dumps([score.to_dict() for score in scores], indent=2))
+        return
+    click.echo(f"{spec.name} engines in {engines} ({manifest.backend.name} on {manifest.backend.device}, "
+               f"{manifest.build_options.precision}), {len(dataset)} MNIST test images")
+    click.echo(format_table(
+        ["chain", "run", "P", "correct/total", "accuracy", "agreement", "max |logit diff| vs local",
+         "vs in-process (tol. used)"],
+        [[s.key.label, s.execution, s.ranks, f"{s.correct}/{s.total}", f"{100 * s.accuracy:.2f}%",
+          f"{100 * s.agreement:.2f}%", f"{s.versus_local.max_abs_error:.2g}",
+          None if s.versus_in_process is None else
+          f"{s.versus_in_process.max_abs_error:.2g} ({100 * s.versus_in_process.used:.2g} %)"] for s in scores]))
+    click.echo("agreement: same top-1 as the local (P=1) engines; tol. used: share of the precision's atol + "
+               "rtol*|ref| the distributed logits needed against the same chain in process (100 % fails)")
 
 
 def _text_accuracy(model_name, ranks, crs, segments, weights, means_source, seq_len, baseline, limit, batch_size,

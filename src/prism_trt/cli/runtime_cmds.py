@@ -111,7 +111,9 @@ def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, thread
 
     options = RuntimeOptions(threads, device, profile_barrier, micro_batches=micro_batches, cuda_graphs=cuda_graphs,
                              **exchange)
-    key = check_before_join(engines, group.rank, mode, cr, batch)  # on every rank: the same command runs on each
+    # On every rank (the same command runs on each); a worker checks a batch it was given, not the default one.
+    given = click.get_current_context().get_parameter_source("batch") is not click.core.ParameterSource.DEFAULT
+    key = check_before_join(engines, group.rank, mode, cr, batch if group.rank == 0 or given else None)
     if group.rank != 0:  # workers follow rank 0's choices
         batches = run_worker(rank_directory(engines, group.rank), group, options)
         click.echo(f"rank {group.rank}: ran {batches} batches, stopped by rank 0", err=as_json)
@@ -317,9 +319,10 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, 
 
     options = RuntimeOptions(threads, device, link_probe_s=link_probe, micro_batches=micro_batches,
                              cuda_graphs=cuda_graphs, **exchange)
-    if mode != "auto":  # on every rank, before any group forms (auto's map is checked below, on rank 0)
-        check_before_join(engines, group.rank, mode, cr)
     if group.rank != 0:
+        if mode != "auto":  # the same command runs on every rank: its chain is checked on each
+            check_before_join(engines, group.rank, mode, cr)
+
         def stop(signum, frame):
             raise SystemExit(f"rank {group.rank}: signal {signum}, leaving the group")
 
@@ -338,6 +341,8 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, 
             raise click.UsageError(str(error)) from None
     if mode in (Mode.VOLTAGE, Mode.PRISM) and group.world_size == 1:
         raise click.UsageError(f"{mode} mode needs --world-size >= 2")
+    if mode != "auto":  # before any group forms (auto's map is checked by load_map)
+        check_before_join(engines, group.rank, mode, cr)
     _check_port_free(http.host, http.port)
     chooser = load_map(selection, engines)  # a bad map is refused before the join, not after its timeout
     executor = open_executor(engines, group, options)

@@ -18,6 +18,7 @@ Every new engine is verified on its target at its precision (:mod:`.verify`) bef
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -163,6 +164,20 @@ def _unchanged(rank_dir: Path, key: str, found: str | None, relative: str | None
     return path.is_file() and sha256_file(path) == recorded
 
 
+@contextlib.contextmanager
+def _one_torch_thread():
+    """Torch on one intra-op thread while the stages are traced and their references run: these are
+    many small ops on small tensors, which several threads mostly spend waiting on each other for
+    (a first MNIST build took 3x the CPU time with two). The engines' own threads are the
+    backend's (--threads); the files written do not depend on this."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class Builder:
     """Builds the engine directories of one model for every rank."""
 
@@ -190,7 +205,7 @@ class Builder:
         work = [(r, c) for _, plans in sets for r in range(ranks) for c in plans if c.mode is not Mode.LOCAL or r == 0]
         depth = self.model.spec.depth
         total = sum(depth + 1 + (rank == 0) for rank, _ in work) + len(sets)  # + each set's monolithic
-        with tqdm(total=total, unit="stage", disable=not progress, desc="build") as bar:
+        with tqdm(total=total, unit="stage", disable=not progress, desc="build") as bar, _one_torch_thread():
             for length, plans in sets:
                 for rank in range(ranks):
                     rank_dir = out_dir / f"rank{rank}"
