@@ -7,17 +7,8 @@ from pathlib import Path
 
 import click
 
-from .common import (
-    TextModelOptions,
-    cr_mapping,
-    current_output,
-    is_text_model,
-    main,
-    model_options,
-    plan_options,
-    show_progress,
-    text_options,
-)
+from .common import TextModelOptions, cr_mapping, is_text_model, main, model_options, plan_options, text_options
+from .output import current_output, show_progress
 
 
 def _model_source(model_name, checkpoint) -> dict:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import errno
 import functools
-import logging
 import math
 import os
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,99 +12,7 @@ import click
 
 from .. import __version__
 from ..errors import PrismError
-
-LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-class Output(NamedTuple):
-    """What a command prints besides its result: ``verbosity`` -1 (-q), 0, 1 (-v), 2 (-vv), or an
-    explicit ``log_level``. Progress bars show only on a terminal, and never with -q."""
-
-    verbosity: int = 0
-    log_level: str | None = None
-
-    @property
-    def quiet(self) -> bool:
-        return self.verbosity < 0
-
-    @property
-    def progress(self) -> bool:
-        return not self.quiet and sys.stderr.isatty()
-
-    def levels(self) -> tuple[int, int]:
-        """(prism-trt's loggers, every other library's): prism-trt says INFO by default, libraries
-        only warnings, unless -v (INFO), -vv (DEBUG) or --log-level says otherwise."""
-        if self.log_level is not None:
-            level = getattr(logging, self.log_level.upper())
-            return level, level
-        return {-1: (logging.WARNING, logging.ERROR), 0: (logging.INFO, logging.WARNING),
-                1: (logging.INFO, logging.INFO)}.get(self.verbosity, (logging.DEBUG, logging.DEBUG))
-
-
-OUTPUT_KEY, COMMAND_KEY = "prism_trt.output", "prism_trt.command"
-
-
-def output_params() -> list[click.Option]:
-    """-v / -q / --log-level: on the group and on every command (either place works)."""
-    return [
-        click.Option(["-v", "--verbose"], count=True,
-                     help="More log output: -v shows every library's INFO lines and onnxruntime's warnings, -vv "
-                          "DEBUG."),
-        click.Option(["-q", "--quiet"], is_flag=True, help="Only warnings and errors; no progress bars."),
-        click.Option(["--log-level"], type=click.Choice(LOG_LEVELS, case_sensitive=False), default=None,
-                     help="Log level of prism-trt and every library (overrides -v/-q) [env PRISM_TRT_LOG_LEVEL].",
-                     envvar="PRISM_TRT_LOG_LEVEL"),
-    ]
-
-
-def _take_output(ctx: click.Context) -> None:
-    """Pop the output flags from ``ctx.params``, merge them with the group's and apply them."""
-    verbose, quiet, level = (ctx.params.pop(name, None) for name in ("verbose", "quiet", "log_level"))
-    before = ctx.meta.get(OUTPUT_KEY, Output())
-    verbosity = -1 if quiet or before.quiet else before.verbosity + (verbose or 0)
-    output = Output(verbosity, level or before.log_level)
-    ctx.meta[OUTPUT_KEY] = output
-    configure_logging(output)
-
-
-def configure_logging(output: Output) -> None:
-    """One log format for every command; onnxruntime's own logger stays at errors unless verbose
-    (it prints a warning per session otherwise, e.g. for every CUDA session)."""
-    ours, others = output.levels()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger().setLevel(others)
-    logging.getLogger("prism_trt").setLevel(ours)
-    try:
-        import onnxruntime
-    except ImportError:  # an install without the onnxruntime extra: nothing to quieten
-        return
-    # onnxruntime's severities: 0 verbose, 1 info, 2 warning, 3 error
-    onnxruntime.set_default_logger_severity(3 if others >= logging.ERROR or output.verbosity < 1 and
-                                            output.log_level is None else 2 if others >= logging.INFO else 0)
-
-
-def current_output() -> Output:
-    """The output settings of the command running now (defaults outside a click command)."""
-    ctx = click.get_current_context(silent=True)
-    return ctx.meta.get(OUTPUT_KEY, Output()) if ctx is not None else Output()
-
-
-def show_progress() -> bool:
-    """Whether this command draws progress bars: on a terminal, and not with -q."""
-    return current_output().progress
-
-
-class PrismCommand(click.Command):
-    """A command with the output flags (-v, -q, --log-level) every prism-trt command takes."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.params.extend(output_params())
-
-    def invoke(self, ctx: click.Context):
-        _take_output(ctx)
-        ctx.meta[COMMAND_KEY] = ctx
-        return super().invoke(ctx)
+from .output import COMMAND_KEY, PrismCommand, describe_os_error, output_params, take_output
 
 
 class PrismGroup(click.Group):
@@ -125,7 +30,7 @@ class PrismGroup(click.Group):
         self.params.extend(output_params())
 
     def invoke(self, ctx: click.Context):
-        _take_output(ctx)
+        take_output(ctx)
         try:
             return super().invoke(ctx)
         except OSError as error:
@@ -144,48 +49,6 @@ class PrismGroup(click.Group):
 def _innermost(ctx: click.Context) -> click.Context:
     """The context of the command that ran (each command records it in the shared ``meta``)."""
     return ctx.meta.get(COMMAND_KEY, ctx)
-
-
-_OS_HINTS = {errno.EADDRINUSE: "is in use by another process; stop it or pick another",
-             errno.EACCES: "is not permitted for this user; pick another (ports below 1024 need root)",
-             errno.EADDRNOTAVAIL: "is not an address of this machine; pick another",
-             errno.ENOENT: "does not exist; check",
-             errno.EISDIR: "is a directory; give a file path with",
-             errno.ENOTDIR: "has a part that is not a directory; check",
-             errno.ENOSPC: "is on a full disk; free space or pick another"}
-
-
-def describe_os_error(error: OSError, ctx: click.Context | None) -> str:
-    """An OS error as one line naming the option whose value it concerns, where one does."""
-    text = error.strerror or str(error)
-    flag = _option_for(error, ctx) if ctx is not None else None
-    if flag is None:
-        return f"{text}: {error.filename}" if error.filename else str(error)
-    name, value = flag
-    hint = _OS_HINTS.get(error.errno, "failed; check")
-    return f"{name} {value}: {text} ({error.filename or value} {hint} {name})"
-
-
-def bind_error(error: OSError, host: str, port: int, port_flag: str) -> str:
-    """A listening socket's failure (the port in use, not permitted, the address not ours) as one
-    line naming the flag to change."""
-    if error.errno == errno.EADDRNOTAVAIL:
-        return f"--host {host}: {error.strerror} ({host} {_OS_HINTS[error.errno]} --host)"
-    hint = _OS_HINTS.get(error.errno, "could not be bound; pick another")
-    return f"{port_flag} {port}: {error.strerror or error} on {host} (port {port} {hint} {port_flag})"
-
-
-def _option_for(error: OSError, ctx: click.Context) -> tuple[str, object] | None:
-    """The (flag, value) of the running command whose path holds ``error.filename``."""
-    if error.filename is None:
-        return None
-    target = Path(str(error.filename))
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name)
-        if isinstance(param, click.Option) and isinstance(value, Path):
-            if target == value or value in target.parents or target in value.parents:
-                return param.opts[-1], value
-    return None
 
 
 class FiniteFloat(click.FloatRange):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from .common import main, show_progress
+from .common import main
+from .output import show_progress
 
 
 @main.command()

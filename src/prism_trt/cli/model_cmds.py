@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from .common import FiniteFloat, is_text_model, main, model_options, model_spec, plan_options, show_progress
+from .common import FiniteFloat, is_text_model, main, model_options, model_spec, plan_options
+from .output import show_progress
 
 
 @main.command()

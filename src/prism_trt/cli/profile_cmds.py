@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from .common import FiniteFloat, group_options, list_option, main, show_progress
+from .common import FiniteFloat, group_options, list_option, main
+from .output import show_progress
 
 
 def sampling_options(command):

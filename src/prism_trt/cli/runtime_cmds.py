@@ -13,7 +13,8 @@ from ..core.chain_key import MODE_NAMES, ChainKey, Mode
 from ..engines.manifest import rank_directory
 from ..errors import PrismError
 from ..serve.http_server import HttpLimits, check_exposure
-from .common import DEVICE, FiniteFloat, bind_error, cr_mapping, exchange_options, group_options, main
+from .common import DEVICE, FiniteFloat, cr_mapping, exchange_options, group_options, main
+from .output import bind_error
 
 
 class HttpOptions(NamedTuple):
