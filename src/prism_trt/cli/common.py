@@ -100,7 +100,7 @@ def model_options(func):
     @click.option("--model", "model_name", metavar="NAME",
                   help="timm ViT name, random init (e.g. vit_tiny_patch16_224, deit_small_patch16_224).")
     @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
-                  help="Checkpoint in the bundled MNIST ViT format (e.g. ../shared/data/mnist/vit_mnist.pt).")
+                  help="Checkpoint in the bundled MNIST ViT format (e.g. $PRISM_TRT_DATA/mnist/vit_mnist.pt).")
     @functools.wraps(func)
     def wrapper(*args, model_name, checkpoint, **kwargs):
         if (model_name is None) == (checkpoint is None):
@@ -195,7 +195,9 @@ def main() -> None:
     Typical flow:
       prism-trt info      --model vit_base_patch16_224
       prism-trt flops     --model vit_base_patch16_224 --ranks 2 --cr 9.9 --cr 4.95 --cr 3.3
-      prism-trt accuracy  --checkpoint ../shared/data/mnist/vit_mnist.pt --ranks 2 --segments 5
+      prism-trt accuracy  --checkpoint $PRISM_TRT_DATA/mnist/vit_mnist.pt --ranks 2 --segments 5
+      prism-trt build     --checkpoint $PRISM_TRT_DATA/mnist/vit_mnist.pt --ranks 2 --out engines/
+      prism-trt accuracy  --engines engines/
     """
 
 
