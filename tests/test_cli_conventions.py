@@ -5,6 +5,7 @@ checks as one `Error:` line naming the flag to change, the CR -> L mapping said 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -17,6 +18,7 @@ from click.testing import CliRunner
 
 from prism_trt.cli import main
 from prism_trt.cli.common import cr_mapping
+from prism_trt.cli.output import Output, _onnxruntime_severity
 from prism_trt.cli.runtime_cmds import check_before_join
 from prism_trt.core.chain_key import ChainKey
 
@@ -169,3 +171,26 @@ def test_shell_completion_is_click_s():
     result = subprocess.run(CLI, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "_PRISM_TRT_COMPLETE": "bash_source"})
     assert result.returncode == 0 and "_prism_trt_completion" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("argv, ours, others", [
+    ([], logging.INFO, logging.WARNING),
+    (["-q"], logging.WARNING, logging.ERROR),
+    (["-v"], logging.INFO, logging.INFO),
+    (["-vv"], logging.DEBUG, logging.DEBUG),
+    (["--log-level", "error"], logging.ERROR, logging.ERROR),
+])
+@pytest.mark.parametrize("where", ["group", "command"])
+def test_the_output_flags_set_the_log_levels_before_or_after_the_command(argv, ours, others, where):
+    command = ["info", "--model", "vit_tiny_patch16_224"]
+    line = [*argv, *command] if where == "group" else [*command, *argv]
+    result = CliRunner().invoke(main, line, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert (logging.getLogger("prism_trt").level, logging.getLogger().level) == (ours, others)
+
+
+def test_onnxruntime_logs_errors_only_unless_asked():
+    assert _onnxruntime_severity(Output(0), logging.WARNING) == 3  # its per-session warnings stay off
+    assert _onnxruntime_severity(Output(1), logging.INFO) == 2
+    assert _onnxruntime_severity(Output(2), logging.DEBUG) == 0
+    assert _onnxruntime_severity(Output(0, "warning"), logging.WARNING) == 2

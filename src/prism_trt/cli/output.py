@@ -77,9 +77,15 @@ def configure_logging(output: Output) -> None:
         import onnxruntime
     except ImportError:  # an install without the onnxruntime extra: nothing to quieten
         return
-    # onnxruntime's severities: 0 verbose, 1 info, 2 warning, 3 error
-    onnxruntime.set_default_logger_severity(3 if others >= logging.ERROR or output.verbosity < 1 and
-                                            output.log_level is None else 2 if others >= logging.INFO else 0)
+    onnxruntime.set_default_logger_severity(_onnxruntime_severity(output, others))
+
+
+def _onnxruntime_severity(output: Output, level: int) -> int:
+    """onnxruntime's severity (0 verbose, 1 info, 2 warning, 3 error) for the libraries' log level:
+    errors only unless -v or --log-level asks for more; its INFO lines only at DEBUG."""
+    if level >= logging.ERROR or (output.log_level is None and output.verbosity < 1):
+        return 3
+    return 0 if level <= logging.DEBUG else 2
 
 
 def current_output() -> Output:
