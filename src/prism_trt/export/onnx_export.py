@@ -3,7 +3,7 @@
 Two exporters: ``torchscript`` (the tracer; ~40x faster to run: about 0.05 s of CPU a stage against
 ~2 s) and ``dynamo`` (torch.export + onnxscript; about half the nodes before optimisation). Once
 onnxruntime has optimised them, both graphs have the same size and speed (a ViT block: 39 nodes
-against 42, the same latency), so ``auto`` is torchscript: a first build of the MNIST ViT's 70
+against 42, the same latency), so ``auto`` is torchscript: a first build of the MNIST ViT's 69
 stages takes seconds instead of minutes. ``torchscript`` works from the lowest torch we support
 (2.5, JetPack 6.1's) up; ``dynamo`` needs a recent torch: torch 2.5's exporter fails on every Linear
 over the token axis with a dynamic batch, and torch 2.6 (onnxscript 0.2) writes sequence ops that
