@@ -39,11 +39,12 @@ def rank0_runner(model, plan, images):
     """A closure running rank 0's embed + blocks with the other ranks' means precomputed."""
     ranks = [RankForward(model, plan, r) for r in range(plan.ranks)]
     exchange = Recording()
-    drive(ranks, [images] * plan.ranks, exchange)
+    drive(ranks, [rank.patches(images) for rank in ranks], exchange)
     rank0 = ranks[0]
+    patches = rank0.patches(images)
 
     def run():
-        x, _ = rank0.embed(images)
+        x, _ = rank0.embed(patches)
         for index, remote in enumerate(exchange.rank0_received):
             x, _ = rank0.block(index, x, remote)
         return x

@@ -18,6 +18,7 @@ from PIL import Image
 from prism_trt.cli.common import DEVICE, FiniteFloat, NumberList
 from prism_trt.engines import Manifest, ManifestError
 from prism_trt.engines.json_record import MAX_JSON_DEPTH, read_json_object
+from prism_trt.engines.manifest import SCHEMA_VERSION
 from prism_trt.engines.modality import Vision
 from prism_trt.engines.perfmap import PerfMap, PerfMapError
 from prism_trt.model.spec import ViTSpec
@@ -167,7 +168,7 @@ def test_any_nesting_depth_is_read_or_refused_by_depth(tmp_path_factory, depth, 
                                         "backend", "configs", "means_source", "manifest_sha256", "export"]),
                        JSON_VALUES, max_size=11))
 def test_any_manifest_object_is_refused_with_the_manifests_error(data):
-    data.setdefault("schema_version", 3)
+    data.setdefault("schema_version", SCHEMA_VERSION)
     try:
         Manifest.from_dict(data)
     except ManifestError:

@@ -76,6 +76,13 @@ def test_other_schema_version(rank_dir):
         Manifest.load(rank_dir)
 
 
+def test_engines_of_an_older_schema_ask_for_a_rebuild(rank_dir):
+    _edit_manifest(rank_dir, lambda m: m.update(schema_version=SCHEMA_VERSION - 1))
+    with pytest.raises(ManifestError, match=rf"schema version {SCHEMA_VERSION - 1}, built by an older prism-trt .*"
+                                            r"rebuild them with `prism-trt build`"):
+        load_chain(rank_dir, "voltage")
+
+
 def test_other_backend(rank_dir):
     _edit_manifest(rank_dir, lambda m: m["backend"].update(name="tensorrt"))
     with pytest.raises(ManifestError, match="built for backend 'tensorrt', not 'onnxruntime'"):

@@ -12,7 +12,7 @@ from prism_trt.core import Exchange, make_partition_plan, make_segment_plan, sim
 from prism_trt.core.drive import drive, remote_means
 from prism_trt.core.rank import RankForward
 from prism_trt.core.text_rank import TextRankForward, simulate_text, text_partition
-from prism_trt.engines.stage_spec import ATTENTION_MASK, IMAGES, INPUT_IDS
+from prism_trt.engines.stage_spec import ATTENTION_MASK, INPUT_IDS, PATCHES, REMOTE_SIZES
 from prism_trt.runtime import InferenceRequest, load_chain, run_chains_in_process
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "prism_trt"
@@ -107,10 +107,11 @@ def test_vit_ranks_driven_bit_identically(ranks, segments):
     plan = voltage_plan(partition) if segments is None else make_segment_plan(partition, segments=segments)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(ranks))
     forwards = [RankForward(model, plan, r) for r in range(ranks)]
+    patches = [rank.patches(images) for rank in forwards]  # each rank reads its own patches
     with torch.no_grad():
-        expected = forwards[0].head(_plain_loop(forwards, [images] * ranks)[0])
+        expected = forwards[0].head(_plain_loop(forwards, patches)[0])
         exchange = Recording()
-        got = drive(forwards, [images] * ranks, exchange)
+        got = drive(forwards, patches, exchange)
     assert torch.equal(got, expected) and torch.equal(simulate(model, images, plan), expected)
     assert len(exchange.received) == model.spec.depth
     for remote in exchange.received:  # every rank reads every other rank's means, once per block
@@ -145,8 +146,11 @@ def test_vit_engine_chains_driven_like_the_reference(tmp_path):
     build_engines(model, tmp_path, 2, crs=(2.0,), source={"checkpoint": "random"}, max_batch=8)
     chains = [load_chain(tmp_path / f"rank{r}", "prism", 2.0, options=ONE_THREAD).__enter__() for r in range(2)]
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    plan = chains[0].config.plan
+    shares = [{PATCHES: (rank.patches(images) * 0.5 + 0.5) * 255}  # raw pixels: the engines normalise
+              for rank in (RankForward(model, plan, r) for r in range(2))]
     with torch.no_grad():
-        expected = chains[0].head(_plain_loop(chains, [{IMAGES: images}] * 2)[0])
+        expected = chains[0].head(_plain_loop(chains, shares)[0])
     got = run_chains_in_process(chains, InferenceRequest.of(chains[0].manifest.model, images))
     assert torch.equal(got, expected)
     assert_close(got, simulate(model, images, chains[0].config.plan))
@@ -158,8 +162,13 @@ def test_text_engine_chains_driven_like_the_reference(text_engines):
     chains = [load_chain(directory / f"rank{r}", "prism", 2.0, options=ONE_THREAD).__enter__() for r in range(2)]
     ids, mask = text_request()
     request = {INPUT_IDS: ids, ATTENTION_MASK: mask}
+    shares = []  # each rank reads its own positions and the sizes of the segments it attends to
+    for rank in range(2):
+        share = TextRankForward(model, chains[0].config.plan, rank).share(ids, mask)
+        shares.append({INPUT_IDS: share.input_ids, ATTENTION_MASK: share.attention_mask,
+                       **({} if share.remote_sizes is None else {REMOTE_SIZES: share.remote_sizes})})
     with torch.no_grad():
-        expected = chains[0].head(torch.cat(_plain_loop(chains, [request] * 2), dim=1))
+        expected = chains[0].head(torch.cat(_plain_loop(chains, shares), dim=1))
     got = run_chains_in_process(chains, InferenceRequest.of(chains[0].manifest.model, request))
     assert torch.equal(got, expected)
     assert_close(got, simulate_text(model, chains[0].config.plan, ids, mask))

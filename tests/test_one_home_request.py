@@ -138,10 +138,16 @@ def test_a_vit_request_takes_its_images_as_they_are():
     assert request.tensors[IMAGES] is images and request.bucket_length is None and request.positions is None
     assert request.batch_size == 2 and request.trim(torch.ones(2, 3)).shape == (2, 3)
     assert InferenceRequest.create(record.modality, {IMAGES: images}).item_shape == request.item_shape
-    with pytest.raises(UsageError, match="must be float32 of shape"):
+    with pytest.raises(UsageError, match="must be float32 or uint8 of shape"):
         InferenceRequest.of(record, torch.randn(2, 3, 4, 4))
+    with pytest.raises(UsageError, match="must be float32 or uint8 of shape"):
+        InferenceRequest.of(record, images.double())
     with pytest.raises(UsageError, match="takes inputs"):
         InferenceRequest.of(record, {"input": images})
+    pixels = InferenceRequest.of(record, torch.zeros(2, 1, 4, 4, dtype=torch.uint8))  # raw pixels, one byte each
+    assert pixels.item_shape != request.item_shape  # raw and normalised images never share a batch
+    with pytest.raises(UsageError, match="cannot share a batch"):
+        InferenceRequest.concatenate([request, pixels])
 
 
 def _ids(batch: int, positions: int, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -11,9 +11,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.vit import MEANS_SOURCES, MeansSource, PrismViT
+from ..model.spec import ViTSpec
+from ..model.vit import MEANS_SOURCES, MeansSource, PrismViT, patch_range, patchify
 from .drive import Exchange, drive, drive_blocks
-from .plan import PlanError, SegmentPlan
+from .plan import PartitionPlan, PlanError, SegmentPlan
+
+
+def own_patches(images: torch.Tensor, spec: ViTSpec, partition: PartitionPlan, rank: int) -> torch.Tensor:
+    """What rank ``rank`` reads of a batch of images (B, C, H, W): its own patches (B, n, C * ph * pw),
+    in patchify order, contiguous (a tensor to send as it is)."""
+    return patchify(images, spec.patch_size)[:, slice(*patch_range(spec, *partition.token_range(rank)))].contiguous()
 
 
 class RankForward(nn.Module):
@@ -35,6 +42,8 @@ class RankForward(nn.Module):
         if plan.ranks > 1 and model.head.tokens_needed > plan.partition.sizes[0]:
             raise PlanError(f"pooling {model.spec.pool!r} reads {model.head.tokens_needed} tokens but rank 0 holds "
                             f"{plan.partition.sizes[0]}: partitioned runs need token pooling")
+        if plan.partition.patch_count(rank) < 1:
+            raise PlanError(f"rank {rank} holds no patch ({plan.partition.sizes}): every rank embeds at least one")
         self.model, self.plan, self.rank, self.means_source = model, plan, rank, means_source
         self.token_range = plan.partition.token_range(rank)
         self.attended_ranks = plan.attended_ranks(rank)
@@ -52,16 +61,21 @@ class RankForward(nn.Module):
         source = self.model.blocks[next_block].means_source_tokens(x, self.means_source)
         return self.averaging @ source
 
-    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """images (B, C, H, W) -> own tokens (B, n_p, D) and the means for block 0."""
-        x = self.model.embed(images, *self.token_range)
+    def patches(self, images: torch.Tensor) -> torch.Tensor:
+        """This rank's patches of a batch of images (:func:`own_patches`)."""
+        return own_patches(images, self.model.spec, self.plan.partition, self.rank)
+
+    def embed(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Own patches (B, n, C * ph * pw) (:meth:`patches`) -> own tokens (B, n_p, D) and the means
+        for block 0: a rank reads only its share of the images."""
+        x = self.model.embed.from_patches(patches, *self.token_range)
         return x, self.segment_means(x, 0)
 
-    def block(self, index: int, x: torch.Tensor, remote_means: torch.Tensor | None, images: torch.Tensor | None = None
+    def block(self, index: int, x: torch.Tensor, remote_means: torch.Tensor | None, patches: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Block ``index`` over own tokens attending to ``remote_means`` (B, sum L_q, D), each mean
-        weighted by the ``ln(s)`` the plan fixes (``images``, the request, is not read: the drive
-        loop hands every stage its request)."""
+        weighted by the ``ln(s)`` the plan fixes (``patches``, the rank's request, is not read: the
+        drive loop hands every stage its request)."""
         remote_bias = None if remote_means is None else self.remote_log_sizes
         x = self.model.blocks[index](x, remote_means, remote_bias, self.means_source)
         return x, self.segment_means(x, index + 1)
@@ -77,7 +91,7 @@ def simulate(model: PrismViT, images: torch.Tensor, plan: SegmentPlan, means_sou
              ) -> torch.Tensor:
     """Logits of a Prism forward over ``plan``, every rank run in this process."""
     ranks = [RankForward(model, plan, r, means_source) for r in range(plan.ranks)]
-    return drive(ranks, [images] * plan.ranks, Exchange())
+    return drive(ranks, [rank.patches(images) for rank in ranks], Exchange())
 
 
 @torch.no_grad()

@@ -13,9 +13,11 @@ there analytically, [I] inferred there and adopted here) or [ours] (decided here
   with no valid token has ``s_g = 0``: its mean is 0 (we divide by ``max(s_g, 1)``, never by 0) and
   its bias is :data:`~prism_trt.model.text.MASKED`, so it carries no weight and makes no NaN
   [ours: a finite mask value, like Hugging Face's, so a query with nothing visible is finite too].
-  Padded own keys are masked as Hugging Face masks them. Every rank holds the whole attention
-  mask (it arrives with the ids), so the sizes ``s_g`` of remote segments are computed locally:
-  only the means travel [ours].
+  Padded own keys are masked as Hugging Face masks them. A rank reads only its share of a
+  request (:func:`text_share`): its own positions' ids and mask, and the valid-token count
+  ``s_g`` of every remote segment it attends to (counted by rank 0, which holds the whole
+  mask), so neither other ranks' ids nor their mask travel, and between blocks only the means do
+  [ours].
 * Partition-aware causal mask [I, 3.2; the paper names it, the rule is not retrievable]: query
   ``t`` sees its own partition's tokens ``j <= t`` and a remote segment only if *every* token of it
   precedes ``t`` (``end_g <= t``; implemented as "the last position a key covers is ``<= t``",
@@ -43,7 +45,7 @@ from ..model.text import MASKED, PrismText, attention_bias, token_log_weights
 from ..model.text_spec import TextSpec
 from ..model.vit import MEANS_SOURCES, MeansSource
 from .drive import Exchange, drive
-from .plan import PartitionPlan, PlanError, SegmentPlan, make_partition_plan
+from .plan import PartitionPlan, PlanError, SegmentPlan, attended_ranks, make_partition_plan
 
 
 def text_partition(spec: TextSpec, seq_len: int, ranks: int, weights: list[float] | None = None,
@@ -75,6 +77,43 @@ def _membership(bounds: list[tuple[int, int]], offset: int, width: int) -> np.nd
     return matrix
 
 
+def attended_segment_positions(plan: SegmentPlan, rank: int, causal: bool) -> list[tuple[int, int]]:
+    """[start, end) positions of every remote segment rank ``rank`` attends to, in the order of
+    its remote means."""
+    return [b for q in attended_ranks(plan.ranks, rank, causal) for b in segment_positions(plan, q)]
+
+
+@dataclass(frozen=True)
+class TextShare:
+    """What rank ``rank`` reads of a text batch: its own positions' ids, mask (1 = token) and token
+    types (B, n_p), and ``remote_sizes`` (B, m) float32, the valid tokens of each remote segment it
+    attends to (None when it attends to none)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    remote_sizes: torch.Tensor | None = None
+    token_type_ids: torch.Tensor | None = None
+
+
+def text_share(plan: SegmentPlan, rank: int, causal: bool, input_ids: torch.Tensor,
+               attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None) -> TextShare:
+    """Rank ``rank``'s share of a batch of whole sequences (B, N) (default mask: no padding); its
+    tensors are contiguous (to send as they are)."""
+    B, N = input_ids.shape
+    if N != plan.partition.num_tokens:
+        raise PlanError(f"plan is for sequences of {plan.partition.num_tokens}, got {N} positions")
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    own = slice(*plan.partition.token_range(rank))
+    bounds = attended_segment_positions(plan, rank, causal)
+    sizes = None
+    if bounds:
+        valid = torch.nn.functional.pad((mask != 0).to(torch.int64).cumsum(dim=1), (1, 0))  # (B, N + 1) prefix sums
+        starts, ends = (torch.tensor(b, dtype=torch.long) for b in zip(*bounds))
+        sizes = (valid[:, ends] - valid[:, starts]).to(torch.float32)
+    types = None if token_type_ids is None else token_type_ids[:, own].contiguous()
+    return TextShare(input_ids[:, own].contiguous(), mask[:, own].contiguous(), sizes, types)
+
+
 @dataclass(frozen=True)
 class RankMasks:
     """Per batch, what one rank's blocks need besides its tokens: which own positions are valid
@@ -88,8 +127,8 @@ class RankMasks:
 
 @dataclass(frozen=True)
 class RankBatch:
-    """One batch as one rank's stages read it: the whole batch's ids (B, N), its token types (or
-    None) and the rank's masks (:meth:`TextRankForward.batch`)."""
+    """One batch as one rank's stages read it: its own positions' ids (B, n_p), their token types
+    (or None) and the rank's masks (:meth:`TextRankForward.batch`)."""
 
     input_ids: torch.Tensor
     masks: RankMasks
@@ -118,11 +157,10 @@ class TextRankForward(nn.Module):
         self.attended_ranks = plan.attended_ranks(rank, causal)
         self.sends_means = any(rank in plan.attended_ranks(q, causal) for q in plan.remote_ranks(rank))
         start, stop = self.token_range
-        remote_bounds = [b for q in self.attended_ranks for b in segment_positions(plan, q)]
+        remote_bounds = attended_segment_positions(plan, rank, causal)
+        self.remote_segments = len(remote_bounds)  # m, the remote means it reads
         self.register_buffer("membership", torch.from_numpy(
             _membership(segment_positions(plan, rank), start, stop - start)), persistent=False)
-        self.register_buffer("remote_membership", torch.from_numpy(
-            _membership(remote_bounds, 0, plan.partition.num_tokens)), persistent=False)
         self.register_buffer("positions", torch.arange(start, stop), persistent=False)
         self.register_buffer("remote_last_positions", torch.tensor([end - 1 for _, end in remote_bounds],
                                                                    dtype=torch.long), persistent=False)
@@ -131,27 +169,39 @@ class TextRankForward(nn.Module):
     def depth(self) -> int:
         return len(self.model.blocks)
 
-    def masks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> RankMasks:
-        """This rank's masks for a batch, from the whole (B, N) attention mask (default: no padding)."""
-        B, N = input_ids.shape
-        if N != self.plan.partition.num_tokens:
-            raise PlanError(f"plan is for sequences of {self.plan.partition.num_tokens}, got {N} positions")
-        valid_all = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
-                     else attention_mask.bool())
-        valid = valid_all[:, slice(*self.token_range)]
+    def share(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              token_type_ids: torch.Tensor | None = None) -> TextShare:
+        """This rank's share of a batch of whole sequences (:func:`text_share`)."""
+        return text_share(self.plan, self.rank, self.model.spec.causal, input_ids, attention_mask, token_type_ids)
+
+    def share_masks(self, attention_mask: torch.Tensor, remote_sizes: torch.Tensor | None) -> RankMasks:
+        """This rank's masks from its share: its own positions' mask (B, n_p) and the valid tokens
+        of the remote segments it attends to (B, m), or None when it attends to none (or reads no
+        remote means, as its embed stage: then there is no remote bias)."""
+        valid = attention_mask.bool()
         causal = self.model.spec.causal
         local = attention_bias(token_log_weights(valid), self.positions, self.positions, causal)
         remote = None
-        if self.attended_ranks:
-            sizes = valid_all.float() @ self.remote_membership.T  # (B, m) valid tokens per remote segment
+        if self.attended_ranks and remote_sizes is not None:
+            sizes = remote_sizes.to(torch.float32)
             log_sizes = torch.where(sizes > 0, sizes.clamp(min=1).log(), torch.full_like(sizes, MASKED))
             remote = attention_bias(log_sizes, self.remote_last_positions, self.positions, causal)
         return RankMasks(valid.float(), local, remote)
 
+    def masks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> RankMasks:
+        """This rank's masks for a batch of whole sequences (B, N) (default: no padding)."""
+        share = self.share(input_ids, attention_mask)
+        return self.share_masks(share.attention_mask, share.remote_sizes)
+
     def batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               token_type_ids: torch.Tensor | None = None) -> RankBatch:
-        """The batch as this rank's stages read it (its masks computed once)."""
-        return RankBatch(input_ids, self.masks(input_ids, attention_mask), token_type_ids)
+        """A batch of whole sequences as this rank's stages read it (its masks computed once)."""
+        return self.share_batch(self.share(input_ids, attention_mask, token_type_ids))
+
+    def share_batch(self, share: TextShare) -> RankBatch:
+        """This rank's share as its stages read it (its masks computed once)."""
+        return RankBatch(share.input_ids, self.share_masks(share.attention_mask, share.remote_sizes),
+                         share.token_type_ids)
 
     def segment_means(self, x: torch.Tensor, masks: RankMasks, next_block: int) -> torch.Tensor | None:
         """(B, L_p, D) means over valid tokens of what ``next_block`` averages, or None."""
@@ -163,10 +213,8 @@ class TextRankForward(nn.Module):
         return sums / counts.clamp(min=1)[..., None]  # an empty segment's mean is 0, masked by the receiver
 
     def embed(self, batch: RankBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The whole batch's ids (B, N) -> own tokens (B, n_p, D) and the means for block 0."""
-        own = slice(*self.token_range)
-        types = None if batch.token_type_ids is None else batch.token_type_ids[:, own]
-        x = self.model.embed(batch.input_ids[:, own], self.token_range[0], types)
+        """Own ids (B, n_p) -> own tokens (B, n_p, D) and the means for block 0."""
+        x = self.model.embed(batch.input_ids, self.token_range[0], batch.token_type_ids)
         return x, self.segment_means(x, batch.masks, 0)
 
     def block(self, index: int, x: torch.Tensor, remote_means: torch.Tensor | None, batch: RankBatch

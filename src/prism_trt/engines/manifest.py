@@ -2,9 +2,9 @@
 what, for which backend and device, at which precision, every chain and stage with its
 verification report, and the SHA-256 of every file; checked on every load.
 
-:class:`Manifest` is the only reader and writer of that file. The JSON layout (schema 3)::
+:class:`Manifest` is the only reader and writer of that file. The JSON layout (schema 4)::
 
-    {"schema_version": 3, "tool": {...}, "created": ..., "rank": r, "world_size": P, "means_source": ...,
+    {"schema_version": 4, "tool": {...}, "created": ..., "rank": r, "world_size": P, "means_source": ...,
      "model": {"source": {...}, "spec": {ViTSpec | TextSpec}, "weights_sha256": ...
                [, "kind": "text", "sequence_length": N]},
      "backend": {"name", "version", "device", "provider"}, "build_options": {BuildOptions},
@@ -42,7 +42,10 @@ from .model_record import ModelRecord
 from .stage_spec import StageSpec
 from .verification import StageVerification
 
-SCHEMA_VERSION = 3  # 2: build_options.precision, verification reports; 3: manifest_sha256 (its own digest)
+# 2: build_options.precision, verification reports; 3: manifest_sha256 (its own digest); 4: a rank's
+# stages read its share of the request (a ViT's embed its own raw-pixel patches, normalised inside;
+# a text rank its own positions and the remote segments' sizes)
+SCHEMA_VERSION = 4
 DIGEST_FIELD = "manifest_sha256"
 MANIFEST_NAME = "manifest.json"
 
@@ -287,6 +290,11 @@ class Manifest:
     def from_dict(cls, data: dict, where: str = MANIFEST_NAME) -> Manifest:
         fields = Fields(data, where, ManifestError)
         version = data.get("schema_version")
+        if isinstance(version, int) and not isinstance(version, bool) and version < SCHEMA_VERSION:
+            raise ManifestError(f"{where}: engines of schema version {version}, built by an older prism-trt whose "
+                                f"stages read the whole request (this one sends each rank only its share, raw "
+                                f"pixels normalised inside the engines: schema {SCHEMA_VERSION}); rebuild them with "
+                                f"`prism-trt build`")
         if version != SCHEMA_VERSION:
             raise ManifestError(f"{where}: schema version {version!r}, this prism-trt reads version {SCHEMA_VERSION}; "
                                 f"rebuild the engines with this version of prism-trt")

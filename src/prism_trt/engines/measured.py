@@ -19,7 +19,7 @@ PHASES = ("request", "compute", "d2h", "h2d", "wait", "comm", "other")
 # What a map may lack: ``request`` in maps from before it was timed, ``wait`` (null) without a
 # barrier, the byte and collective counts in hand-written maps. Every other phase and the total
 # must be there.
-_OPTIONAL_IN_MAPS = {"request", "wait", "bytes_sent", "bytes_received", "collectives"}
+_OPTIONAL_IN_MAPS = {"request", "wait", "bytes_sent", "bytes_received", "collectives", "request_bytes"}
 STOP_REASONS = ("converged", "max_repeat", "time_budget", "stopped")
 
 
@@ -27,9 +27,11 @@ STOP_REASONS = ("converged", "max_repeat", "time_budget", "stopped")
 class PhaseTimes:
     """Milliseconds per phase for one inference on one rank, and bytes moved.
 
-    request: rank 0's broadcast of the request (images, or ids and mask) to the other ranks of a
-    distributed chain (0 locally and on the workers); on slow links it can outweigh every other
-    phase, so it is part of the total the profiler and the selector compare. compute: engine
+    request: rank 0's sending of the request to the other ranks of a distributed chain, each rank
+    its own share (its patches' pixels, or its positions' ids and mask) (0 locally and on the
+    workers); on slow links it can outweigh every other phase, so it is part of the total the
+    profiler and the selector compare. request_bytes: the request's bytes that crossed the network
+    for this rank: the share a worker received, the sum of the shares rank 0 sent. compute: engine
     execution. d2h / h2d: staging copies device->host before and host->device after every
     collective (a CPU backend's host copy, possibly ~0). wait: time at a barrier before each
     collective, i.e. skew between ranks — measured only in profiling mode, else None and folded
@@ -48,6 +50,7 @@ class PhaseTimes:
     bytes_sent: int = 0
     bytes_received: int = 0
     collectives: int = 0
+    request_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,8 +15,11 @@ from .base import BATCH_AXIS, TensorSpec
 # Tensor names of the stage I/O (prism.md section 5).
 TOKENS, NEXT_TOKENS, REMOTE_MEANS, MEANS, IMAGES, LOGITS = (
     "tokens", "next_tokens", "remote_means", "means", "images", "logits")
-# Text models: the request's INT64 inputs, (B, N) each; every text stage that masks reads the mask.
-INPUT_IDS, ATTENTION_MASK = "input_ids", "attention_mask"
+# A ViT rank's embed stage reads its own patches (raw pixels on the [0, 255] scale, normalised inside).
+PATCHES = "patches"
+# Text models: the request's INT64 inputs, (B, N) each; a rank's stages read its own positions of
+# them (B, n_p), and the valid tokens of every remote segment they attend to (B, m) float32.
+INPUT_IDS, ATTENTION_MASK, REMOTE_SIZES = "input_ids", "attention_mask", "remote_sizes"
 STAGE_KINDS = ("embed", "block", "head", "model")
 
 
@@ -41,7 +44,8 @@ class StageSpec:
 
 
 def image_request_inputs(in_chans: int, img_size: tuple[int, int]) -> tuple[TensorSpec]:
-    """What a ViT request brings: normalised images (B, C, H, W) float32."""
+    """What a ViT request brings: images (B, C, H, W), float32 already normalised (the model's mean
+    and std) or uint8 raw pixels (:meth:`~prism_trt.engines.modality.Vision.dtypes`)."""
     return (TensorSpec(IMAGES, (BATCH_AXIS, in_chans, *img_size), "float32"),)
 
 

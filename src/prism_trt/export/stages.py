@@ -5,10 +5,14 @@ ranks' means] -> next tokens [+ means for the next block], i.e. the block with i
 head) and ``head`` (rank 0 only: logits). They are the seams of timm's ``forward_features`` /
 ``forward_head``, so a stage file maps to model code at a glance.
 
-Every rank embeds its own patches from the full image: the image is needed anyway to start a
-request, the patch projection is split P ways like the rest of the compute, and no token features
-cross the network before block 0. ``ln(s)`` of the remote segments is fixed by the plan, so it is
-baked into each block stage as a constant instead of being one more input to bind.
+Every rank embeds its own patches: rank 0 sends each rank only the pixels of its patches (B, n,
+C * ph * pw) in patchify order, the patch projection is split P ways like the rest of the compute,
+and no token features cross the network before block 0. The embed stage reads raw pixels on the
+[0, 255] scale and normalises them itself (the model's mean and std, a multiply-add a backend
+fuses into the projection), so a request of UINT8 images crosses the wire one byte a value; the
+unpartitioned model's one stage reads raw-scale images the same way. ``ln(s)`` of the remote
+segments is fixed by the plan, so it is baked into each block stage as a constant instead of being
+one more input to bind.
 """
 
 from __future__ import annotations
@@ -23,10 +27,10 @@ from ..core.plan import SegmentPlan
 from ..core.rank import RankForward
 from ..engines.base import BATCH_AXIS, TensorSpec
 from ..engines.modality import Modality, Text, Vision
-from ..engines.stage_spec import IMAGES, LOGITS, MEANS, NEXT_TOKENS, REMOTE_MEANS, TOKENS, StageSpec
+from ..engines.stage_spec import IMAGES, LOGITS, MEANS, NEXT_TOKENS, PATCHES, REMOTE_MEANS, TOKENS, StageSpec
 from ..model.text import PrismText
-from ..model.vit import MeansSource, PrismViT
-from .text_stages import example_text_inputs, text_monolithic_stage, text_rank_stages
+from ..model.vit import MeansSource, PixelNormalisation, PrismViT
+from .text_stages import TextStage, example_text_share, text_monolithic_stage, text_rank_stages
 
 
 def _tensor(name: str, *dims: int) -> TensorSpec:
@@ -34,12 +38,14 @@ def _tensor(name: str, *dims: int) -> TensorSpec:
 
 
 class EmbedStage(nn.Module):
+    """Input: the rank's patches, raw pixels (B, n, C * ph * pw) float32 on the [0, 255] scale."""
+
     def __init__(self, rank: RankForward):
         super().__init__()
-        self.rank = rank
+        self.rank, self.normalisation = rank, PixelNormalisation(rank.model.spec)
 
-    def forward(self, images: torch.Tensor):
-        tokens, means = self.rank.embed(images)
+    def forward(self, patches: torch.Tensor):
+        tokens, means = self.rank.embed(self.normalisation.patches(patches))
         return tokens if means is None else (tokens, means)
 
 
@@ -84,7 +90,7 @@ def vit_rank_stages(model: PrismViT, plan: SegmentPlan, rank: int, means_source:
     sent, received = plan.counts[rank], plan.remote_count(rank)
     means_out = (_tensor(MEANS, sent, D),)
 
-    stages = [(StageSpec("embed", "embed", None, (_tensor(IMAGES, spec.in_chans, *spec.img_size),),
+    stages = [(StageSpec("embed", "embed", None, (_tensor(PATCHES, plan.partition.patch_count(rank), spec.patch_dim),),
                          (_tensor(NEXT_TOKENS, n_p, D),) + (means_out if exchanging else ())), EmbedStage(forward))]
     for index in range(spec.depth):
         inputs = (_tensor(TOKENS, n_p, D),) + ((_tensor(REMOTE_MEANS, received, D),) if exchanging else ())
@@ -97,11 +103,22 @@ def vit_rank_stages(model: PrismViT, plan: SegmentPlan, rank: int, means_source:
     return stages
 
 
+class RawImageModel(nn.Module):
+    """The whole ViT over raw-scale images (B, C, H, W) float32 in [0, 255], normalised inside."""
+
+    def __init__(self, model: PrismViT):
+        super().__init__()
+        self.model, self.normalisation = model, PixelNormalisation(model.spec)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(self.normalisation.images(images))
+
+
 def vit_monolithic_stage(model: PrismViT, num_tokens: int | None = None) -> tuple[StageSpec, nn.Module]:
-    """The whole ViT as one stage (its tokens are fixed by its spec)."""
+    """The whole ViT as one stage (its tokens are fixed by its spec), raw-scale images in."""
     spec = model.spec
     return (StageSpec("model", "model", None, (_tensor(IMAGES, spec.in_chans, *spec.img_size),),
-                      (_tensor(LOGITS, spec.num_classes),)), model.eval())
+                      (_tensor(LOGITS, spec.num_classes),)), RawImageModel(model.eval()).eval())
 
 
 class StageBuilder(NamedTuple):
@@ -121,9 +138,16 @@ STAGE_BUILDERS: dict[str, StageBuilder] = {
 def example_feed(stage: StageSpec, batch: int, seed: int = 0, module: nn.Module | None = None
                  ) -> dict[str, torch.Tensor]:
     """Random inputs of the stage's shapes (deterministic), for tracing and verification: normal
-    floats, and for a text stage (``module`` has a ``vocab_size``) ids below it with a padded mask."""
+    floats, raw pixels uniform in [0, 255], and for a text stage (``module`` a TextStage) the
+    rank's share of random ids below the vocabulary with a padded mask."""
     generator = torch.Generator().manual_seed(seed)
-    integers = [t for t in stage.inputs if t.dtype != "float32"]
-    text = example_text_inputs(batch, integers[0].shape[1], module.vocab_size, generator) if integers else {}
-    return {t.name: text[t.name] if t.name in text else torch.randn(t.concrete(batch), generator=generator)
-            for t in stage.inputs}
+    text = example_text_share(batch, module, generator) if isinstance(module, TextStage) else {}
+    feed = {}
+    for t in stage.inputs:
+        if t.name in text:
+            feed[t.name] = text[t.name]
+        elif t.name in (PATCHES, IMAGES):
+            feed[t.name] = torch.rand(t.concrete(batch), generator=generator) * 255
+        else:
+            feed[t.name] = torch.randn(t.concrete(batch), generator=generator)
+    return feed

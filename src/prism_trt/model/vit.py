@@ -24,8 +24,24 @@ def _activation(name: str) -> nn.Module:
     return {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU()}[name]
 
 
+def patchify(images: torch.Tensor, patch_size: tuple[int, int]) -> torch.Tensor:
+    """Images (B, C, H, W) -> patches (B, gh * gw, C * ph * pw), row-major over the patch grid,
+    each patch flattened in (c, ph, pw) order: the order of the tokens and of the projection's inputs."""
+    B, C, H, W = images.shape
+    ph, pw = patch_size
+    gh, gw = H // ph, W // pw
+    patches = images.reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(B, gh * gw, C * ph * pw)
+
+
+def patch_range(spec: ViTSpec, start: int, stop: int) -> tuple[int, int]:
+    """[first, end) of the patches (in patchify order) that tokens ``[start, stop)`` hold."""
+    prefix = spec.num_prefix_tokens
+    return max(start, prefix) - prefix, max(stop, prefix) - prefix
+
+
 class PatchEmbed(nn.Module):
-    """Images -> patch tokens as a Linear on flattened (c, ph, pw) patches.
+    """Patches -> patch tokens as a Linear on flattened (c, ph, pw) patches.
 
     Equal to timm's strided Conv2d, but lets a rank project only its own patches.
     """
@@ -36,14 +52,33 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Linear(spec.patch_dim, spec.embed_dim)
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = images.shape
-        ph, pw = self.spec.patch_size
-        gh, gw = H // ph, W // pw
-        patches = images.reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
-        return patches.reshape(B, gh * gw, C * ph * pw)
+        return patchify(images, self.spec.patch_size)
 
-    def forward(self, images: torch.Tensor, first_patch: int, end_patch: int) -> torch.Tensor:
-        return self.proj(self.patchify(images)[:, first_patch:end_patch])
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.proj(patches)
+
+
+class PixelNormalisation(nn.Module):
+    """Raw pixels on the [0, 255] scale -> what the weights expect: ``(x / 255 - mean) / std`` per
+    channel. It runs inside the engines, so a request's pixels cross the wire as one byte each."""
+
+    def __init__(self, spec: ViTSpec):
+        super().__init__()
+        pixels_per_patch = spec.patch_size[0] * spec.patch_size[1]
+        mean, std = torch.tensor(spec.mean, dtype=torch.float32), torch.tensor(spec.std, dtype=torch.float32)
+        # a patch is flattened channel first: each channel's value repeated over its ph * pw pixels
+        self.register_buffer("patch_mean", mean.repeat_interleave(pixels_per_patch), persistent=False)
+        self.register_buffer("patch_std", std.repeat_interleave(pixels_per_patch), persistent=False)
+        self.register_buffer("image_mean", mean[:, None, None], persistent=False)
+        self.register_buffer("image_std", std[:, None, None], persistent=False)
+
+    def patches(self, raw: torch.Tensor) -> torch.Tensor:
+        """(B, n, C * ph * pw) raw patches, normalised."""
+        return (raw / 255 - self.patch_mean) / self.patch_std
+
+    def images(self, raw: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) raw images, normalised."""
+        return (raw / 255 - self.image_mean) / self.image_std
 
 
 class Embed(nn.Module):
@@ -59,14 +94,19 @@ class Embed(nn.Module):
         self.norm_pre = nn.LayerNorm(spec.embed_dim, eps=spec.norm_eps) if spec.pre_norm else nn.Identity()
 
     def forward(self, images: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        prefix = self.spec.num_prefix_tokens
         stop = self.spec.num_tokens if stop is None else stop
-        B = images.shape[0]
+        return self.from_patches(self.patch_embed.patchify(images)[:, slice(*patch_range(self.spec, start, stop))],
+                                 start, stop)
+
+    def from_patches(self, patches: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Tokens ``[start, stop)`` from the patches they hold (B, n, C * ph * pw) (:func:`patch_range`)."""
+        prefix = self.spec.num_prefix_tokens
+        B = patches.shape[0]
         parts = []
         if start < prefix:
             parts.append(self.prefix_tokens[:, start:min(stop, prefix)].expand(B, -1, -1))
         if stop > prefix:
-            parts.append(self.patch_embed(images, max(start, prefix) - prefix, stop - prefix))
+            parts.append(self.patch_embed(patches))
         x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         return self.norm_pre(x + self.pos_embed[:, start:stop])
 

@@ -1,17 +1,19 @@
 """One rank's chain of engines (embed -> block_00 ... -> head) loaded from its engine directory.
 
 :class:`EngineChain` mirrors :class:`prism_trt.core.RankForward` (and the text models'
-``TextRankForward``) with the request passed along as named tensors: each stage is fed the
-request tensors it declares (images; or ids and attention mask) besides its tokens and remote
-means. :func:`run_chains_in_process` drives chains with the drive loop
-(:func:`~prism_trt.core.drive.drive`) and a list for the all-gather; the distributed runtime
-drives one chain with a staged collective instead.
+``TextRankForward``) with the rank's share of the request passed along as named tensors: each
+stage is fed the share's tensors it declares (its patches; or its positions' ids and attention
+mask and the remote segments' sizes) besides its tokens and remote means.
+:func:`run_chains_in_process` drives chains with the drive loop (:func:`~prism_trt.core.drive.drive`)
+and a list for the all-gather; the distributed runtime drives one chain with a staged collective
+instead.
 
 A chain runs on one device (``RuntimeOptions.device``): every runner writes its outputs there, so
-activations stay on the device from the embedding to the logits; the request reaches it once, and
-the logits leave it once, through the chain's :class:`~.transfers.DeviceTransfers`. On a GPU the
-whole forward is enqueued on the device's compute stream, shared by torch and the engines.
-:func:`run_local` is rank 0's single-board answer: the monolithic engine where the build made one.
+activations stay on the device from the embedding to the logits; the request reaches it once (raw
+uint8 pixels as bytes, cast to float32 there), and the logits leave it once, through the chain's
+:class:`~.transfers.DeviceTransfers`. On a GPU the whole forward is enqueued on the device's
+compute stream, shared by torch and the engines. :func:`run_local` is rank 0's single-board
+answer: the monolithic engine where the build made one.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class EngineChain:
         backend.check_device(self.device)
         self.transfers = transfers if transfers is not None else DeviceTransfers(self.device)
         self.is_monolithic = use_monolithic
+        self._engine_inputs: dict[tuple, torch.Tensor] = {}  # request tensors cast on the device, by shape
         entries = [manifest.monolithic] if use_monolithic else config.stages
         self.stages: dict[str, tuple[StageSpec, Runner]] = {}
         for entry in entries:
@@ -103,7 +106,25 @@ class EngineChain:
     def monolithic(self, request: InferenceRequest) -> torch.Tensor:
         """The monolithic engine's logits, on the device (a chain loaded with ``use_monolithic``)."""
         with on_compute_stream(self.device):
-            return self._run("model", self.transfers.request_to_device(request.tensors))[LOGITS].clone()
+            inputs = self.to_engine(self.manifest.model.modality.model_inputs(request.tensors))
+            return self._run("model", inputs)[LOGITS].clone()
+
+    def to_engine(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A request's tensors (this rank's share, or the whole request for the monolithic engine)
+        on the chain's device in the dtypes its stages declare: raw uint8 pixels cross to the device
+        as bytes and become float32 there, in a buffer reused per shape."""
+        declared = {t.name: getattr(torch, t.dtype) for spec, _ in self.stages.values() for t in spec.inputs}
+        out = {}
+        for name, tensor in tensors.items():
+            tensor = self.transfers.to_device(tensor, Crossing.REQUEST, f"{name}@{self.rank}")
+            dtype = declared.get(name, tensor.dtype)
+            if tensor.dtype != dtype:
+                key = (name, tuple(tensor.shape), dtype)
+                if key not in self._engine_inputs:
+                    self._engine_inputs[key] = torch.empty(tensor.shape, dtype=dtype, device=self.device)
+                tensor = self._engine_inputs[key].copy_(tensor)
+            out[name] = tensor
+        return out
 
 
 def backend_for(manifest: Manifest, options: RuntimeOptions = DEFAULT_OPTIONS) -> Backend:
@@ -154,9 +175,10 @@ def run_local(chain: EngineChain, inputs: InferenceRequest) -> torch.Tensor:
 
 @torch.no_grad()
 def run_chains_in_process(chains: list[EngineChain], inputs: InferenceRequest) -> torch.Tensor:
-    """All ranks' chains in this process (the exchange is a list), in rank order, the logits left
-    on the chains' device: the local chain's loop, and a test and debugging aid
-    (``InferenceRequest.of(manifest.model, images)``)."""
+    """All ranks' chains in this process (the exchange is a list), in rank order, each reading its
+    rank's share of the request, the logits left on the chains' device: the local chain's loop, and
+    a test and debugging aid (``InferenceRequest.of(manifest.model, images)``)."""
+    modality = chains[0].manifest.model.modality
     with on_compute_stream(chains[0].device):
-        request = chains[0].transfers.request_to_device(inputs.tensors)
-        return drive(chains, [request] * len(chains), Exchange(), chains[0].head_reads_all_positions)
+        requests = [chain.to_engine(modality.share(inputs.tensors, chain.config.plan, chain.rank)) for chain in chains]
+        return drive(chains, requests, Exchange(), chains[0].head_reads_all_positions)

@@ -1,8 +1,10 @@
 """Distributed inference over a GLOO group: rank 0 drives, workers follow.
 
-Per batch, rank 0 broadcasts a header ``[op, config, batch, barrier, micro-batches]`` and the
-request's tensors (images, or a text model's ids and attention mask; workers follow the header, so
-only rank 0's flags matter); every rank embeds its own patches or positions, and after every block the ranks
+Per batch, rank 0 broadcasts a header ``[op, config, batch, barrier, micro-batches, narrow]`` and
+sends each worker only its share of the request, point to point (its patches' pixels, one byte a
+value when the request came as raw UINT8 pixels (``narrow``); or its positions' ids and mask and
+the sizes of the remote segments it attends to; workers follow the header, so only rank 0's flags
+matter); every rank embeds its own patches or positions, and after every block the ranks
 all-gather their segment means (padded to the largest rank, sliced by the plan) with explicit,
 timed staging around the collective. A causal text model's rank p reads only the means of ranks
 before it (the others are sent but not read: an all-gather as a first version, correct because
@@ -72,7 +74,7 @@ def worker_loop(rank: DistributedRank, stop: threading.Event | None = None) -> i
     batches = 0
     while stop is None or not stop.is_set():
         dist.broadcast(header, src=0)
-        op, index, batch, barrier, micro_batches = (int(v) for v in header.tolist())
+        op, index, batch, barrier, micro_batches, narrow = (int(v) for v in header.tolist())
         if op == OP_STOP:
             log.info("rank %d: stop from rank 0 after %d batches", rank.rank, batches)
             return batches
@@ -81,10 +83,9 @@ def worker_loop(rank: DistributedRank, stop: threading.Event | None = None) -> i
         if op == OP_PROBE:  # the header's batch field holds the payload's size
             answer_probe(batch)
             continue
-        request = rank.request_buffers(index, batch)
-        for tensor in request.values():
-            dist.broadcast(tensor, src=0)
+        request, received = rank.receive_request(index, batch, bool(narrow))
         _, times = rank.run(index, request, bool(barrier), micro_batches)
+        times.request_bytes = received
         if op == OP_INFER_TIMED:
             dist.gather_object(times.to_dict(), None, dst=0)
         batches += 1
@@ -165,9 +166,11 @@ class DistributedExecutor(Executor):
             self._busy = False
             self._last_collective = time.monotonic()
 
-    def _broadcast_header(self, op: int, index: int = 0, batch: int = 0, micro_batches: int = 1) -> None:
+    def _broadcast_header(self, op: int, index: int = 0, batch: int = 0, micro_batches: int = 1,
+                          narrow: bool = False) -> None:
         header = self.rank.header  # callers hold self._lock: one collective at a time
-        header.copy_(torch.tensor([op, index, batch, int(self.profile_barrier), micro_batches], dtype=torch.int64))
+        header.copy_(torch.tensor([op, index, batch, int(self.profile_barrier), micro_batches, int(narrow)],
+                                  dtype=torch.int64))
         dist.broadcast(header, src=0)
         self.rank.progress_at = time.monotonic()
 
@@ -204,12 +207,14 @@ class DistributedExecutor(Executor):
                     # link the largest part): timed as its own phase and added to the total.
                     sent = time.perf_counter()
                     micro = micro_batches_for(self.micro_batches, batch, self.profile_barrier)
-                    self._broadcast_header(OP_INFER_TIMED if gather_timings else OP_INFER, index, batch, micro)
-                    for tensor in request.values():
-                        dist.broadcast(tensor.contiguous(), src=0)
+                    narrow = self.rank.routes[index].bucket.manifest.model.modality.narrow(request)
+                    self._broadcast_header(OP_INFER_TIMED if gather_timings else OP_INFER, index, batch, micro,
+                                           narrow)
+                    own, request_bytes = self.rank.send_request(index, request)
                     request_ms = (time.perf_counter() - sent) * 1e3
-                    logits, times = self.rank.run(index, request, self.profile_barrier, micro)
+                    logits, times = self.rank.run(index, own, self.profile_barrier, micro)
                     times.request, times.total = request_ms, times.total + request_ms
+                    times.request_bytes = request_bytes
                     per_rank = []
                     if gather_timings:
                         gathered: list = [None] * self.group.world_size

@@ -75,15 +75,16 @@ class DistributedRank:
                                                   options.staging, self.exchange_dtype),
                                      FinalGather(list(config.plan.partition.sizes), rank, dim, device,
                                                  self.exchange_dtype)))
-        self._requests: dict[tuple[int | None, int], dict[str, torch.Tensor]] = {}
+        self._requests: dict[tuple[int, int, bool], dict[str, torch.Tensor]] = {}  # (route, batch, narrow)
         self.held: dict[tuple, torch.Tensor] = {}  # micro-batches' tokens kept while another one runs a stage
-        # The per-batch header [op, route, batch, barrier, micro-batches], one buffer for the rank's whole life.
+        # The per-batch header [op, route, batch, barrier, micro-batches, narrow], one buffer for the rank's whole
+        # life.
         # Besides saving an allocation, it must outlive the group: torch 2.5's ProcessGroupGloo
         # destructor holds the GIL while joining its worker threads, and a worker thread that drops
         # the last reference to a tensor Python has already let go of needs the GIL to free it, so
         # destroy_process_group() deadlocked when the STOP header was a temporary (3 of 5 runs of the
         # two-rank CLI tests with torch 2.5 hung; 0 of 10 since).
-        self.header = torch.zeros(5, dtype=torch.int64)
+        self.header = torch.zeros(6, dtype=torch.int64)
         self.progress_at = time.monotonic()  # when the last collective completed (stall detection)
         self.batches_run = 0
 
@@ -110,15 +111,40 @@ class DistributedRank:
                 raise ClusterError(f"rank {rank}'s engines do not match rank 0's (weights, configs or plan "
                                    f"differ): {other} vs {signatures[0]}; build all ranks from one `prism-trt build`")
 
-    def request_buffers(self, route_index: int, batch: int) -> dict[str, torch.Tensor]:
-        """The receive buffers for a broadcast request to a route (images, or ids and mask; one set
-        per bucket and batch size, reused)."""
-        bucket = self.routes[route_index].bucket
-        if (bucket.length, batch) not in self._requests:
-            self._requests[bucket.length, batch] = {
-                t.name: torch.empty(t.concrete(batch), dtype=getattr(torch, t.dtype))
-                for t in bucket.manifest.model.request_inputs()}
-        return self._requests[bucket.length, batch]
+    def request_buffers(self, route_index: int, batch: int, narrow: bool = False) -> dict[str, torch.Tensor]:
+        """The receive buffers of this rank's share of a request to a route (its patches, or its
+        positions' ids and mask and the remote segments' sizes), in the dtypes the share crosses the
+        wire in (``narrow``: raw uint8 pixels); one set per route, batch size and wire, reused."""
+        if (route_index, batch, narrow) not in self._requests:
+            route = self.routes[route_index]
+            specs = route.bucket.manifest.model.modality.share_inputs(route.config.plan, self.rank, narrow)
+            self._requests[route_index, batch, narrow] = {
+                t.name: torch.empty(t.concrete(batch), dtype=getattr(torch, t.dtype)) for t in specs}
+        return self._requests[route_index, batch, narrow]
+
+    def send_request(self, route_index: int, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+        """Rank 0: send every other rank its own share of a request (point to point, all at once,
+        exact sizes however uneven the partition); returns rank 0's own share and the bytes sent."""
+        route = self.routes[route_index]
+        modality, plan = route.bucket.manifest.model.modality, route.config.plan
+        pending, sent = [], 0
+        for rank in range(1, self.world_size):
+            for tensor in modality.share(tensors, plan, rank).values():  # in share_inputs order, as received
+                pending.append(dist.isend(tensor, dst=rank))
+                sent += tensor.numel() * tensor.element_size()
+        own = modality.share(tensors, plan, 0)
+        for work in pending:
+            work.wait()
+        self.progress_at = time.monotonic()
+        return own, sent
+
+    def receive_request(self, route_index: int, batch: int, narrow: bool) -> tuple[dict[str, torch.Tensor], int]:
+        """A worker: its share of a request from rank 0 (:meth:`send_request`) and its bytes."""
+        share = self.request_buffers(route_index, batch, narrow)
+        for work in [dist.irecv(tensor, src=0) for tensor in share.values()]:
+            work.wait()
+        self.progress_at = time.monotonic()
+        return share, sum(t.numel() * t.element_size() for t in share.values())
 
     def config_index(self, key: ChainKey, length: int | None) -> int:
         """The route of the chain the longest bucket knows as ``key``, in the bucket of ``length``
@@ -135,7 +161,8 @@ class DistributedRank:
 
     def run(self, config_index: int, request: dict[str, torch.Tensor], barrier: bool = False, micro_batches: int = 1
             ) -> tuple[torch.Tensor | None, PhaseTimes]:
-        """One forward of config ``config_index`` with the all-gathers; logits on rank 0, None elsewhere.
+        """One forward of config ``config_index`` with the all-gathers over this rank's share of the
+        request (:meth:`send_request`, :meth:`receive_request`); logits on rank 0, None elsewhere.
         ``barrier``: a barrier before each all-gather, timed as ``wait`` (every rank must agree).
         ``micro_batches``: the batch cut into this many micro-batches in flight, so one's all-gather
         overlaps another's stages (every rank must agree; a barrier would serialise them, so there
@@ -144,8 +171,8 @@ class DistributedRank:
         watch = Stopwatch.on(self.device)
         start = time.perf_counter()
         with on_compute_stream(self.device):  # torch's copies and the engines on one stream
-            with watch.phase("h2d"):
-                request = self.transfers.request_to_device(request)
+            with watch.phase("h2d"):  # raw uint8 pixels cross as bytes, cast to float32 on the device
+                request = route.chain.to_engine(request)
             sizes = micro_batch_sizes(next(iter(request.values())).shape[0], micro_batches)
             parts = [dict(zip(request, split)) for split in zip(*(t.split(sizes) for t in request.values()))]
             exchanges = [StagedAllGather(self, route, size, watch, barrier and len(sizes) == 1, micro)

@@ -25,7 +25,9 @@ from ..errors import UsageError
 class InferenceRequest:
     """One request (or one executor batch of several): B items of the model's named tensors.
 
-    tensors: name -> (B, ...) in the model's dtypes and shapes, padded to ``bucket_length``.
+    tensors: name -> (B, ...) in the model's shapes and one of its dtypes for each
+        (:meth:`~prism_trt.engines.modality.Modality.dtypes`: a ViT's images are raw uint8 pixels or
+        normalised float32), padded to ``bucket_length``.
     bucket_length: the sequence bucket N the request runs on; None for a model of fixed tokens (ViT).
     positions: where a per-position head's answer ends (the request's own n <= N); None where the
         logits have no position axis.
@@ -56,8 +58,9 @@ class InferenceRequest:
         for spec in specs:
             tensor, want = tensors[spec.name], spec.concrete(batch)
             given = want if positions is None else (*want[:-1], positions)
-            if str(tensor.dtype).removeprefix("torch.") != spec.dtype or tuple(tensor.shape) != given:
-                raise UsageError(f"input {spec.name!r} must be {spec.dtype} of shape {list(given)}, got "
+            dtypes = modality.dtypes(spec)
+            if str(tensor.dtype).removeprefix("torch.") not in dtypes or tuple(tensor.shape) != given:
+                raise UsageError(f"input {spec.name!r} must be {' or '.join(dtypes)} of shape {list(given)}, got "
                                  f"{tensor.dtype} of shape {list(tensor.shape)}"
                                  + ("; every input holds the request's positions, they must match"
                                     if positions else ""))
@@ -83,8 +86,10 @@ class InferenceRequest:
 
     @property
     def item_shape(self) -> tuple:
-        """What must agree for requests to share a batch: the bucket and every tensor's item shape."""
-        return (self.bucket_length, tuple((name, tuple(t.shape[1:])) for name, t in sorted(self.tensors.items())))
+        """What must agree for requests to share a batch: the bucket and every tensor's dtype and
+        item shape (raw uint8 pixels and normalised float32 ones are different scales)."""
+        return (self.bucket_length, tuple((name, str(t.dtype), tuple(t.shape[1:]))
+                                          for name, t in sorted(self.tensors.items())))
 
     @classmethod
     def concatenate(cls, requests: Sequence[InferenceRequest]) -> InferenceRequest:
