@@ -239,7 +239,8 @@ def test_model_and_server_metadata():
     assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 5]},
                                {"name": "label", "datatype": "INT64", "shape": [-1]}]
     assert meta["parameters"] == {"max_batch_size": MAX_BATCH, "modes": f"local,voltage,{keys[2].label}",
-                                  "mean": "0.5,0.25,0.75", "std": "0.5,0.25,2",
+                                  "mean": "0.5,0.25,0.75", "std": "0.5,0.25,2", "input_datatypes": "UINT8,FP32",
+                                  "input_scale": "UINT8: raw pixels 0..255; FP32: (pixels / 255 - mean) / std",
                                   "image_endpoint": "/v2/models/proto-test/infer/image"}
     assert server_metadata("1.2.3") == {"name": "prism-trt", "version": "1.2.3",
                                         "extensions": ["binary_tensor_data", "model_configuration", "statistics"]}
@@ -254,35 +255,29 @@ def png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def normalised(unit: np.ndarray, spec: ViTSpec) -> np.ndarray:
-    """(C, H, W) values in [0, 1] -> what the model takes."""
-    return (unit - np.asarray(spec.mean, np.float32)[:, None, None]) / np.asarray(spec.std, np.float32)[:, None, None]
-
-
-def test_image_at_model_size_is_normalised_per_channel():
+def test_image_at_model_size_is_decoded_to_its_bytes():
     pixels = np.random.default_rng(0).integers(0, 256, size=(16, 8, 3), dtype=np.uint8)  # H, W, C
     x = decode_image(png(Image.fromarray(pixels, "RGB")), SPEC)
-    assert x.dtype == torch.float32 and x.shape == (1, 3, 16, 8)
-    np.testing.assert_allclose(x[0].numpy(), normalised(pixels.transpose(2, 0, 1) / 255.0, SPEC), atol=1e-6)
+    assert x.dtype == torch.uint8 and x.shape == (1, 3, 16, 8)  # raw pixels: the engines normalise
+    np.testing.assert_array_equal(x[0].numpy(), pixels.transpose(2, 0, 1))
 
 
 def test_image_conversions():
     gray = np.random.default_rng(1).integers(0, 256, size=(16, 8), dtype=np.uint8)
     as_rgb = decode_image(png(Image.fromarray(gray, "L")), SPEC)[0].numpy()
-    np.testing.assert_allclose(as_rgb, normalised(np.repeat(gray[None] / 255.0, 3, axis=0), SPEC), atol=1e-6)
+    np.testing.assert_array_equal(as_rgb, np.repeat(gray[None], 3, axis=0))
 
     one_channel = make_spec(in_chans=1)
     red = decode_image(png(Image.new("RGB", (8, 16), (255, 0, 0))), one_channel)
-    luma = np.asarray(Image.new("RGB", (1, 1), (255, 0, 0)).convert("L"))[0, 0] / 255.0
+    luma = np.asarray(Image.new("RGB", (1, 1), (255, 0, 0)).convert("L"))[0, 0]
     assert red.shape == (1, 1, 16, 8)
-    np.testing.assert_allclose(red.numpy(), (luma - 0.5) / 0.5, atol=1e-6)
+    np.testing.assert_array_equal(red.numpy(), np.full((1, 1, 16, 8), luma))
 
     transparent = decode_image(png(Image.new("RGBA", (8, 16), (10, 200, 30, 0))), SPEC)[0].numpy()
-    np.testing.assert_allclose(transparent, normalised(np.ones((3, 16, 8), np.float32), SPEC), atol=1e-6)
+    np.testing.assert_array_equal(transparent, np.full((3, 16, 8), 255))
 
     deep = Image.fromarray(np.full((16, 8), 32768, dtype=np.uint16))  # 16-bit grayscale, half scale
-    np.testing.assert_allclose(decode_image(png(deep), SPEC)[0].numpy(),
-                               normalised(np.full((3, 16, 8), 32768 / 65535, np.float32), SPEC), atol=1e-5)
+    np.testing.assert_array_equal(decode_image(png(deep), SPEC)[0].numpy(), np.full((3, 16, 8), 128))
 
     wide = decode_image(png(Image.new("RGB", (300, 20), (0, 255, 0))), SPEC)
     assert wide.shape == (1, 3, 16, 8)  # resized to (H, W), whatever the source aspect

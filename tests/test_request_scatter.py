@@ -80,8 +80,8 @@ def test_text_ranks_receive_only_their_positions(text_engines, tmp_path, name, r
         sizes = [arg for key, value in TEXT_SIZE.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
         result = CliRunner().invoke(main, ["build", "--model", name, *sizes, "--seq-len", str(TEXT_SEQ_LEN),
                                            "--ranks", str(ranks), "--weights", weights, "--cr", "2",
-                                           "--exporter", "torchscript", "--opt-batch", "2", "--max-batch", "4", "--threads", "1",
-                                           "--out", str(directory), "-q"])
+                                           "--exporter", "torchscript", "--opt-batch", "2", "--max-batch", "4",
+                                           "--threads", "1", "--out", str(directory), "-q"])
         assert result.exit_code == 0, result.output
     ids, mask = text_request(3, 1, (16, 11, 5))
     with rank0_with_workers(directory, ranks) as executor:

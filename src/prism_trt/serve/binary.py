@@ -20,8 +20,8 @@ from .request_error import RequestError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_CONTENT_TYPE = "application/octet-stream"
-# bytes a value takes on the wire, per OIP datatype (only these two are spoken here)
-DATATYPES = {"FP32": np.dtype("<f4"), "INT64": np.dtype("<i8")}
+# bytes a value takes on the wire, per OIP datatype (only these three are spoken here)
+DATATYPES = {"FP32": np.dtype("<f4"), "INT64": np.dtype("<i8"), "UINT8": np.dtype("u1")}
 
 
 MAX_BYTE_COUNT_DIGITS = 18  # far above any body this server accepts, far below int()'s digit limit

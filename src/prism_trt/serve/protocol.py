@@ -1,6 +1,8 @@
-"""The vision input spec of the KServe v2 server: one FP32 tensor named ``input`` (B, C, H, W) of
-normalised images, (B, classes) ``logits`` and their ``label`` out; and the image endpoint's
-decoding (an image file in, the model's input out). The protocol itself is in kserve.py.
+"""The vision input spec of the KServe v2 server: one tensor named ``input`` (B, C, H, W) of images,
+UINT8 raw pixels (0..255, one byte a value all the way to the engines, which normalise them) or
+FP32 already normalised with the model's mean and std (``(pixels / 255 - mean) / std``, listed in
+the metadata); (B, classes) ``logits`` and their ``label`` out; and the image endpoint's decoding
+(an image file in, UINT8 pixels of the model's size out). The protocol itself is in kserve.py.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .kserve import (
     PLATFORM,
     KServeRequest,
     ServedModality,
+    array_from_data,
     input_values,
     read_payload,
     requested_outputs,
@@ -34,6 +37,8 @@ from .kserve import (
 from .request_error import RequestError
 
 INPUT_NAME = "input"
+#: What the vision input's OIP datatypes mean: raw pixels, or images normalised with the mean and std.
+PIXELS, NORMALISED = "UINT8", "FP32"
 
 # The image endpoint decodes at most max(IMAGE_PIXELS_FLOOR, IMAGE_PIXELS_PER_INPUT x the model's
 # input pixels): a phone screenshot (~3 Mpx) of a digit still works for a 28 x 28 model, while a
@@ -85,7 +90,8 @@ def model_metadata(model_name: str, spec: ViTSpec, max_batch: int, choices: list
         "name": model_name,
         "versions": [MODEL_VERSION],
         "platform": PLATFORM,
-        "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, spec.in_chans, height, width]}],
+        # OIP names one datatype an input; UINT8 raw pixels are accepted too (the parameters say so)
+        "inputs": [{"name": INPUT_NAME, "datatype": NORMALISED, "shape": [-1, spec.in_chans, height, width]}],
         "outputs": [
             {"name": LOGITS_OUTPUT, "datatype": "FP32", "shape": [-1, spec.num_classes]},
             {"name": LABEL_OUTPUT, "datatype": "INT64", "shape": [-1]},
@@ -96,6 +102,8 @@ def model_metadata(model_name: str, spec: ViTSpec, max_batch: int, choices: list
             "modes": ",".join(choice.label for choice in choices),
             "mean": ",".join(f"{m:g}" for m in spec.mean),
             "std": ",".join(f"{s:g}" for s in spec.std),
+            "input_datatypes": f"{PIXELS},{NORMALISED}",
+            "input_scale": f"{PIXELS}: raw pixels 0..255; {NORMALISED}: (pixels / 255 - mean) / std",
             "image_endpoint": f"/v2/models/{model_name}/infer/image",
         },
     }
@@ -134,10 +142,26 @@ def _finite(values: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(values))
 
 
+def _pixels(tensor: dict, shape: list[int], size: int | None, raw: bytes, header_length: str | None,
+            may_hold_booleans: bool) -> torch.Tensor:
+    """A UINT8 input's pixels: raw bytes, or JSON integers each checked to lie in 0..255 (a cast
+    alone would wrap 256 to 0 and answer for another image)."""
+    if size is not None:
+        return torch.from_numpy(input_values(tensor, INPUT_NAME, shape, PIXELS, size, raw, header_length, False))
+    values = array_from_data(tensor["data"], shape, INPUT_NAME, "iu", may_hold_booleans)
+    outside = (values < 0) | (values > 255)
+    if outside.any():
+        index = int(np.flatnonzero(outside)[0])
+        raise RequestError(400, "data", f"input '{INPUT_NAME}' has {values.flat[index]} at flat index {index}; "
+                                        f"{PIXELS} pixels are integers 0..255")
+    return torch.from_numpy(values.astype(np.uint8))
+
+
 def parse_infer_request(served: VisionServing, body: bytes, header_length: str | None = None) -> KServeRequest:
     """Validate an OIP inference request for this model, or raise :class:`RequestError`.
     ``header_length``: the Inference-Header-Content-Length header, when the binary extension is used."""
-    payload, raw, request_id = read_payload(body, header_length, f"one FP32 tensor named '{INPUT_NAME}'")
+    expected = f"one {PIXELS} or {NORMALISED} tensor named '{INPUT_NAME}'"
+    payload, raw, request_id = read_payload(body, header_length, expected)
     inputs = payload["inputs"]
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         found = f"a list of {len(inputs)}" if isinstance(inputs, list) else f"a JSON {type(inputs).__name__}"
@@ -156,28 +180,35 @@ def parse_infer_request(served: VisionServing, body: bytes, header_length: str |
     if tensor["name"] != INPUT_NAME:
         raise RequestError(400, "input_name", f"unknown input {show_json(tensor['name'])}; this model has one input "
                                               f"named '{INPUT_NAME}'")
-    if tensor["datatype"] != "FP32":
-        raise RequestError(400, "datatype", f"input '{INPUT_NAME}' has datatype {show_json(tensor['datatype'])}; "
-                                            f"this model takes FP32")
+    datatype = tensor["datatype"]
+    if datatype not in (PIXELS, NORMALISED):
+        raise RequestError(400, "datatype", f"input '{INPUT_NAME}' has datatype {show_json(datatype)}; this model "
+                                            f"takes {PIXELS} raw pixels (0..255) or {NORMALISED} images normalised "
+                                            f"with its mean and std")
     shape = _check_shape(tensor["shape"], served.modality.spec, served.max_batch)
     if size is None and raw:
         raise RequestError(400, "binary_data", f"the body holds {len(raw)} bytes after the JSON header, but input "
                                                f"'{INPUT_NAME}' declares no binary_data_size")
-    images = _finite(input_values(tensor, INPUT_NAME, shape, "FP32", size, raw, header_length,
-                                  may_hold_booleans=b"true" in body or b"false" in body))
+    may_hold_booleans = b"true" in body or b"false" in body
+    if datatype == PIXELS:
+        images = _pixels(tensor, shape, size, raw, header_length, may_hold_booleans)
+    else:
+        images = _finite(input_values(tensor, INPUT_NAME, shape, NORMALISED, size, raw, header_length,
+                                      may_hold_booleans))
     outputs, binary_outputs = requested_outputs(payload)
     return KServeRequest(served.request({INPUT_NAME: images}), request_id, outputs, binary_outputs)
 
 
 def decode_image(data: bytes, spec: ViTSpec, max_pixels: int | None = None) -> torch.Tensor:
-    """Image file bytes -> (1, C, H, W) float32, as the model expects it: C channels, img_size, mean/std.
+    """Image file bytes -> (1, C, H, W) uint8 raw pixels of the model's C channels and img_size (the
+    engines normalise them with the model's mean and std).
     ``max_pixels`` (default :func:`max_image_pixels`) bounds the decoded size; larger images get 413."""
     limit = max_image_pixels(spec) if max_pixels is None else max_pixels
     if not data:
         raise RequestError(400, "bad_image", "the image is empty (0 bytes)")
     if spec.in_chans not in (1, 3):
         raise RequestError(400, "bad_image", f"this model takes {spec.in_chans} channels; images can only be "
-                                             f"turned into 1 (grayscale) or 3 (RGB); send an FP32 tensor to /infer")
+                                             f"turned into 1 (grayscale) or 3 (RGB); send a tensor to /infer")
     try:
         image = _open_image(data)
         # JPEG decodes at 1/2, 1/4 or 1/8 scale for free: reduce to the smallest scale that still
@@ -201,13 +232,11 @@ def decode_image(data: bytes, spec: ViTSpec, max_pixels: int | None = None) -> t
     try:
         image.load()
         image = ImageOps.exif_transpose(image)  # phone photos are stored sideways with an orientation tag
-        pixels = _resized_unit_pixels(image, spec)
+        pixels = _resized_pixels(image, spec)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # truncated or corrupt data
         raise RequestError(400, "bad_image", f"the {image.format or 'image'} data is corrupt or truncated: "
                                              f"{exc}") from None
-    mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
-    return torch.from_numpy(np.ascontiguousarray((pixels - mean) / std))[None]
+    return torch.from_numpy(np.array(pixels, order="C"))[None]  # a writable copy of what Pillow decoded
 
 
 def _open_image(data: bytes) -> Image.Image:
@@ -222,19 +251,19 @@ def _open_image(data: bytes) -> Image.Image:
         return JpegImagePlugin.JpegImageFile(io.BytesIO(data))
 
 
-def _resized_unit_pixels(image: Image.Image, spec: ViTSpec) -> np.ndarray:
-    """(C, H, W) float32 in [0, 1] at the model's size."""
+def _resized_pixels(image: Image.Image, spec: ViTSpec) -> np.ndarray:
+    """(C, H, W) uint8 at the model's size."""
     height, width = spec.img_size
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        # 16-bit grayscale: convert("L") would clip at 255, so scale in float instead
-        gray = Image.fromarray(np.asarray(image, dtype=np.float32) / 65535.0)  # float32 array -> mode "F"
+        # 16-bit grayscale: convert("L") would clip at 255, so scale in float, then round to a byte
+        gray = Image.fromarray(np.asarray(image, dtype=np.float32) * (255 / 65535))  # float32 array -> mode "F"
         plane = np.asarray(gray.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
-        return np.repeat(plane[None], spec.in_chans, axis=0)
+        return np.repeat(np.clip(np.rint(plane), 0, 255).astype(np.uint8)[None], spec.in_chans, axis=0)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # transparent areas read as white, not as whatever colour the hidden pixels happen to have
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     converted = image.convert("L" if spec.in_chans == 1 else "RGB").resize((width, height), Image.Resampling.BILINEAR)
-    pixels = np.asarray(converted, dtype=np.float32) / 255.0
+    pixels = np.asarray(converted, dtype=np.uint8)
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
