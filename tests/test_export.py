@@ -113,16 +113,21 @@ def test_runner_rejects_bad_feeds(tiny_builds):
 
 
 def test_mnist_local_chain_full_test_set(mnist_model, mnist_dir, tmp_path):
-    """The real checkpoint through onnxruntime stage engines: 9721/10000 at P=1."""
+    """The real checkpoint through onnxruntime stage engines: 9721/10000 at P=1, from normalised
+    FP32 images and from their raw UINT8 pixels alike (the engines normalise)."""
     from prism_trt.data import MnistTestSet
 
     build(mnist_model, {"checkpoint": "vit_mnist.pt"}, tmp_path, 1)
-    correct = 0
+    correct = {"fp32": 0, "uint8": 0}
+    test_set = MnistTestSet(mnist_dir)
     with load_chain(tmp_path / "rank0", "local", options=TWO_THREADS) as chain:
-        for images, labels in MnistTestSet(mnist_dir).batches(500):
-            correct += int((run_chains_in_process([chain], InferenceRequest.of(chain.manifest.model, images))
-                            .argmax(-1) == labels).sum())
-    assert correct == 9721
+        for (images, labels), (pixels, _) in zip(test_set.batches(500), test_set.batches(500, raw=True)):
+            logits = {kind: run_chains_in_process([chain], InferenceRequest.of(chain.manifest.model, x))
+                      for kind, x in (("fp32", images), ("uint8", pixels))}
+            assert_close(logits["uint8"], logits["fp32"], name="UINT8 vs FP32 logits")
+            for kind, answer in logits.items():
+                correct[kind] += int((answer.argmax(-1) == labels).sum())
+    assert correct == {"fp32": 9721, "uint8": 9721}
 
 
 def test_mnist_p2_chains_agree(mnist_model, mnist_dir, tmp_path):

@@ -109,9 +109,10 @@ def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, thread
     from ..runtime import RuntimeOptions, open_executor
     from ..runtime.distributed import run_worker
     from ..runtime.measure import measure
+    from ..runtime.threads import default_threads
 
-    options = RuntimeOptions(threads, device, profile_barrier, micro_batches=micro_batches, cuda_graphs=cuda_graphs,
-                             **exchange)
+    options = RuntimeOptions(threads or default_threads(group), device, profile_barrier, micro_batches=micro_batches,
+                             cuda_graphs=cuda_graphs, **exchange)
     # On every rank (the same command runs on each); a worker checks a batch it was given, not the default one.
     given = click.get_current_context().get_parameter_source("batch") is not click.core.ParameterSource.DEFAULT
     key = check_before_join(engines, group.rank, mode, cr, batch if group.rank == 0 or given else None)
@@ -315,11 +316,12 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, 
     from ..profiler.adaptive.serving import SelectorOptions, load_map, make_selector
     from ..runtime import RuntimeOptions, open_executor
     from ..runtime.distributed import run_worker
+    from ..runtime.threads import default_threads
     from ..serve import create_app
     from ..serve import serve as run_server
 
-    options = RuntimeOptions(threads, device, link_probe_s=link_probe, micro_batches=micro_batches,
-                             cuda_graphs=cuda_graphs, **exchange)
+    options = RuntimeOptions(threads or default_threads(group), device, link_probe_s=link_probe,
+                             micro_batches=micro_batches, cuda_graphs=cuda_graphs, **exchange)
     if group.rank != 0:
         if mode != "auto":  # the same command runs on every rank: its chain is checked on each
             check_before_join(engines, group.rank, mode, cr)

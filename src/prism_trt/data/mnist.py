@@ -55,7 +55,8 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 
 class MnistTestSet:
-    """The 10k MNIST test images, streamed in normalised float32 batches (B, 1, 28, 28)."""
+    """The 10k MNIST test images, streamed in normalised float32 batches (B, 1, 28, 28), or as their
+    uint8 pixels."""
 
     IMAGES, LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
 
@@ -72,8 +73,9 @@ class MnistTestSet:
     def __len__(self) -> int:
         return self.count
 
-    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Reads images lazily from the gzip stream, ``batch_size`` at a time."""
+    def batches(self, batch_size: int, raw: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Reads images lazily from the gzip stream, ``batch_size`` at a time: normalised float32, or
+        (``raw``) the uint8 pixels as stored, which a served model takes as they are."""
         with _open(self.images_path) as stream:
             _, dims = read_idx_header(stream, self.images_path)
             if len(dims) != 3 or dims[0] != len(self.labels):
@@ -81,9 +83,12 @@ class MnistTestSet:
             h, w = dims[1], dims[2]
             for start in range(0, self.count, batch_size):
                 n = min(batch_size, self.count - start)
-                raw = stream.read(n * h * w)
-                if len(raw) != n * h * w:
+                data = stream.read(n * h * w)
+                if len(data) != n * h * w:
                     raise IdxFormatError(f"{self.images_path}: truncated at image {start}")
-                pixels = np.frombuffer(raw, dtype=np.uint8).reshape(n, 1, h, w).astype(np.float32) / 255.0
-                images = torch.from_numpy((pixels - self.mean) / self.std)
-                yield images, torch.from_numpy(self.labels[start:start + n])
+                pixels = np.frombuffer(data, dtype=np.uint8).reshape(n, 1, h, w)
+                labels = torch.from_numpy(self.labels[start:start + n])
+                if raw:
+                    yield torch.from_numpy(pixels.copy()), labels
+                else:
+                    yield torch.from_numpy((pixels.astype(np.float32) / 255.0 - self.mean) / self.std), labels
