@@ -12,7 +12,7 @@ from prism_trt.core import Exchange, RankForward, make_partition_plan, make_segm
 from prism_trt.core.drive import drive, drive_micro_batches, micro_batch_sizes
 from prism_trt.engines import ChainKey
 from prism_trt.engines.stage_spec import IMAGES
-from prism_trt.runtime import InferenceRequest, RuntimeOptions, load_chain
+from prism_trt.runtime import RuntimeOptions, load_chain
 from prism_trt.runtime.distributed import DistributedExecutor
 from prism_trt.runtime.group import GroupConfig, free_port
 from prism_trt.runtime.options import micro_batches_for
@@ -36,8 +36,9 @@ def test_micro_batch_sizes():
 
 
 def _micro(ranks, images: torch.Tensor, sizes: list[int], exchange=Exchange) -> torch.Tensor:
-    parts = images.split(sizes)
-    return drive_micro_batches(ranks, [[part] * len(ranks) for part in parts], [exchange() for _ in parts])
+    parts = images.split(sizes)  # each rank reads its own patches of each micro-batch
+    return drive_micro_batches(ranks, [[rank.patches(part) for rank in ranks] for part in parts],
+                               [exchange() for _ in parts])
 
 
 @pytest.mark.parametrize("ranks, sizes", [(2, [2, 2]), (3, [3, 2]), (3, [2, 2, 1])])
@@ -47,7 +48,7 @@ def test_micro_batches_in_process_equal_the_whole_batch(ranks, sizes):
     images = torch.randn(sum(sizes), 3, 32, 32, generator=torch.Generator().manual_seed(ranks))
     forwards = [RankForward(model, plan, r) for r in range(ranks)]
     with torch.no_grad():
-        whole = drive(forwards, [images] * ranks, Exchange())
+        whole = drive(forwards, [rank.patches(images) for rank in forwards], Exchange())
         micro = _micro(forwards, images, sizes)
     assert micro.shape == whole.shape
     assert_close(micro, whole)
@@ -68,12 +69,16 @@ def test_engine_chains_hold_each_micro_batchs_tokens(tmp_path):
     build_engines(model, tmp_path, 2, crs=(2.0,), source={"checkpoint": "random"}, max_batch=8)
     chains = [load_chain(tmp_path / f"rank{r}", "prism", 2.0, options=ONE_THREAD).__enter__() for r in range(2)]
     images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(7))
-    request = InferenceRequest.of(chains[0].manifest.model, images).tensors
+    modality, plan = chains[0].manifest.model.modality, chains[0].config.plan
+
+    def shares(x):  # what each rank's chain reads of a batch: its own patches
+        return [modality.rank_inputs({IMAGES: x}, plan, chain.rank) for chain in chains]
+
     with torch.no_grad():
-        whole = drive(chains, [request] * 2, Exchange())
-        parts = [{IMAGES: part} for part in images.split([3, 3])]
-        micro = drive_micro_batches(chains, [[part] * 2 for part in parts], [Exchange(), Exchange()])
-        unheld = drive_micro_batches(chains, [[part] * 2 for part in parts], [NoHold(), NoHold()])
+        whole = drive(chains, shares(images), Exchange())
+        parts = [shares(part) for part in images.split([3, 3])]
+        micro = drive_micro_batches(chains, parts, [Exchange(), Exchange()])
+        unheld = drive_micro_batches(chains, parts, [NoHold(), NoHold()])
     assert_close(micro, whole)
     assert_close(micro, simulate(model, images, chains[0].config.plan))
     assert not torch.allclose(unheld[:3], whole[:3], atol=1e-3)  # micro-batch 0 read micro-batch 1's tokens
