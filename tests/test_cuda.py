@@ -152,10 +152,10 @@ def test_device_resident_chain_crosses_only_the_request_and_the_logits(cuda_engi
         assert all(r.device == chain.device and r.stream is stream for r in chain.runners)
         images = torch.randn(3, 3, 32, 32)
         request = InferenceRequest.of(chain.manifest.model, images)
-        with torch.cuda.stream(stream):
-            placed = chain.transfers.request_to_device(request.tensors)
+        with torch.cuda.stream(stream):  # the chain reads its share: the patches, cast on the device
+            placed = chain.to_engine(chain.manifest.model.modality.share(request.tensors, chain.config.plan, 0))
             tokens, means = chain.embed(placed)
-        assert tokens.is_cuda and placed["images"].is_cuda
+        assert tokens.is_cuda and all(t.is_cuda for t in placed.values())
         chain.transfers.reset()
         got = run_local(chain, request)
         assert not got.is_cuda
@@ -165,6 +165,23 @@ def test_device_resident_chain_crosses_only_the_request_and_the_logits(cuda_engi
             assert_close(got, model(images), "fp32")
         first = chain.transfers.request_to_device(request.tensors)["images"]
         assert chain.transfers.request_to_device(request.tensors)["images"].data_ptr() == first.data_ptr()
+
+
+@needs_ort_cuda
+def test_uint8_pixels_cross_to_the_gpu_as_bytes(cuda_engines):
+    """A UINT8 request crosses host -> device one byte a value and is cast to float32 there; its
+    logits equal those of the same images sent normalised."""
+    from prism_trt.runtime import load_chain
+    from prism_trt.runtime.chain import run_local
+
+    root, _ = cuda_engines
+    pixels = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    normalised = (pixels.float() / 255 - 0.5) / 0.5  # small_spec: mean = std = 0.5
+    with load_chain(root / "rank0", "local", options=ON_GPU) as chain:
+        chain.transfers.reset()
+        raw = run_local(chain, InferenceRequest.of(chain.manifest.model, pixels))
+        assert chain.transfers.bytes[Crossing.REQUEST] == pixels.numel()
+        assert_close(raw, run_local(chain, InferenceRequest.of(chain.manifest.model, normalised)), "fp32")
 
 
 @needs_ort_cuda
