@@ -166,8 +166,9 @@ def test_runners_bind_outputs_on_the_chains_device(engines):
 
             runner._binding = Recording()
         request = InferenceRequest.of(chain.manifest.model, torch.randn(2, 3, 32, 32))
-        tokens, means = chain.embed(request.tensors)
-        chain.block(0, tokens, torch.zeros(2, chain.config.plan.counts[0], 32), request.tensors)
+        share = chain.to_engine(chain.manifest.model.modality.share(request.tensors, chain.config.plan, 1))
+        tokens, means = chain.embed(share)
+        chain.block(0, tokens, torch.zeros(2, chain.config.plan.counts[0], 32), share)
         assert bound and all(kind == "cpu" and index == 0 for _, kind, index in bound)
     with pytest.raises(UsageError, match="--device cpu"):
         load_chain(root / "rank0", "local", options=RuntimeOptions(threads=1, device="cuda:0"))
