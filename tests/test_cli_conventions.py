@@ -194,3 +194,18 @@ def test_onnxruntime_logs_errors_only_unless_asked():
     assert _onnxruntime_severity(Output(1), logging.INFO) == 2
     assert _onnxruntime_severity(Output(2), logging.DEBUG) == 0
     assert _onnxruntime_severity(Output(0, "warning"), logging.WARNING) == 2
+
+
+def test_a_rendezvous_port_in_use_is_an_error_naming_the_flag(tiny_build):
+    out, _ = tiny_build
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        started = time.monotonic()
+        result = subprocess.run([*CLI, "run", "--engines", str(out), "--rank", "0", "--world-size", "2",
+                                 "--master-port", str(port), "--timeout", "60", "--cr", "3", "--batch", "2"],
+                                capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"Error: --master-port {port}" in result.stderr and "in use" in result.stderr
+    assert time.monotonic() - started < 50  # said at once, not after the join timeout

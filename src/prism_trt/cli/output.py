@@ -132,13 +132,36 @@ def describe_os_error(error: OSError, ctx: click.Context | None) -> str:
     return f"{name} {value}: {text} ({error.filename or value} {hint} {name})"
 
 
-def bind_error(error: OSError, host: str, port: int, port_flag: str) -> str:
+def bind_error(error: OSError, host: str, port: int, port_flag: str, host_flag: str = "--host") -> str:
     """A listening socket's failure (the port in use, not permitted, the address not ours) as one
     line naming the flag to change."""
     if error.errno == errno.EADDRNOTAVAIL:
-        return f"--host {host}: {error.strerror} ({host} {_OS_HINTS[error.errno]} --host)"
+        return f"{host_flag} {host}: {error.strerror} ({host} {_OS_HINTS[error.errno]} {host_flag})"
     hint = _OS_HINTS.get(error.errno, "could not be bound; pick another")
     return f"{port_flag} {port}: {error.strerror or error} on {host} (port {port} {hint} {port_flag})"
+
+
+def check_port_free(host: str, port: int, port_flag: str, host_flag: str, foreign_host_ok: bool = False) -> None:
+    """Bind ``host:port`` once, as a server will (SO_REUSEADDR), before anything loads or joins: a
+    port in use or not permitted is one Error: line naming ``port_flag`` now, not a failure after
+    the group formed. ``foreign_host_ok``: an address this machine does not have is left to the
+    caller (the rendezvous says what is wrong with its own address)."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        if foreign_host_ok:
+            return
+        raise click.ClickException(f"{host_flag} {host}: {error.strerror}; give an address of this machine") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if foreign_host_ok and error.errno == errno.EADDRNOTAVAIL:
+                return
+            raise click.ClickException(bind_error(error, host, port, port_flag, host_flag)) from None
 
 
 def _option_for(error: OSError, ctx: click.Context) -> tuple[str, object] | None:

@@ -14,7 +14,7 @@ from ..engines.manifest import rank_directory
 from ..errors import PrismError
 from ..serve.http_server import HttpLimits, check_exposure
 from .common import DEVICE, FiniteFloat, cr_mapping, exchange_options, group_options, main
-from .output import bind_error
+from .output import bind_error, check_port_free
 
 
 class HttpOptions(NamedTuple):
@@ -120,6 +120,7 @@ def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, thread
         batches = run_worker(rank_directory(engines, group.rank), group, options)
         click.echo(f"rank {group.rank}: ran {batches} batches, stopped by rank 0", err=as_json)
         return
+    check_rendezvous_port(group)
     executor = open_executor(engines, group, options)
     try:
         result = measure(executor, executor.loaded(key), batch, warmup, repeat, trace=trace, positions=positions)
@@ -146,6 +147,12 @@ def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, thread
         click.echo(f"trace written to {trace} (open in chrome://tracing or ui.perfetto.dev)")
 
 
+
+
+def check_rendezvous_port(group) -> None:
+    """Rank 0 hosts the rendezvous: its port in use is one Error: line naming --master-port at once."""
+    if group.world_size > 1:
+        check_port_free(group.master_addr, group.master_port, "--master-port", "--master-addr", foreign_host_ok=True)
 
 
 def check_before_join(engines: Path, rank: int, mode: str, cr: float | None, batch: int | None = None) -> ChainKey:
@@ -346,8 +353,9 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, 
         raise click.UsageError(f"{mode} mode needs --world-size >= 2")
     if mode != "auto":  # before any group forms (auto's map is checked by load_map)
         check_before_join(engines, group.rank, mode, cr)
-    _check_port_free(http.host, http.port)
+    check_port_free(http.host, http.port, "--port", "--host")
     chooser = load_map(selection, engines)  # a bad map is refused before the join, not after its timeout
+    check_rendezvous_port(group)
     executor = open_executor(engines, group, options)
     selector = None
     try:
@@ -375,24 +383,6 @@ def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, 
     finally:
         _save_refined_map(selector)
         executor.close()
-
-
-def _check_port_free(host: str, port: int) -> None:
-    """Bind the HTTP address once before loading and joining, as the server will (SO_REUSEADDR):
-    a port in use or not permitted is one Error: line naming --port now, not the HTTP server's own
-    exit after the group formed."""
-    import socket
-
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as error:
-        raise click.ClickException(f"--host {host}: {error.strerror}; give an address of this machine") from None
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as error:
-            raise click.ClickException(bind_error(error, host, port, "--port")) from None
 
 
 def _save_refined_map(selector) -> None:
