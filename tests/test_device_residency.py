@@ -16,7 +16,7 @@ import torch
 from conftest import ONE_THREAD, assert_close, build_engines, random_model, small_spec
 from transfer_spy import bypass_guard, request_bytes
 
-from prism_trt.engines import ChainKey, get_backend
+from prism_trt.engines import BuildOptions, ChainKey, get_backend
 from prism_trt.errors import UsageError
 from prism_trt.runtime import RuntimeOptions, load_chain, run_chains_in_process
 from prism_trt.runtime.distributed import DistributedExecutor
@@ -177,7 +177,6 @@ def test_runners_bind_outputs_on_the_chains_device(engines):
 def test_gpu_provider_options_share_the_stream_and_capture_graphs():
     """What onnxruntime's GPU EPs are given (checked without a GPU): the compute stream's handle,
     and CUDA graphs only where asked; each batch size its own graph and no synchronisation."""
-    from prism_trt.engines import BuildOptions
     from prism_trt.engines.base import TensorSpec
     from prism_trt.engines.ort import OnnxRuntimeBackend
     from prism_trt.engines.ort.runner import OnnxRuntimeRunner
@@ -215,5 +214,4 @@ def test_transfers_count_and_reuse():
     assert sum(transfers.bytes.values()) == 0 == sum(transfers.crossings.values())
     with pytest.raises(UsageError):
         DeviceTransfers("mps")
-    assert get_backend("onnxruntime").tensor_device(__import__("prism_trt.engines", fromlist=["BuildOptions"])
-                                                    .BuildOptions()) == torch.device("cpu")
+    assert get_backend("onnxruntime").tensor_device(BuildOptions()) == torch.device("cpu")
