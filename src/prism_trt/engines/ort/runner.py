@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..base import BuildOptions, EngineLoadError, Runner, TensorSpec
+from ..base import BATCH_AXIS, BuildOptions, EngineLoadError, Runner, TensorSpec
 from ..device import compute_stream
 
 
@@ -92,8 +92,8 @@ class OnnxRuntimeRunner(Runner):
             kind, index = _where(tensor.device)
             binding.bind_input(name, kind, index, np.dtype(self._inputs[name].dtype), list(tensor.shape),
                                tensor.data_ptr())
-            if "batch" in self._inputs[name].shape:
-                batch = tensor.shape[self._inputs[name].shape.index("batch")]
+            if BATCH_AXIS in self._inputs[name].shape:
+                batch = tensor.shape[self._inputs[name].shape.index(BATCH_AXIS)]
         outputs = self.output_buffers(batch)
         kind, index = _where(self.device)
         for name, out in outputs.items():
