@@ -352,3 +352,27 @@ def test_request_knee_never_fits_a_negative_rate():
         np.array([model._request_row(p.batch, 8 / (p.bandwidth * 1e3), 4000.0) for p in points if p.mode != "local"]),
         np.array([p.per_rank[0].request for p in points if p.mode != "local"]), rcond=None)[0]
     assert unconstrained[2] < 0  # what the knee search would have taken without the check
+
+
+def test_the_request_term_follows_the_bytes_rank_0_sent():
+    """Each point counts the request bytes rank 0 sent (the other ranks' shares): fitted without a
+    size per sample, the request and its buffered tail follow those bytes, and a request a quarter
+    the size (raw pixels instead of float32) is predicted from its own count by the same link."""
+    request = (1000.0, 2000.0)  # bytes per sample, what the buffers hold
+    points = constructed_points(request=request)
+    for point in points:
+        if point.mode != "local":
+            point.per_rank[0].request_bytes = int(point.batch * request[0])
+    model = LatencyModel.fit(points)
+    assert model.request_lag == 1.0 and model.request_bytes == request[0]
+    assert model.request_cap == pytest.approx(request[1], rel=1e-6)
+    assert model.request_knee == pytest.approx(request[1], rel=1e-6)
+    like, truth = (constructed_point(PRISM, batch, rate, request=request) for batch, rate in ((8, 500.0), (16, 700.0)))
+    like.per_rank[0].request_bytes = int(8 * request[0])
+    assert model.predict_point(like, 700.0, 16)["total"] == pytest.approx(truth.latency.mean_ms, rel=1e-6)
+    small = constructed_point(PRISM, 16, 700.0, request=(request[0] / 4, request[1]))
+    small.per_rank[0].request_bytes = int(16 * request[0] / 4)
+    terms = model.predict_point(small)
+    assert terms["request"] == pytest.approx(small.per_rank[0].request, rel=1e-6)
+    assert terms["skew"] == pytest.approx(small.per_rank[0].wait, rel=1e-6)
+    assert terms["total"] == pytest.approx(small.latency.mean_ms, rel=1e-6)

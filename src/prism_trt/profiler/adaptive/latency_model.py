@@ -3,7 +3,7 @@
 Rank 0's request latency is modelled as the sum of six terms, each fitted by least squares on its
 own measured phase (ms):
 
-    request(B)          = p0 + p1 * B + p2 * max(0, B * q - k) / goodput   broadcast of the batch
+    request(B)          = p0 + p1 * B + p2 * max(0, R - k) / goodput     sending the ranks their shares
 
     compute_r(chain, B) = a_chain + s_group * B * G_r      G_r: GFLOPs per sample of rank r's plan
     staging(bytes, n)   = s0 * n + bytes / copy_bw         D2H + H2D: per-collective cost + bytes
@@ -31,17 +31,18 @@ sqrt(sigma_0^2 + sigma_r^2) / sqrt(n) from the ranks' measured compute jitter (p
 from the MAD); the expected wait of a normal difference is sigma phi(D/sigma) + D Phi(D/sigma).
 The plan's imbalance (D) and the jitter (sigma) are both predicted for an unmeasured point: D from
 the compute model, sigma as the fitted share of compute (median jitter / compute of the sweep).
-Request: rank 0's broadcast of the batch to the workers returns once the bytes are in the socket
-buffers, so it costs almost nothing until the batch outgrows them (``k`` bytes, searched on a
-grid): beyond that, the excess at the goodput (measured on the testbed: ~1 ms up to 4 images of
-588 KB, then 52 ms at 16 images and 900 Mbit/s, 272 ms at 200). What the buffers held is still
-on its way when rank 0 reaches the first barrier, and so lands in the skew term below.
+Request: R is the request's bytes rank 0 sent the other ranks for the point (each rank's own
+share, counted as it ran: PhaseTimes.request_bytes; for a map measured before the count, B * q
+with q the request bytes per sample). Sending returns once the bytes are in the socket buffers, so
+it costs almost nothing until the request outgrows them (``k`` bytes, searched on a grid): beyond
+that, the excess at the goodput (measured on the testbed when the whole batch was broadcast: ~1 ms
+up to 4 images of 588 KB, then 52 ms at 16 images and 900 Mbit/s, 272 ms at 200).
 
-The request broadcast also lands in skew: rank 0's broadcast of the batch returns once the bytes are
-in the socket buffers, so the worker is still receiving the last ``min(B * q, cap)`` bytes (q:
-request bytes per sample, cap: what the buffers hold, searched on a grid) when rank 0 reaches the
-first barrier. ``q`` comes from the engines (:func:`request_bytes_per_sample`); unknown, it is one
-unit per sample, which is exact within one model and wrong across input sizes.
+What the buffers held is still on its way when rank 0 reaches the first barrier, so it lands in
+skew: the worker is still receiving the last ``min(R, cap)`` bytes (cap: what the buffers hold,
+searched on a grid). With R known in bytes (counted, or q from the engines:
+:func:`request_bytes_per_sample`) that wait is the bytes' time at the goodput; unknown, q is one
+unit per sample, exact within one model and wrong across input sizes.
 
 bytes is what rank 0 sends + receives, goodput the measured link rate (Mbit/s; the configured
 rate when unmeasured). Loopback points (no rate) fit the rate-free coefficients alone.
@@ -83,8 +84,17 @@ def _jitter(point: PerfPoint) -> list[float] | None:
 
 
 def request_bytes_per_sample(manifest: Manifest) -> float:
-    """Bytes rank 0 broadcasts per sample of a request (images, or ids and mask) of a build."""
+    """Bytes per sample of a whole request (images, or ids and mask) of a build, as its inputs are
+    declared: what rank 0 broadcast to every worker before each rank was sent only its share, so
+    the request size of a map measured before the shares were counted."""
     return float(sum(math.prod(t.concrete(1)) * np.dtype(t.dtype).itemsize for t in manifest.model.request_inputs()))
+
+
+def request_load(point: PerfPoint, per_sample: float) -> float:
+    """R: the request bytes rank 0 sent the other ranks for ``point``, as counted while it ran (the
+    shares it sent), else (a map measured before the count) the batch x ``per_sample``."""
+    counted = point.per_rank[0].request_bytes
+    return float(counted) if counted else point.batch * per_sample
 
 
 def measured_terms(point: PerfPoint) -> dict[str, float]:
@@ -169,32 +179,37 @@ class LatencyModel:
     burst_ms: float = 0.0  # tau: a collective's transfer time the link lets through at line rate
     request_lag: float = 0.0  # r: share of the buffered request bytes' transfer time paid at the first barrier
     request_cap: float = math.inf  # bytes of the request broadcast the socket buffers hold
-    request_bytes: float = 1.0  # q: request bytes per sample (1 unit when not given)
+    request_bytes: float = 1.0  # q: request bytes per sample where a point has no count (1 unit when unknown)
     request_knee: float = 0.0  # k: request bytes the broadcast hands to the socket buffers without waiting
 
     # -- fitting -----------------------------------------------------------------------------------
     @classmethod
     def fit(cls, points: list[PerfPoint], request_bytes: float | None = None) -> LatencyModel:
-        """Fit every term on ``points``; ``request_bytes``: bytes per sample of a request (see the module)."""
-        model = cls([], np.zeros(0), False, np.zeros(2), np.zeros(4), np.zeros(3), np.zeros(3), {}, 0.0,
-                    request_bytes=float(request_bytes or 1.0))
-        model._fit_compute(points)
+        """Fit every term on ``points``; ``request_bytes``: bytes per sample of a request, for points
+        without a count of the bytes rank 0 sent (see the module). The request's size is known in
+        bytes when given or when every distributed point counted it."""
         distributed = [p for p in points if p.mode != Mode.LOCAL]
+        counted = [p.per_rank[0].request_bytes / p.batch for p in distributed if p.per_rank[0].request_bytes]
+        known = request_bytes is not None or (bool(distributed) and len(counted) == len(distributed))
+        per_sample = float(request_bytes) if request_bytes else float(np.median(counted)) if counted else 1.0
+        model = cls([], np.zeros(0), False, np.zeros(2), np.zeros(4), np.zeros(3), np.zeros(3), {}, 0.0,
+                    request_bytes=per_sample)
+        model._fit_compute(points)
         plans = [(_plan(p), _inv_bw(p.bandwidth), measured_terms(p)) for p in distributed]
         model.staging = _lstsq([_staging_row(f) for f, _, _ in plans], [t["staging"] for *_, t in plans], 2)
         longest = max([f["bytes"] / f["n"] * b for f, b, _ in plans if f["n"]], default=0.0)
         model.burst_ms, model.transfer = _knee_fit(
             list(np.linspace(0.0, longest, KNEE_STEPS + 1)),
             lambda tau: ([_transfer_row(f, b, tau) for f, b, _ in plans], [t["transfer"] for *_, t in plans]), 4)
-        requests = sorted({p.batch * model.request_bytes for p in distributed})
+        requests = sorted({model._load(p) for p in distributed})
         # infinity first: no rate-dependent part at all, the fallback where requests never outgrow
         # the buffers (the MNIST ViT's 3 KB a sample) and a knee would only fit noise
         knees = [math.inf, 0.0] + (list(np.geomspace(requests[0], requests[-1], KNEE_STEPS)) if requests else [])
         model.request_knee, model.request = _knee_fit(
-            knees, lambda knee: ([model._request_row(p.batch, _inv_bw(p.bandwidth), knee) for p in distributed],
-                                 [measured_terms(p)["request"] for p in distributed]), 3,
+            knees, lambda knee: ([model._request_row(p.batch, _inv_bw(p.bandwidth), knee, model._load(p))
+                                  for p in distributed], [measured_terms(p)["request"] for p in distributed]), 3,
             physical=lambda coef: coef[2] >= 0)
-        model._fit_skew(distributed, fixed_lag=request_bytes is not None)
+        model._fit_skew(distributed, fixed_lag=known)
         for group in (False, True):
             members = [p for p in points if (p.mode != Mode.LOCAL) == group]
             model.other[group] = _lstsq([[1.0, p.batch] for p in members],
@@ -206,7 +221,7 @@ class LatencyModel:
         is what it says, the buffered bytes' time at the goodput (r = 1): a map whose requests are
         too small to show it (the MNIST ViT's 3 KB) then still carries it to one where they are not.
         Unknown (1 unit per sample), r converts units and is fitted."""
-        requests = sorted({p.batch * self.request_bytes for p in distributed})
+        requests = sorted({self._load(p) for p in distributed})
         caps = [0.0, math.inf] + (list(np.geomspace(requests[0], requests[-1], KNEE_STEPS)) if requests else [])
         waits = [measured_terms(p)["skew"] for p in distributed]
 
@@ -276,12 +291,16 @@ class LatencyModel:
         other.compute_coef = np.array(intercepts + [s_local, s_local * s_ratio])
         return other
 
-    def _request_row(self, batch: int, inv_bw: float, knee: float | None = None) -> list[float]:
-        """[1, B, max(0, B q - k) / goodput]: a fixed cost, a per-sample copy, the bytes beyond the
-        socket buffers at the link's rate (with more than two ranks GLOO's broadcast relays, which
-        the fitted p2 absorbs)."""
+    def _load(self, point: PerfPoint) -> float:
+        return request_load(point, self.request_bytes)
+
+    def _request_row(self, batch: int, inv_bw: float, knee: float | None = None, load: float | None = None
+                     ) -> list[float]:
+        """[1, B, max(0, R - k) / goodput]: a fixed cost, a per-sample copy, the bytes beyond the
+        socket buffers at the link's rate (R: ``load``, the request bytes sent; B q when not given)."""
         knee = self.request_knee if knee is None else knee
-        return [1.0, float(batch), max(0.0, batch * self.request_bytes - knee) * inv_bw]
+        load = batch * self.request_bytes if load is None else load
+        return [1.0, float(batch), max(0.0, load - knee) * inv_bw]
 
     def _compute_row(self, key: ChainKey, batch: int, gflops: float) -> list[float]:
         onehot = [1.0 if key == chain else 0.0 for chain in self.chains]
@@ -290,9 +309,11 @@ class LatencyModel:
         distributed = key.mode != Mode.LOCAL
         return onehot + [0.0 if distributed else batch * gflops, batch * gflops if distributed else 0.0]
 
-    def _skew_row(self, point: PerfPoint, measured: bool, cap: float | None = None) -> list[float]:
+    def _skew_row(self, point: PerfPoint, measured: bool, cap: float | None = None, load: float | None = None
+                  ) -> list[float]:
         """[expected wait, n, n / goodput, buffered request / goodput]: from the point's measured
-        compute and jitter (fitting), or from the model's (predicting)."""
+        compute and jitter (fitting), or from the model's (predicting); ``load``: the request bytes
+        sent (default the point's)."""
         n = _plan(point)["n"]
         if measured:
             compute = [t.compute for t in point.per_rank]
@@ -301,7 +322,8 @@ class LatencyModel:
             compute = self.rank_compute(point.key, point.batch, _gflops(point))
             sigma = [self.jitter_share * c for c in compute]
         inv_bw = _inv_bw(point.bandwidth)
-        buffered = min(point.batch * self.request_bytes, self.request_cap if cap is None else cap)
+        load = self._load(point) if load is None else load
+        buffered = min(load, self.request_cap if cap is None else cap)
         return [expected_wait(compute, sigma, n), n, n * inv_bw, buffered * inv_bw if n else 0.0]
 
     # -- predicting --------------------------------------------------------------------------------
@@ -323,12 +345,14 @@ class LatencyModel:
         terms = {"compute": self.rank_compute(point.key, batch, _gflops(point))[0]}
         distributed = point.mode != Mode.LOCAL
         inv_bw = _inv_bw(bandwidth)
-        terms["request"] = float(np.dot(self.request, self._request_row(batch, inv_bw))) if distributed else 0.0
+        load = self._load(point) * batch / point.batch  # the shares scale with the batch
+        terms["request"] = float(np.dot(self.request, self._request_row(batch, inv_bw, load=load))) if distributed \
+            else 0.0
         terms["staging"] = float(np.dot(self.staging, _staging_row(plan))) if distributed else 0.0
         terms["transfer"] = (float(np.dot(self.transfer, _transfer_row(plan, inv_bw, self.burst_ms)))
                              if distributed else 0.0)
         skew = np.append(self.skew, self.request_lag)
-        terms["skew"] = float(np.dot(skew, self._skew_row(like, measured=False))) if distributed else 0.0
+        terms["skew"] = float(np.dot(skew, self._skew_row(like, measured=False, load=load))) if distributed else 0.0
         terms["other"] = float(np.dot(self.other.get(distributed, np.zeros(2)), [1.0, batch]))
         terms = {name: max(0.0, value) for name, value in terms.items()}
         terms["total"] = sum(terms[t] for t in TERMS)
