@@ -1,12 +1,14 @@
 """`make bench-profile`: the issue's measurements on this host's testbed (vit_tiny).
 
 2 ranks x 1 core (tc-shaped network namespaces) vs local on 1 core, onnxruntime engines,
-vit_tiny_patch16_224. Reports the crossover batch, Prism/local at the largest batch and fastest
-link (goal <= 0.60), Prism/Voltage at the largest batch and slowest link (goal <= 0.50), the
-bandwidth where Prism crosses local, the latency model's MAPE on held-out points (leave-one-out,
-each batch and each bandwidth held out; goal <= 4 % leave-one-out) per term against the naive
-baseline, the noise it is judged against, and the selector's regret against the measured oracle
-on (batch, bandwidth) points that were not in the sweep (goal <= 3 %, on 6 points).
+vit_tiny_patch16_224; requests are raw UINT8 pixels (what a camera sends), each worker sent only
+its share. Reports the request bytes a worker receives at the largest batch, the crossover batch,
+Prism/local at the largest batch and fastest link (goal <= 0.62) and slowest link (goal: below
+1), Prism/Voltage at the largest batch and slowest link (goal <= 0.45), the bandwidth where Prism
+crosses local, the latency model's MAPE on held-out points (leave-one-out, each batch and each
+bandwidth held out; goal <= 5 % leave-one-out) per term against the naive baseline, the noise it
+is judged against, and the selector's regret against the measured oracle on (batch, bandwidth)
+points that were not in the sweep (goal <= 3 %, on 6 points).
 
 `--quick`: a tiny grid for a smoke run (minutes), written under results/quick/ so the study's
 files stay; its figures mean nothing. The shared helpers here (grids, building, sweeping on the
@@ -127,8 +129,12 @@ def headline(data: PerfMap, grid: Grid) -> dict:
             crossing = float(b0 + (b1 - b0) * g0 / (g0 - g1))
     if gaps[0] <= 0:
         crossing = f"below {grid.bandwidths[0]:g} (prism already faster at the lowest rate)"
+    received = [p.per_rank[1].request_bytes for p in data.points
+                if p.mode == "prism" and p.batch == batch and p.bandwidth_mbit == top]
     return {"batch": batch, "fast_mbit": top, "slow_mbit": low, "crossover_batch_at_fast": crossover,
+            "worker_request_bytes": received[0] if received else None,
             "prism_vs_local": per_sample(data, "prism", batch, top) / per_sample(data, "local", batch, None),
+            "prism_vs_local_slow": per_sample(data, "prism", batch, low) / per_sample(data, "local", batch, None),
             "prism_vs_voltage": per_sample(data, "prism", batch, low) / per_sample(data, "voltage", batch, low),
             "prism_crosses_local_mbit": crossing}
 
@@ -173,9 +179,10 @@ def main() -> int:
                "measured_mbit": {str(p.bandwidth_mbit): p.measured_mbit for p in data.points if p.mode != "local"},
                "load_average": {"start": load_start, "end": os.getloadavg()},
                "wall_s": time.monotonic() - started,
-               "goals": {"prism_vs_local <= 0.60": bool(figures["prism_vs_local"] <= 0.60),
-                         "prism_vs_voltage <= 0.50": bool(figures["prism_vs_voltage"] <= 0.50),
-                         "model total MAPE <= 4% (leave-one-out)": bool((loo["total"]["mape_percent"] or 1e9) <= 4.0),
+               "goals": {"prism_vs_local <= 0.62": bool(figures["prism_vs_local"] <= 0.62),
+                         "prism beats local at the slowest link": bool(figures["prism_vs_local_slow"] < 1.0),
+                         "prism_vs_voltage <= 0.45": bool(figures["prism_vs_voltage"] <= 0.45),
+                         "model total MAPE <= 5% (leave-one-out)": bool((loo["total"]["mape_percent"] or 1e9) <= 5.0),
                          f"selector regret <= 3% on {len(chosen)} points (6 asked)":
                              bool(worst <= 0.03 and len(chosen) >= 6)}}
     plot_all(data, out, MapSelector(data, "latency", 0.0))
