@@ -21,7 +21,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +156,11 @@ def regrets(data: PerfMap, held: PerfMap, grid: Grid) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny grid, results under results/quick/ (smoke run)")
+    parser.add_argument("--bandwidths", type=lambda text: [float(v) for v in text.split(",")], default=None,
+                        help="link rates in Mbit/s, comma-separated (default "
+                             f"{','.join(f'{rate:g}' for rate in STUDY.bandwidths)})")
+    parser.add_argument("--point-budget", type=float, default=None,
+                        help=f"seconds of sampling per point at most (default {STUDY.sampling.budget_s:g})")
     args = parser.parse_args()
     from prism_trt.model import load_model
     from prism_trt.profiler.testbed import Testbed
@@ -163,6 +168,10 @@ def main() -> int:
     if not testbed_available():
         return 1
     grid, started, load_start = QUICK if args.quick else STUDY, time.monotonic(), os.getloadavg()
+    if args.bandwidths:
+        grid = replace(grid, bandwidths=args.bandwidths)
+    if args.point_budget:
+        grid = replace(grid, sampling=replace(grid.sampling, budget_s=args.point_budget))
     out = results_dir(args.quick) / "profile"
     out.mkdir(parents=True, exist_ok=True)
     engines, request_bytes = build(load_model(MODEL), {"timm": MODEL}, MODEL, CR)

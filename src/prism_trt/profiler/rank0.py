@@ -18,11 +18,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from ..core.accounting import plan_cost
 from ..core.chain_key import ChainKey
-from ..engines.manifest import Manifest, rank_directory
+from ..engines.manifest import Manifest, ModelRecord, rank_directory
 from ..engines.measured import PhaseTimes, SampleStats
-from ..runtime import GroupConfig, RuntimeOptions, open_executor
+from ..engines.modality import PIXELS_DTYPE
+from ..runtime import GroupConfig, InferenceRequest, RuntimeOptions, open_executor
 from ..runtime.measure import Measurement, example_request, summarize_runs
 from .energy import detect_meter
 from .sampling import MAD_TO_SIGMA, SamplingRule, mad, robust_summary
@@ -45,12 +48,27 @@ def _sample_stats(runs: list[list[PhaseTimes]], stopped: str) -> SampleStats:
                        compute_sigma_ms=tuple(jitter))
 
 
+def sweep_request(model: ModelRecord, batch: int) -> InferenceRequest:
+    """The request a sweep times: the example request, except that an input the model also takes
+    as raw UINT8 pixels is sent as such (random pixels: what a camera sends, so one byte a value
+    crosses the link, each worker receiving only its share)."""
+    request = example_request(model, batch)
+    tensors, narrowed = dict(request.tensors), False
+    generator = torch.Generator().manual_seed(batch)
+    for spec in model.request_inputs():
+        if spec.dtype != PIXELS_DTYPE and PIXELS_DTYPE in model.modality.dtypes(spec):
+            shape = tuple(tensors[spec.name].shape)
+            tensors[spec.name] = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
+            narrowed = True
+    return InferenceRequest.create(model.modality, tensors) if narrowed else request
+
+
 def measure_group(executor, group: list[tuple[ChainKey, int]], warmup: int, rule: SamplingRule, meter,
                   stop: threading.Event) -> list[Measurement]:
     """Time the points of ``group`` interleaved until each is done by ``rule``; one measurement
     each, with how it was sampled and each rank's GFLOPs. After
     ``stop``, only points with at least ``rule.min_repeat`` samples are returned."""
-    requests = {batch: example_request(executor.manifest.model, batch) for _, batch in group}
+    requests = {batch: sweep_request(executor.manifest.model, batch) for _, batch in group}
     for (key, batch), _ in itertools.product(group, range(warmup)):
         executor.infer(requests[batch], key, gather_timings=True)
     runs: list[list[list[PhaseTimes]]] = [[] for _ in group]
