@@ -12,6 +12,7 @@ import click
 from ..core.chain_key import MODE_NAMES, ChainKey, Mode
 from ..engines.manifest import rank_directory
 from ..errors import PrismError
+from ..runtime.rendezvous import agent_hosts_store
 from ..serve.http_server import HttpLimits, check_exposure
 from .common import DEVICE, FiniteFloat, cr_mapping, exchange_options, group_options, main
 from .output import bind_error, check_port_free
@@ -150,8 +151,9 @@ def run(engines, group, mode, cr, batch, repeat, warmup, profile_barrier, thread
 
 
 def check_rendezvous_port(group) -> None:
-    """Rank 0 hosts the rendezvous: its port in use is one Error: line naming --master-port at once."""
-    if group.world_size > 1:
+    """Rank 0 hosts the rendezvous: its port in use is one Error: line naming --master-port at once
+    (unless torchrun's agent hosts it there)."""
+    if group.world_size > 1 and not agent_hosts_store(group):
         check_port_free(group.master_addr, group.master_port, "--master-port", "--master-addr", foreign_host_ok=True)
 
 

@@ -48,6 +48,13 @@ def _proof(token: str | None, *parts: object) -> str:
     return hmac.new((token or "").encode(), message, hashlib.sha256).hexdigest()
 
 
+def agent_hosts_store(config: GroupConfig) -> bool:
+    """Whether torchrun's agent already hosts the store on the master port (every rank is then a
+    client of it, rank 0 included: the port is in use by design)."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and \
+        os.environ.get("MASTER_PORT") == str(config.master_port)
+
+
 class Rendezvous:
     """This rank's view of the store and of the current group generation.
 
@@ -75,10 +82,8 @@ class Rendezvous:
     def _open_store(self) -> dist.Store:
         config = self.config
         where = f"{config.master_addr}:{config.master_port}"
-        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and \
-            os.environ.get("MASTER_PORT") == str(config.master_port)
         try:
-            if agent:  # torchrun's agent hosts the store; every rank is a client of it
+            if agent_hosts_store(config):  # torchrun's agent hosts the store; every rank is a client of it
                 store = dist.TCPStore(config.master_addr, config.master_port, None, False, self._timeout)
                 attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
                 return dist.PrefixStore(f"prism-trt/attempt_{attempt}/", store)
@@ -101,7 +106,8 @@ class Rendezvous:
                 sock.detach()
             return dist.PrefixStore("prism-trt/", store)
         except (RuntimeError, OSError, ValueError) as error:
-            role = "host the rendezvous" if config.rank == 0 and not agent else "reach rank 0's rendezvous"
+            hosting = config.rank == 0 and not agent_hosts_store(config)
+            role = "host the rendezvous" if hosting else "reach rank 0's rendezvous"
             raise ClusterError(f"rank {config.rank}/{config.world_size} could not {role} at {where} within "
                                f"{config.timeout_s:g} s: {error}") from error
 
