@@ -25,7 +25,8 @@ from common import RESULTS, write_result
 
 from prism_trt.core import make_partition_plan, make_segment_plan, voltage_plan
 from prism_trt.runtime.options import ExchangeDtype, StagingKind
-from prism_trt.runtime.staging import HostStaging, Staging, make_staging
+from prism_trt.runtime.staging import HostStaging, Staging
+from prism_trt.runtime.staging_choice import make_staging
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -13,7 +13,8 @@ from fake_pycuda import FakeDriver, read_device, write_device
 from prism_trt.errors import UsageError
 from prism_trt.runtime.options import ExchangeDtype, StagingKind
 from prism_trt.runtime.pycuda_staging import DeviceTensor, PycudaStaging
-from prism_trt.runtime.staging import HostStaging, SlotLayout, TorchCudaStaging, make_staging, resolve_staging_kind
+from prism_trt.runtime.staging import HostStaging, SlotLayout, TorchCudaStaging
+from prism_trt.runtime.staging_choice import make_staging, resolve_staging_kind
 
 HAS_CUDA = torch.cuda.is_available()
 

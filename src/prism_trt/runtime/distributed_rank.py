@@ -23,7 +23,8 @@ from ..errors import UsageError
 from .chain import EngineChain, load_buckets_here, local_chain
 from .group import ClusterError
 from .options import DEFAULT_OPTIONS, RuntimeOptions
-from .staging import FinalGather, Staging, make_staging
+from .staging import FinalGather, Staging
+from .staging_choice import make_staging
 from .timing import PhaseTimes, Stopwatch
 from .transfers import Crossing, DeviceTransfers
 
