@@ -47,7 +47,7 @@ def expected_exchange_bytes(route, batch: int, depth: int) -> int:
 
 
 def test_only_the_request_the_exchange_and_the_logits_cross(engines, tmp_path, monkeypatch):
-    """Per distributed batch, on both ranks: the request crosses once and whole, the means around
+    """Per distributed batch, on both ranks: the rank's share of the request crosses once, the means around
     each all-gather, the logits once on rank 0, nothing else; no moving call bypasses the counter."""
     root, model = engines
     spec = model.spec
