@@ -281,3 +281,23 @@ def exchange_options(func):
         return func(*args, exchange={"staging": StagingKind(staging), "exchange_dtype": ExchangeDtype(exchange_dtype)},
                     **kwargs)
     return wrapper
+
+
+def placement_options(func):
+    """--device / --micro-batches / --cuda-graphs, shared by `run` and `serve`: where a rank's engine
+    tensors live and how a batch goes through them (passed on under their own names)."""
+    options = [
+        click.option("--device", type=DEVICE, default="cpu", show_default=True,
+                     help="Where engine tensors live (cpu, cuda:0)."),
+        click.option("--micro-batches", type=click.IntRange(min=1), default=None,
+                     help="Distributed modes: cut each batch into this many micro-batches in flight, so one's "
+                          "exchange hides behind another's compute; 1 runs it whole (rank 0's value is used, workers "
+                          "follow it) [default: from batch 8 on, micro-batches of 4 samples, at most 4; 1 with "
+                          "--profile-barrier]."),
+        click.option("--cuda-graphs", is_flag=True,
+                     help="onnxruntime CUDA EP with --device cuda:N: capture one CUDA graph per batch size and replay "
+                          "it (fewer kernel launches at small batch; off by default, not measured to win yet)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func

@@ -14,7 +14,7 @@ from ..engines.manifest import rank_directory
 from ..errors import PrismError
 from ..runtime.rendezvous import agent_hosts_store
 from ..serve.http_server import HttpLimits, check_exposure
-from .common import DEVICE, FiniteFloat, cr_mapping, exchange_options, group_options, main
+from .common import FiniteFloat, cr_mapping, exchange_options, group_options, main, placement_options
 from .output import bind_error, check_port_free
 
 
@@ -77,15 +77,7 @@ def chain_options(with_auto: bool):
 @click.option("--profile-barrier", is_flag=True,
               help="Barrier before every collective: splits comm into wait (rank skew) and transfer.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Engine intra-op threads.")
-@click.option("--device", type=DEVICE, default="cpu", show_default=True,
-              help="Where engine tensors live (cpu, cuda:0).")
-@click.option("--micro-batches", type=click.IntRange(min=1), default=None,
-              help="Distributed modes: cut each batch into this many micro-batches in flight, so one's exchange "
-                   "hides behind another's compute; 1 runs it whole (rank 0's value is used, workers follow it) "
-                   "[default: from batch 8 on, micro-batches of 4 samples, at most 4; 1 with --profile-barrier].")
-@click.option("--cuda-graphs", is_flag=True,
-              help="onnxruntime CUDA EP with --device cuda:N: capture one CUDA graph per batch size and replay it "
-                   "(fewer kernel launches at small batch; off by default, not measured to win yet).")
+@placement_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (rank 0) instead of the table.")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the result as JSON to this file (rank 0).")
@@ -295,18 +287,10 @@ def http_options(func):
 @click.option("--model-name", metavar="NAME", default=None, callback=_check_model_name,
               help="The name clients use in /v2/models/NAME [default: the model's own name from the build].")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Engine intra-op threads.")
-@click.option("--device", type=DEVICE, default="cpu", show_default=True,
-              help="Where engine tensors live (cpu, cuda:0).")
 @click.option("--link-probe", type=FiniteFloat(min=0), default=1.0, show_default=True,
               help="Seconds without a distributed batch after which rank 0 times a small payload over the link, "
                    "so the link's rate stays known while batches run locally (0: heartbeats only).")
-@click.option("--micro-batches", type=click.IntRange(min=1), default=None,
-              help="Distributed modes: cut each batch into this many micro-batches in flight, so one's exchange "
-                   "hides behind another's compute; 1 runs it whole (rank 0's value is used, workers follow it) "
-                   "[default: from batch 8 on, micro-batches of 4 samples, at most 4; 1 with --profile-barrier].")
-@click.option("--cuda-graphs", is_flag=True,
-              help="onnxruntime CUDA EP with --device cuda:N: capture one CUDA graph per batch size and replay it "
-                   "(fewer kernel launches at small batch; off by default, not measured to win yet).")
+@placement_options
 @exchange_options
 def serve(engines, group, mode, cr, map_path, objective, min_agreement, online, explore_fraction, explore_budget,
           save_map, save_every, http, max_wait_ms, model_name, threads, device, link_probe, micro_batches, cuda_graphs,
