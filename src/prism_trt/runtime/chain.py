@@ -60,6 +60,8 @@ class EngineChain:
             runner = backend.load(self.rank_dir / entry.engine, list(entry.spec.inputs), list(entry.spec.outputs),
                                   manifest.build_options, self.device, options.cuda_graphs)
             self.stages[entry.name] = (entry.spec, runner)
+        #: what each input name is fed to the stages as (a request's raw uint8 pixels are cast to it on the device)
+        self._input_dtypes = {t.name: getattr(torch, t.dtype) for spec, _ in self.stages.values() for t in spec.inputs}
         self.depth = manifest.spec.depth
         #: ranks whose means this rank reads, in order (a causal text model: the earlier ones only)
         self.attended_ranks = attended_ranks(config.ranks, self.rank, manifest.model.causal)
@@ -113,11 +115,9 @@ class EngineChain:
         """A request's tensors (this rank's share, or the whole request for the monolithic engine)
         on the chain's device in the dtypes its stages declare: raw uint8 pixels cross to the device
         as bytes and become float32 there, in a buffer reused per shape."""
-        declared = {t.name: getattr(torch, t.dtype) for spec, _ in self.stages.values() for t in spec.inputs}
         out = {}
-        for name, tensor in tensors.items():
-            tensor = self.transfers.to_device(tensor, Crossing.REQUEST, f"{name}@{self.rank}")
-            dtype = declared.get(name, tensor.dtype)
+        for name, tensor in self.transfers.request_to_device(tensors).items():
+            dtype = self._input_dtypes.get(name, tensor.dtype)
             if tensor.dtype != dtype:
                 key = (name, tuple(tensor.shape), dtype)
                 if key not in self._engine_inputs:
