@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -150,6 +153,42 @@ def serve_client(serve_executor):
     from prism_trt.runtime.api import FixedSelector
 
     yield from _serving_client(serve_executor, FixedSelector(LOCAL), max_wait_ms=25, max_body_bytes=BODY_LIMIT)
+
+
+@pytest.fixture
+def triton(serve_client):
+    """(tritonclient.http, its client of ``serve_client``'s server)."""
+    import tritonclient.http as triton_http
+
+    client = triton_http.InferenceServerClient(str(serve_client.base_url).removeprefix("http://"),
+                                               connection_timeout=30, network_timeout=30)
+    yield triton_http, client
+    client.close()
+
+
+@contextmanager
+def loopback_cluster(engines, timeout_s: float, options: RuntimeOptions):
+    """Rank 0's real DistributedExecutor over ``engines`` (its rank0/) in this process and one
+    worker process (`prism-trt run --rank 1`) on loopback: yields (executor, worker), then closes
+    the executor and waits for the worker (bounded)."""
+    from prism_trt.runtime.distributed import DistributedExecutor
+    from prism_trt.runtime.group import GroupConfig, free_port
+
+    port = free_port()
+    worker = subprocess.Popen([sys.executable, "-m", "prism_trt.cli", "run", "--engines", str(engines),
+                               "--rank", "1", "--world-size", "2", "--master-port", str(port), "--threads", "1",
+                               "--timeout", str(timeout_s)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    executor = DistributedExecutor(engines / "rank0", GroupConfig(0, 2, "127.0.0.1", port, timeout_s), options)
+    try:
+        yield executor, worker
+    finally:
+        executor.close()
+        try:
+            worker.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.communicate()
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import build_engines, random_model, small_spec
+from conftest import build_engines, loopback_cluster, random_model, small_spec
 
 from prism_trt.engines.perfmap import engines_fingerprint
 from prism_trt.profiler.adaptive import MapSelector
@@ -21,7 +21,7 @@ from prism_trt.profiler.adaptive.online import OnlineOptions
 from prism_trt.profiler.adaptive.selector import OnlineSelector
 from prism_trt.runtime import RuntimeOptions
 from prism_trt.runtime.distributed import DistributedExecutor
-from prism_trt.runtime.group import GroupConfig, free_port
+from prism_trt.runtime.group import free_port
 from prism_trt.runtime.link_probe import FIRST_BYTES, MAX_BYTES, MIN_BYTES, TARGET_MS, LinkProbe, payload_bytes
 
 pytestmark = pytest.mark.timeout(180)
@@ -51,20 +51,8 @@ def engines(tmp_path_factory):
 @pytest.fixture(scope="module")
 def group(engines):
     """(rank 0's DistributedExecutor probing every PROBE_S, its one worker process on loopback)."""
-    port = free_port()
-    worker = subprocess.Popen([sys.executable, "-m", "prism_trt.cli", "run", "--engines", str(engines),
-                               "--rank", "1", "--world-size", "2", "--master-port", str(port), "--threads", "1",
-                               "--timeout", str(TIMEOUT_S)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    executor = DistributedExecutor(engines / "rank0", GroupConfig(0, 2, "127.0.0.1", port, TIMEOUT_S),
-                                   RuntimeOptions(threads=1, link_probe_s=PROBE_S))
-    yield executor, worker
-    executor.close()
-    try:
-        worker.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        worker.kill()
-        worker.communicate()
+    with loopback_cluster(engines, TIMEOUT_S, RuntimeOptions(threads=1, link_probe_s=PROBE_S)) as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ONE_THREAD, build_engines, random_model, small_spec
+from conftest import ONE_THREAD, build_engines, loopback_cluster, random_model, small_spec
 
 from prism_trt.engines import AccuracyEntry, ChainKey, PerfMap
 from prism_trt.engines.measured import PhaseTimes
@@ -32,8 +29,7 @@ from prism_trt.profiler.adaptive.online import (
 from prism_trt.profiler.adaptive.selector import OnlineSelector
 from prism_trt.profiler.sweep import Launcher, SweepPlan, profile
 from prism_trt.runtime.api import Observation
-from prism_trt.runtime.distributed import DistributedExecutor
-from prism_trt.runtime.group import GroupConfig, free_port
+from prism_trt.runtime.group import free_port
 from prism_trt.runtime.local import LocalExecutor
 from prism_trt.serve.batcher import Batcher
 from prism_trt.serve.metrics import sample_sum
@@ -139,19 +135,8 @@ def loopback_map(small_engines, tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster(small_engines):
     """Rank 0's real DistributedExecutor with one worker process on loopback."""
-    port = free_port()
-    worker = subprocess.Popen([sys.executable, "-m", "prism_trt.cli", "run", "--engines", str(small_engines),
-                               "--rank", "1", "--world-size", "2", "--master-port", str(port), "--threads", "1",
-                               "--timeout", str(TIMEOUT_S)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    executor = DistributedExecutor(small_engines / "rank0", GroupConfig(0, 2, "127.0.0.1", port, TIMEOUT_S), ONE_THREAD)
-    yield executor
-    executor.close()
-    try:
-        worker.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        worker.kill()
-        worker.communicate()
+    with loopback_cluster(small_engines, TIMEOUT_S, ONE_THREAD) as (executor, _):
+        yield executor
 
 
 def _images(batch: int, seed: int) -> torch.Tensor:

@@ -22,16 +22,6 @@ pytestmark = pytest.mark.timeout(60)
 INFER = "/v2/models/tiny-test/infer"
 
 
-@pytest.fixture
-def triton(serve_client):
-    import tritonclient.http as triton_http
-
-    client = triton_http.InferenceServerClient(str(serve_client.base_url).removeprefix("http://"),
-                                               connection_timeout=30, network_timeout=30)
-    yield triton_http, client
-    client.close()
-
-
 def test_server_metadata_lists_the_extension(triton):
     _, client = triton
     assert "binary_tensor_data" in client.get_server_metadata()["extensions"]

@@ -25,16 +25,6 @@ def pixels_and_normalised(batch: int, seed: int) -> tuple[np.ndarray, np.ndarray
     return pixels, ((pixels.astype(np.float32) / 255 - 0.5) / 0.5).astype(np.float32)
 
 
-@pytest.fixture
-def triton(serve_client):
-    import tritonclient.http as triton_http
-
-    client = triton_http.InferenceServerClient(str(serve_client.base_url).removeprefix("http://"),
-                                               connection_timeout=30, network_timeout=30)
-    yield triton_http, client
-    client.close()
-
-
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_uint8_pixels_answer_like_normalised_fp32(triton, serve_executor, binary):
     triton_http, client = triton
